@@ -1,0 +1,19 @@
+"""hisa: hierarchical (block-then-token) sparse-attention indexer for DSA models."""
+from .config import HisaConfig
+from .ops.dsa.index import dsa_index
+from .ops.indexer.prefill import hisa_index
+from .ops.sparse_attn.naive import sparse_attention_reference
+from .utils.quant import dequantize_fp8, quantize_fp8
+from .utils.seqlens import windows_from_cu_seqlens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HisaConfig",
+    "dequantize_fp8",
+    "dsa_index",
+    "hisa_index",
+    "quantize_fp8",
+    "sparse_attention_reference",
+    "windows_from_cu_seqlens",
+]

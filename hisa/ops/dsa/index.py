@@ -1,0 +1,52 @@
+"""Public flat DSA indexer (the baseline HISA replaces): packed prefill."""
+from __future__ import annotations
+
+import torch
+
+from ...utils.backend import resolve_backend
+from ...utils.output import check_out_buffer, finish_output
+from ...utils.validate import check_indexer_inputs, check_positive_int, check_windows
+from .naive import naive_dsa_index
+
+
+def dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
+              ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
+              return_scores: bool = False, out: torch.Tensor | None = None,
+              backend: str = "auto"):
+    """Flat DSA lightning-indexer selection for a packed batch of queries.
+
+    Scores every key of each query's window, ``I[t, s] = k_scale[s] * sum_h w[t, h] *
+    ReLU(q[t, h] . k[s])``, and keeps the top ``topk``.
+
+    Args:
+        q: [T, H, D] float8_e4m3fn (scale folded into ``weights``), bf16 or fp32.
+        k: [S, D] float8_e4m3fn (needs ``k_scale``), bf16 or fp32: the packed key buffer.
+        weights: fp32 [T, H] per-head gate (signed).
+        ks, ke: int32 [T]; query t sees keys [ks[t], ke[t]) of ``k``.
+        k_scale: fp32 [S] positive per-token scales, or None.
+        topk: keys kept per query.
+        return_scores: also return the fp32 scores aligned with the indices (-inf when unused).
+        out: optional caller-owned int32 [T, topk] buffer, written in place and returned.
+        backend: "auto" (Triton on CUDA, else torch), "triton" or "torch".
+
+    Returns:
+        int32 [T, topk] key offsets relative to ks[t], valid entries first, -1 padded; with
+        ``return_scores`` a tuple (indices, scores).
+
+    Example:
+        >>> T, H, D = 16, 4, 128
+        >>> q, k, w = torch.randn(T, H, D), torch.randn(T, D), torch.randn(T, H)
+        >>> ks, ke = hisa.windows_from_cu_seqlens(torch.tensor([0, T], dtype=torch.int32))
+        >>> idx = hisa.dsa_index(q, k, w, ks, ke, topk=8)
+    """
+    T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
+    check_positive_int("topk", topk)
+    check_out_buffer(out, T, topk, q.device)
+    check_windows(ks, ke, S)
+    if resolve_backend(backend, q.device) == "torch":
+        idx, scores = naive_dsa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk)
+    else:
+        from .prefill import dsa_index_triton
+        idx, scores = dsa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
+                                       out=out, need_scores=return_scores)
+    return finish_output(idx, scores, out=out, return_scores=return_scores)

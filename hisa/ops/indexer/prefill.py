@@ -1,0 +1,47 @@
+"""Public HISA indexer for packed prefill: block-then-token selection."""
+from __future__ import annotations
+
+import torch
+
+from ...utils.backend import resolve_backend
+from ...utils.output import check_out_buffer, finish_output
+from ...utils.validate import check_hisa_params, check_indexer_inputs, check_windows
+from .naive import naive_hisa_index
+
+
+def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
+               ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
+               block_size: int = 128, block_topk: int = 64, return_scores: bool = False,
+               out: torch.Tensor | None = None, backend: str = "auto"):
+    """HISA selection: score mean-pooled key blocks, keep the best ``block_topk`` (the first
+    and last eligible block always among them), then keep the top ``topk`` tokens of those
+    blocks by the exact DSA score.
+
+    Same inputs and output format as :func:`hisa.dsa_index`; when a query has at most
+    ``block_topk`` eligible blocks the selection equals the flat indexer's.
+
+    Args:
+        q, k, weights, ks, ke, k_scale, topk, return_scores, out, backend: as in
+            :func:`hisa.dsa_index`.
+        block_size: B, tokens per block (blocks tile the key buffer from position 0).
+        block_topk: m, blocks kept per query; ``block_topk * block_size >= topk`` is required.
+
+    Returns:
+        int32 [T, topk] offsets relative to ks[t], -1 padded (and fp32 scores when asked).
+
+    Example:
+        >>> idx = hisa.hisa_index(q, k, w, ks, ke, topk=2048, block_size=128, block_topk=64)
+    """
+    T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
+    check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
+    check_out_buffer(out, T, topk, q.device)
+    check_windows(ks, ke, S)
+    if resolve_backend(backend, q.device) == "torch":
+        idx, scores = naive_hisa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
+                                       block_size=block_size, block_topk=block_topk)
+    else:
+        from .pipeline import hisa_index_triton
+        idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
+                                        block_size=block_size, block_topk=block_topk, out=out,
+                                        need_scores=return_scores)
+    return finish_output(idx, scores, out=out, return_scores=return_scores)

@@ -1,0 +1,124 @@
+"""Input validation shared by every public op.
+
+Each check raises ``ValueError`` or ``TypeError`` naming the argument, what was expected and
+what was given, so a wrong call fails loudly at the public boundary instead of producing a
+silently wrong selection (or an illegal memory access inside a kernel).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, x, *, dtypes: Sequence[torch.dtype] | None = None,
+                 ndim: int | None = None, contiguous: bool = False) -> torch.Tensor:
+    """Check type, dtype, rank and (optionally) contiguity of one argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {x.dtype}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
+    if contiguous and not x.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {tuple(x.stride())}")
+    return x
+
+
+def check_shape(name: str, x: torch.Tensor, expected: Sequence[int | None]) -> None:
+    """Check a shape; ``None`` in ``expected`` matches any size on that axis."""
+    ok = x.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, x.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name}: expected shape {want}, got {list(x.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """All given tensors must live on one device."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected device {first.device} (that of {first_name}), "
+                             f"got {t.device}")
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_hisa_params(*, topk: int, block_size: int, block_topk: int) -> None:
+    check_positive_int("topk", topk)
+    check_positive_int("block_size", block_size)
+    check_positive_int("block_topk", block_topk, minimum=2)  # two slots go to the forced blocks
+    if block_size * block_topk < topk:
+        raise ValueError(f"block_topk * block_size must be >= topk (the candidate pool must hold "
+                         f"topk tokens): got {block_topk} * {block_size} = "
+                         f"{block_topk * block_size} < topk = {topk}")
+
+
+def check_indexer_inputs(q, k, weights, ks, ke, k_scale) -> tuple[int, int, int, int]:
+    """Shapes and dtypes of a packed (prefill) indexer call. Returns (T, H, D, S)."""
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("weights", weights, dtypes=(torch.float32,), ndim=2)
+    check_tensor("ks", ks, dtypes=(torch.int32,), ndim=1)
+    check_tensor("ke", ke, dtypes=(torch.int32,), ndim=1)
+    T, H, D = q.shape
+    S = k.shape[0]
+    check_shape("k", k, (None, D))
+    check_shape("weights", weights, (T, H))
+    check_shape("ks", ks, (T,))
+    check_shape("ke", ke, (T,))
+    if k.dtype == FP8_DTYPE and k_scale is None:
+        raise ValueError("k_scale: expected a float32 [S] tensor of per-token scales because k is "
+                         "float8_e4m3fn, got None")
+    if k_scale is not None:
+        check_tensor("k_scale", k_scale, dtypes=(torch.float32,), ndim=1)
+        check_shape("k_scale", k_scale, (S,))
+    check_same_device(q=q, k=k, weights=weights, ks=ks, ke=ke, k_scale=k_scale)
+    return T, H, D, S
+
+
+def check_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int) -> None:
+    """0 <= ks <= ke <= num_keys for every query (reads the values: one host sync)."""
+    if ks.numel() == 0:
+        return
+    bad_order = (ks > ke)
+    if bool(bad_order.any()):
+        i = int(bad_order.nonzero()[0, 0])
+        raise ValueError(f"ks/ke: expected ks[t] <= ke[t] for every query, got ks[{i}] = "
+                         f"{int(ks[i])} > ke[{i}] = {int(ke[i])}")
+    lo, hi = int(ks.min()), int(ke.max())
+    if lo < 0:
+        raise ValueError(f"ks: expected values >= 0, got min(ks) = {lo}")
+    if hi > num_keys:
+        raise ValueError(f"ke: expected values <= the number of keys in k ({num_keys}), "
+                         f"got max(ke) = {hi}")
+
+
+def check_out(name: str, out, shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
+    check_tensor(name, out, dtypes=(dtype,), contiguous=True)
+    check_shape(name, out, shape)
+    if out.device != torch.device(device) and not (
+            out.device.type == torch.device(device).type and torch.device(device).index is None):
+        raise ValueError(f"{name}: expected device {device}, got {out.device}")
+    return out

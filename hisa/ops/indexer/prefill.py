@@ -6,7 +6,29 @@ import torch
 from ...utils.backend import resolve_backend
 from ...utils.output import check_out_buffer, finish_output
 from ...utils.validate import check_hisa_params, check_indexer_inputs, check_windows
-from .naive import naive_hisa_index
+from ..dsa.naive import naive_dsa_index
+from .naive import eligible_blocks, naive_hisa_index
+
+
+def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.Tensor,
+                       k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
+                       ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
+                       block_size: int, block_topk: int) -> None:
+    """Rows whose window holds <= topk keys return all of them (contract section 2).
+
+    With m * B >= k a window of at most k keys spans at most m + 1 blocks; when it spans
+    exactly m + 1 (unaligned, and m * B close to k) the block stage would drop one block.
+    Those rare rows are recomputed by the flat path, which keeps every key.
+    """
+    first, end = eligible_blocks(ks, ke, block_size)
+    rows = (((ke - ks) <= topk) & ((end - first) > block_topk)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    sub_idx, sub_scores = naive_dsa_index(q[rows], k, weights[rows], ks[rows], ke[rows],
+                                          k_scale=k_scale, topk=topk)
+    idx[rows] = sub_idx
+    if scores is not None:
+        scores[rows] = sub_scores
 
 
 def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
@@ -44,4 +66,6 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                         block_size=block_size, block_topk=block_topk, out=out,
                                         need_scores=return_scores)
+    keep_short_windows(idx, scores, q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
+                       block_size=block_size, block_topk=block_topk)
     return finish_output(idx, scores, out=out, return_scores=return_scores)

@@ -1,0 +1,75 @@
+"""Input factories shared by the tests and the benchmarks.
+
+Inputs follow the DeepSeek-V3.2 indexer: q and k quantized to FP8 e4m3 with DeepSeek's group
+quantization (q's per-head scale folded into the weights), per-token k scales, fp32 weights.
+Random values are drawn fresh from a seeded generator so a failure is reproducible.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..utils.quant import quantize_fp8
+from ..utils.seqlens import windows_from_cu_seqlens
+
+
+@dataclass
+class IndexerInputs:
+    """One packed indexer call: q [T, H, D], k [S, D], weights [T, H], windows, k_scale [S]."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    weights: torch.Tensor
+    ks: torch.Tensor
+    ke: torch.Tensor
+    k_scale: torch.Tensor | None
+
+    def args(self) -> tuple:
+        return self.q, self.k, self.weights, self.ks, self.ke
+
+    @property
+    def num_queries(self) -> int:
+        return self.q.shape[0]
+
+    def visible_pairs(self) -> int:
+        """(query, key) pairs the flat indexer scores: sum of window lengths."""
+        return int((self.ke.long() - self.ks.long()).sum())
+
+
+def make_indexer_inputs(seq_lens: list[int], *, heads: int = 64, head_dim: int = 128,
+                        dtype: torch.dtype = torch.float8_e4m3fn, query_lens: list[int] | None
+                        = None, device: str | torch.device = "cpu", seed: int = 0,
+                        clustered: bool = False) -> IndexerInputs:
+    """Random packed-prefill inputs.
+
+    Args:
+        seq_lens: key count of each packed sequence.
+        query_lens: queries per sequence (the last ``query_lens[b]`` tokens of it, a prefill
+            chunk); defaults to every token (full causal prefill).
+        dtype: float8_e4m3fn (with k scales, DeepSeek quantization), bfloat16 or float32.
+        clustered: give keys a slowly drifting component, so blocks differ in mean and block
+            scores carry signal (i.i.d. keys make every block mean nearly the same).
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    query_lens = list(seq_lens) if query_lens is None else list(query_lens)
+    S, T = sum(seq_lens), sum(query_lens)
+    kf = torch.randn(S, head_dim, generator=g)
+    if clustered and S:
+        drift = torch.randn(S // 256 + 1, head_dim, generator=g) * 2.0
+        kf += drift.repeat_interleave(256, dim=0)[:S]
+    qf = torch.randn(T, heads, head_dim, generator=g)
+    w = torch.randn(T, heads, generator=g) * heads ** -0.5
+    k_scale = None
+    if dtype == torch.float8_e4m3fn:
+        k, k_scale = quantize_fp8(kf, group_size=head_dim)
+        q, q_scale = quantize_fp8(qf, group_size=head_dim)          # q_scale [T, H]
+        w = w * q_scale                                              # folded, as DeepSeek does
+    else:
+        k, q = kf.to(dtype), qf.to(dtype)
+    cu_q = torch.tensor([0] + query_lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + list(seq_lens), dtype=torch.int64).cumsum(0).to(torch.int32)
+    ks, ke = windows_from_cu_seqlens(cu_q, cu_k)
+    dev = torch.device(device)
+    return IndexerInputs(q.to(dev), k.to(dev), w.float().to(dev), ks.to(dev), ke.to(dev),
+                         None if k_scale is None else k_scale.to(dev))

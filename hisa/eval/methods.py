@@ -1,0 +1,166 @@
+"""Selection methods compared by the evaluation, all in the contract's output format.
+
+``flat`` and ``hisa`` call the shipped public ops (:func:`hisa.dsa_index`,
+:func:`hisa.hisa_index`, backend "auto"), so the evaluation measures the code users run. The
+variants the library does not ship are assembled here from its stage references
+(:mod:`hisa.ops.indexer.naive`):
+
+* ``block_sparse``: stage 1 only; the top ``topk // B`` blocks (forced two included) and every
+  in-window token of them, so the token budget equals flat's.
+* ``hisa_max``: HISA with element-wise max-pooled block keys instead of means (the fix the
+  paper suggests for blocks whose mean hides one salient token).
+* ``hisa_adaptive``: HISA with a per-query block budget (this project's idea): the
+  ``sum_t m`` block slots of a batch of queries go to the (query, block) pairs with the highest
+  stage-1 score relative to the query's best non-forced block, each query keeping its two
+  forced blocks and at least ``m // 4`` others, at most ``2 m`` blocks. Average cost equals
+  HISA's at the same ``m``; a single query (decode) gets exactly ``m``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import hisa
+from hisa.ops.dsa.naive import NAIVE_TILE_BYTES
+from hisa.ops.indexer.naive import (candidate_positions, eligible_blocks, naive_block_scores,
+                                    naive_pool_blocks, naive_select_blocks, naive_select_tokens,
+                                    naive_to_offsets, naive_token_scores)
+
+METHODS = ("dense", "flat", "hisa", "block_sparse", "hisa_max", "hisa_adaptive")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One selection setting. ``dense`` selects nothing (full causal attention)."""
+    name: str
+    topk: int = 0
+    block_size: int = 0
+    block_topk: int = 0
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.name!r}")
+
+    @property
+    def label(self) -> str:
+        if self.name in ("dense", "flat"):
+            return self.name if self.name == "dense" else f"flat k={self.topk}"
+        if self.name == "block_sparse":
+            return f"block_sparse B={self.block_size} m={self.topk // self.block_size}"
+        return f"{self.name} B={self.block_size} m={self.block_topk}"
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+               ks: torch.Tensor, ke: torch.Tensor) -> torch.Tensor | None:
+        """int32 [T, K] key offsets relative to ks (-1 padded); None for dense."""
+        if self.name == "dense":
+            return None
+        if self.name == "flat":
+            return hisa.dsa_index(q, k, weights, ks, ke, topk=self.topk)
+        if self.name == "hisa":
+            return hisa.hisa_index(q, k, weights, ks, ke, topk=self.topk,
+                                   block_size=self.block_size, block_topk=self.block_topk)
+        if self.name == "block_sparse":
+            return block_sparse_index(q, k, weights, ks, ke, topk=self.topk,
+                                      block_size=self.block_size)
+        pool = "max" if self.name == "hisa_max" else "mean"
+        return variant_hisa_index(q, k, weights, ks, ke, topk=self.topk,
+                                  block_size=self.block_size, block_topk=self.block_topk,
+                                  pool=pool, adaptive=self.name == "hisa_adaptive")
+
+
+def max_pool_blocks(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Element-wise max of each block's keys, fp32 [NB, D] (the tail block over its tokens)."""
+    S, D = k.shape
+    nb = (S + block_size - 1) // block_size
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nb * block_size - S), value=float("-inf"))
+    return kf.view(nb, block_size, D).amax(dim=1)
+
+
+def _tile(rows_per_query: int, D: int) -> int:
+    return max(1, NAIVE_TILE_BYTES // (4 * max(rows_per_query, 1) * D))
+
+
+def block_sparse_index(q, k, weights, ks, ke, *, topk: int, block_size: int) -> torch.Tensor:
+    """Stage 1 only: every in-window token of the top ``topk // B`` blocks. int32 [T, topk]."""
+    T = q.shape[0]
+    nblk = max(2, topk // block_size)
+    pooled = naive_pool_blocks(k, None, block_size)
+    out = torch.full((T, nblk * block_size), -1, dtype=torch.int32, device=q.device)
+    for s in range(0, T, _tile(nblk * block_size, 1)):
+        sl = slice(s, min(T, s + _tile(nblk * block_size, 1)))
+        J = naive_block_scores(q[sl], pooled, weights[sl], ks[sl], ke[sl], block_size=block_size)
+        blocks = naive_select_blocks(J, nblk)
+        pos = candidate_positions(blocks, block_size, k.shape[0])            # [t, nblk*B]
+        inwin = (pos >= ks[sl].long().unsqueeze(1)) & (pos < ke[sl].long().unsqueeze(1))
+        pos = torch.where(inwin, pos, -1)
+        key = torch.where(pos >= 0, pos, torch.iinfo(torch.int64).max)
+        pos = torch.sort(key, dim=1).values                                  # valid first
+        pos = torch.where(pos == torch.iinfo(torch.int64).max, -1, pos)
+        out[sl] = naive_to_offsets(pos, ks[sl])
+    return out[:, :topk] if out.shape[1] > topk else out
+
+
+def adaptive_select_blocks(J: torch.Tensor, ks, ke, *, block_size: int, block_topk: int
+                           ) -> torch.Tensor:
+    """Per-query block budget with the batch's total equal to HISA's. int32 [T, 2m] ids."""
+    T, NB = J.shape
+    m, cap = block_topk, 2 * block_topk
+    first, end = eligible_blocks(ks, ke, block_size)
+    n_elig = (end - first).clamp_min(0)
+    forced = torch.isposinf(J)
+    free = J.masked_fill(forced, float("-inf"))                              # non-forced
+    n_free = (n_elig - forced.sum(1)).clamp_min(0)
+    base = (torch.minimum(n_elig, torch.full_like(n_elig, m)) - forced.sum(1)).clamp_min(0)
+    width = min(cap - 2, NB)
+    vals, cols = torch.topk(free, width, dim=1)                              # sorted desc
+    best = vals[:, :1].clamp_min(1e-30)
+    rel = torch.where(torch.isfinite(vals), vals / best, torch.full_like(vals, -1.0))
+    floor = torch.minimum(n_free, torch.full_like(n_free, m // 4))
+    rank = torch.arange(width, device=J.device).unsqueeze(0)
+    take = rank < floor.unsqueeze(1)                                        # the floor first
+    spare = int((base - floor).clamp_min(0).sum())
+    pool = torch.where(~take & (rank < n_free.unsqueeze(1)), rel, torch.full_like(rel, -2.0))
+    # Queries that keep every block (n_elig <= m) are exact already: give them all, no pool.
+    exact = n_elig <= m
+    take |= exact.unsqueeze(1) & (rank < n_free.unsqueeze(1))
+    pool[exact] = -2.0
+    spare -= int((base - floor).clamp_min(0)[exact].sum())
+    if spare > 0:
+        flat = pool.flatten()
+        top = torch.topk(flat, min(spare, flat.numel())).indices
+        top = top[flat[top] > -2.0]
+        take.view(-1)[top] = True
+    ids = torch.where(take, cols, -1)
+    forced_ids = torch.where(forced.any(1, keepdim=True), torch.topk(
+        forced.int() * torch.arange(1, NB + 1, device=J.device), 2, dim=1).indices, -1)
+    forced_ids = torch.where(torch.gather(forced, 1, forced_ids.clamp_min(0)), forced_ids, -1)
+    ids = torch.cat([forced_ids, ids], dim=1)[:, :cap]
+    key = torch.where(ids >= 0, ids, torch.iinfo(torch.int64).max)
+    ids = torch.sort(key, dim=1).values
+    return torch.where(ids == torch.iinfo(torch.int64).max, -1, ids).to(torch.int32)
+
+
+def variant_hisa_index(q, k, weights, ks, ke, *, topk: int, block_size: int, block_topk: int,
+                       pool: str = "mean", adaptive: bool = False) -> torch.Tensor:
+    """HISA assembled from the stage references, with other pooling or block budgets.
+
+    The adaptive budget is shared by the whole batch of queries passed in (one prefill chunk).
+    """
+    T, _, D = q.shape
+    pooled = max_pool_blocks(k, block_size) if pool == "max" else naive_pool_blocks(
+        k, None, block_size)
+    J = naive_block_scores(q, pooled, weights, ks, ke, block_size=block_size)   # [T, NB]
+    if adaptive:
+        blocks = adaptive_select_blocks(J, ks, ke, block_size=block_size, block_topk=block_topk)
+    else:
+        blocks = naive_select_blocks(J, block_topk)
+    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
+    tile = _tile(blocks.shape[1] * block_size, D)
+    for s in range(0, T, tile):
+        sl = slice(s, min(T, s + tile))
+        scores, pos = naive_token_scores(q[sl], k, weights[sl], ks[sl], ke[sl], blocks[sl],
+                                         block_size=block_size)
+        sel, _ = naive_select_tokens(scores, pos, topk)
+        out[sl] = naive_to_offsets(sel, ks[sl])
+    return out

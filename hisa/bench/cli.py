@@ -1,0 +1,89 @@
+"""`hisa bench`: check, then time, flat DSA vs HISA; print a table, write JSON rows + a plot."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..utils.validate import check_hisa_params
+from .rows import append_rows, environment
+
+CONTEXTS = {"prefill": [8192, 16384, 32768, 65536, 131072],
+            "prefill_chunk": [16384, 65536, 131072],
+            "decode": [8192, 32768, 65536, 131072]}
+CHUNK_QUERIES = 1024
+DECODE_BATCHES = [1, 8, 32, 64, 128]
+
+
+def _ints(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        out.append(int(part[:-1]) * 1024 if part.endswith("k") else int(part))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="all", choices=["all", "prefill", "prefill_chunk", "decode"])
+    p.add_argument("--contexts", type=_ints, default=None,
+                   help="comma list, e.g. 8k,32k (default: the targets.md sweep of the mode)")
+    p.add_argument("--batches", type=_ints, default=None, help="decode batches (default 1,8,32,64,128)")
+    p.add_argument("--next-n", type=_ints, default=[1, 2], help="decode rows per request")
+    p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--block-topk", type=int, default=64)
+    p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
+    p.add_argument("--out", default="benchmarks/results/bench.jsonl", help="JSON Lines output")
+    p.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
+    p.add_argument("--commit", default=None, help="commit id to record (default: git HEAD)")
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'mode':<14}{'ctx':>8}{'q':>7}{'b':>5}{'nn':>4}{'op':>6}{'ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'speedup':>9}  stages (ms)"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        st = " ".join(f"{k}={v:.3g}" for k, v in (r.get("stage_ms") or {}).items())
+        fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
+        lines.append(f"{r['mode']:<14}{r['context']:>8}{r['queries']:>7}{fmt(r.get('batch'), 'd'):>5}"
+                     f"{fmt(r.get('next_n'), 'd'):>4}{r['op']:>6}{r['ms']:>10.4f}"
+                     f"{fmt(r.get('tflops'), '.0f'):>9}{fmt(r.get('gbps'), '.0f'):>8}"
+                     f"{fmt(r.get('speedup_vs_flat'), '.2f'):>9}  {st}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("hisa bench times the Triton kernels and needs a CUDA GPU; none is visible.\n"
+              "On CPU, `hisa selftest` checks the references and `hisa eval` measures fidelity.")
+        return 2
+    check_hisa_params(topk=args.topk, block_size=args.block_size, block_topk=args.block_topk)
+    env = environment(args.commit)
+    modes = ["prefill", "prefill_chunk", "decode"] if args.mode == "all" else [args.mode]
+    params = dict(topk=args.topk, block_size=args.block_size, block_topk=args.block_topk)
+    all_rows: list[dict] = []
+    for mode in modes:
+        contexts = args.contexts or CONTEXTS[mode]
+        for ctx in contexts:
+            if mode == "decode":
+                from .decode import bench_decode_point
+                for batch in args.batches or DECODE_BATCHES:
+                    for nn in args.next_n:
+                        rows = bench_decode_point(ctx, batch=batch, next_n=nn, env=env, **params)
+                        append_rows(args.out, rows)
+                        all_rows += rows
+                        print("\n".join(_table(rows).splitlines()[2:]), flush=True)
+                continue
+            from .prefill import bench_prefill_point
+            rows = bench_prefill_point(ctx, queries=CHUNK_QUERIES if mode == "prefill_chunk"
+                                       else None, env=env, stages=not args.no_stages, **params)
+            append_rows(args.out, rows)
+            all_rows += rows
+            print("\n".join(_table(rows).splitlines()[2:]), flush=True)
+    print()
+    print(f"GPU: {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    print(_table(all_rows))
+    from .plot import plot_rows
+    plot = plot_rows(all_rows, args.plot or Path(args.out).with_suffix(".png"))
+    print(f"rows: {args.out}" + (f"  plot: {plot}" if plot else ""))
+    return 0

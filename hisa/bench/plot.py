@@ -1,0 +1,38 @@
+"""Plots drawn from result rows (never by hand): time vs context, flat and HISA."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_rows(rows: list[dict], path: str | Path) -> Path | None:
+    """One panel per mode (and batch for decode); log-log time vs context. None without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = sorted({(r["mode"], r.get("batch") if r["mode"] == "decode" else None,
+                      r.get("next_n") if r["mode"] == "decode" else None) for r in rows},
+                    key=str)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (mode, batch, next_n) in zip(axes[0], panels):
+        for op, style in (("flat", "o-"), ("hisa", "s-"), ("auto", "^--")):
+            pts = sorted((r["context"], r["ms"]) for r in rows if r["mode"] == mode
+                         and r["op"] == op and (batch is None or (r.get("batch") == batch
+                                                                   and r.get("next_n") == next_n)))
+            if pts:
+                ax.plot(*zip(*pts), style, label=op)
+        title = mode if batch is None else f"{mode} batch {batch} next_n {next_n}"
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms", title=title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    gpu = rows[0].get("gpu", "?")
+    fig.suptitle(f"hisa indexer, {gpu}, commit {rows[0].get('commit', '?')}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

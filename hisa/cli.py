@@ -1,0 +1,63 @@
+"""The `hisa` command: env, selftest, bench, eval."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _env(_: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import hisa
+    from .utils.backend import triton_installed
+    print(f"hisa {hisa.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    if triton_installed():
+        import triton
+        print(f"triton {triton.__version__}")
+    else:
+        print("triton: not installed (torch backend only)")
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print(f"cuda: {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, "
+              f"capability {p.major}.{p.minor}")
+    else:
+        print("cuda: none (ops run the torch reference backend on CPU)")
+    return 0
+
+
+def _selftest(_: argparse.Namespace) -> int:
+    from .selftest import run_selftest
+    return run_selftest()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hisa", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="show versions and the device").set_defaults(func=_env)
+    sub.add_parser("selftest", help="check the library on this machine").set_defaults(func=_selftest)
+    from .bench import cli as bench_cli
+    b = sub.add_parser("bench", help="check, then time flat DSA vs HISA (needs a GPU)")
+    bench_cli.add_arguments(b)
+    b.set_defaults(func=bench_cli.run)
+    try:
+        from .eval import cli as eval_cli
+    except ImportError as err:  # the evaluation's optional dependencies are missing
+        e = sub.add_parser("eval", help="fidelity on real models (needs hisa[eval])")
+        e.set_defaults(func=lambda _a, _err=err: (print(
+            f"hisa eval needs the optional dependencies: pip install 'hisa[eval]' ({_err})"), 2)[1])
+    else:
+        e = sub.add_parser("eval", help="fidelity of HISA vs flat top-k on real models")
+        eval_cli.add_arguments(e)
+        e.set_defaults(func=eval_cli.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

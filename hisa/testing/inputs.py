@@ -51,15 +51,17 @@ def make_indexer_inputs(seq_lens: list[int], *, heads: int = 64, head_dim: int =
         clustered: give keys a slowly drifting component, so blocks differ in mean and block
             scores carry signal (i.i.d. keys make every block mean nearly the same).
     """
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    dev = torch.device(device)
+    # Drawn on the target device: a 128K-token prefill has 1G query values.
+    g = torch.Generator(device=dev).manual_seed(seed)
     query_lens = list(seq_lens) if query_lens is None else list(query_lens)
     S, T = sum(seq_lens), sum(query_lens)
-    kf = torch.randn(S, head_dim, generator=g)
+    kf = torch.randn(S, head_dim, generator=g, device=dev)
     if clustered and S:
-        drift = torch.randn(S // 256 + 1, head_dim, generator=g) * 2.0
+        drift = torch.randn(S // 256 + 1, head_dim, generator=g, device=dev) * 2.0
         kf += drift.repeat_interleave(256, dim=0)[:S]
-    qf = torch.randn(T, heads, head_dim, generator=g)
-    w = torch.randn(T, heads, generator=g) * heads ** -0.5
+    qf = torch.randn(T, heads, head_dim, generator=g, device=dev)
+    w = torch.randn(T, heads, generator=g, device=dev) * heads ** -0.5
     k_scale = None
     if dtype == torch.float8_e4m3fn:
         k, k_scale = quantize_fp8(kf, group_size=head_dim)
@@ -69,7 +71,5 @@ def make_indexer_inputs(seq_lens: list[int], *, heads: int = 64, head_dim: int =
         k, q = kf.to(dtype), qf.to(dtype)
     cu_q = torch.tensor([0] + query_lens, dtype=torch.int64).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + list(seq_lens), dtype=torch.int64).cumsum(0).to(torch.int32)
-    ks, ke = windows_from_cu_seqlens(cu_q, cu_k)
-    dev = torch.device(device)
-    return IndexerInputs(q.to(dev), k.to(dev), w.float().to(dev), ks.to(dev), ke.to(dev),
-                         None if k_scale is None else k_scale.to(dev))
+    ks, ke = windows_from_cu_seqlens(cu_q.to(dev), cu_k.to(dev))
+    return IndexerInputs(q, k, w.float(), ks, ke, k_scale)

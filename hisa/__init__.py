@@ -1,6 +1,9 @@
 """hisa: hierarchical (block-then-token) sparse-attention indexer for DSA models."""
+from .cache import PagedIndexerCache, paged_cache_append
 from .config import HisaConfig
 from .ops.dsa.index import dsa_index
+from .ops.dsa.paged import dsa_index_paged
+from .ops.indexer.decode import hisa_index_paged
 from .ops.indexer.prefill import hisa_index
 from .ops.sparse_attn.naive import sparse_attention_reference
 from .utils.quant import dequantize_fp8, quantize_fp8
@@ -10,9 +13,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HisaConfig",
+    "PagedIndexerCache",
     "dequantize_fp8",
     "dsa_index",
+    "dsa_index_paged",
     "hisa_index",
+    "hisa_index_paged",
+    "paged_cache_append",
     "quantize_fp8",
     "sparse_attention_reference",
     "windows_from_cu_seqlens",

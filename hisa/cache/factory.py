@@ -1,0 +1,106 @@
+"""Random paged decode inputs, shared by the paged tests and the decode benchmarks.
+
+Pages are handed out in a shuffled order (so physical order never matches logical order), keys
+are written through :meth:`PagedIndexerCache.append` with real slot mappings, positions and block
+tables, and the packed per-request keys are kept for comparisons with the packed references.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..utils.quant import quantize_fp8
+from .layout import PAGE_SIZE
+from .paged import PagedIndexerCache
+
+
+@dataclass
+class PagedInputs:
+    """q [batch, next_n, H, D], weights [batch * next_n, H], seq_lens, block_table, the cache,
+    and each request's keys as (fp8 [L, D], fp32 [L])."""
+
+    q: torch.Tensor
+    weights: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    cache: PagedIndexerCache
+    keys: list = field(default_factory=list)
+
+    @property
+    def next_n(self) -> int:
+        return self.q.shape[1]
+
+    def args(self) -> tuple:
+        """(q, kv_cache, weights, seq_lens, block_table) for :func:`hisa.dsa_index_paged`."""
+        return self.q, self.cache.kv_cache, self.weights, self.seq_lens, self.block_table
+
+    def hisa_args(self) -> tuple:
+        """(q, kv_cache, pooled_cache, weights, seq_lens, block_table)."""
+        return (self.q, self.cache.kv_cache, self.cache.pooled_cache, self.weights,
+                self.seq_lens, self.block_table)
+
+    def row_lengths(self) -> torch.Tensor:
+        """Visible keys of each query row, int64 [batch * next_n]."""
+        from ..ops.dsa.paged import paged_row_lengths
+        return paged_row_lengths(self.seq_lens, self.next_n).flatten()
+
+
+def random_keys(length: int, head_dim: int, *, generator: torch.Generator, device,
+                clustered: bool = True) -> torch.Tensor:
+    """fp32 [length, D] keys; ``clustered`` adds a drift every 256 tokens so blocks differ."""
+    k = torch.randn(length, head_dim, generator=generator, device=device)
+    if clustered and length:
+        drift = torch.randn(length // 256 + 1, head_dim, generator=generator, device=device)
+        k += 2.0 * drift.repeat_interleave(256, dim=0)[:length]
+    return k
+
+
+def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
+                      head_dim: int = 128, block_size: int = 128,
+                      q_dtype: torch.dtype = torch.float8_e4m3fn, seq_lens_2d: bool = False,
+                      extra_pages: int = 3, extra_columns: int = 1, seed: int = 0,
+                      device: str | torch.device = "cpu", backend: str = "torch",
+                      clustered: bool = True, keep_keys: bool = True) -> PagedInputs:
+    """Fill a fresh cache with ``seq_lens[b]`` random keys per request and draw queries.
+
+    Unused block-table columns hold -1 so that a kernel reading them would fail loudly.
+    """
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    batch = len(seq_lens)
+    n_pages = [-(-L // PAGE_SIZE) for L in seq_lens]
+    num_pages = sum(n_pages) + extra_pages
+    perm = torch.randperm(num_pages, generator=g, device=dev).to(torch.int32)
+    max_pages = max(n_pages + [1]) + extra_columns
+    block_table = torch.full((batch, max_pages), -1, dtype=torch.int32, device=dev)
+    cache = PagedIndexerCache(num_pages, head_dim=head_dim, block_size=block_size, device=dev)
+    keys, start = [], 0
+    for b, (L, n) in enumerate(zip(seq_lens, n_pages)):
+        block_table[b, :n] = perm[start:start + n]
+        start += n
+        if L == 0:
+            keys.append((torch.empty(0, head_dim, device=dev).to(torch.float8_e4m3fn),
+                         torch.empty(0, device=dev)))
+            continue
+        k, k_scale = quantize_fp8(random_keys(L, head_dim, generator=g, device=dev,
+                                              clustered=clustered), group_size=head_dim)
+        pos = torch.arange(L, device=dev)
+        slots = block_table[b, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+        req = torch.full((L,), b, dtype=torch.int32, device=dev)
+        cache.append(k, slots, pos, k_scale=k_scale, block_table=block_table, req_indices=req,
+                     backend=backend)
+        if keep_keys:
+            keys.append((k, k_scale))
+    qf = torch.randn(batch, next_n, heads, head_dim, generator=g, device=dev)
+    w = torch.randn(batch * next_n, heads, generator=g, device=dev) * heads ** -0.5
+    if q_dtype == torch.float8_e4m3fn:
+        q, q_scale = quantize_fp8(qf, group_size=head_dim)          # q_scale [batch, next_n, H]
+        w = w * q_scale.reshape(batch * next_n, heads)
+    else:
+        q = qf.to(q_dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+    if seq_lens_2d:
+        lens = (lens.unsqueeze(1) - next_n + 1 + torch.arange(next_n, device=dev)).clamp_min(0)
+        lens = lens.to(torch.int32)
+    return PagedInputs(q, w.float().contiguous(), lens, block_table, cache, keys)

@@ -1,0 +1,108 @@
+"""Byte layout of the paged indexer key cache and of its pooled-block companion.
+
+Key cache (DeepGEMM ``fp8_paged_mqa_logits`` / vLLM / SGLang layout): pages of
+:data:`PAGE_SIZE` = 64 tokens, ``uint8 [num_pages, 64 * (D + 4)]``. Inside a page the first
+``64 * D`` bytes are the FP8 e4m3 key values, token-major (token ``t`` at bytes
+``[t * D, (t + 1) * D)``), then 64 fp32 scales (structure of arrays): 132 B per token at D = 128.
+The 4-D view ``[num_pages, 64, 1, D + 4]`` that DeepGEMM takes is accepted too (same bytes).
+
+Pooled cache: ``uint8 [num_pages, D + 4]``, one row per *physical page*: D FP8 values of a block
+representative, then its fp32 scale (a key row's layout). The representative of block ``b`` of a
+request (tokens ``[b * B, (b + 1) * B)``) lives in the row of the physical page that holds the
+block's LAST 64 tokens, ``block_table[r, (b + 1) * B // 64 - 1]``. Why that page:
+
+* a page's content (and, with page-granular prefix caching, its whole prefix) is fixed once the
+  page is full, so a page shared by several requests always carries the right pooled row;
+* the row is written exactly when the block completes, and the completing token sits in that page
+  (it is the page's last token), so the writer knows the row from the slot mapping alone;
+* freeing a page needs no action; a reused page is overwritten when its new block completes, and
+  before that the row is never read (an incomplete block is the tail block, always forced);
+* an engine that moves pages (swap, offload, defragmentation) must move row ``p`` of the pooled
+  cache with page ``p`` (:meth:`hisa.cache.PagedIndexerCache.copy_pages`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..utils.validate import FP8_DTYPE, check_tensor
+
+#: Tokens per page of the key cache (DeepGEMM's SM90 paged kernel supports only 64).
+PAGE_SIZE = 64
+#: Bytes of one fp32 scale.
+SCALE_BYTES = 4
+
+
+def page_bytes(head_dim: int) -> int:
+    """Bytes of one page: 64 * (D + 4)."""
+    return PAGE_SIZE * (head_dim + SCALE_BYTES)
+
+
+def pooled_row_bytes(head_dim: int) -> int:
+    """Bytes of one pooled row: D FP8 values + one fp32 scale."""
+    return head_dim + SCALE_BYTES
+
+
+def as_pages(kv_cache: torch.Tensor, head_dim: int, *, name: str = "kv_cache") -> torch.Tensor:
+    """The cache as ``uint8 [num_pages, 64 * (D + 4)]`` (a view; 2-D or DeepGEMM's 4-D form)."""
+    check_tensor(name, kv_cache, dtypes=(torch.uint8,))
+    nbytes = page_bytes(head_dim)
+    four_d = (kv_cache.dim() == 4 and tuple(kv_cache.shape[1:]) == (PAGE_SIZE, 1,
+                                                                     head_dim + SCALE_BYTES))
+    if not (four_d or (kv_cache.dim() == 2 and kv_cache.shape[1] == nbytes)):
+        raise ValueError(f"{name}: expected uint8 [num_pages, {nbytes}] (pages of {PAGE_SIZE} "
+                         f"tokens, D = {head_dim}) or [num_pages, {PAGE_SIZE}, 1, "
+                         f"{head_dim + SCALE_BYTES}], got shape {list(kv_cache.shape)}")
+    if not kv_cache.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides "
+                         f"{tuple(kv_cache.stride())}")
+    return kv_cache.view(kv_cache.shape[0], nbytes)
+
+
+def check_pooled_cache(pooled_cache: torch.Tensor, head_dim: int, num_pages: int,
+                       *, name: str = "pooled_cache") -> torch.Tensor:
+    check_tensor(name, pooled_cache, dtypes=(torch.uint8,), ndim=2, contiguous=True)
+    want = (num_pages, pooled_row_bytes(head_dim))
+    if tuple(pooled_cache.shape) != want:
+        raise ValueError(f"{name}: expected uint8 {list(want)} (one row of D + 4 bytes per page "
+                         f"of the key cache), got shape {list(pooled_cache.shape)}")
+    return pooled_cache
+
+
+def page_views(pages: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values uint8 [P, 64, D] (FP8 bits), scales fp32 [P, 64]) views of ``uint8 [P, bytes]``."""
+    P = pages.shape[0]
+    values = pages[:, :PAGE_SIZE * head_dim].view(P, PAGE_SIZE, head_dim)
+    scales = pages[:, PAGE_SIZE * head_dim:].view(torch.float32)
+    return values, scales
+
+
+def pooled_views(pooled_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values uint8 [P, D] (FP8 bits), scales fp32 [P]) views of the pooled cache."""
+    return pooled_cache[:, :head_dim], pooled_cache[:, head_dim:].view(torch.float32)[:, 0]
+
+
+def gather_request_keys(pages: torch.Tensor, block_table_row: torch.Tensor, length: int,
+                        head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys of positions [0, length) of one request: (fp8 [length, D], fp32 scales [length])."""
+    n_pages = -(-length // PAGE_SIZE)
+    values, scales = page_views(pages, head_dim)
+    ids = block_table_row[:n_pages].long()
+    k = values[ids].reshape(-1, head_dim)[:length].view(FP8_DTYPE)
+    return k, scales[ids].reshape(-1)[:length]
+
+
+def block_last_pages(block_table_row: torch.Tensor, num_blocks: int, block_size: int
+                     ) -> torch.Tensor:
+    """Physical page holding the last 64 tokens of each of blocks [0, num_blocks): int64."""
+    per_block = block_size // PAGE_SIZE
+    cols = torch.arange(1, num_blocks + 1, device=block_table_row.device) * per_block - 1
+    return block_table_row.long()[cols]
+
+
+def gather_request_pooled(pooled_cache: torch.Tensor, block_table_row: torch.Tensor,
+                          num_blocks: int, block_size: int, head_dim: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled rows of complete blocks [0, num_blocks) of one request: (fp8 [nb, D], fp32 [nb])."""
+    values, scales = pooled_views(pooled_cache, head_dim)
+    ids = block_last_pages(block_table_row, num_blocks, block_size)
+    return values[ids].contiguous().view(FP8_DTYPE), scales[ids]

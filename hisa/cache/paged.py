@@ -1,0 +1,263 @@
+"""The paged FP8 indexer key cache and its incrementally maintained pooled-block cache.
+
+Appending takes what a serving engine has at the indexer's cache-write point:
+
+* ``k`` [T, D]: the new keys (bf16/fp16/fp32, quantized here with
+  :func:`hisa.quantize_fp8`, group = D), or already FP8 with ``k_scale`` [T];
+* ``slot_mapping`` int32/int64 [T]: cache slot of each token, ``page * 64 + offset``;
+  negative slots (vLLM's padding tokens) are skipped;
+* ``positions`` int32/int64 [T]: each token's position in its request (0-based);
+* ``block_table`` int32 [R, max_pages] and ``req_indices`` int32/int64 [T] (the block-table row of
+  each token): needed only when ``block_size > 64``, to find the earlier pages of a block.
+
+A token whose position ``p`` has ``(p + 1) % block_size == 0`` completes block
+``p // block_size``: after every key of the call is written, the block's B keys are read back
+from the pages, averaged in fp32 after dequantization, quantized to FP8 with their own scale
+(plain, never ue8m0: the pooled rows feed only this library's block scores) and written to the
+pooled row of the completing token's page (see :mod:`hisa.cache.layout`). Each block is pooled
+exactly once, however its tokens were split over calls (prefill chunks, decode steps) and
+whichever requests share its pages.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.indexer.naive import naive_pool_blocks
+from ..utils.backend import resolve_backend
+from ..utils.quant import quantize_fp8
+from ..utils.validate import (FP8_DTYPE, check_positive_int, check_same_device, check_shape,
+                              check_tensor)
+from .layout import (PAGE_SIZE, as_pages, check_pooled_cache, gather_request_keys,
+                     gather_request_pooled, page_bytes, page_views, pooled_row_bytes,
+                     pooled_views)
+
+KEY_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_block_size(block_size) -> int:
+    check_positive_int("block_size", block_size)
+    if block_size % PAGE_SIZE:
+        raise ValueError(f"block_size: expected a multiple of the page size {PAGE_SIZE} (a block "
+                         f"must end on a page boundary), got {block_size}")
+    return block_size
+
+
+def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_scale,
+                        block_table, req_indices, block_size) -> torch.Tensor:
+    """Validate an append; returns the ``uint8 [P, 64 * (D + 4)]`` page view."""
+    check_tensor("k", k, dtypes=KEY_DTYPES, ndim=2)
+    T, D = k.shape
+    pages = as_pages(kv_cache, D)
+    check_block_size(block_size)
+    if pooled_cache is not None:
+        check_pooled_cache(pooled_cache, D, pages.shape[0])
+    check_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, ndim=1)
+    check_shape("slot_mapping", slot_mapping, (T,))
+    check_tensor("positions", positions, dtypes=INDEX_DTYPES, ndim=1)
+    check_shape("positions", positions, (T,))
+    if k.dtype == FP8_DTYPE:
+        if k_scale is None:
+            raise ValueError("k_scale: expected a float32 [T] tensor because k is "
+                             "float8_e4m3fn, got None")
+    elif k_scale is not None:
+        raise ValueError(f"k_scale: expected None because k is {k.dtype} (it is quantized "
+                         f"here), got a tensor")
+    if k_scale is not None:
+        check_tensor("k_scale", k_scale, dtypes=(torch.float32,), ndim=1)
+        check_shape("k_scale", k_scale, (T,))
+    if pooled_cache is not None and block_size > PAGE_SIZE:
+        if block_table is None or req_indices is None:
+            raise ValueError(f"block_table/req_indices: expected both (block_size={block_size} "
+                             f"spans several pages, so pooling needs each token's block-table "
+                             f"row), got block_table={type(block_table).__name__}, "
+                             f"req_indices={type(req_indices).__name__}")
+    if block_table is not None:
+        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2)
+    if req_indices is not None:
+        check_tensor("req_indices", req_indices, dtypes=INDEX_DTYPES, ndim=1)
+        check_shape("req_indices", req_indices, (T,))
+    check_same_device(k=k, kv_cache=kv_cache, pooled_cache=pooled_cache,
+                      slot_mapping=slot_mapping, positions=positions, k_scale=k_scale,
+                      block_table=block_table, req_indices=req_indices)
+    return pages
+
+
+def naive_cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None,
+                       k: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor, *,
+                       k_scale: torch.Tensor | None = None,
+                       block_table: torch.Tensor | None = None,
+                       req_indices: torch.Tensor | None = None, block_size: int = 128,
+                       ue8m0: bool = False) -> None:
+    """Reference append (plain PyTorch, host-synchronising): write keys, pool completed blocks.
+
+    ``pages`` is the ``uint8 [P, 64 * (D + 4)]`` view of the cache; other arguments as in
+    :func:`paged_cache_append`. Raises ValueError when a completing token's slot is not in the
+    page its block-table row names (the pooled row would land on the wrong page).
+    """
+    T, D = k.shape
+    P = pages.shape[0]
+    if k.dtype == FP8_DTYPE:
+        values, scales = k, k_scale
+    else:
+        values, scales = quantize_fp8(k, group_size=D, ue8m0=ue8m0)
+    slot = slot_mapping.long()
+    valid = (slot >= 0) & (slot < P * PAGE_SIZE)
+    page, off = slot // PAGE_SIZE, slot % PAGE_SIZE
+    val_view, scale_view = page_views(pages, D)
+    val_view[page[valid], off[valid]] = values.view(torch.uint8)[valid]
+    scale_view[page[valid], off[valid]] = scales.float()[valid]
+    if pooled_cache is None:
+        return
+    pos = positions.long()
+    bad = valid & (pos >= 0) & (pos % PAGE_SIZE != off)
+    if bool(bad.any()):
+        t = int(bad.nonzero()[0, 0])
+        raise ValueError(f"slot_mapping: expected slot % {PAGE_SIZE} == position % {PAGE_SIZE} "
+                         f"(a request's pages hold its positions in order), got slot "
+                         f"{int(slot[t])} for position {int(pos[t])} (token {t})")
+    done = valid & (pos >= 0) & ((pos + 1) % block_size == 0)
+    pool_val, pool_scale = pooled_views(pooled_cache, D)
+    per_block = block_size // PAGE_SIZE
+    for t in torch.nonzero(done).flatten().tolist():
+        last = int(page[t])
+        if per_block == 1:
+            block_pages = torch.tensor([last], device=pages.device)
+        else:
+            row = block_table[int(req_indices[t])].long()
+            b = int(pos[t]) // block_size
+            if (b + 1) * per_block > row.numel():
+                raise ValueError(f"block_table: row {int(req_indices[t])} has {row.numel()} "
+                                 f"pages, token {t} (position {int(pos[t])}) needs "
+                                 f"{(b + 1) * per_block}")
+            block_pages = row[b * per_block:(b + 1) * per_block]
+            if int(block_pages[-1]) != last:
+                raise ValueError(f"block_table: row {int(req_indices[t])} column "
+                                 f"{(b + 1) * per_block - 1} holds page {int(block_pages[-1])} "
+                                 f"but slot_mapping[{t}] = {int(slot[t])} is in page {last}")
+            if bool(((block_pages < 0) | (block_pages >= P)).any()):
+                raise ValueError(f"block_table: row {int(req_indices[t])} names pages "
+                                 f"{block_pages.tolist()} outside [0, {P})")
+        keys = val_view[block_pages].reshape(block_size, D).view(FP8_DTYPE)
+        key_scale = scale_view[block_pages].reshape(block_size)
+        mean = naive_pool_blocks(keys, key_scale, block_size)            # [1, D] fp32
+        pv, ps = quantize_fp8(mean, group_size=D)
+        pool_val[last] = pv[0].view(torch.uint8)
+        pool_scale[last] = ps[0]
+
+
+def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None,
+                       k: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor, *,
+                       k_scale: torch.Tensor | None = None,
+                       block_table: torch.Tensor | None = None,
+                       req_indices: torch.Tensor | None = None, block_size: int = 128,
+                       ue8m0: bool = False, backend: str = "auto") -> None:
+    """Write new indexer keys into the paged cache and pool every block they complete.
+
+    Args:
+        kv_cache: uint8 [num_pages, 64 * (D + 4)] (or [num_pages, 64, 1, D + 4]), in place.
+        pooled_cache: uint8 [num_pages, D + 4] pooled rows, in place; None skips pooling (a
+            flat-DSA-only cache).
+        k: [T, D] new keys, bf16/fp16/fp32 (quantized here) or float8_e4m3fn with ``k_scale``.
+        slot_mapping: int32/int64 [T], ``page * 64 + offset``; slots outside
+            [0, num_pages * 64) (e.g. -1 padding) are skipped.
+        positions: int32/int64 [T] position of each token in its request.
+        k_scale: fp32 [T] when ``k`` is FP8, else None.
+        block_table: int32 [R, max_pages]; req_indices: int32/int64 [T], the block-table row of
+            each token. Both required when ``block_size > 64`` and pooling.
+        block_size: B, a multiple of 64.
+        ue8m0: round key scales up to powers of two (DeepSeek's ``scale_fmt="ue8m0"``).
+        backend: "auto" (Triton on CUDA), "triton" or "torch". The Triton path never
+            synchronises with the host and skips (never reads out of bounds for) inconsistent
+            slots or block-table entries; the torch path raises ValueError for them.
+
+    Example:
+        >>> paged_cache_append(kv, pooled, k_new, slots, pos, block_table=bt, req_indices=r)
+    """
+    pages = check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_scale,
+                                block_table, req_indices, block_size)
+    if resolve_backend(backend, k.device) == "torch":
+        naive_cache_append(pages, pooled_cache, k, slot_mapping, positions, k_scale=k_scale,
+                           block_table=block_table, req_indices=req_indices,
+                           block_size=block_size, ue8m0=ue8m0)
+    else:
+        from .append import cache_append
+        cache_append(pages, pooled_cache, k, slot_mapping, positions, k_scale=k_scale,
+                     block_table=block_table, req_indices=req_indices, block_size=block_size,
+                     ue8m0=ue8m0)
+
+
+class PagedIndexerCache:
+    """One layer's paged FP8 indexer key cache plus its pooled-block cache.
+
+    Owns (or wraps, see :meth:`from_tensors`) ``kv_cache`` uint8 [num_pages, 64 * (D + 4)] and
+    ``pooled_cache`` uint8 [num_pages, D + 4]. Page allocation stays with the caller (the
+    serving engine's block manager): this object only writes through slot mappings and reads
+    through block tables. Freeing a page needs no call; page moves need :meth:`copy_pages`.
+
+    Example:
+        >>> cache = PagedIndexerCache(num_pages=1024, head_dim=128, block_size=128)
+        >>> cache.append(k_new, slot_mapping, positions, block_table=bt, req_indices=req)
+        >>> idx = hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w, seq_lens, bt)
+    """
+
+    def __init__(self, num_pages: int, *, head_dim: int = 128, block_size: int = 128,
+                 ue8m0: bool = False, device: str | torch.device = "cpu") -> None:
+        check_positive_int("num_pages", num_pages)
+        check_positive_int("head_dim", head_dim)
+        self.block_size = check_block_size(block_size)
+        self.head_dim = head_dim
+        self.ue8m0 = ue8m0
+        self.kv_cache = torch.zeros(num_pages, page_bytes(head_dim), dtype=torch.uint8,
+                                    device=device)
+        self.pooled_cache = torch.zeros(num_pages, pooled_row_bytes(head_dim),
+                                        dtype=torch.uint8, device=device)
+
+    @classmethod
+    def from_tensors(cls, kv_cache: torch.Tensor, pooled_cache: torch.Tensor, *,
+                     head_dim: int = 128, block_size: int = 128,
+                     ue8m0: bool = False) -> "PagedIndexerCache":
+        """Wrap engine-owned tensors (no copy)."""
+        pages = as_pages(kv_cache, head_dim)
+        check_pooled_cache(pooled_cache, head_dim, pages.shape[0])
+        self = cls.__new__(cls)
+        self.block_size = check_block_size(block_size)
+        self.head_dim, self.ue8m0 = head_dim, ue8m0
+        self.kv_cache, self.pooled_cache = pages, pooled_cache
+        return self
+
+    @property
+    def num_pages(self) -> int:
+        return self.kv_cache.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_cache.device
+
+    def append(self, k: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor, *,
+               k_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
+               req_indices: torch.Tensor | None = None, backend: str = "auto") -> None:
+        """:func:`paged_cache_append` with this cache's tensors, block size and ue8m0 flag."""
+        paged_cache_append(self.kv_cache, self.pooled_cache, k, slot_mapping, positions,
+                           k_scale=k_scale, block_table=block_table, req_indices=req_indices,
+                           block_size=self.block_size, ue8m0=self.ue8m0, backend=backend)
+
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy pages ``src`` to ``dst`` (int [n] each) with their pooled rows (swap/defrag)."""
+        check_tensor("src", src, dtypes=INDEX_DTYPES, ndim=1)
+        check_tensor("dst", dst, dtypes=INDEX_DTYPES, ndim=1)
+        check_shape("dst", dst, (src.numel(),))
+        s, d = src.long(), dst.long()
+        self.kv_cache[d] = self.kv_cache[s]
+        self.pooled_cache[d] = self.pooled_cache[s]
+
+    def request_keys(self, block_table_row: torch.Tensor, length: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [0, length) of one request: (fp8 [length, D], fp32 scales [length])."""
+        return gather_request_keys(self.kv_cache, block_table_row, length, self.head_dim)
+
+    def request_pooled(self, block_table_row: torch.Tensor, num_blocks: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled rows of complete blocks [0, num_blocks) of one request (fp8 [nb, D], [nb])."""
+        return gather_request_pooled(self.pooled_cache, block_table_row, num_blocks,
+                                     self.block_size, self.head_dim)

@@ -1,0 +1,103 @@
+"""HISA over the paged FP8 key cache (decode): block scores from the pooled-block cache.
+
+Blocks are request-relative: block ``j`` of request ``b`` holds positions ``[j * B, (j + 1) * B)``
+and its representative is the pooled row of page ``block_table[b, (j + 1) * B // 64 - 1]``
+(:mod:`hisa.cache.layout`). A row seeing ``L`` keys has eligible blocks ``[0, ceil(L / B))``;
+the first and the last are forced, so only complete blocks are ever scored from the pooled
+cache (an incomplete tail block has no pooled row yet and needs none).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...cache.layout import check_pooled_cache, gather_request_keys, gather_request_pooled
+from ...cache.paged import check_block_size
+from ...utils.backend import resolve_backend
+from ...utils.output import check_out_buffer, finish_output
+from ...utils.validate import FP8_DTYPE, check_hisa_params
+from ..dsa.paged import check_paged_inputs, check_paged_values, paged_row_lengths
+from .naive import naive_hisa_index
+
+
+def naive_hisa_index_paged(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor,
+                           weights: torch.Tensor, seq_lens: torch.Tensor,
+                           block_table: torch.Tensor, *, topk: int = 2048, block_size: int = 128,
+                           block_topk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: gather each request's keys and pooled rows, run :func:`naive_hisa_index`.
+
+    Complete blocks take their representative from ``pooled_cache`` (never re-pooled); the
+    incomplete tail block, always forced, gets a zero placeholder.
+
+    Returns:
+        (positions int32 [batch * next_n, topk], -1 padded; scores fp32, -inf padded).
+    """
+    batch, next_n, _, D = q.shape
+    lens = paged_row_lengths(seq_lens, next_n)
+    idx = torch.full((batch * next_n, topk), -1, dtype=torch.int32, device=q.device)
+    vals = torch.full((batch * next_n, topk), float("-inf"), device=q.device)
+    zeros = torch.zeros(next_n, dtype=torch.int32, device=q.device)
+    for b in range(batch):
+        length = int(lens[b].max())
+        if length == 0:                                      # nothing visible: all -1
+            continue
+        k, k_scale = gather_request_keys(pages, block_table[b], length, D)
+        full, nb = length // block_size, -(-length // block_size)
+        pooled, pooled_scale = gather_request_pooled(pooled_cache, block_table[b], full,
+                                                     block_size, D)
+        if nb > full:                                        # tail placeholder, always forced
+            pooled = torch.cat([pooled, torch.zeros(1, D, device=q.device).to(FP8_DTYPE)])
+            pooled_scale = torch.cat([pooled_scale, torch.ones(1, device=q.device)])
+        rows = slice(b * next_n, (b + 1) * next_n)
+        idx[rows], vals[rows] = naive_hisa_index(
+            q[b], k, weights[rows], zeros, lens[b].to(torch.int32), k_scale=k_scale, topk=topk,
+            block_size=block_size, block_topk=block_topk, pooled=pooled,
+            pooled_scale=pooled_scale)
+    return idx, vals
+
+
+def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torch.Tensor,
+                     weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
+                     topk: int = 2048, block_size: int = 128, block_topk: int = 64,
+                     return_scores: bool = False, out: torch.Tensor | None = None,
+                     backend: str = "auto"):
+    """HISA selection for decode over the paged FP8 key cache and its pooled-block cache.
+
+    Args:
+        q, kv_cache, weights, seq_lens, block_table, topk, return_scores, out: as in
+            :func:`hisa.dsa_index_paged`.
+        pooled_cache: uint8 [num_pages, D + 4], maintained by :func:`hisa.paged_cache_append`
+            (or :class:`hisa.PagedIndexerCache`) with the same ``block_size``.
+        block_size: B, a multiple of 64. block_topk: m; ``block_topk * block_size >= topk``.
+        backend: "torch" runs the reference; "triton" runs the HISA kernels for every request;
+            "auto" runs Triton on CUDA (torch elsewhere) and routes, inside the kernels and
+            per request, a request whose longest row sees at most
+            :data:`hisa.ops.indexer.decode_kernels.HISA_MIN_KEYS` keys to the flat paged
+            indexer (exact top-k, faster there; identical to HISA whenever the request has at
+            most ``block_topk`` blocks). No host synchronisation either way.
+
+    Returns:
+        int32 [batch * next_n, topk] request-relative positions, -1 padded (and fp32 scores when
+        asked).
+
+    Example:
+        >>> cache = hisa.PagedIndexerCache(4096, block_size=128)
+        >>> idx = hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w, seq_lens, bt)
+    """
+    batch, next_n, _, D, pages = check_paged_inputs(q, kv_cache, weights, seq_lens,
+                                                    block_table)
+    check_pooled_cache(pooled_cache, D, pages.shape[0])
+    check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
+    check_block_size(block_size)
+    check_out_buffer(out, batch * next_n, topk, q.device)
+    if resolve_backend(backend, q.device) == "torch":
+        check_paged_values(seq_lens, block_table, pages.shape[0])
+        idx, scores = naive_hisa_index_paged(q, pages, pooled_cache, weights, seq_lens,
+                                             block_table, topk=topk, block_size=block_size,
+                                             block_topk=block_topk)
+    else:
+        from .decode_kernels import hisa_decode
+        idx, scores = hisa_decode(q, pages, pooled_cache, weights, seq_lens, block_table,
+                                  topk=topk, block_size=block_size, block_topk=block_topk,
+                                  out=out, need_scores=return_scores,
+                                  route_short_to_flat=(backend == "auto"))
+    return finish_output(idx, scores, out=out, return_scores=return_scores)

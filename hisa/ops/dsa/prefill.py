@@ -1,0 +1,176 @@
+"""Flat DSA indexer for packed prefill in Triton: tiled logits, then a histogram/radix top-k.
+
+    I[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(q[t, h, :] . k[s, :])
+
+``_dsa_logits_kernel``: one program per (key block of BS tokens, query tile of BQ queries). It
+loads its key block once and loops over the queries: ``dot(k_blk[BS, D], q_t^T[D, H])`` puts the
+tokens on the MMA rows and the heads on the columns, so the ReLU-weighted head sum stays inside
+a row (the orientation measured about 2x faster than heads-as-rows on Hopper). Query tiles whose
+windows miss the key block exit at once (causal prefill skips the upper triangle).
+
+Memory: logits are materialised only for a tile of query rows, [R, W] fp32 with
+R * W * 4 <= :data:`FLAT_LOGITS_BYTES` (W = the tile's key extent), then reduced by
+:func:`hisa.ops.indexer.topk.topk_rows`; no [T, S] matrix exists for long S.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ...utils.validate import FP8_DTYPE
+from ..indexer.topk import TOPK_SCRATCH, persistent_programs, topk_rows
+
+#: Cap on the fp32 logits tile of the flat path (bytes): 1 GiB = 4,096 rows of a 64K context.
+FLAT_LOGITS_BYTES = 1 << 30
+#: Query rows per logits program (each program loops over them with one key block resident).
+FLAT_BQ = 64
+#: Key tokens per logits program (the MMA's M dimension).
+FLAT_BS = 128
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def check_kernel_shapes(q: torch.Tensor, k: torch.Tensor) -> None:
+    """What the Triton kernels support beyond the public contract: ValueError naming the arg."""
+    H, D = q.shape[1], q.shape[2]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim in {SUPPORTED_HEAD_DIMS} for the Triton kernels, "
+                         f"got {D}")
+    if H < 16 or H > 128 or H & (H - 1):
+        raise ValueError(f"q: expected a power-of-two head count in [16, 128] for the Triton "
+                         f"kernels, got {H}")
+    if k.shape[1] != D:
+        raise ValueError(f"k: expected head_dim {D} (that of q), got {k.shape[1]}")
+
+
+def prepare_operands(q: torch.Tensor, k: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Contiguous q/k of one dtype the MMA accepts, and the dot precision to use.
+
+    fp8 x fp8 and bf16 x bf16 (fp16 likewise) run as they are; mixed inputs are upcast (fp8 to
+    bf16 is exact). fp32 runs with IEEE fp32 dots so it matches the fp32 reference.
+    """
+    if q.dtype != k.dtype:
+        low = {FP8_DTYPE, torch.bfloat16}
+        target = torch.bfloat16 if {q.dtype, k.dtype} <= low else torch.float32
+        q, k = q.to(target), k.to(target)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    return q.contiguous(), k.contiguous(), prec
+
+
+@triton.jit
+def _dsa_logits_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
+                       t0, n_rows, lo, W, S,
+                       H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, PREC: tl.constexpr):
+    # out: fp32 [n_rows, W]; entry (r, c) = I[t0 + r, lo + c], written inside the window only.
+    pid_s = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    s_start = lo + pid_s * BS
+    qi = tl.arange(0, BQ)
+    rows = pid_q * BQ + qi
+    rmask = rows < n_rows
+    ks_v = tl.load(ks_ptr + t0 + rows, mask=rmask, other=2147483647)
+    ke_v = tl.load(ke_ptr + t0 + rows, mask=rmask, other=0)
+    live = (s_start < tl.max(ke_v, axis=0)) & (s_start + BS > tl.min(ks_v, axis=0))
+    if live:
+        offs_s = s_start + tl.arange(0, BS)
+        smask = (offs_s < S) & (offs_s < lo + W)
+        d = tl.arange(0, D)
+        h = tl.arange(0, H)
+        k_blk = tl.load(k_ptr + offs_s[:, None] * D + d[None, :], mask=smask[:, None],
+                        other=0.0)                                              # [BS, D]
+        if HAS_SCALE:
+            scale = tl.load(k_scale_ptr + offs_s, mask=smask, other=0.0)
+        for i in range(BQ):
+            r = pid_q * BQ + i
+            r_ok = r < n_rows
+            t = tl.minimum(t0 + r, t0 + n_rows - 1).to(tl.int64)
+            s0 = tl.load(ks_ptr + t)
+            s1 = tl.load(ke_ptr + t)
+            q_t = tl.load(q_ptr + t * (H * D) + h[None, :] * D + d[:, None])       # [D, H]
+            w_t = tl.load(w_ptr + t * H + h)                                     # [H]
+            acc = tl.dot(k_blk, q_t, input_precision=PREC)                       # [BS, H]
+            logit = tl.sum(tl.maximum(acc, 0.0) * w_t[None, :], axis=1)          # [BS]
+            if HAS_SCALE:
+                logit = logit * scale
+            wmask = smask & (offs_s >= s0) & (offs_s < s1) & r_ok
+            tl.store(out_ptr + tl.cast(r, tl.int64) * W + (offs_s - lo), logit, mask=wmask)
+
+
+def dsa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
+               ke: torch.Tensor, *, k_scale: torch.Tensor | None, t0: int, n_rows: int,
+               lo: int, out: torch.Tensor, prec: str = "tf32") -> torch.Tensor:
+    """Logits of queries [t0, t0 + n_rows) against key positions [lo, lo + W) into ``out``.
+
+    Args:
+        q, k: prepared operands (:func:`prepare_operands`); weights fp32 [T, H].
+        out: fp32 [>= n_rows, W] (row stride W); only in-window entries are written.
+    """
+    T, H, D = q.shape
+    S = k.shape[0]
+    W = out.shape[1]
+    if n_rows == 0 or W == 0:
+        return out
+    grid = (triton.cdiv(W, FLAT_BS), triton.cdiv(n_rows, FLAT_BQ))
+    _dsa_logits_kernel[grid](
+        q, k, k_scale if k_scale is not None else weights, weights, ks, ke, out,
+        t0, n_rows, lo, W, S, H=H, D=D, BQ=FLAT_BQ, BS=FLAT_BS,
+        HAS_SCALE=k_scale is not None, PREC=prec, num_warps=4, num_stages=2)
+    return out
+
+
+def query_tiles(ks: torch.Tensor, ke: torch.Tensor, cap_bytes: int
+                ) -> list[tuple[int, int, int, int]]:
+    """Split the queries into (t0, rows, lo, W) tiles whose fp32 logits fit ``cap_bytes``."""
+    ks_h = ks.cpu().numpy().astype(np.int64)
+    ke_h = ke.cpu().numpy().astype(np.int64)
+    T = ks_h.shape[0]
+    max_rows = max(1, cap_bytes // 4)
+    tiles, t0 = [], 0
+    while t0 < T:
+        n = min(T - t0, 16384)
+        while True:
+            lo, hi = int(ks_h[t0:t0 + n].min()), int(ke_h[t0:t0 + n].max())
+            if n == 1 or n * max(hi - lo, 1) <= max_rows:
+                break
+            n = max(1, n // 2)
+        tiles.append((t0, n, lo, max(hi - lo, 0)))
+        t0 += n
+    return tiles
+
+
+def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
+                     ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
+                     out: torch.Tensor | None = None, need_scores: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flat DSA selection with Triton kernels (inputs validated by :func:`hisa.dsa_index`).
+
+    Returns:
+        (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
+         fp32 [T, topk] aligned scores, -inf padded, or None unless ``need_scores``).
+    """
+    check_kernel_shapes(q, k)
+    q, k, prec = prepare_operands(q, k)
+    weights = weights.contiguous()
+    ks, ke = ks.contiguous(), ke.contiguous()
+    T = q.shape[0]
+    idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)
+    vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None
+    if T == 0:
+        return idx, vals
+    tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES)
+    max_elems = max(n * W for _, n, _, W in tiles)
+    buf = torch.empty(max(max_elems, 1), dtype=torch.float32, device=q.device)
+    grid = persistent_programs(max(n for _, n, _, _ in tiles), q.device, 8)
+    scratch = (torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=q.device),
+               torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=q.device))
+    for t0, n, lo, W in tiles:
+        logits = buf[:n * max(W, 1)].view(n, max(W, 1))
+        dsa_logits(q, k, weights, ks, ke, k_scale=k_scale, t0=t0, n_rows=n, lo=lo,
+                   out=logits, prec=prec)
+        topk_rows(logits, ks, ke, t0=t0, lo=lo, topk=topk, out_idx=idx, out_val=vals,
+                  scratch=scratch)
+    return idx, vals

@@ -1,0 +1,114 @@
+"""Stage 1: block scores J[t, b] over each query's eligible blocks (Triton), optionally fused
+with the top-m block selection.
+
+    J[t, b] = pooled_scale[b] * sum_h w[t, h] * ReLU(q[t, h] . kbar[b]),  b in [ks//B, ceil(ke/B))
+
+The first and last eligible block score +inf (always kept), every other block -inf.
+One persistent program per query at a time; ``dot(kbar[BN, D], q_t^T[D, H])`` puts blocks on
+the MMA rows and heads on the columns. With ``SELECT`` the scores of the eligible range go to a
+per-program scratch row (L2-resident) and the program selects the top m in registers, writing
+int32 [T, m] ascending ids; without it the full fp32 [T, NB] row is written (the twin's output:
+:func:`~hisa.ops.indexer.naive.naive_block_scores`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .select import SELECT_MAX_ROW, _select_block_row, select_warps
+from .topk import persistent_programs
+
+#: Blocks scored per MMA (rows of the dot).
+BLOCK_BN = 64
+
+
+@triton.jit
+def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, scores_ptr, stride_s,
+                         ids_ptr, T, NB,
+                         H: tl.constexpr, D: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
+                         M: tl.constexpr, M_PAD: tl.constexpr, N_PAD: tl.constexpr,
+                         HAS_SCALE: tl.constexpr, SELECT: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    d = tl.arange(0, D)
+    h = tl.arange(0, H)
+    cb = tl.arange(0, BN)
+    for t in range(pid, T, nprog):
+        t64 = tl.cast(t, tl.int64)
+        s0 = tl.load(ks_ptr + t64)
+        s1 = tl.load(ke_ptr + t64)
+        first = s0 // B
+        end = tl.where(s1 > s0, (s1 + B - 1) // B, first)
+        q_t = tl.load(q_ptr + t64 * (H * D) + h[None, :] * D + d[:, None])          # [D, H]
+        w_t = tl.load(w_ptr + t64 * H + h)                                          # [H]
+        if SELECT:
+            row = scores_ptr + pid.to(tl.int64) * stride_s - first   # block b at column b-first
+            tl.debug_barrier()  # the previous query's scratch reads are done
+        else:
+            row = scores_ptr + t64 * stride_s
+            for c0 in range(0, NB, BN):
+                c = c0 + cb
+                tl.store(row + c, float("-inf"), mask=(c < NB) & ((c < first) | (c >= end)))
+        for c0 in range(first, end, BN):
+            c = c0 + cb
+            m = c < end
+            kb = tl.load(p_ptr + c[:, None] * D + d[None, :], mask=m[:, None], other=0.0)
+            acc = tl.dot(kb, q_t, input_precision=PREC)                             # [BN, H]
+            sc = tl.sum(tl.maximum(acc, 0.0) * w_t[None, :], axis=1)                 # [BN]
+            if HAS_SCALE:
+                sc = sc * tl.load(p_scale_ptr + c, mask=m, other=0.0)
+            sc = tl.where((c == first) | (c == end - 1), float("inf"), sc)
+            tl.store(row + c, sc, mask=m)
+        if SELECT:
+            tl.debug_barrier()
+            _select_block_row(row + first, end - first, first, ids_ptr + t64 * M, M, M_PAD,
+                              N_PAD)
+
+
+def _launch(q, pooled, weights, ks, ke, pooled_scale, scores, ids, *, block_size, block_topk,
+            select, prec, grid):
+    T, H, D = q.shape
+    NB = pooled.shape[0]
+    n_pad = max(16, triton.next_power_of_2(max(NB, 1)))
+    _block_scores_kernel[(grid,)](
+        q, pooled, pooled_scale if pooled_scale is not None else weights, weights, ks, ke,
+        scores, scores.stride(0), ids, T, NB, H=H, D=D, B=block_size, BN=BLOCK_BN,
+        M=block_topk, M_PAD=triton.next_power_of_2(block_topk), N_PAD=n_pad,
+        HAS_SCALE=pooled_scale is not None, SELECT=select, PREC=prec,
+        num_warps=select_warps(n_pad) if select else 4)
+
+
+def block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
+                 ke: torch.Tensor, *, block_size: int, pooled_scale: torch.Tensor | None = None,
+                 prec: str = "tf32") -> torch.Tensor:
+    """fp32 [T, NB] block scores, +inf on the forced blocks, -inf outside the eligible range
+    (twin: ``naive_block_scores``). q and pooled share a dtype (prepared operands)."""
+    T = q.shape[0]
+    NB = pooled.shape[0]
+    scores = torch.empty(T, NB, dtype=torch.float32, device=q.device)
+    if T and NB:
+        _launch(q, pooled, weights, ks, ke, pooled_scale, scores, scores, block_size=block_size,
+                block_topk=2, select=False, prec=prec,
+                grid=persistent_programs(T, q.device, 16))
+    return scores
+
+
+def block_select(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
+                 ke: torch.Tensor, *, block_size: int, block_topk: int,
+                 pooled_scale: torch.Tensor | None = None, prec: str = "tf32",
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused stage 1 + top-m: int32 [T, m] ascending kept block ids, -1 padded."""
+    T = q.shape[0]
+    NB = pooled.shape[0]
+    if triton.next_power_of_2(max(NB, 1)) > SELECT_MAX_ROW:
+        raise ValueError(f"k: expected at most {SELECT_MAX_ROW * block_size} keys for the fused "
+                         f"block selection at block_size={block_size}, got {NB} blocks")
+    ids = out if out is not None else torch.empty(T, block_topk, dtype=torch.int32,
+                                                  device=q.device)
+    if T:
+        grid = persistent_programs(T, q.device, 4)
+        scratch = torch.empty(grid, max(NB, 1), dtype=torch.float32, device=q.device)
+        _launch(q, pooled, weights, ks, ke, pooled_scale, scratch, ids, block_size=block_size,
+                block_topk=block_topk, select=True, prec=prec, grid=grid)
+    return ids

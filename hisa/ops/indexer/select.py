@@ -1,0 +1,133 @@
+"""Top-m block selection and top-k token selection of HISA (Triton), rows held in registers.
+
+The row helpers are shared by the standalone kernels here (twins:
+:func:`~hisa.ops.indexer.naive.naive_select_blocks`, and
+:func:`~hisa.ops.indexer.naive.naive_select_tokens` followed by
+:func:`~hisa.ops.indexer.naive.naive_to_offsets`) and by the fused score+select kernels of
+``block_scores.py`` and ``token_scores.py``. Selection is the bisection of ``topk.py``: ties go
+to the lower index, -inf is never selected, valid entries come first in index order (so block
+ids come out ascending), then -1.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .topk import _bisect_threshold, _ordered_key, _select_mask
+
+#: Widest row a register selection handles (blocks of a query, or m*B candidates).
+SELECT_MAX_ROW = 32768
+
+
+@triton.jit
+def _select_block_row(src_ptr, n, first, ids_ptr, M: tl.constexpr, M_PAD: tl.constexpr,
+                      N_PAD: tl.constexpr):
+    """ids_ptr[0:M] = ascending ids first + i of the top-M of src[0:n], -1 padded."""
+    i = tl.arange(0, N_PAD)
+    v = tl.load(src_ptr + i, mask=i < n, other=float("-inf"), cache_modifier=".cg")
+    keys = _ordered_key(v)
+    thr = _bisect_threshold(keys, M, tl.zeros([], dtype=tl.uint32), 32)
+    sel = _select_mask(keys, M, thr)
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(ids_ptr + pos, (first + i).to(tl.int32), mask=sel)
+    n_sel = tl.sum(sel.to(tl.int32), axis=0)
+    j = tl.arange(0, M_PAD)
+    tl.store(ids_ptr + j, -1, mask=(j >= n_sel) & (j < M))
+
+
+@triton.jit
+def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
+                      B: tl.constexpr, MB: tl.constexpr, MB_PAD: tl.constexpr,
+                      K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr):
+    """Top-K of the MB candidate scores src[0:MB] (candidate c = token c % B of block
+    ids[c // B]); writes offsets relative to s0 (and scores), -1 / -inf padded."""
+    i = tl.arange(0, MB_PAD)
+    v = tl.load(src_ptr + i, mask=i < MB, other=float("-inf"), cache_modifier=".cg")
+    keys = _ordered_key(v)
+    thr = _bisect_threshold(keys, K, tl.zeros([], dtype=tl.uint32), 32)
+    sel = _select_mask(keys, K, thr)
+    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    blk = tl.load(ids_ptr + i // B, mask=sel, other=0)
+    tl.store(out_idx_ptr + pos, blk * B + (i % B) - s0, mask=sel)
+    if WRITE_VALS:
+        tl.store(out_val_ptr + pos, v, mask=sel)
+    n_sel = tl.sum(sel.to(tl.int32), axis=0)
+    j = tl.arange(0, K_PAD)
+    pad = (j >= n_sel) & (j < K)
+    tl.store(out_idx_ptr + j, -1, mask=pad)
+    if WRITE_VALS:
+        tl.store(out_val_ptr + j, float("-inf"), mask=pad)
+
+
+@triton.jit
+def _select_blocks_kernel(scores_ptr, stride_s, ks_ptr, ke_ptr, ids_ptr, T,
+                          B: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
+                          N_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    s0 = tl.load(ks_ptr + t)
+    s1 = tl.load(ke_ptr + t)
+    first = s0 // B
+    end = tl.where(s1 > s0, (s1 + B - 1) // B, first)
+    _select_block_row(scores_ptr + t.to(tl.int64) * stride_s + first, end - first, first,
+                      ids_ptr + t.to(tl.int64) * M, M, M_PAD, N_PAD)
+
+
+@triton.jit
+def _select_tokens_kernel(scores_ptr, ids_ptr, ks_ptr, out_idx_ptr, out_val_ptr,
+                          B: tl.constexpr, M: tl.constexpr, MB_PAD: tl.constexpr,
+                          K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    _select_token_row(scores_ptr + t * (M * B), ids_ptr + t * M, tl.load(ks_ptr + t),
+                      out_idx_ptr + t * K, out_val_ptr + t * K, B, M * B, MB_PAD, K, K_PAD,
+                      WRITE_VALS)
+
+
+def select_warps(n_pad: int) -> int:
+    """Warps for a register selection of n_pad keys (about 32 keys per thread)."""
+    return max(4, min(16, n_pad // 1024))
+
+
+def select_blocks(block_scores: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *,
+                  block_size: int, block_topk: int) -> torch.Tensor:
+    """Top-m eligible blocks of each row of fp32 [T, NB] scores: int32 [T, m], ascending, -1
+    padded (twin: ``naive_select_blocks``)."""
+    T, NB = block_scores.shape
+    n_pad = max(16, triton.next_power_of_2(max(NB, 1)))
+    if n_pad > SELECT_MAX_ROW:
+        raise ValueError(f"block_scores: expected at most {SELECT_MAX_ROW} blocks per row for "
+                         f"the register selection, got {NB}")
+    ids = torch.empty(T, block_topk, dtype=torch.int32, device=block_scores.device)
+    if T:
+        _select_blocks_kernel[(T,)](block_scores, block_scores.stride(0), ks, ke, ids, T,
+                                    B=block_size, M=block_topk,
+                                    M_PAD=triton.next_power_of_2(block_topk), N_PAD=n_pad,
+                                    num_warps=select_warps(n_pad))
+    return ids
+
+
+def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch.Tensor, *,
+                  block_size: int, topk: int, out: torch.Tensor | None = None,
+                  need_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top-k of fp32 [T, m*B] candidate scores mapped to offsets relative to ks.
+
+    Returns (int32 [T, topk], -1 padded; fp32 [T, topk] or None). Twin:
+    ``naive_to_offsets(*naive_select_tokens(...)[:1], ks)``.
+    """
+    T, MB = token_scores.shape
+    M = block_ids.shape[1]
+    assert MB == M * block_size
+    mb_pad = triton.next_power_of_2(MB)
+    if mb_pad > SELECT_MAX_ROW:
+        raise ValueError(f"block_topk * block_size: expected at most {SELECT_MAX_ROW} "
+                         f"candidates per query for the Triton selection, got {MB}")
+    idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32,
+                                                  device=token_scores.device)
+    vals = torch.empty(T, topk, dtype=torch.float32, device=idx.device) if need_scores else None
+    if T:
+        _select_tokens_kernel[(T,)](token_scores, block_ids, ks, idx,
+                                    vals if vals is not None else token_scores,
+                                    B=block_size, M=M, MB_PAD=mb_pad, K=topk,
+                                    K_PAD=triton.next_power_of_2(topk),
+                                    WRITE_VALS=need_scores, num_warps=select_warps(mb_pad))
+    return idx, vals

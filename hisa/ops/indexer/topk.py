@@ -1,0 +1,212 @@
+"""Top-k selection shared by the flat DSA path and the HISA stages (Triton).
+
+Scores are fp32. Each is mapped to an order-preserving uint32 key (``_ordered_key``; -inf and
+NaN map to 0 and are never selected), so "the k largest scores" becomes "the k largest keys".
+
+* ``_bisect_threshold`` finds, bit by bit, the largest key ``thr`` with at least ``need`` keys
+  ``>= thr``: one ``tl.sum`` per bit over a register-resident row, no sort.
+* ``_select_mask`` keeps every key ``> thr`` and the first ``need - #(> thr)`` keys equal to
+  ``thr`` in index order, so ties go to the lower index, as in the references.
+
+Rows that fit in registers (HISA's m*B = 8,192 candidates, block rows) are selected in one
+program (``select.py`` and the fused stages call these helpers). Wide rows (flat DSA, 8K..256K
+keys) use :func:`topk_rows`: one pass builds a histogram of the top ``NBINS_LOG2`` key bits, a
+second pass writes every key of a higher bin straight to the output and gathers the keys of the
+threshold bin into a per-program scratch (L2-resident), and a register bisection over the
+scratch finishes the low bits. A threshold bin that overflows the scratch (massive ties) falls
+back to bisection passes over the row: slow, never wrong.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Keys of the threshold bin kept in registers by :func:`topk_rows` (else the slow fallback).
+TOPK_SCRATCH = 8192
+#: Top key bits histogrammed by the first pass of :func:`topk_rows` (4,096 bins).
+TOPK_HIST_BITS = 12
+#: Row chunk streamed per iteration by :func:`topk_rows`.
+TOPK_CHUNK = 4096
+
+
+@triton.jit
+def _ordered_key(v):
+    """fp32 -> uint32 with the same order; -inf and NaN -> 0 (below every finite score)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+    return tl.where(v > float("-inf"), key, tl.zeros_like(key))
+
+
+@triton.jit
+def _key_to_float(key):
+    """Inverse of ``_ordered_key`` for keys > 0."""
+    bits = tl.where(key >= 0x80000000, key ^ 0x80000000, key ^ 0xFFFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bisect_threshold(keys, need, thr, NBITS: tl.constexpr):
+    """Largest ``t`` sharing ``thr``'s bits above the low ``NBITS`` with #(keys >= t) >= need.
+
+    Returns ``thr`` itself (low bits zero) when no such ``t`` exists among those candidates.
+    """
+    for i in tl.static_range(NBITS):
+        cand = thr | (1 << (NBITS - 1 - i))
+        cnt = tl.sum((keys >= cand).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= need, cand, thr)
+    return thr
+
+
+@triton.jit
+def _select_mask(keys, need, thr):
+    """Keys > thr, plus the first (need - #(> thr)) keys == thr in index order (thr > 0)."""
+    gt = keys > thr
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    eq = (keys == thr) & (thr > 0)
+    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    return gt | (eq & (eq_rank <= need - n_gt))
+
+
+@triton.jit
+def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
+                      out_idx_ptr, out_val_ptr, stride_out, scr_key_ptr, scr_col_ptr,
+                      K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                      HBITS: tl.constexpr, CAP: tl.constexpr, WRITE_VALS: tl.constexpr):
+    # Row r of x holds key positions [lo, lo + stride_x); query t0 + r reads [ks, ke) of it and
+    # its output row t0 + r gets offsets relative to ks.
+    SHIFT: tl.constexpr = 32 - HBITS
+    NBINS: tl.constexpr = 1 << HBITS
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, CHUNK)
+    bins = tl.arange(0, NBINS)
+    kk = tl.arange(0, K_PAD)
+    scr_key = scr_key_ptr + pid.to(tl.int64) * CAP
+    scr_col = scr_col_ptr + pid.to(tl.int64) * CAP
+    for r in range(pid, n_rows, nprog):
+        t = t0 + r
+        s0 = tl.load(ks_ptr + t)
+        n = tl.load(ke_ptr + t) - s0
+        row = x_ptr + tl.cast(r, tl.int64) * stride_x + (s0 - lo)
+        out_idx = out_idx_ptr + t.to(tl.int64) * stride_out
+        out_val = out_val_ptr + t.to(tl.int64) * stride_out
+        # Pass 1: histogram of the top HBITS key bits; bin 0 holds -inf / masked entries.
+        hist = tl.zeros([NBINS], dtype=tl.int32)
+        for c in range(0, n, CHUNK):
+            m = c + offs < n
+            v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+            hist += tl.histogram((_ordered_key(v) >> SHIFT).to(tl.int32), NBINS, mask=m)
+        hist = tl.where(bins == 0, 0, hist)
+        suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist   # #keys in bins >= b
+        tb = tl.maximum(tl.sum((suffix >= K).to(tl.int32), axis=0) - 1, 0)
+        # tb == 0: fewer than K finite scores, every one of them is selected in pass 2.
+        tbu = tb.to(tl.uint32)
+        # Pass 2: bins above tb go to the output, the threshold bin to the scratch.
+        tl.debug_barrier()  # the previous row's scratch reads are done
+        n_out = tl.zeros([], dtype=tl.int32)
+        n_eq = tl.zeros([], dtype=tl.int32)
+        for c in range(0, n, CHUNK):
+            m = c + offs < n
+            v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+            key = _ordered_key(v)
+            b = key >> SHIFT
+            above = m & (b > tbu) & (key > 0)
+            eq = m & (b == tbu) & (tb > 0)
+            pa = n_out + tl.cumsum(above.to(tl.int32), axis=0) - 1
+            tl.store(out_idx + pa, c + offs, mask=above)
+            if WRITE_VALS:
+                tl.store(out_val + pa, v, mask=above)
+            pe = n_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+            tl.store(scr_key + pe, key, mask=eq & (pe < CAP))
+            tl.store(scr_col + pe, c + offs, mask=eq & (pe < CAP))
+            n_out += tl.sum(above.to(tl.int32), axis=0)
+            n_eq += tl.sum(eq.to(tl.int32), axis=0)
+        need = K - n_out
+        if tb > 0:
+            thr0 = tbu << SHIFT
+            if n_eq <= CAP:
+                # Pass 3: bisect the low bits over the threshold bin, in registers.
+                tl.debug_barrier()
+                ci = tl.arange(0, CAP)
+                ck = tl.load(scr_key + ci, mask=ci < n_eq, other=0, cache_modifier=".cg")
+                thr = _bisect_threshold(ck, need, thr0, SHIFT)
+                sel = _select_mask(ck, need, thr)
+                cols = tl.load(scr_col + ci, mask=sel, other=0, cache_modifier=".cg")
+                ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                tl.store(out_idx + ps, cols, mask=sel)
+                if WRITE_VALS:
+                    tl.store(out_val + ps, _key_to_float(ck), mask=sel)
+            else:
+                # Fallback for huge ties: the same bisection, one pass over the row per bit.
+                thr = thr0
+                for i in range(SHIFT):
+                    cand = thr | (tl.full([], 1, tl.uint32) << tl.cast(SHIFT - 1 - i, tl.uint32))
+                    cnt = tl.zeros([], dtype=tl.int32)
+                    for c in range(0, n, CHUNK):
+                        m = c + offs < n
+                        key = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
+                        cnt += tl.sum((m & ((key >> SHIFT) == tbu) & (key >= cand)).to(tl.int32),
+                                      axis=0)
+                    thr = tl.where(cnt >= need, cand, thr)
+                n_gt = tl.zeros([], dtype=tl.int32)
+                for c in range(0, n, CHUNK):
+                    m = c + offs < n
+                    key = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
+                    n_gt += tl.sum((m & ((key >> SHIFT) == tbu) & (key > thr)).to(tl.int32),
+                                   axis=0)
+                n_tie = need - n_gt
+                for c in range(0, n, CHUNK):
+                    m = c + offs < n
+                    v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+                    key = _ordered_key(v)
+                    inb = m & ((key >> SHIFT) == tbu)
+                    tie = inb & (key == thr)
+                    sel = (inb & (key > thr)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0)
+                                                        <= n_tie))
+                    ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                    tl.store(out_idx + ps, c + offs, mask=sel)
+                    if WRITE_VALS:
+                        tl.store(out_val + ps, v, mask=sel)
+                    n_out += tl.sum(sel.to(tl.int32), axis=0)
+                    n_tie -= tl.sum(tie.to(tl.int32), axis=0)
+            n_out = tl.full([], K, tl.int32)
+        tl.store(out_idx + kk, -1, mask=(kk >= n_out) & (kk < K))
+        if WRITE_VALS:
+            tl.store(out_val + kk, float("-inf"), mask=(kk >= n_out) & (kk < K))
+
+
+def persistent_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
+    """Grid size of a persistent launch: enough programs to fill the GPU, at most one per row."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_rows, sms * per_sm))
+    return max(1, min(n_rows, 4))  # the interpreter runs programs one after another
+
+
+def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, lo: int,
+              topk: int, out_idx: torch.Tensor, out_val: torch.Tensor | None,
+              scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Top-``topk`` of each query's window in a tile of logits rows.
+
+    Args:
+        x: fp32 [R, W]; row r holds the scores of query t0 + r for key positions [lo, lo + W).
+        ks, ke: int32 [T] windows (absolute key positions); [ks, ke) of t0 + r lies in the row.
+        out_idx: int32 [T, topk]; rows t0 .. t0 + R - 1 get offsets relative to ks, -1 padded.
+        out_val: fp32 [T, topk] aligned scores (-inf padded), or None.
+        scratch: optional (uint32-as-int32 [P, TOPK_SCRATCH], int32 [P, TOPK_SCRATCH]) buffers
+            reused across calls; P must be at least the persistent grid.
+    """
+    R, W = x.shape
+    if R == 0:
+        return
+    grid = persistent_programs(R, x.device, 8)
+    if scratch is None or scratch[0].shape[0] < grid:
+        scratch = (torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=x.device),
+                   torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=x.device))
+    vals = out_val if out_val is not None else out_idx  # never written when WRITE_VALS is off
+    _topk_rows_kernel[(grid,)](
+        x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
+        scratch[0].view(torch.uint32), scratch[1],
+        K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, HBITS=TOPK_HIST_BITS,
+        CAP=TOPK_SCRATCH, WRITE_VALS=out_val is not None, num_warps=8)

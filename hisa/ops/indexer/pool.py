@@ -52,22 +52,26 @@ def _pool_blocks_kernel(k_ptr, k_scale_ptr, out_ptr, out_scale_ptr, S,
         tl.store(out_ptr + b * D + d, mean.to(out_ptr.dtype.element_ty))
 
 
-def pool_blocks(k: torch.Tensor, k_scale: torch.Tensor | None, *, block_size: int
+def pool_blocks(k: torch.Tensor, k_scale: torch.Tensor | None, *, block_size: int,
+                out_dtype: torch.dtype | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block representatives of the key buffer.
 
     Args:
         k: [S, D] float8_e4m3fn (with ``k_scale`` fp32 [S]), bf16 or fp32; contiguous.
+        out_dtype: dtype of the representatives, k's dtype by default; float8_e4m3fn
+            re-quantizes each block with its own scale, anything else stores the plain mean.
 
     Returns:
-        (pooled [NB, D] in k's dtype, pooled_scale fp32 [NB] for FP8 keys else None),
+        (pooled [NB, D], pooled_scale fp32 [NB] for FP8 output else None),
         NB = ceil(S / block_size).
     """
     check_block_size(block_size)
     S, D = k.shape
     nb = triton.cdiv(S, block_size)
-    quant = k.dtype == FP8_DTYPE
-    pooled = torch.empty(nb, D, dtype=k.dtype, device=k.device)
+    out_dtype = k.dtype if out_dtype is None else out_dtype
+    quant = out_dtype == FP8_DTYPE
+    pooled = torch.empty(nb, D, dtype=out_dtype, device=k.device)
     pscale = torch.empty(nb, dtype=torch.float32, device=k.device) if quant else None
     if nb:
         _pool_blocks_kernel[(nb,)](

@@ -1,0 +1,224 @@
+"""Interpreter tier: every Triton prefill kernel against its naive twin on tiny shapes.
+
+Runs on the CPU under ``TRITON_INTERPRET=1`` (set by this folder's conftest). Inputs are fp32
+and fp8 only (bf16 ``tl.dot`` is unreliable in the interpreter; the GPU tier covers bf16).
+Outputs are poisoned before each run so an unwritten entry fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hisa.ops.dsa.naive import naive_dsa_index, naive_dsa_logits, naive_topk
+from hisa.ops.indexer import naive as N
+from hisa.testing.compare import assert_same_selection, check_index_format
+from hisa.testing.inputs import make_indexer_inputs
+from hisa.utils.quant import quantize_fp8
+
+triton = pytest.importorskip("triton")
+
+from hisa.ops.dsa.prefill import dsa_index_triton, dsa_logits, prepare_operands  # noqa: E402
+from hisa.ops.indexer import topk as topk_mod  # noqa: E402
+from hisa.ops.indexer.block_scores import block_scores, block_select  # noqa: E402
+from hisa.ops.indexer.pipeline import hisa_index_triton, hisa_prefill_stages  # noqa: E402
+from hisa.ops.indexer.pool import pool_blocks  # noqa: E402
+from hisa.ops.indexer.select import select_blocks, select_tokens  # noqa: E402
+from hisa.ops.indexer.token_scores import token_scores, token_select  # noqa: E402
+
+#: Relative slack between kernel scores and the fp32 reference: both accumulate exact products
+#: of fp8/fp32 inputs in fp32, in different orders (a few ulps of the row's largest terms).
+SCORE_RTOL = 1e-5
+SCORE_ATOL = 1e-5
+DTYPES = [torch.float32, torch.float8_e4m3fn]
+POISON_IDX = -7
+H, D = 16, 64           # tiny heads / dim keep the interpreter fast; D=128 is covered once
+B, M, K = 16, 4, 24     # block_size, block_topk, topk: m*B = 64 candidates
+
+
+def _inputs(seq_lens, dtype, seed, **kw):
+    return make_indexer_inputs(seq_lens, heads=kw.pop("heads", H), head_dim=kw.pop("dim", D),
+                               dtype=dtype, seed=seed, clustered=True, **kw)
+
+
+def _canon(idx):
+    """Rows sorted ascending with -1 last (the order of valid entries is free)."""
+    big = torch.iinfo(torch.int32).max
+    return torch.sort(idx.masked_fill(idx < 0, big), dim=1).values
+
+
+def _assert_close_with_inf(a, b):
+    """Same -inf/+inf pattern exactly, finite values close."""
+    assert torch.equal(torch.isneginf(a), torch.isneginf(b)), "-inf masks differ"
+    assert torch.equal(torch.isposinf(a), torch.isposinf(b)), "+inf masks differ"
+    fin = torch.isfinite(b)
+    assert not torch.isnan(a).any(), "NaN in kernel output (unwritten entry?)"
+    torch.testing.assert_close(a[fin], b[fin], rtol=SCORE_RTOL, atol=SCORE_ATOL)
+
+
+def test_topk_rows_matches_naive_and_handles_ties(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    R, W, k = 6, 700, 32
+    x = torch.randn(R, W, generator=g)
+    x[1] = 0.25                                    # one giant tie: the overflow fallback
+    x[2, 50:] = float("-inf")                      # fewer finite scores than k
+    x[3, ::2] = x[3, 1::2]                         # pairwise ties inside the threshold bin
+    ks = torch.tensor([0, 3, 0, 10, 7, 0], dtype=torch.int32)
+    ke = torch.tensor([700, 690, 700, 600, 7, 20], dtype=torch.int32)   # empty and short rows
+    monkeypatch.setattr(topk_mod, "TOPK_CHUNK", 256)
+    monkeypatch.setattr(topk_mod, "TOPK_SCRATCH", 128)   # row 1 overflows the scratch
+    idx = torch.full((R, k), POISON_IDX, dtype=torch.int32)
+    val = torch.full((R, k), float("nan"))
+    topk_mod.topk_rows(x, ks, ke, t0=0, lo=0, topk=k, out_idx=idx, out_val=val)
+    for r in range(R):
+        row = x[r, ks[r]:ke[r]]
+        ref_cols, ref_vals = naive_topk(row[None], k)
+        n_valid = int((ref_cols >= 0).sum())
+        assert int((idx[r] >= 0).sum()) == n_valid
+        assert bool((idx[r, n_valid:] == -1).all())
+        got = idx[r, :n_valid].long()
+        assert len(set(got.tolist())) == n_valid
+        # Ties go to the lower index, as in the reference: the sets are equal.
+        assert set(got.tolist()) == set(ref_cols[0, :n_valid].tolist()), r
+        torch.testing.assert_close(val[r, :n_valid], row[got])
+        assert bool(torch.isneginf(val[r, n_valid:]).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dsa_logits_match_naive(dtype):
+    inp = _inputs([37, 0, 70], dtype, seed=1)
+    q, k, prec = prepare_operands(inp.q, inp.k)
+    T, S = q.shape[0], k.shape[0]
+    out = torch.full((T, S), float("nan"))
+    dsa_logits(q, k, inp.weights, inp.ks, inp.ke, k_scale=inp.k_scale, t0=0, n_rows=T, lo=0,
+               out=out, prec=prec)
+    ref = naive_dsa_logits(*inp.args(), k_scale=inp.k_scale)
+    inwin = torch.isfinite(ref)
+    torch.testing.assert_close(out[inwin], ref[inwin], rtol=SCORE_RTOL, atol=SCORE_ATOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seq_lens,topk", [([1], 8), ([63, 0, 66], 24), ([129], 200)])
+def test_dsa_index_matches_naive(dtype, seq_lens, topk):
+    inp = _inputs(seq_lens, dtype, seed=2)
+    out = torch.full((inp.num_queries, topk), POISON_IDX, dtype=torch.int32)
+    idx, vals = dsa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=topk, out=out,
+                                 need_scores=True)
+    assert idx.data_ptr() == out.data_ptr()
+    check_index_format(idx, inp.ks, inp.ke, topk)
+    ref_idx, ref_vals = naive_dsa_index(*inp.args(), k_scale=inp.k_scale, topk=topk)
+    logits = naive_dsa_logits(*inp.args(), k_scale=inp.k_scale)
+    assert_same_selection(idx, ref_idx, inp.ks, logits)
+    srt = torch.sort(vals, dim=1, descending=True).values
+    _assert_close_with_inf(srt, ref_vals)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S", [5, 16, 70])
+def test_pool_blocks_matches_naive(dtype, S):
+    # fp32 means here; the FP8 re-quantization is checked on the GPU tier (Triton 3.6's
+    # interpreter rounds fp32 -> e4m3 wrongly: 124.2 becomes 64).
+    inp = _inputs([S], dtype, seed=4)
+    means, no_scale = pool_blocks(inp.k, inp.k_scale, block_size=B, out_dtype=torch.float32)
+    ref = N.naive_pool_blocks(inp.k, inp.k_scale, B)
+    assert no_scale is None
+    torch.testing.assert_close(means, ref, rtol=1e-6, atol=1e-6)
+    if dtype == torch.float8_e4m3fn:
+        _, scale = pool_blocks(inp.k, inp.k_scale, block_size=B)
+        torch.testing.assert_close(scale, quantize_fp8(ref, group_size=D)[1])
+
+
+def _pooled(inp):
+    """Pool with the kernel; the references then score the same representatives."""
+    q, k, prec = prepare_operands(inp.q, inp.k)
+    pooled, pscale = pool_blocks(k, inp.k_scale, block_size=B)
+    return q, k, prec, pooled, pscale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_scores_and_selection_match_naive(dtype):
+    # Packed sequences whose blocks straddle boundaries; an empty one; a 1-token one.
+    inp = _inputs([37, 0, 90, 1, 20], dtype, seed=5)
+    q, k, prec, pooled, pscale = _pooled(inp)
+    got = block_scores(q, pooled, inp.weights, inp.ks, inp.ke, block_size=B,
+                       pooled_scale=pscale, prec=prec)
+    ref = N.naive_block_scores(inp.q, pooled.float(), inp.weights, inp.ks, inp.ke,
+                               block_size=B, pooled_scale=pscale)
+    _assert_close_with_inf(got, ref)
+    # Standalone selection on the same scores: exact (same tie rule).
+    ids = select_blocks(got, inp.ks, inp.ke, block_size=B, block_topk=M)
+    assert torch.equal(ids, N.naive_select_blocks(got, M))
+    # Fused scores + selection: same ids.
+    fused = torch.full_like(ids, POISON_IDX)
+    block_select(q, pooled, inp.weights, inp.ks, inp.ke, block_size=B, block_topk=M,
+                 pooled_scale=pscale, prec=prec, out=fused)
+    assert torch.equal(fused, ids)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_scores_and_selection_match_naive(dtype):
+    inp = _inputs([37, 0, 90, 1, 20], dtype, seed=6)
+    q, k, prec, pooled, pscale = _pooled(inp)
+    ids = N.naive_select_blocks(
+        N.naive_block_scores(inp.q, pooled.float(), inp.weights, inp.ks, inp.ke,
+                             block_size=B, pooled_scale=pscale), M)
+    got = token_scores(q, k, inp.weights, inp.ks, inp.ke, ids, block_size=B,
+                       k_scale=inp.k_scale, prec=prec)
+    ref, pos = N.naive_token_scores(inp.q, inp.k, inp.weights, inp.ks, inp.ke, ids,
+                                    block_size=B, k_scale=inp.k_scale)
+    _assert_close_with_inf(got, ref)
+    # Standalone token selection on the same scores: exact (same tie rule).
+    idx, vals = select_tokens(got, ids, inp.ks, block_size=B, topk=K, need_scores=True)
+    ref_sel, ref_vals = N.naive_select_tokens(got, pos, K)
+    assert torch.equal(_canon(idx), _canon(N.naive_to_offsets(ref_sel, inp.ks)))
+    assert torch.equal(torch.sort(vals, dim=1, descending=True).values, ref_vals)
+    # Fused scores + selection: same offsets.
+    fused = torch.full_like(idx, POISON_IDX)
+    token_select(q, k, inp.weights, inp.ks, inp.ke, ids, block_size=B, topk=K,
+                 k_scale=inp.k_scale, prec=prec, out=fused)
+    assert_same_selection(fused, idx, inp.ks, naive_dsa_logits(*inp.args(),
+                                                                k_scale=inp.k_scale))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hisa_index_matches_naive_pipeline(dtype):
+    # Sequences longer than m*B = 64 keys, so blocks are really pruned; S < B and empty too.
+    inp = _inputs([150, 0, 9, 75], dtype, seed=7)
+    _, _, _, pooled, pscale = _pooled(inp)
+    out = torch.full((inp.num_queries, K), POISON_IDX, dtype=torch.int32)
+    idx, vals = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
+                                  block_topk=M, out=out, need_scores=True)
+    check_index_format(idx, inp.ks, inp.ke, K)
+    ref_idx, ref_vals = N.naive_hisa_index(*inp.args(), k_scale=inp.k_scale, topk=K,
+                                           block_size=B, block_topk=M, pooled=pooled.float(),
+                                           pooled_scale=pscale)
+    assert_same_selection(idx, ref_idx, inp.ks, naive_dsa_logits(*inp.args(),
+                                                                  k_scale=inp.k_scale))
+    _assert_close_with_inf(torch.sort(vals, dim=1, descending=True).values, ref_vals)
+    # The staged pipeline computes the same thing.
+    state = None
+    for _, fn in hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
+                                     block_topk=M):
+        state = fn()
+    assert torch.equal(state["idx"], idx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hisa_equals_flat_when_every_block_fits(dtype):
+    # Every query has at most m eligible blocks (windows <= (m-1)*B keys, any alignment).
+    inp = _inputs([40, 3, 47], dtype, seed=8, heads=32, dim=128)
+    hisa = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
+                             block_topk=M)[0]
+    flat = dsa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K)[0]
+    assert_same_selection(hisa, flat, inp.ks, naive_dsa_logits(*inp.args(),
+                                                                k_scale=inp.k_scale))
+
+
+def test_kernel_shape_errors_name_the_argument():
+    inp = _inputs([20], torch.float32, seed=9)
+    with pytest.raises(ValueError, match="block_size"):
+        hisa_index_triton(*inp.args(), k_scale=None, topk=8, block_size=24, block_topk=4)
+    with pytest.raises(ValueError, match="block_size"):
+        hisa_index_triton(*inp.args(), k_scale=None, topk=8, block_size=8, block_topk=4)
+    bad = _inputs([20], torch.float32, seed=9, dim=96)
+    with pytest.raises(ValueError, match="q"):
+        dsa_index_triton(*bad.args(), k_scale=None, topk=8)

@@ -1,0 +1,113 @@
+"""Decode benchmark: flat paged DSA vs HISA paged decode, and the automatic choice.
+
+Each shape is checked before it is timed, on two sampled requests: the flat kernel must select
+the reference's set (up to score ties) and HISA the HISA reference's set (same pooled cache,
+so the same blocks up to near-ties). Timings replay a CUDA graph of the op, as serving engines
+run decode; memory-bound, so each row carries GB/s from the byte model in :mod:`.models`.
+"""
+from __future__ import annotations
+
+import torch
+
+import hisa
+
+from ..cache.factory import make_paged_inputs
+from ..ops.dsa.naive import naive_dsa_logits
+from ..ops.dsa.paged import paged_row_lengths
+from ..testing.compare import assert_same_selection, check_index_format
+from .models import hisa_decode_bytes, paged_decode_bytes
+from .prefill import HISA_MIN_IOU, iou
+from .rows import make_row
+from .timer import time_op
+
+
+def _sub_batch(inp, reqs: list[int]):
+    nn = inp.next_n
+    rows = torch.tensor([b * nn + i for b in reqs for i in range(nn)], device=inp.q.device)
+    r = torch.tensor(reqs, device=inp.q.device)
+    return inp.q[r], inp.weights[rows], inp.seq_lens[r], inp.block_table[r], rows
+
+
+def check_decode(inp, flat_idx, hisa_idx, *, topk: int, block_size: int, block_topk: int
+                 ) -> float:
+    """Raise AssertionError unless both outputs are right on two sampled requests."""
+    lens = paged_row_lengths(inp.seq_lens, inp.next_n).flatten()
+    zeros = torch.zeros_like(lens, dtype=torch.int32)
+    check_index_format(flat_idx, zeros, lens.to(torch.int32), topk)
+    check_index_format(hisa_idx, zeros, lens.to(torch.int32), topk, exact_count=False)
+    batch = inp.q.shape[0]
+    reqs = sorted({0, batch - 1})
+    q, w, seq, bt, rows = _sub_batch(inp, reqs)
+    ref_flat = hisa.dsa_index_paged(q, inp.cache.kv_cache, w, seq, bt, topk=topk,
+                                    backend="torch")
+    ref_hisa = hisa.hisa_index_paged(q, inp.cache.kv_cache, inp.cache.pooled_cache, w, seq, bt,
+                                     topk=topk, block_size=block_size, block_topk=block_topk,
+                                     backend="torch")
+    nn = inp.next_n
+    for j, b in enumerate(reqs):
+        r = slice(j * nn, (j + 1) * nn)
+        row_lens = lens[rows[r]]
+        k, k_scale = inp.cache.request_keys(bt[j], int(row_lens.max()))
+        zeros_r = torch.zeros(nn, dtype=torch.int32, device=q.device)
+        logits = naive_dsa_logits(q[j], k, w[r], zeros_r, row_lens.to(torch.int32),
+                                  k_scale=k_scale)
+        assert_same_selection(flat_idx[rows[r]], ref_flat[r], zeros_r, logits, rtol=1e-4)
+    score = iou(hisa_idx[rows], ref_hisa)
+    assert score >= HISA_MIN_IOU, f"HISA decode vs reference IoU {score:.4f} < {HISA_MIN_IOU}"
+    return score
+
+
+def _time(fn):
+    """Graph replay when capture works (the serving setting), else eager launches."""
+    try:
+        return time_op(fn, warmup=3, runs=50, max_seconds=2.0, cuda_graph=True), True
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return time_op(fn, warmup=3, runs=50, max_seconds=2.0), False
+
+
+def bench_decode_point(context: int, *, batch: int, next_n: int, env: dict, topk: int,
+                       block_size: int, block_topk: int, heads: int = 64, head_dim: int = 128
+                       ) -> list[dict]:
+    """Check then time flat, HISA and auto paged decode at one shape; two result rows."""
+    inp = make_paged_inputs([context] * batch, next_n=next_n, heads=heads, head_dim=head_dim,
+                            block_size=block_size, device="cuda", backend="triton",
+                            keep_keys=False, seed=context + batch)
+    rows_n = batch * next_n
+    outs = {name: torch.full((rows_n, topk), -7, dtype=torch.int32, device="cuda")
+            for name in ("flat", "hisa", "auto")}                       # poisoned
+    hkw = dict(topk=topk, block_size=block_size, block_topk=block_topk)
+    ops = {
+        "flat": lambda: hisa.dsa_index_paged(*inp.args(), topk=topk, out=outs["flat"],
+                                             backend="triton"),
+        "hisa": lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["hisa"],
+                                              backend="triton", **hkw),
+        "auto": lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["auto"],
+                                              backend="auto", **hkw),
+    }
+    for fn in ops.values():
+        fn()
+    quality = check_decode(inp, outs["flat"], outs["hisa"], **hkw)
+    check_decode(inp, outs["flat"], outs["auto"], **hkw)
+    times, graphed = {}, {}
+    for name, fn in ops.items():
+        t, graphed[name] = _time(fn)
+        times[name] = t
+    lens = inp.seq_lens if inp.seq_lens.dim() == 1 else inp.seq_lens[:, -1]
+    b_flat = paged_decode_bytes(lens, head_dim, rows_per_request=next_n, heads=heads, topk=topk)
+    b_hisa = hisa_decode_bytes(lens, head_dim, rows_per_request=next_n, heads=heads, topk=topk,
+                               block_size=block_size, block_topk=block_topk)
+    common = dict(mode="decode", context=context, queries=rows_n, batch=batch, next_n=next_n,
+                  topk=topk, heads=heads, head_dim=head_dim, dtype="float8_e4m3fn")
+    flat_ms, hisa_ms, auto_ms = (times[n].median_ms for n in ("flat", "hisa", "auto"))
+    flat_row = make_row(env, op="flat", ms=flat_ms, gbps=b_flat / flat_ms / 1e6,
+                        cuda_graph=graphed["flat"], **common)
+    hisa_row = make_row(env, op="hisa", ms=hisa_ms, gbps=b_hisa / hisa_ms / 1e6,
+                        speedup_vs_flat=flat_ms / hisa_ms, block_size=block_size,
+                        block_topk=block_topk, auto_ms=auto_ms,
+                        auto_vs_best=auto_ms / min(flat_ms, hisa_ms),
+                        iou_vs_reference=round(quality, 5), cuda_graph=graphed["hisa"],
+                        **common)
+    del inp, outs
+    torch.cuda.empty_cache()
+    return [flat_row, hisa_row]

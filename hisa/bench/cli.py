@@ -44,6 +44,8 @@ def _table(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         st = " ".join(f"{k}={v:.3g}" for k, v in (r.get("stage_ms") or {}).items())
+        if r.get("auto_ms") is not None:
+            st = f"auto={r['auto_ms']:.4f} ms ({r['auto_vs_best']:.2f}x the better)"
         fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
         lines.append(f"{r['mode']:<14}{r['context']:>8}{r['queries']:>7}{fmt(r.get('batch'), 'd'):>5}"
                      f"{fmt(r.get('next_n'), 'd'):>4}{r['op']:>6}{r['ms']:>10.4f}"

@@ -52,7 +52,7 @@ class Request:
         self.k, self.s, self.pages, self.done = k, s, [], 0
 
 
-def append_interleaved(cache, alloc, reqs, block_table, rng, max_chunk=150):
+def append_interleaved(cache, alloc, reqs, block_table, rng, max_chunk=150, backend="torch"):
     """Append every request's keys in random chunks, several requests per call."""
     while any(r.done < r.k.shape[0] for r in reqs):
         ks, ss, slots, pos, rows = [], [], [], [], []
@@ -76,7 +76,7 @@ def append_interleaved(cache, alloc, reqs, block_table, rng, max_chunk=150):
                          torch.cat(pos + [torch.tensor([0])]),
                          k_scale=torch.cat(ss + [ss[0][:1]]), block_table=block_table,
                          req_indices=torch.cat(rows + [torch.tensor([0], dtype=torch.int32)]),
-                         backend="torch")
+                         backend=backend)
 
 
 @pytest.mark.parametrize("block_size", [64, 128, 256])

@@ -1,0 +1,183 @@
+"""Decode probe: flat vs HISA paged decode (Triton), CUDA-graph replay timings on one GPU.
+
+    PYTHONPATH=. python3 benchmarks/decode_probe.py [--quick] [--out DIR]
+
+Builds one paged cache per context (random clustered keys written through the Triton append,
+pooled rows included), checks the kernels against the references on a small shape first, then
+times flat / HISA / auto for batch x context (next_n = 1, plus a next_n = 2 subset), printing a
+compact table and writing JSON rows (targets.md format) to ``DIR/decode.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+
+import torch
+import triton
+
+import hisa
+from hisa.cache import PAGE_SIZE, PagedIndexerCache
+from hisa.cache.factory import make_paged_inputs, random_keys
+from hisa.ops.dsa.decode_kernels import paged_logits
+from hisa.utils.quant import quantize_fp8
+
+H, D, TOPK, B, M = 64, 128, 2048, 128, 64
+ROW_BYTES = D + 4
+
+
+def graph_time_us(fn, reps=30):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / reps)
+    del g
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth_gbs():
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(10):
+        y.copy_(x)
+    e.record()
+    e.synchronize()
+    return 2 * x.numel() * 10 / (s.elapsed_time(e) * 1e-3) / 1e9
+
+
+def build(batch, ctx, seed=0):
+    """A cache holding `batch` requests of `ctx` keys (shuffled pages), block table, seq_lens."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    per = ctx // PAGE_SIZE
+    num_pages = batch * per
+    cache = PagedIndexerCache(num_pages, head_dim=D, block_size=B, device="cuda")
+    bt = torch.randperm(num_pages, generator=g, device="cuda").to(torch.int32).view(batch, per)
+    pos = torch.arange(ctx, device="cuda")
+    for b in range(batch):
+        k, s = quantize_fp8(random_keys(ctx, D, generator=g, device="cuda"), group_size=D)
+        slots = bt[b, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+        cache.append(k, slots, pos, k_scale=s, block_table=bt,
+                     req_indices=torch.full((ctx,), b, dtype=torch.int32, device="cuda"),
+                     backend="triton")
+    return cache, bt
+
+
+def queries(batch, next_n, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qf = torch.randn(batch, next_n, H, D, generator=g, device="cuda")
+    q, qs = quantize_fp8(qf, group_size=D)
+    w = torch.randn(batch * next_n, H, generator=g, device="cuda") * H ** -0.5
+    return q, (w * qs.reshape(batch * next_n, H)).contiguous()
+
+
+def recall(a, b):
+    a, b = a.cpu().tolist(), b.cpu().tolist()
+    hit = sum(len({x for x in ra if x >= 0} & {y for y in rb if y >= 0}) for ra, rb in zip(a, b))
+    return hit / max(1, sum(len([y for y in rb if y >= 0]) for rb in b))
+
+
+def gate():
+    """Correctness before numbers: Triton vs the torch references on a small paged batch."""
+    inp = make_paged_inputs([9000, 20000, 3000], heads=H, device="cuda", backend="triton")
+    f = hisa.dsa_index_paged(*inp.args(), topk=TOPK, backend="triton")
+    fr = hisa.dsa_index_paged(*inp.args(), topk=TOPK, backend="torch")
+    h = hisa.hisa_index_paged(*inp.hisa_args(), topk=TOPK, backend="triton")
+    hr = hisa.hisa_index_paged(*inp.hisa_args(), topk=TOPK, backend="torch")
+    rf, rh = recall(f, fr), recall(h, hr)
+    print(f"gate: flat recall vs reference {rf:.4f}, hisa recall vs reference {rh:.4f}")
+    assert rf > 0.999 and rh > 0.98, "correctness gate failed: no numbers"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    gpu = torch.cuda.get_device_name()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    gate()
+    bw = copy_bandwidth_gbs()
+    print(f"{gpu}: copy bandwidth {bw:.0f} GB/s")
+    batches = [1, 8, 32, 64, 128]
+    ctxs = [8192, 16384, 32768, 65536, 131072]
+    rows_out = []
+    print(f"{'batch':>5} {'ctx':>7} {'nn':>2} {'flat_us':>8} {'flat_GB/s':>9} {'hisa_us':>8} "
+          f"{'auto_us':>8} {'speedup':>7} {'auto/best':>9} {'recall':>6} {'logit_us':>8} "
+          f"{'logit_GB/s':>10}")
+    for ctx in ctxs:
+        bmax = max(b for b in batches if b * ctx <= 128 * 131072)
+        t0 = time.time()
+        cache, bt_all = build(bmax, ctx)
+        build_s = time.time() - t0
+        for batch in batches:
+            for next_n in (1, 2):
+                if next_n == 2 and (batch not in (8, 64) or ctx not in (32768, 131072)):
+                    continue
+                if args.quick and batch not in (1, 64):
+                    continue
+                q, w = queries(batch, next_n)
+                bt = bt_all[:batch].contiguous()
+                lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+                out_f = torch.empty(batch * next_n, TOPK, dtype=torch.int32, device="cuda")
+                out_h, out_a = torch.empty_like(out_f), torch.empty_like(out_f)
+                flat = lambda: hisa.dsa_index_paged(q, cache.kv_cache, w, lens, bt, topk=TOPK,
+                                                    out=out_f, backend="triton")
+                hs = lambda: hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w,
+                                                   lens, bt, topk=TOPK, out=out_h,
+                                                   backend="triton")
+                auto = lambda: hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w,
+                                                     lens, bt, topk=TOPK, out=out_a,
+                                                     backend="auto")
+                lg = lambda: paged_logits(q, cache.kv_cache, w, lens, bt)
+                tf, th, ta = graph_time_us(flat), graph_time_us(hs), graph_time_us(auto)
+                tl_ = graph_time_us(lg)
+                lgbs = batch * ctx * ROW_BYTES / (tl_ * 1e-6) / 1e9
+                rec = recall(out_h[:8], out_f[:8])
+                gbs = batch * ctx * ROW_BYTES / (tf * 1e-6) / 1e9
+                print(f"{batch:>5} {ctx:>7} {next_n:>2} {tf:>8.1f} {gbs:>9.0f} {th:>8.1f} "
+                      f"{ta:>8.1f} {tf / th:>7.2f} {ta / min(tf, th):>9.2f} {rec:>6.3f} "
+                      f"{tl_:>8.1f} {lgbs:>10.0f}",
+                      flush=True)
+                base = {"mode": "decode", "context": ctx, "queries": batch * next_n,
+                        "batch": batch, "next_n": next_n, "tflops": None, "gpu": gpu,
+                        "torch": torch.__version__, "triton": triton.__version__,
+                        "commit": commit, "command": "PYTHONPATH=. python3 "
+                        "benchmarks/decode_probe.py", "block_size": B, "block_topk": M,
+                        "topk": TOPK, "copy_gbps": round(bw, 1)}
+                rows_out += [dict(base, op="flat", ms=tf / 1e3, gbps=gbs,
+                                  speedup_vs_flat=None, logits_ms=tl_ / 1e3,
+                                  logits_gbps=lgbs),
+                             dict(base, op="hisa", ms=th / 1e3, gbps=None,
+                                  speedup_vs_flat=tf / th, recall_vs_flat=rec),
+                             dict(base, op="hisa_auto", ms=ta / 1e3, gbps=None,
+                                  speedup_vs_flat=tf / ta)]
+        del cache, bt_all
+        torch.cuda.empty_cache()
+        print(f"  (ctx {ctx}: cache build {build_s:.1f}s)", flush=True)
+    with open(os.path.join(args.out, "decode.jsonl"), "a") as f:
+        for r in rows_out:
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

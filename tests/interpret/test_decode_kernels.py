@@ -1,0 +1,231 @@
+"""Interpreter tier of the decode kernels: cache append + pooling, flat paged logits + top-k,
+HISA paged decode and its per-request routing, each against its plain-PyTorch twin."""
+import random
+
+import pytest
+import torch
+
+import hisa
+from hisa.cache import PagedIndexerCache, pooled_views
+from hisa.cache.factory import make_paged_inputs
+from hisa.ops.dsa.decode_kernels import paged_logits
+from hisa.ops.dsa.naive import naive_dsa_logits
+from hisa.ops.indexer.decode_kernels import block_select, hisa_decode, token_scores_paged
+from hisa.ops.indexer.naive import (candidate_positions, naive_block_scores, naive_select_blocks,
+                                    naive_token_scores)
+from hisa.testing.compare import assert_same_selection, check_index_format
+
+from test_paged_cache import Allocator, Request, append_interleaved
+
+H, D = 16, 64
+TOPK = 32
+LENGTHS = [0, 1, 31, 64, 65, 200, 700]
+#: Pooled rows: the fp32 block sum runs in another order than the twin's, so a mean may move by
+#: an ulp and its FP8 value by one e4m3 step (2**-3 relative) at a rounding boundary.
+POOL_RTOL = 2.0 ** -3
+
+
+def gathered(inp, b):
+    k, s = inp.keys[b]
+    return k, s
+
+
+def test_append_kernel_matches_twin_bytes_and_pools():
+    rng_t, rng_r = random.Random(1), random.Random(1)
+    caches, bts = [], []
+    for backend, rng in (("triton", rng_t), ("torch", rng_r)):
+        cache = PagedIndexerCache(40, head_dim=D, block_size=128)
+        reqs = [Request(L, seed=10 + i) for i, L in enumerate([300, 64, 513, 130])]
+        for r in reqs:                       # Request draws D = 128 keys: keep the first D dims
+            r.k, r.s = hisa.quantize_fp8(r.k.float()[:, :D] * r.s[:, None], group_size=D)
+        bt = torch.full((4, 12), -1, dtype=torch.int32)
+        append_interleaved(cache, Allocator(40, seed=2), reqs, bt, rng, backend=backend)
+        caches.append(cache), bts.append(bt)
+    assert torch.equal(bts[0], bts[1])
+    assert torch.equal(caches[0].kv_cache, caches[1].kv_cache)
+    (va, sa), (vb, sb) = (pooled_views(c.pooled_cache, D) for c in caches)
+    fa = va.contiguous().view(torch.float8_e4m3fn).float() * sa[:, None]
+    fb = vb.contiguous().view(torch.float8_e4m3fn).float() * sb[:, None]
+    assert bool(sb.any())
+    torch.testing.assert_close(sa, sb, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fa, fb, rtol=POOL_RTOL, atol=float(sb.max()) * 2 ** -9)
+
+
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_append_kernel_quantizes_like_quantize_fp8(ue8m0):
+    k = torch.randn(37, D) * 5
+    k[3] = 0.0                                                     # amax floor
+    slots = torch.randperm(3 * 64)[:37]
+    pos = slots % 64                                               # consistent offsets
+    out = []
+    for backend in ("triton", "torch"):
+        cache = PagedIndexerCache(3, head_dim=D, block_size=64, ue8m0=ue8m0)
+        cache.append(k, slots, pos, backend=backend)
+        out.append(cache.kv_cache)
+    assert torch.equal(out[0], out[1])
+
+
+def test_append_kernel_skips_padding_and_out_of_range_slots():
+    cache = PagedIndexerCache(2, head_dim=D, block_size=64)
+    k = torch.randn(3, D)
+    cache.append(k, torch.tensor([-1, 2 * 64 + 5, 7]), torch.tensor([0, 5, 7]), backend="triton")
+    got, _ = cache.request_keys(torch.tensor([0], dtype=torch.int32), 8)
+    want, _ = hisa.quantize_fp8(k[2:], group_size=D)
+    assert torch.equal(got[7].view(torch.uint8), want[0].view(torch.uint8))
+    assert int(cache.kv_cache.count_nonzero()) == D + 4            # only token 7 was written
+
+
+@pytest.mark.parametrize("next_n,two_d,q_dtype", [(1, False, torch.float32),
+                                                  (2, False, torch.float8_e4m3fn),
+                                                  (2, True, torch.float32)])
+def test_paged_logits_match_twin(next_n, two_d, q_dtype):
+    inp = make_paged_inputs(LENGTHS, next_n=next_n, heads=H, head_dim=D, block_size=64,
+                            q_dtype=q_dtype, seq_lens_2d=two_d)
+    logits, ks, ke = paged_logits(inp.q, inp.cache.kv_cache, inp.weights, inp.seq_lens,
+                                  inp.block_table)
+    lens = inp.row_lengths()
+    assert torch.equal(ks, torch.zeros_like(ks)) and torch.equal(ke.long(), lens)
+    for b in range(len(LENGTHS)):
+        k, s = gathered(inp, b)
+        rows = slice(b * next_n, (b + 1) * next_n)
+        z = torch.zeros(next_n, dtype=torch.int32)
+        ref = naive_dsa_logits(inp.q[b], k, inp.weights[rows], z, lens[rows].int(), k_scale=s)
+        for i in range(next_n):
+            n = int(lens[b * next_n + i])
+            torch.testing.assert_close(logits[b * next_n + i, :n], ref[i, :n], rtol=1e-5,
+                                       atol=1e-5)
+
+
+@pytest.mark.parametrize("next_n,two_d,q_dtype", [(1, False, torch.float32),
+                                                  (2, False, torch.float8_e4m3fn),
+                                                  (2, True, torch.float32)])
+def test_dsa_paged_triton_matches_reference(next_n, two_d, q_dtype):
+    inp = make_paged_inputs(LENGTHS, next_n=next_n, heads=H, head_dim=D, block_size=64,
+                            q_dtype=q_dtype, seq_lens_2d=two_d)
+    out = torch.full((len(LENGTHS) * next_n, TOPK), 12345, dtype=torch.int32)   # poisoned
+    idx, sc = hisa.dsa_index_paged(*inp.args(), topk=TOPK, out=out, return_scores=True,
+                                   backend="triton")
+    ref = hisa.dsa_index_paged(*inp.args(), topk=TOPK, backend="torch")
+    lens = inp.row_lengths()
+    check_index_format(idx, torch.zeros_like(lens), lens, TOPK)
+    assert idx.data_ptr() == out.data_ptr()
+    logits = full_logits(inp)
+    assert_same_selection(idx, ref, torch.zeros_like(lens), logits, rtol=1e-5)
+    valid = idx >= 0
+    torch.testing.assert_close(sc[valid], torch.gather(logits, 1, idx.long().clamp_min(0))[valid],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_topk_over_several_chunks(monkeypatch):
+    import hisa.ops.dsa.decode_kernels as dk
+    monkeypatch.setattr(dk, "TOPK_CHUNK", 128)          # 700 keys: 6 chunks, merge of 6 * k
+    inp = make_paged_inputs(LENGTHS, next_n=2, heads=H, head_dim=D, block_size=64,
+                            q_dtype=torch.float32, seed=9)
+    idx, sc = hisa.dsa_index_paged(*inp.args(), topk=TOPK, return_scores=True, backend="triton")
+    ref, ref_sc = hisa.dsa_index_paged(*inp.args(), topk=TOPK, return_scores=True,
+                                       backend="torch")
+    lens = inp.row_lengths()
+    check_index_format(idx, torch.zeros_like(lens), lens, TOPK)
+    assert_same_selection(idx, ref, torch.zeros_like(lens), full_logits(inp), rtol=1e-5)
+    torch.testing.assert_close(sc.sort(1).values, ref_sc.sort(1).values, rtol=1e-5, atol=1e-5)
+
+
+def full_logits(inp):
+    """Reference logits [rows, max_len] of every row (-inf beyond its length)."""
+    lens = inp.row_lengths()
+    n = inp.next_n
+    width = max(int(lens.max()), 1)
+    out = torch.full((lens.numel(), width), float("-inf"))
+    for b in range(inp.q.shape[0]):
+        k, s = gathered(inp, b)
+        rows = slice(b * n, (b + 1) * n)
+        ref = naive_dsa_logits(inp.q[b], k, inp.weights[rows], torch.zeros(n, dtype=torch.int32),
+                               lens[rows].int(), k_scale=s)
+        out[rows, :ref.shape[1]] = ref
+    return out
+
+
+def test_block_select_and_token_scores_match_twins():
+    B, M = 64, 4
+    inp = make_paged_inputs(LENGTHS, next_n=2, heads=H, head_dim=D, block_size=B,
+                            q_dtype=torch.float32)
+    ids = block_select(inp.q, inp.cache.pooled_cache, inp.weights, inp.seq_lens,
+                       inp.block_table, block_size=B, block_topk=M, prec="ieee")
+    cand = token_scores_paged(inp.q, inp.cache.kv_cache, inp.weights, inp.seq_lens,
+                              inp.block_table, ids, block_size=B, prec="ieee")
+    lens = inp.row_lengths()
+    for b, L in enumerate(LENGTHS):
+        rows = slice(b * 2, b * 2 + 2)
+        z = torch.zeros(2, dtype=torch.int32)
+        full = L // B
+        pv, ps = inp.cache.request_pooled(inp.block_table[b], full)
+        pooled = torch.cat([pv.float() * ps[:, None], torch.zeros(-(-L // B) - full, D)])
+        js = naive_block_scores(inp.q[b], pooled, inp.weights[rows], z, lens[rows].int(),
+                                block_size=B)
+        assert torch.equal(ids[rows], naive_select_blocks(js, M)), f"request {b}"
+        if L == 0:
+            continue
+        k, s = gathered(inp, b)
+        ref, pos = naive_token_scores(inp.q[b], k, inp.weights[rows], z, lens[rows].int(),
+                                      ids[rows], block_size=B, k_scale=s)
+        assert torch.equal(pos, candidate_positions(ids[rows], B, L))
+        fin = torch.isfinite(ref)
+        assert torch.equal(fin, torch.isfinite(cand[rows]))
+        torch.testing.assert_close(cand[rows][fin], ref[fin], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_size,next_n,q_dtype", [(64, 1, torch.float32),
+                                                       (128, 2, torch.float32),
+                                                       (64, 2, torch.float8_e4m3fn)])
+def test_hisa_paged_triton_matches_reference(block_size, next_n, q_dtype):
+    m = 256 // block_size
+    inp = make_paged_inputs(LENGTHS, next_n=next_n, heads=H, head_dim=D, block_size=block_size,
+                            q_dtype=q_dtype)
+    lens = inp.row_lengths()
+    # poison: garbage in unused block-table columns and in the tail blocks' pooled rows
+    for b, L in enumerate(LENGTHS):
+        if L % block_size:
+            inp.cache.pooled_cache[int(inp.block_table[b, (L - 1) // 64])] = 255
+        inp.block_table[b, -(-L // 64):] = 10**6
+    args = dict(topk=TOPK, block_size=block_size, block_topk=m)
+    idx, sc = hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", return_scores=True,
+                                    **args)
+    inp.block_table[inp.block_table == 10**6] = -1
+    ref = hisa.hisa_index_paged(*inp.hisa_args(), backend="torch", **args)
+    check_index_format(idx, torch.zeros_like(lens), lens, TOPK)
+    assert_same_selection(idx, ref, torch.zeros_like(lens), full_logits(inp), rtol=1e-5)
+    assert bool((sc[idx < 0] == float("-inf")).all())
+
+
+def test_auto_routing_sends_short_requests_to_flat():
+    """With a crossover of 100 keys, short requests equal the flat result and long ones the
+    HISA result (where HISA prunes, the two differ)."""
+    B, M = 64, 2
+    inp = make_paged_inputs([50, 700, 0, 90, 650], next_n=2, heads=H, head_dim=D, block_size=B,
+                            q_dtype=torch.float32, seed=4)
+    pages = inp.cache.kv_cache
+    out = torch.full((10, TOPK), 777, dtype=torch.int32)
+    got, _ = hisa_decode(inp.q, pages, inp.cache.pooled_cache, inp.weights, inp.seq_lens,
+                         inp.block_table, topk=TOPK, block_size=B, block_topk=M, out=out,
+                         route_short_to_flat=True, hisa_min_keys=100)
+    flat = hisa.dsa_index_paged(*inp.args(), topk=TOPK, backend="torch")
+    hs = hisa.hisa_index_paged(*inp.hisa_args(), topk=TOPK, block_size=B, block_topk=M,
+                               backend="torch")
+    logits = full_logits(inp)
+    lens = inp.row_lengths()
+    z = torch.zeros_like(lens)
+    # rows of requests 0 (50 keys), 2 (0) and 3 (90) are short; 1 (700) and 4 (650) long
+    short = torch.tensor([1, 1, 0, 0, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    assert not torch.equal(flat[~short], hs[~short])         # HISA prunes there: they differ
+    assert_same_selection(got[short], flat[short], z[short], logits[short])
+    assert_same_selection(got[~short], hs[~short], z[~short], logits[~short])
+    check_index_format(got, z, lens, TOPK)
+
+
+def test_triton_decode_is_deterministic():
+    inp = make_paged_inputs([700, 300], next_n=2, heads=H, head_dim=D, block_size=64)
+    a = hisa.hisa_index_paged(*inp.hisa_args(), topk=TOPK, block_size=64, block_topk=4,
+                              backend="triton")
+    b = hisa.hisa_index_paged(*inp.hisa_args(), topk=TOPK, block_size=64, block_topk=4,
+                              backend="triton")
+    assert torch.equal(a, b)

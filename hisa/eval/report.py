@@ -151,3 +151,15 @@ def plot_all(rows, out: Path) -> list[Path]:
         plt.close(fig)
         made.append(out / "needle_heatmap.png")
     return made
+
+
+def markdown_table(rows) -> str:
+    """The summary rows as a Markdown table (for docs/fidelity.md)."""
+    out = ["| L | method | IoU | recall | oracle | mass kept | occupancy | ppl | needle |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['context']} | {r['label']} | {_fmt(r['iou_mean'], '.3f')} | "
+                   f"{_fmt(r['recall'], '.3f')} | {_fmt(r['oracle_recall'], '.3f')} | "
+                   f"{_fmt(r['mass_kept'], '.3f')} | {_fmt(r['occupancy'], '.1f')} | "
+                   f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['needle_acc'], '.2f')} |")
+    return "\n".join(out)

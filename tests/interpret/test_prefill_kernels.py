@@ -57,15 +57,19 @@ def _assert_close_with_inf(a, b):
 
 def test_topk_rows_matches_naive_and_handles_ties(monkeypatch):
     g = torch.Generator().manual_seed(3)
-    R, W, k = 6, 700, 32
+    R, W, k = 8, 700, 32
     x = torch.randn(R, W, generator=g)
     x[1] = 0.25                                    # one giant tie: the overflow fallback
     x[2, 50:] = float("-inf")                      # fewer finite scores than k
     x[3, ::2] = x[3, 1::2]                         # pairwise ties inside the threshold bin
-    ks = torch.tensor([0, 3, 0, 10, 7, 0], dtype=torch.int32)
-    ke = torch.tensor([700, 690, 700, 600, 7, 20], dtype=torch.int32)   # empty and short rows
+    x[7, 100:200] = 0.5                            # ties at the threshold of the sampled path
+    # Paths (scratch 128, sample 64): rows <= 128 wide are selected directly; 300-wide rows
+    # through the sampled threshold; 700-wide rows overflow it into the histogram path.
+    ks = torch.tensor([0, 3, 0, 10, 7, 0, 100, 0], dtype=torch.int32)
+    ke = torch.tensor([700, 690, 700, 600, 7, 20, 400, 300], dtype=torch.int32)
     monkeypatch.setattr(topk_mod, "TOPK_CHUNK", 256)
     monkeypatch.setattr(topk_mod, "TOPK_SCRATCH", 128)   # row 1 overflows the scratch
+    monkeypatch.setattr(topk_mod, "TOPK_SAMPLE", 64)
     idx = torch.full((R, k), POISON_IDX, dtype=torch.int32)
     val = torch.full((R, k), float("nan"))
     topk_mod.topk_rows(x, ks, ke, t0=0, lo=0, topk=k, out_idx=idx, out_val=val)

@@ -67,7 +67,7 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
 
 
 def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val, *, block_size,
-            topk, select, prec, grid):
+            topk, select, prec, grid, num_warps=TOKEN_WARPS):
     T, H, D = q.shape
     M = block_ids.shape[1]
     _token_scores_kernel[(grid,)](
@@ -75,7 +75,7 @@ def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val,
         out_idx, out_val if out_val is not None else scores, T, k.shape[0], H=H, D=D, B=block_size, M=M,
         MB_PAD=triton.next_power_of_2(M * block_size), K=topk,
         K_PAD=triton.next_power_of_2(topk), HAS_SCALE=k_scale is not None, SELECT=select,
-        WRITE_VALS=out_val is not None and select, PREC=prec, num_warps=TOKEN_WARPS)
+        WRITE_VALS=out_val is not None and select, PREC=prec, num_warps=num_warps)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
@@ -96,8 +96,8 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: to
 def token_select(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                  ke: torch.Tensor, block_ids: torch.Tensor, *, block_size: int, topk: int,
                  k_scale: torch.Tensor | None = None, prec: str = "tf32",
-                 out: torch.Tensor | None = None, need_scores: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 out: torch.Tensor | None = None, need_scores: bool = False,
+                 num_warps: int = TOKEN_WARPS) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Fused stage 2 + token top-k + offsets: (int32 [T, topk] offsets relative to ks, -1
     padded; fp32 [T, topk] scores or None)."""
     T = q.shape[0]
@@ -111,5 +111,6 @@ def token_select(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: to
         grid = persistent_programs(T, q.device, TOKEN_PROGRAMS_PER_SM)
         scratch = torch.empty(grid, M * block_size, dtype=torch.float32, device=q.device)
         _launch(q, k, weights, ks, ke, block_ids, k_scale, scratch, idx, vals,
-                block_size=block_size, topk=topk, select=True, prec=prec, grid=grid)
+                block_size=block_size, topk=topk, select=True, prec=prec, grid=grid,
+                num_warps=num_warps)
     return idx, vals

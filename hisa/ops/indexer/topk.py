@@ -27,7 +27,9 @@ TOPK_SCRATCH = 8192
 #: Top key bits histogrammed by the first pass of :func:`topk_rows` (4,096 bins).
 TOPK_HIST_BITS = 12
 #: Row chunk streamed per iteration by :func:`topk_rows`.
-TOPK_CHUNK = 4096
+TOPK_CHUNK = 2048
+#: Scores sampled per wide row to place the candidate threshold (the fast path).
+TOPK_SAMPLE = 4096
 
 
 @triton.jit
@@ -61,21 +63,27 @@ def _bisect_threshold(keys, need, thr, NBITS: tl.constexpr):
 @triton.jit
 def _select_mask(keys, need, thr):
     """Keys > thr, plus the first (need - #(> thr)) keys == thr in index order (thr > 0)."""
-    gt = keys > thr
-    n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq = (keys == thr) & (thr > 0)
-    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    return gt | (eq & (eq_rank <= need - n_gt))
+    ge = keys >= thr
+    n_ge = tl.sum(ge.to(tl.int32), axis=0)
+    if (n_ge > need) & (thr > 0):
+        # Ties at thr: keep the lowest-index ones (one scan, only on rows that need it).
+        gt = keys > thr
+        eq = ge & ~gt
+        n_gt = tl.sum(gt.to(tl.int32), axis=0)
+        sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need - n_gt))
+    else:
+        sel = ge & (keys > 0)
+    return sel
 
 
 @triton.jit
 def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                       out_idx_ptr, out_val_ptr, stride_out, scr_key_ptr, scr_col_ptr,
                       K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                      HBITS: tl.constexpr, CAP: tl.constexpr, WRITE_VALS: tl.constexpr):
+                      HBITS: tl.constexpr, CAP: tl.constexpr, NS: tl.constexpr,
+                      WRITE_VALS: tl.constexpr):
     # Row r of x holds key positions [lo, lo + stride_x); query t0 + r reads [ks, ke) of it and
     # its output row t0 + r gets offsets relative to ks.
-    SHIFT: tl.constexpr = 32 - HBITS
     NBINS: tl.constexpr = 1 << HBITS
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -91,89 +99,143 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
         row = x_ptr + tl.cast(r, tl.int64) * stride_x + (s0 - lo)
         out_idx = out_idx_ptr + t.to(tl.int64) * stride_out
         out_val = out_val_ptr + t.to(tl.int64) * stride_out
-        # Pass 1: histogram of the top HBITS key bits; bin 0 holds -inf / masked entries.
-        hist = tl.zeros([NBINS], dtype=tl.int32)
-        for c in range(0, n, CHUNK):
-            m = c + offs < n
-            v = tl.load(row + c + offs, mask=m, other=float("-inf"))
-            hist += tl.histogram((_ordered_key(v) >> SHIFT).to(tl.int32), NBINS, mask=m)
-        hist = tl.where(bins == 0, 0, hist)
-        suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist   # #keys in bins >= b
-        tb = tl.maximum(tl.sum((suffix >= K).to(tl.int32), axis=0) - 1, 0)
-        # tb == 0: fewer than K finite scores, every one of them is selected in pass 2.
-        tbu = tb.to(tl.uint32)
-        # Pass 2: bins above tb go to the output, the threshold bin to the scratch.
-        tl.debug_barrier()  # the previous row's scratch reads are done
-        n_out = tl.zeros([], dtype=tl.int32)
-        n_eq = tl.zeros([], dtype=tl.int32)
-        for c in range(0, n, CHUNK):
-            m = c + offs < n
-            v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+        ci = tl.arange(0, CAP)
+        done = n <= CAP
+        n_c = n
+        if done:
+            # The whole window fits in registers: one exact selection.
+            v = tl.load(row + ci, mask=ci < n, other=float("-inf"))
             key = _ordered_key(v)
-            b = key >> SHIFT
-            above = m & (b > tbu) & (key > 0)
-            eq = m & (b == tbu) & (tb > 0)
-            pa = n_out + tl.cumsum(above.to(tl.int32), axis=0) - 1
-            tl.store(out_idx + pa, c + offs, mask=above)
+            col = ci
+        else:
+            # Sample NS evenly spaced scores, take the threshold at a rank safely above the
+            # expected rank of the K-th score (lam + 4 sqrt(lam) + 4, lam = K * NS / n), keep
+            # every score >= it (about K * (1 + 4 / sqrt(lam)) of them) in the scratch.
+            si = tl.arange(0, NS)
+            sv = tl.load(row + (si.to(tl.int64) * n) // NS)
+            lam = K * NS / n.to(tl.float32)
+            rank = tl.minimum((lam + 4.0 * tl.sqrt(lam) + 4.0).to(tl.int32), NS)
+            thr_s = _bisect_threshold(_ordered_key(sv), rank, tl.zeros([], dtype=tl.uint32), 32)
+            tl.debug_barrier()  # the previous row's scratch reads are done
+            n_c = tl.zeros([], dtype=tl.int32)
+            for c in range(0, n, CHUNK):
+                m = c + offs < n
+                kc = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
+                keep = m & (kc >= thr_s) & (kc > 0)
+                pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                tl.store(scr_key + pk, kc, mask=keep & (pk < CAP))
+                tl.store(scr_col + pk, c + offs, mask=keep & (pk < CAP))
+                n_c += tl.sum(keep.to(tl.int32), axis=0)
+            done = (n_c >= K) & (n_c <= CAP)
+            tl.debug_barrier()
+            key = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+            col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+        if done:
+            thr = _bisect_threshold(key, K, tl.zeros([], dtype=tl.uint32), 32)
+            sel = _select_mask(key, K, thr)
+            ps = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            tl.store(out_idx + ps, col, mask=sel)
             if WRITE_VALS:
-                tl.store(out_val + pa, v, mask=above)
-            pe = n_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
-            tl.store(scr_key + pe, key, mask=eq & (pe < CAP))
-            tl.store(scr_col + pe, c + offs, mask=eq & (pe < CAP))
-            n_out += tl.sum(above.to(tl.int32), axis=0)
-            n_eq += tl.sum(eq.to(tl.int32), axis=0)
-        need = K - n_out
-        if tb > 0:
-            thr0 = tbu << SHIFT
-            if n_eq <= CAP:
-                # Pass 3: bisect the low bits over the threshold bin, in registers.
-                tl.debug_barrier()
-                ci = tl.arange(0, CAP)
-                ck = tl.load(scr_key + ci, mask=ci < n_eq, other=0, cache_modifier=".cg")
-                thr = _bisect_threshold(ck, need, thr0, SHIFT)
-                sel = _select_mask(ck, need, thr)
-                cols = tl.load(scr_col + ci, mask=sel, other=0, cache_modifier=".cg")
-                ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-                tl.store(out_idx + ps, cols, mask=sel)
-                if WRITE_VALS:
-                    tl.store(out_val + ps, _key_to_float(ck), mask=sel)
-            else:
-                # Fallback for huge ties: the same bisection, one pass over the row per bit.
-                thr = thr0
-                for i in range(SHIFT):
-                    cand = thr | (tl.full([], 1, tl.uint32) << tl.cast(SHIFT - 1 - i, tl.uint32))
-                    cnt = tl.zeros([], dtype=tl.int32)
-                    for c in range(0, n, CHUNK):
-                        m = c + offs < n
-                        key = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
-                        cnt += tl.sum((m & ((key >> SHIFT) == tbu) & (key >= cand)).to(tl.int32),
-                                      axis=0)
-                    thr = tl.where(cnt >= need, cand, thr)
-                n_gt = tl.zeros([], dtype=tl.int32)
+                tl.store(out_val + ps, _key_to_float(key), mask=sel)
+            n_sel = tl.sum(sel.to(tl.int32), axis=0)
+            tl.store(out_idx + kk, -1, mask=(kk >= n_sel) & (kk < K))
+            if WRITE_VALS:
+                tl.store(out_val + kk, float("-inf"), mask=(kk >= n_sel) & (kk < K))
+        else:
+            _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, bins, kk, K,
+                                CHUNK, HBITS, CAP, WRITE_VALS)
+
+
+@triton.jit
+def _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, bins, kk,
+                        K: tl.constexpr, CHUNK: tl.constexpr, HBITS: tl.constexpr,
+                        CAP: tl.constexpr, WRITE_VALS: tl.constexpr):
+    """The general path of one wide row (histogram, filter, bisection; see module doc)."""
+    SHIFT: tl.constexpr = 32 - HBITS
+    NBINS: tl.constexpr = 1 << HBITS
+    # Pass 1: histogram of the top HBITS key bits; bin 0 holds -inf / masked entries.
+    hist = tl.zeros([NBINS], dtype=tl.int32)
+    for c in range(0, n, CHUNK):
+        m = c + offs < n
+        v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+        hist += tl.histogram((_ordered_key(v) >> SHIFT).to(tl.int32), NBINS, mask=m)
+    hist = tl.where(bins == 0, 0, hist)
+    suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist   # #keys in bins >= b
+    tb = tl.maximum(tl.sum((suffix >= K).to(tl.int32), axis=0) - 1, 0)
+    # tb == 0: fewer than K finite scores, every one of them is selected in pass 2.
+    tbu = tb.to(tl.uint32)
+    # Pass 2: bins above tb go to the output, the threshold bin to the scratch.
+    tl.debug_barrier()  # the previous row's scratch reads are done
+    n_out = tl.zeros([], dtype=tl.int32)
+    n_eq = tl.zeros([], dtype=tl.int32)
+    for c in range(0, n, CHUNK):
+        m = c + offs < n
+        v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+        key = _ordered_key(v)
+        b = key >> SHIFT
+        above = m & (b > tbu) & (key > 0)
+        eq = m & (b == tbu) & (tb > 0)
+        pa = n_out + tl.cumsum(above.to(tl.int32), axis=0) - 1
+        tl.store(out_idx + pa, c + offs, mask=above)
+        if WRITE_VALS:
+            tl.store(out_val + pa, v, mask=above)
+        pe = n_eq + tl.cumsum(eq.to(tl.int32), axis=0) - 1
+        tl.store(scr_key + pe, key, mask=eq & (pe < CAP))
+        tl.store(scr_col + pe, c + offs, mask=eq & (pe < CAP))
+        n_out += tl.sum(above.to(tl.int32), axis=0)
+        n_eq += tl.sum(eq.to(tl.int32), axis=0)
+    need = K - n_out
+    if tb > 0:
+        thr0 = tbu << SHIFT
+        if n_eq <= CAP:
+            # Pass 3: bisect the low bits over the threshold bin, in registers.
+            tl.debug_barrier()
+            ci = tl.arange(0, CAP)
+            ck = tl.load(scr_key + ci, mask=ci < n_eq, other=0, cache_modifier=".cg")
+            thr = _bisect_threshold(ck, need, thr0, SHIFT)
+            sel = _select_mask(ck, need, thr)
+            cols = tl.load(scr_col + ci, mask=sel, other=0, cache_modifier=".cg")
+            ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            tl.store(out_idx + ps, cols, mask=sel)
+            if WRITE_VALS:
+                tl.store(out_val + ps, _key_to_float(ck), mask=sel)
+        else:
+            # Fallback for huge ties: the same bisection, one pass over the row per bit.
+            thr = thr0
+            for i in range(SHIFT):
+                cand = thr | (tl.full([], 1, tl.uint32) << tl.cast(SHIFT - 1 - i, tl.uint32))
+                cnt = tl.zeros([], dtype=tl.int32)
                 for c in range(0, n, CHUNK):
                     m = c + offs < n
                     key = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
-                    n_gt += tl.sum((m & ((key >> SHIFT) == tbu) & (key > thr)).to(tl.int32),
-                                   axis=0)
-                n_tie = need - n_gt
-                for c in range(0, n, CHUNK):
-                    m = c + offs < n
-                    v = tl.load(row + c + offs, mask=m, other=float("-inf"))
-                    key = _ordered_key(v)
-                    inb = m & ((key >> SHIFT) == tbu)
-                    tie = inb & (key == thr)
-                    sel = (inb & (key > thr)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0)
-                                                        <= n_tie))
-                    ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-                    tl.store(out_idx + ps, c + offs, mask=sel)
-                    if WRITE_VALS:
-                        tl.store(out_val + ps, v, mask=sel)
-                    n_out += tl.sum(sel.to(tl.int32), axis=0)
-                    n_tie -= tl.sum(tie.to(tl.int32), axis=0)
-            n_out = tl.full([], K, tl.int32)
-        tl.store(out_idx + kk, -1, mask=(kk >= n_out) & (kk < K))
-        if WRITE_VALS:
-            tl.store(out_val + kk, float("-inf"), mask=(kk >= n_out) & (kk < K))
+                    cnt += tl.sum((m & ((key >> SHIFT) == tbu) & (key >= cand)).to(tl.int32),
+                                  axis=0)
+                thr = tl.where(cnt >= need, cand, thr)
+            n_gt = tl.zeros([], dtype=tl.int32)
+            for c in range(0, n, CHUNK):
+                m = c + offs < n
+                key = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
+                n_gt += tl.sum((m & ((key >> SHIFT) == tbu) & (key > thr)).to(tl.int32),
+                               axis=0)
+            n_tie = need - n_gt
+            for c in range(0, n, CHUNK):
+                m = c + offs < n
+                v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+                key = _ordered_key(v)
+                inb = m & ((key >> SHIFT) == tbu)
+                tie = inb & (key == thr)
+                sel = (inb & (key > thr)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0)
+                                                    <= n_tie))
+                ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                tl.store(out_idx + ps, c + offs, mask=sel)
+                if WRITE_VALS:
+                    tl.store(out_val + ps, v, mask=sel)
+                n_out += tl.sum(sel.to(tl.int32), axis=0)
+                n_tie -= tl.sum(tie.to(tl.int32), axis=0)
+        n_out = tl.full([], K, tl.int32)
+    tl.store(out_idx + kk, -1, mask=(kk >= n_out) & (kk < K))
+    if WRITE_VALS:
+        tl.store(out_val + kk, float("-inf"), mask=(kk >= n_out) & (kk < K))
 
 
 def persistent_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
@@ -209,4 +271,5 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
         x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
         scratch[0].view(torch.uint32), scratch[1],
         K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, HBITS=TOPK_HIST_BITS,
-        CAP=TOPK_SCRATCH, WRITE_VALS=out_val is not None, num_warps=8)
+        CAP=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH),
+        WRITE_VALS=out_val is not None, num_warps=8)

@@ -194,3 +194,12 @@ def test_window_of_at_most_topk_keys_returns_all_even_across_m_plus_one_blocks()
                           block_topk=4, backend="torch")
     check_index_format(idx, ks, inp.ke, 32, exact_count=False)
     assert bool(((idx[40:] >= 0).sum(1) == 32).all())
+
+
+def test_empty_key_buffer():
+    q, w = torch.randn(3, 2, 16), torch.randn(3, 2)
+    k = torch.empty(0, 16)
+    z = torch.zeros(3, dtype=torch.int32)
+    for op in (hisa.dsa_index, hisa.hisa_index):
+        idx = op(q, k, w, z, z, topk=4, backend="torch")
+        assert bool((idx == -1).all())

@@ -101,6 +101,8 @@ def naive_token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
          positions int64 [T, m*B], absolute, -1 for padding).
     """
     pos = candidate_positions(block_ids, block_size, k.shape[0])
+    if k.shape[0] == 0:                      # no keys at all: every candidate is padding
+        return torch.full(pos.shape, float("-inf"), device=q.device), pos
     safe = pos.clamp_min(0)
     scale = None if k_scale is None else k_scale[safe]
     scores = naive_scores(q, k[safe], weights, scale)                         # [T, m*B]

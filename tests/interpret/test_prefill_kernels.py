@@ -206,7 +206,8 @@ def test_prefill_stages_compute_the_end_to_end_result():
                                block_topk=M)
     stages = hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
                                  block_topk=M)
-    assert [name for name, _ in stages] == ["pool", "block_select", "token_select"]
+    assert [name for name, _ in stages] == ["pool", "block_select", "token_scores",
+                                            "select_tokens"]
     state = None
     for _, fn in stages:
         state = fn()

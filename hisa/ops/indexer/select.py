@@ -108,7 +108,8 @@ def select_blocks(block_scores: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
 
 def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch.Tensor, *,
                   block_size: int, topk: int, out: torch.Tensor | None = None,
-                  need_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  need_scores: bool = False, out_scores: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k of fp32 [T, m*B] candidate scores mapped to offsets relative to ks.
 
     Returns (int32 [T, topk], -1 padded; fp32 [T, topk] or None). Twin:
@@ -123,11 +124,13 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
                          f"candidates per query for the Triton selection, got {MB}")
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32,
                                                   device=token_scores.device)
-    vals = torch.empty(T, topk, dtype=torch.float32, device=idx.device) if need_scores else None
+    vals = out_scores
+    if need_scores and vals is None:
+        vals = torch.empty(T, topk, dtype=torch.float32, device=idx.device)
     if T:
         _select_tokens_kernel[(T,)](token_scores, block_ids, ks, idx,
                                     vals if vals is not None else token_scores,
                                     B=block_size, M=M, MB_PAD=mb_pad, K=topk,
                                     K_PAD=triton.next_power_of_2(topk),
-                                    WRITE_VALS=need_scores, num_warps=select_warps(mb_pad))
+                                    WRITE_VALS=vals is not None, num_warps=select_warps(mb_pad))
     return idx, vals

@@ -80,12 +80,18 @@ def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val,
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                  ke: torch.Tensor, block_ids: torch.Tensor, *, block_size: int,
-                 k_scale: torch.Tensor | None = None, prec: str = "tf32") -> torch.Tensor:
+                 k_scale: torch.Tensor | None = None, prec: str = "tf32",
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 [T, m*B] candidate scores, -inf outside the window and for padding blocks
-    (twin: ``naive_token_scores``, whose positions are ``candidate_positions(block_ids)``)."""
+    (twin: ``naive_token_scores``, whose positions are ``candidate_positions(block_ids)``).
+
+    ``out``: optional fp32 buffer of at least T * m*B elements (its head is used)."""
     T = q.shape[0]
     M = block_ids.shape[1]
-    scores = torch.empty(T, M * block_size, dtype=torch.float32, device=q.device)
+    if out is None:
+        scores = torch.empty(T, M * block_size, dtype=torch.float32, device=q.device)
+    else:
+        scores = out.view(-1)[:T * M * block_size].view(T, M * block_size)
     if T:
         _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, scores, None,
                 block_size=block_size, topk=1, select=False, prec=prec,

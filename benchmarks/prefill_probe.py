@@ -186,7 +186,7 @@ def time_hisa(L, gpu, flat_ms=None, B=128, M=64, K=2048):
                                              block_size=B, block_topk=M, out=out))
     tok_pairs = L * M * B
     row = dict(op="hisa", L=L, ms=t_full, **{f"{n}_ms": v for n, v in st.items()},
-               token_scores_unfused_ms=t_tok, select_tokens_ms=t_sel, token_select_fused_ms=t_f8,
+               token_scores_unfused_ms=t_tok, token_select_fused_ms=t_f8,
                token_scores_tflops=tok_pairs * FLOP_PER_PAIR / t_tok / 1e9,
                speedup_vs_flat=None if flat_ms is None else flat_ms / t_full, gpu=gpu)
     ROWS.append(row)

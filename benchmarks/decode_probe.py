@@ -1,11 +1,13 @@
 """Decode probe: flat vs HISA paged decode (Triton), CUDA-graph replay timings on one GPU.
 
-    PYTHONPATH=. python3 benchmarks/decode_probe.py [--quick] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/decode_probe.py [--quick] [--variants] [--out DIR]
 
 Builds one paged cache per context (random clustered keys written through the Triton append,
 pooled rows included), checks the kernels against the references on a small shape first, then
 times flat / HISA / auto for batch x context (next_n = 1, plus a next_n = 2 subset), printing a
 compact table and writing JSON rows (targets.md format) to ``DIR/decode.jsonl``.
+``--variants`` instead times the HISA kernel variants (fused block selection on/off, select
+radix 1/2) and cumulative stage prefixes at a few shapes (see benchmarks/decode_notes.md).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import triton
 
 import hisa
 from hisa.cache import PAGE_SIZE, PagedIndexerCache
+from hisa.cache.layout import as_pages
 from hisa.cache.factory import make_paged_inputs, random_keys
 from hisa.ops.dsa.decode_kernels import paged_logits
 from hisa.utils.quant import quantize_fp8
@@ -106,9 +109,60 @@ def gate():
     assert rf > 0.999 and rh > 0.98, "correctness gate failed: no numbers"
 
 
+def variants(out_dir):
+    """HISA variants and stage prefixes at a few shapes, each checked against the default."""
+    from hisa.ops.dsa.decode_kernels import decode_operands
+    from hisa.ops.indexer import decode_kernels as dk
+    var = {"split": dict(fuse_block_select=False, radix=1),
+           "split_r2": dict(fuse_block_select=False, radix=2),
+           "fused_r1": dict(fuse_block_select=True, radix=1),
+           "fused_r2": dict(fuse_block_select=True, radix=2)}
+    print(f"{'ctx':>7} {'b':>4} {'flat':>7} " + " ".join(f"{k:>9}" for k in var)
+          + f" {'blk':>6} {'+tok':>6} {'same':>5}")
+    lines = []
+    for ctx, batches in ((131072, (1, 8, 32, 128)), (8192, (8, 128))):
+        cache, bt_all = build(max(batches), ctx)
+        for batch in batches:
+            q, w = queries(batch, 1)
+            bt = bt_all[:batch].contiguous()
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            pages = as_pages(cache.kv_cache, D)
+            out_f = torch.empty(batch, TOPK, dtype=torch.int32, device="cuda")
+            outs = {k: torch.empty_like(out_f) for k in var}
+            t = {"flat": graph_time_us(lambda: hisa.dsa_index_paged(
+                q, cache.kv_cache, w, lens, bt, topk=TOPK, out=out_f, backend="triton"))}
+            for k, kw in var.items():
+                t[k] = graph_time_us(lambda kw=kw, o=outs[k]: dk.hisa_decode(
+                    q, pages, cache.pooled_cache, w, lens, bt, topk=TOPK, block_size=B,
+                    block_topk=M, out=o, **kw))
+            same = all(torch.equal(outs[k], outs["split"]) for k in var)
+            qq, _, _, prec = decode_operands(q, pages)
+            ids = torch.empty(batch, M, dtype=torch.int32, device="cuda")
+            js = dk.block_scores_paged(qq, cache.pooled_cache, w, lens, bt, block_size=B,
+                                       prec=prec, num_pages=pages.shape[0])
+            t["blk"] = graph_time_us(lambda: dk.block_scores_paged(
+                qq, cache.pooled_cache, w, lens, bt, block_size=B, prec=prec,
+                num_pages=pages.shape[0], out=js))
+            t["+tok"] = graph_time_us(lambda: dk.token_scores_paged(
+                qq, pages, w, lens, bt, ids, block_size=B, prec=prec,
+                block_scores=dk.block_scores_paged(qq, cache.pooled_cache, w, lens, bt,
+                                                   block_size=B, prec=prec,
+                                                   num_pages=pages.shape[0], out=js)))
+            line = (f"{ctx:>7} {batch:>4} {t['flat']:>7.1f} "
+                    + " ".join(f"{t[k]:>9.1f}" for k in var)
+                    + f" {t['blk']:>6.1f} {t['+tok']:>6.1f} {str(same):>5}")
+            print(line, flush=True)
+            lines.append(line)
+        del cache, bt_all
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "variants.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--variants", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -116,6 +170,9 @@ def main():
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"
     gate()
+    if args.variants:
+        variants(args.out)
+        return
     bw = copy_bandwidth_gbs()
     print(f"{gpu}: copy bandwidth {bw:.0f} GB/s")
     batches = [1, 8, 32, 64, 128]

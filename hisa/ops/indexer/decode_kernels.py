@@ -31,7 +31,8 @@ import triton.language as tl
 from ...cache.layout import PAGE_SIZE
 from ..dsa.decode_kernels import (NO_LIMIT, _page_scores, _pick, _request_len, _row_len,
                                   decode_operands, dsa_decode)
-from .select import SELECT_MAX_ROW, _select_block_row, _select_token_row, select_warps
+from .decode_select import _select_row, _select_token_row_fast
+from .select import SELECT_MAX_ROW, select_warps
 
 #: Crossover of ``backend="auto"``: requests with at most this many keys take the flat path;
 #: 0 means HISA for every request. Measured on an H100 (benchmarks/decode_probe.py, CUDA
@@ -40,59 +41,100 @@ from .select import SELECT_MAX_ROW, _select_block_row, _select_token_row, select
 #: 128K x 128, so no request is routed to flat. The routing (two extra launches, 5-30 %
 #: overhead when unused) stays available for GPUs or shapes where flat wins.
 HISA_MIN_KEYS = 0
-#: Pooled rows scored per dot in the block stage.
+#: Pooled rows scored per block-stage program (one dot; a row's blocks spread over programs).
 BLOCK_TILE = 64
-#: Kept blocks handled by one token-stage program.
-BLOCKS_PER_PROG = 2
+#: Token-stage programs wanted per SM: a row's m kept blocks are split over
+#: ``min(m, TOKEN_PROGS_PER_SM * SMs / rows)`` programs (rounded down to a power of two), so a
+#: small batch still fills the GPU and a large one keeps the redundant block selection cheap.
+TOKEN_PROGS_PER_SM = 8
+#: Block selection inside the token-stage programs (one launch fewer) rather than its own
+#: launch; see ``_token_scores_kernel``.
+FUSE_BLOCK_SELECT = True
+#: Bits settled per reduction pass of the register selections (:mod:`.decode_select`).
+SELECT_RADIX = 2
 #: Warps of the score kernels.
 SCORE_WARPS = 4
 
 
 @triton.jit
-def _block_select_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_ptr, scratch_ptr,
-                         ids_ptr, num_pages, max_pages, stride_bt, hisa_min_keys,
+def _block_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_ptr, scratch_ptr,
+                         num_pages, max_pages, stride_bt, hisa_min_keys,
                          NEXT_N: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
-                         B: tl.constexpr, SEQ_2D: tl.constexpr, M: tl.constexpr,
-                         M_PAD: tl.constexpr, NB_PAD: tl.constexpr, TILE: tl.constexpr,
-                         PAGE: tl.constexpr, PREC: tl.constexpr):
+                         B: tl.constexpr, SEQ_2D: tl.constexpr, NB_PAD: tl.constexpr,
+                         TILE: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
     row = tl.program_id(0)
+    j0 = tl.program_id(1) * TILE
     b = row // NEXT_N
     i = row % NEXT_N
     PPB: tl.constexpr = B // PAGE
     max_keys = max_pages * PAGE
-    if _request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D) > hisa_min_keys:
-        n = _row_len(seq_lens_ptr, b, i, max_keys, NEXT_N, SEQ_2D)
-        nb = tl.cdiv(n, B)
+    n = _row_len(seq_lens_ptr, b, i, max_keys, NEXT_N, SEQ_2D)
+    nb = tl.cdiv(n, B)
+    if (_request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D) > hisa_min_keys) & (j0 < nb):
         r64 = row.to(tl.int64)
         h = tl.arange(0, H)
         d = tl.arange(0, D)
         q_t = tl.load(q_ptr + r64 * (H * D) + h[None, :] * D + d[:, None])          # [D, H]
         w = tl.load(w_ptr + r64 * H + h)                                            # [H]
-        out = scratch_ptr + r64 * NB_PAD
-        for j0 in range(0, nb, TILE):
-            j = j0 + tl.arange(0, TILE)
-            need = (j >= 1) & (j < nb - 1)
-            page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (j + 1) * PPB - 1,
-                           mask=need, other=0)
-            ok = need & (page >= 0) & (page < num_pages)
-            base = tl.where(ok, page, 0).to(tl.int64) * (D + 4)
-            kb = tl.load(pl8_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-            sc = tl.load(pl32_ptr + base // 4 + D // 4, mask=ok, other=0.0)
-            acc = tl.dot(kb.to(q_t.dtype), q_t, input_precision=PREC)               # [TILE, H]
-            s = tl.sum(tl.maximum(acc, 0.0) * w[None, :], axis=1) * sc
-            s = tl.where(ok, s, float("-inf"))
-            s = tl.where((j == 0) | (j == nb - 1), float("inf"), s)
-            tl.store(out + j, s, mask=j < nb)
-        tl.debug_barrier()
-        _select_block_row(out, nb, 0, ids_ptr + r64 * M, M, M_PAD, NB_PAD)
+        j = j0 + tl.arange(0, TILE)
+        need = (j >= 1) & (j < nb - 1)
+        page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (j + 1) * PPB - 1, mask=need,
+                       other=0)
+        ok = need & (page >= 0) & (page < num_pages)
+        base = tl.where(ok, page, 0).to(tl.int64) * (D + 4)
+        kb = tl.load(pl8_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        sc = tl.load(pl32_ptr + base // 4 + D // 4, mask=ok, other=0.0)
+        acc = tl.dot(kb.to(q_t.dtype), q_t, input_precision=PREC)                   # [TILE, H]
+        s = tl.sum(tl.maximum(acc, 0.0) * w[None, :], axis=1) * sc
+        s = tl.where(ok, s, float("-inf"))
+        s = tl.where((j == 0) | (j == nb - 1), float("inf"), s)
+        tl.store(scratch_ptr + r64 * NB_PAD + j, s, mask=j < nb)
 
 
 @triton.jit
-def _token_scores_kernel(q_ptr, kv8_ptr, kv32_ptr, w_ptr, seq_lens_ptr, bt_ptr, ids_ptr,
-                         cand_ptr, num_pages, max_pages, stride_bt, hisa_min_keys,
+def _row_blocks(scratch_ptr, r64, nb, M: tl.constexpr, NB_PAD: tl.constexpr,
+                RADIX: tl.constexpr):
+    """(block ids [NB_PAD], selection mask, slot of each selected block, count) of a row's
+    top-M blocks from its scores in the scratch."""
+    bi = tl.arange(0, NB_PAD)
+    v = tl.load(scratch_ptr + r64 * NB_PAD + bi, mask=bi < nb, other=float("-inf"),
+                cache_modifier=".cg")
+    sel, pos, n_sel = _select_row(v, M, RADIX)
+    return bi, sel, pos, n_sel
+
+
+@triton.jit
+def _store_ids(ids_ptr, bi, sel, pos, n_sel, M: tl.constexpr, M_PAD: tl.constexpr):
+    tl.store(ids_ptr + pos, bi, mask=sel)
+    jm = tl.arange(0, M_PAD)
+    tl.store(ids_ptr + jm, -1, mask=(jm >= n_sel) & (jm < M))
+
+
+@triton.jit
+def _block_select_kernel(scratch_ptr, seq_lens_ptr, ids_ptr, max_pages, hisa_min_keys,
+                         NEXT_N: tl.constexpr, B: tl.constexpr, SEQ_2D: tl.constexpr,
+                         M: tl.constexpr, M_PAD: tl.constexpr, NB_PAD: tl.constexpr,
+                         PAGE: tl.constexpr, RADIX: tl.constexpr):
+    row = tl.program_id(0)
+    b = row // NEXT_N
+    max_keys = max_pages * PAGE
+    if _request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D) > hisa_min_keys:
+        r64 = row.to(tl.int64)
+        nb = tl.cdiv(_row_len(seq_lens_ptr, b, row % NEXT_N, max_keys, NEXT_N, SEQ_2D), B)
+        bi, sel, pos, n_sel = _row_blocks(scratch_ptr, r64, nb, M, NB_PAD, RADIX)
+        _store_ids(ids_ptr + r64 * M, bi, sel, pos, n_sel, M, M_PAD)
+
+
+@triton.jit
+def _token_scores_kernel(q_ptr, kv8_ptr, kv32_ptr, w_ptr, seq_lens_ptr, bt_ptr, scratch_ptr,
+                         ids_ptr, cand_ptr, num_pages, max_pages, stride_bt, hisa_min_keys,
                          NEXT_N: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                          B: tl.constexpr, SEQ_2D: tl.constexpr, M: tl.constexpr,
-                         BPP: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+                         M_PAD: tl.constexpr, NB_PAD: tl.constexpr, BPP: tl.constexpr,
+                         PAGE: tl.constexpr, PREC: tl.constexpr, FUSE_SELECT: tl.constexpr,
+                         RADIX: tl.constexpr):
+    # FUSE_SELECT: every program selects its row's top-M blocks from the block scores itself
+    # (a redundant register selection, in parallel) instead of a separate launch reading them.
     row = tl.program_id(0)
     jb = tl.program_id(1)
     b = row // NEXT_N
@@ -102,24 +144,33 @@ def _token_scores_kernel(q_ptr, kv8_ptr, kv32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
     if _request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D) > hisa_min_keys:
         n = _row_len(seq_lens_ptr, b, i, max_keys, NEXT_N, SEQ_2D)
         r64 = row.to(tl.int64)
+        if FUSE_SELECT:
+            bi, sel, pos, n_sel = _row_blocks(scratch_ptr, r64, tl.cdiv(n, B), M, NB_PAD,
+                                              RADIX)
+            if jb == 0:
+                _store_ids(ids_ptr + r64 * M, bi, sel, pos, n_sel, M, M_PAD)
         h = tl.arange(0, H)
         d = tl.arange(0, D)
         one = tl.arange(0, 1)
         q_t = tl.load(q_ptr + r64 * (H * D) + h[None, :] * D + d[:, None])          # [D, H]
         w = tl.load(w_ptr + r64 * H + h)
         t = tl.arange(0, PAGE)
-        for jj in tl.static_range(BPP):
+        for jj in range(BPP):
             j = jb * BPP + jj
-            blk = tl.load(ids_ptr + r64 * M + j, mask=j < M, other=-1)
+            if FUSE_SELECT:
+                blk = tl.sum(tl.where(sel & (pos == j), bi, 0), axis=0)
+                blk = tl.where(j < n_sel, blk, -1)
+            else:
+                blk = tl.load(ids_ptr + r64 * M + j, mask=j < M, other=-1)
             for p in tl.static_range(PPB):
                 col = blk * PPB + p
                 page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + col, mask=blk >= 0,
                                other=-1)
-                pos = col * PAGE + t
+                pos_t = col * PAGE + t
                 page_ok = (blk >= 0) & (page >= 0) & (page < num_pages)
                 s2 = _page_scores(kv8_ptr, kv32_ptr, tl.where(page_ok, page, 0), page_ok, q_t,
                                   w, H, 1, H, D, PAGE, PREC)
-                sc = tl.where(page_ok & (pos < n), _pick(s2, one, 0), float("-inf"))
+                sc = tl.where(page_ok & (pos_t < n), _pick(s2, one, 0), float("-inf"))
                 tl.store(cand_ptr + r64 * (M * B) + j * B + p * PAGE + t, sc, mask=j < M)
 
 
@@ -128,13 +179,14 @@ def _token_select_kernel(cand_ptr, ids_ptr, seq_lens_ptr, out_idx_ptr, out_val_p
                          hisa_min_keys, NEXT_N: tl.constexpr, SEQ_2D: tl.constexpr,
                          B: tl.constexpr, M: tl.constexpr, MB_PAD: tl.constexpr,
                          K: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr,
-                         WRITE_VALS: tl.constexpr):
+                         WRITE_VALS: tl.constexpr, RADIX: tl.constexpr):
     row = tl.program_id(0)
     b = row // NEXT_N
     if _request_len(seq_lens_ptr, b, max_pages * PAGE, NEXT_N, SEQ_2D) > hisa_min_keys:
         r64 = row.to(tl.int64)
-        _select_token_row(cand_ptr + r64 * (M * B), ids_ptr + r64 * M, 0, out_idx_ptr + r64 * K,
-                          out_val_ptr + r64 * K, B, M * B, MB_PAD, K, K_PAD, WRITE_VALS)
+        _select_token_row_fast(cand_ptr + r64 * (M * B), ids_ptr + r64 * M,
+                               out_idx_ptr + r64 * K, out_val_ptr + r64 * K, B, M * B, MB_PAD,
+                               K, K_PAD, WRITE_VALS, RADIX)
 
 
 def check_decode_params(block_size: int, block_topk: int, max_pages: int) -> None:
@@ -150,43 +202,88 @@ def check_decode_params(block_size: int, block_topk: int, max_pages: int) -> Non
                          f"{block_topk * block_size}")
 
 
-def block_select(q, pooled_cache, weights, seq_lens, block_table, *, block_size, block_topk,
-                 hisa_min_keys=-1, prec="tf32", num_pages=None):
-    """Top-m block ids per row, int32 [rows, m], ascending, -1 padded (rows of requests with at
-    most ``hisa_min_keys`` keys are left unwritten). Twin: ``naive_block_scores`` +
-    ``naive_select_blocks`` on the request's pooled rows."""
+def _num_pages(pages_or_pooled, num_pages):
+    return pages_or_pooled.shape[0] if num_pages is None else num_pages
+
+
+def _nb_pad(max_pages: int, block_size: int) -> int:
+    return max(16, triton.next_power_of_2(-(-max_pages * PAGE_SIZE // block_size)))
+
+
+def block_scores_paged(q, pooled_cache, weights, seq_lens, block_table, *, block_size,
+                       hisa_min_keys=-1, prec="tf32", num_pages=None, out=None):
+    """fp32 [rows, NB_PAD] block scores J[row, j] on [0, nb): +inf on the forced first and last
+    block, the pooled-row score between, garbage beyond nb. Grid (rows, NB_PAD / TILE): a row's
+    blocks are spread over programs. Twin: ``naive_block_scores`` on the request's pooled rows."""
     batch, next_n, H, D = q.shape
     rows = batch * next_n
     max_pages = block_table.shape[1]
-    nb_pad = max(16, triton.next_power_of_2(-(-max_pages * PAGE_SIZE // block_size)))
-    scratch = torch.empty(rows, nb_pad, dtype=torch.float32, device=q.device)
+    nb_pad = _nb_pad(max_pages, block_size)
+    scratch = out if out is not None else torch.empty(rows, nb_pad, dtype=torch.float32,
+                                                      device=q.device)
+    tile = min(BLOCK_TILE, nb_pad)
+    if rows:
+        _block_scores_kernel[(rows, nb_pad // tile)](
+            q, pooled_cache.view(torch.float8_e4m3fn), pooled_cache.view(torch.float32),
+            weights, seq_lens, block_table, scratch, _num_pages(pooled_cache, num_pages),
+            max_pages, block_table.stride(0), hisa_min_keys, NEXT_N=next_n, H=H, D=D,
+            B=block_size, SEQ_2D=seq_lens.dim() == 2, NB_PAD=nb_pad, TILE=tile, PAGE=PAGE_SIZE,
+            PREC=prec, num_warps=SCORE_WARPS)
+    return scratch
+
+
+def block_select(q, pooled_cache, weights, seq_lens, block_table, *, block_size, block_topk,
+                 hisa_min_keys=-1, prec="tf32", num_pages=None, radix=None):
+    """Top-m block ids per row, int32 [rows, m], ascending, -1 padded (rows of requests with at
+    most ``hisa_min_keys`` keys are left unwritten): block scores, then one selection program
+    per row. Twin: ``naive_block_scores`` + ``naive_select_blocks`` on the request's pooled
+    rows."""
+    batch, next_n = q.shape[:2]
+    rows = batch * next_n
+    scratch = block_scores_paged(q, pooled_cache, weights, seq_lens, block_table,
+                                 block_size=block_size, hisa_min_keys=hisa_min_keys, prec=prec,
+                                 num_pages=num_pages)
+    nb_pad = scratch.shape[1]
     ids = torch.empty(rows, block_topk, dtype=torch.int32, device=q.device)
     if rows:
         _block_select_kernel[(rows,)](
-            q, pooled_cache.view(torch.float8_e4m3fn), pooled_cache.view(torch.float32),
-            weights, seq_lens, block_table, scratch, ids,
-            pooled_cache.shape[0] if num_pages is None else num_pages, max_pages,
-            block_table.stride(0), hisa_min_keys, NEXT_N=next_n, H=H, D=D, B=block_size,
-            SEQ_2D=seq_lens.dim() == 2, M=block_topk,
-            M_PAD=triton.next_power_of_2(block_topk), NB_PAD=nb_pad, TILE=BLOCK_TILE,
-            PAGE=PAGE_SIZE, PREC=prec, num_warps=max(SCORE_WARPS, select_warps(nb_pad)))
+            scratch, seq_lens, ids, block_table.shape[1], hisa_min_keys, NEXT_N=next_n,
+            B=block_size, SEQ_2D=seq_lens.dim() == 2, M=block_topk,
+            M_PAD=triton.next_power_of_2(block_topk), NB_PAD=nb_pad, PAGE=PAGE_SIZE,
+            RADIX=SELECT_RADIX if radix is None else radix, num_warps=select_warps(nb_pad))
     return ids
 
 
+def token_programs(rows: int, block_topk: int, device: torch.device) -> int:
+    """Token-stage programs per row (see :data:`TOKEN_PROGS_PER_SM`)."""
+    if device.type != "cuda":
+        return min(block_topk, 4)               # the interpreter runs programs one by one
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = max(1, TOKEN_PROGS_PER_SM * sms // max(rows, 1))
+    return max(1, min(block_topk, 1 << (want.bit_length() - 1)))
+
+
 def token_scores_paged(q, pages, weights, seq_lens, block_table, block_ids, *, block_size,
-                       hisa_min_keys=-1, prec="tf32"):
+                       hisa_min_keys=-1, prec="tf32", block_scores=None, programs=None,
+                       radix=None):
     """fp32 [rows, m*B] exact scores of the kept blocks' tokens, -inf outside the row's window
-    and for padding blocks. Twin: ``naive_token_scores`` on the request's keys."""
+    and for padding blocks. With ``block_scores`` (from :func:`block_scores_paged`) the programs
+    select the blocks themselves and write ``block_ids``; else they read ``block_ids``.
+    Twin: ``naive_token_scores`` on the request's keys."""
     batch, next_n, H, D = q.shape
     rows, M = block_ids.shape
     cand = torch.empty(rows, M * block_size, dtype=torch.float32, device=q.device)
+    progs = programs or token_programs(rows, M, q.device)
+    bpp = -(-M // progs)
+    fuse = block_scores is not None
     if rows:
-        grid = (rows, triton.cdiv(M, BLOCKS_PER_PROG))
-        _token_scores_kernel[grid](
+        _token_scores_kernel[(rows, -(-M // bpp))](
             q, pages.view(torch.float8_e4m3fn), pages.view(torch.float32), weights, seq_lens,
-            block_table, block_ids, cand, pages.shape[0], block_table.shape[1],
-            block_table.stride(0), hisa_min_keys, NEXT_N=next_n, H=H, D=D, B=block_size,
-            SEQ_2D=seq_lens.dim() == 2, M=M, BPP=BLOCKS_PER_PROG, PAGE=PAGE_SIZE, PREC=prec,
+            block_table, block_scores if fuse else cand, block_ids, cand, pages.shape[0],
+            block_table.shape[1], block_table.stride(0), hisa_min_keys, NEXT_N=next_n, H=H, D=D,
+            B=block_size, SEQ_2D=seq_lens.dim() == 2, M=M, M_PAD=triton.next_power_of_2(M),
+            NB_PAD=block_scores.shape[1] if fuse else 16, BPP=bpp, PAGE=PAGE_SIZE, PREC=prec,
+            FUSE_SELECT=fuse, RADIX=SELECT_RADIX if radix is None else radix,
             num_warps=SCORE_WARPS)
     return cand
 
@@ -195,13 +292,17 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
                 weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
                 topk: int, block_size: int, block_topk: int, out: torch.Tensor | None = None,
                 need_scores: bool = False, route_short_to_flat: bool = False,
-                hisa_min_keys: int | None = None
+                hisa_min_keys: int | None = None, fuse_block_select: bool | None = None,
+                radix: int | None = None, programs: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA paged decode: (int32 [rows, topk] positions, -1 padded; fp32 scores or None).
 
     ``route_short_to_flat`` (``backend="auto"``) sends requests with at most ``hisa_min_keys``
-    (default ``max(HISA_MIN_KEYS, block_topk * block_size)``) keys to the flat kernels; the choice is per request, on
-    the device. Launches: 3 (HISA only) or 5 (both paths)."""
+    (default :data:`HISA_MIN_KEYS`) keys to the flat kernels; the choice is per request, on the
+    device. Launches: 3 with the fused block selection (block scores, token scores, token
+    select), 4 without, 2 more when the routing is live. ``fuse_block_select``, ``radix`` and
+    ``programs`` override :data:`FUSE_BLOCK_SELECT`, :data:`SELECT_RADIX` and
+    :func:`token_programs` (variants for tests and probes)."""
     batch, next_n, H, D = q.shape
     check_decode_params(block_size, block_topk, block_table.shape[1])
     max_keys = block_table.shape[1] * PAGE_SIZE
@@ -220,21 +321,31 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     if thr > 0:
         dsa_decode(q, pages, weights, seq_lens, block_table, topk=topk, out=idx,
                    out_scores=vals, flat_max_keys=thr)
+    radix = SELECT_RADIX if radix is None else radix
+    fuse = FUSE_BLOCK_SELECT if fuse_block_select is None else fuse_block_select
     q, _, _, prec = decode_operands(q, pages)
-    ids = block_select(q, pooled_cache, weights, seq_lens, block_table, block_size=block_size,
-                       block_topk=block_topk, hisa_min_keys=thr, prec=prec,
-                       num_pages=pages.shape[0])
-    cand = token_scores_paged(q, pages, weights, seq_lens, block_table, ids,
-                              block_size=block_size, hisa_min_keys=thr, prec=prec)
+    common = dict(block_size=block_size, hisa_min_keys=thr, prec=prec)
+    if fuse:
+        ids = torch.empty(rows, block_topk, dtype=torch.int32, device=q.device)
+        js = block_scores_paged(q, pooled_cache, weights, seq_lens, block_table,
+                                num_pages=pages.shape[0], **common)
+    else:
+        ids = block_select(q, pooled_cache, weights, seq_lens, block_table,
+                           block_topk=block_topk, num_pages=pages.shape[0], radix=radix,
+                           **common)
+        js = None
+    cand = token_scores_paged(q, pages, weights, seq_lens, block_table, ids, block_scores=js,
+                              programs=programs, radix=radix, **common)
     mb = block_topk * block_size
     if rows:
         _token_select_kernel[(rows,)](
             cand, ids, seq_lens, idx, vals if vals is not None else cand, block_table.shape[1],
             thr, NEXT_N=next_n, SEQ_2D=seq_lens.dim() == 2, B=block_size, M=block_topk,
             MB_PAD=triton.next_power_of_2(mb), K=topk, K_PAD=triton.next_power_of_2(topk),
-            PAGE=PAGE_SIZE, WRITE_VALS=vals is not None,
+            PAGE=PAGE_SIZE, WRITE_VALS=vals is not None, RADIX=radix,
             num_warps=select_warps(triton.next_power_of_2(mb)))
     return idx, vals
 
 
-__all__ = ["HISA_MIN_KEYS", "NO_LIMIT", "block_select", "hisa_decode", "token_scores_paged"]
+__all__ = ["HISA_MIN_KEYS", "NO_LIMIT", "block_scores_paged", "block_select", "hisa_decode",
+           "token_programs", "token_scores_paged"]

@@ -23,7 +23,7 @@ import triton.language as tl
 from .topk import _ordered_key, _select_mask
 
 #: Count field width of the packed RADIX = 2 reduction (rows up to 2**21 - 1 keys).
-PACK_BITS = 21
+PACK_BITS = tl.constexpr(21)
 
 
 @triton.jit
@@ -46,9 +46,8 @@ def _threshold(keys, need, RADIX: tl.constexpr):
             packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << PACK_BITS)
                       + ((keys >= c3).to(tl.int64) << (2 * PACK_BITS)))
             s = tl.sum(packed, axis=0)
-            fmask: tl.constexpr = (1 << PACK_BITS) - 1
-            n1 = (s & fmask).to(tl.int32)
-            n2 = ((s >> PACK_BITS) & fmask).to(tl.int32)
+            n1 = (s & ((1 << PACK_BITS) - 1)).to(tl.int32)
+            n2 = ((s >> PACK_BITS) & ((1 << PACK_BITS) - 1)).to(tl.int32)
             n3 = (s >> (2 * PACK_BITS)).to(tl.int32)
             cnt = tl.where(n3 >= need, n3, tl.where(n2 >= need, n2, tl.where(n1 >= need, n1,
                                                                               0)))
@@ -95,7 +94,7 @@ def _select_token_row_fast(src_ptr, ids_ptr, out_idx_ptr, out_val_ptr, B: tl.con
 
 def radix_ok(n_pad: int) -> bool:
     """Whether the packed RADIX = 2 counts fit a row of n_pad keys."""
-    return n_pad < (1 << PACK_BITS)
+    return n_pad < (1 << PACK_BITS.value)
 
 
 __all__ = ["PACK_BITS", "radix_ok", "triton"]

@@ -24,6 +24,8 @@ from .topk import _ordered_key, _select_mask
 
 #: Count field width of the packed RADIX = 2 reduction (rows up to 2**21 - 1 keys).
 PACK_BITS = tl.constexpr(21)
+PACK_BITS2 = tl.constexpr(42)
+PACK_MASK = tl.constexpr((1 << 21) - 1)
 
 
 @triton.jit
@@ -44,11 +46,11 @@ def _threshold(keys, need, RADIX: tl.constexpr):
             c2 = thr | (one << 1)
             c3 = c2 | one
             packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << PACK_BITS)
-                      + ((keys >= c3).to(tl.int64) << (2 * PACK_BITS)))
+                      + ((keys >= c3).to(tl.int64) << PACK_BITS2))
             s = tl.sum(packed, axis=0)
-            n1 = (s & ((1 << PACK_BITS) - 1)).to(tl.int32)
-            n2 = ((s >> PACK_BITS) & ((1 << PACK_BITS) - 1)).to(tl.int32)
-            n3 = (s >> (2 * PACK_BITS)).to(tl.int32)
+            n1 = (s & PACK_MASK).to(tl.int32)
+            n2 = ((s >> PACK_BITS) & PACK_MASK).to(tl.int32)
+            n3 = (s >> PACK_BITS2).to(tl.int32)
             cnt = tl.where(n3 >= need, n3, tl.where(n2 >= need, n2, tl.where(n1 >= need, n1,
                                                                               0)))
             thr = tl.where(n3 >= need, c3, tl.where(n2 >= need, c2, tl.where(n1 >= need, c1,

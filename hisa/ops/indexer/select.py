@@ -4,7 +4,7 @@ The row helpers are shared by the standalone kernels here (twins:
 :func:`~hisa.ops.indexer.naive.naive_select_blocks`, and
 :func:`~hisa.ops.indexer.naive.naive_select_tokens` followed by
 :func:`~hisa.ops.indexer.naive.naive_to_offsets`) and by the fused score+select kernels of
-``block_scores.py`` and ``token_scores.py``. Selection is the bisection of ``topk.py``: ties go
+``block_scores.py`` and ``token_scores.py``. Selection is the radix threshold search of ``topk.py``: ties go
 to the lower index, -inf is never selected, valid entries come first in index order (so block
 ids come out ascending), then -1.
 """
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import _bisect_threshold, _ordered_key, _select_mask
+from .topk import _ordered_key, _radix_threshold, _select_mask
 
 #: Widest row a register selection handles (blocks of a query, or m*B candidates).
 SELECT_MAX_ROW = 32768
@@ -27,7 +27,7 @@ def _select_block_row(src_ptr, n, first, ids_ptr, M: tl.constexpr, M_PAD: tl.con
     i = tl.arange(0, N_PAD)
     v = tl.load(src_ptr + i, mask=i < n, other=float("-inf"), cache_modifier=".cg")
     keys = _ordered_key(v)
-    thr = _bisect_threshold(keys, M, tl.zeros([], dtype=tl.uint32), 32)
+    thr = _radix_threshold(keys, M)
     sel = _select_mask(keys, M, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(ids_ptr + pos, (first + i).to(tl.int32), mask=sel)
@@ -45,7 +45,7 @@ def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
     i = tl.arange(0, MB_PAD)
     v = tl.load(src_ptr + i, mask=i < MB, other=float("-inf"), cache_modifier=".cg")
     keys = _ordered_key(v)
-    thr = _bisect_threshold(keys, K, tl.zeros([], dtype=tl.uint32), 32)
+    thr = _radix_threshold(keys, K)
     sel = _select_mask(keys, K, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     blk = tl.load(ids_ptr + i // B, mask=sel, other=0)

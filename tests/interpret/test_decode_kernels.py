@@ -4,12 +4,15 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import hisa
 from hisa.cache import PagedIndexerCache, pooled_views
 from hisa.cache.factory import make_paged_inputs
 from hisa.ops.dsa.decode_kernels import paged_logits
 from hisa.ops.dsa.naive import naive_dsa_logits
+from hisa.ops.indexer.decode_select import _select_row
 from hisa.ops.indexer.decode_kernels import block_select, hisa_decode, token_scores_paged
 from hisa.ops.indexer.naive import (candidate_positions, naive_block_scores, naive_select_blocks,
                                     naive_token_scores)
@@ -23,6 +26,14 @@ LENGTHS = [0, 1, 31, 64, 65, 200, 700]
 #: Pooled rows: the fp32 block sum runs in another order than the twin's, so a mean may move by
 #: an ulp and its FP8 value by one e4m3 step (2**-3 relative) at a rounding boundary.
 POOL_RTOL = 2.0 ** -3
+
+
+@triton.jit
+def _select_rows_kernel(x_ptr, o_ptr, K: tl.constexpr, N: tl.constexpr, R: tl.constexpr):
+    r = tl.program_id(0)
+    i = tl.arange(0, N)
+    sel, pos, n_sel = _select_row(tl.load(x_ptr + r * N + i), K, R)
+    tl.store(o_ptr + r * N + i, tl.where(sel, pos, -1))
 
 
 def gathered(inp, b):
@@ -229,3 +240,38 @@ def test_triton_decode_is_deterministic():
     b = hisa.hisa_index_paged(*inp.hisa_args(), topk=TOPK, block_size=64, block_topk=4,
                               backend="triton")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fuse,radix,programs", [(False, 1, None), (False, 2, 1),
+                                                 (True, 1, 3), (True, 2, None)])
+def test_hisa_decode_variants_match_reference(fuse, radix, programs):
+    """Every kernel variant (block selection fused or not, 1- or 2-bit selection passes, any
+    token programs per row) selects the reference's set."""
+    B, M = 64, 4
+    inp = make_paged_inputs(LENGTHS, next_n=2, heads=H, head_dim=D, block_size=B,
+                            q_dtype=torch.float32, seed=11)
+    out = torch.full((len(LENGTHS) * 2, TOPK), 4242, dtype=torch.int32)          # poisoned
+    got, _ = hisa_decode(inp.q, inp.cache.kv_cache, inp.cache.pooled_cache, inp.weights,
+                         inp.seq_lens, inp.block_table, topk=TOPK, block_size=B, block_topk=M,
+                         out=out, fuse_block_select=fuse, radix=radix, programs=programs)
+    ref = hisa.hisa_index_paged(*inp.hisa_args(), topk=TOPK, block_size=B, block_topk=M,
+                                backend="torch")
+    lens = inp.row_lengths()
+    check_index_format(got, torch.zeros_like(lens), lens, TOPK)
+    assert_same_selection(got, ref, torch.zeros_like(lens), full_logits(inp), rtol=1e-5)
+
+
+@pytest.mark.parametrize("radix", [1, 2])
+def test_decode_select_ties_and_short_rows(radix):
+    """Massive ties (early exit never fires), fewer finite keys than k, and distinct keys: the
+    selection keeps the k largest, ties to the lower index."""
+    N, K = 64, 10
+    x = torch.randn(3, N)
+    x[0] = 1.0                                                  # all tied
+    x[1, 5:] = float("-inf")                                    # 5 finite keys < K
+    out = torch.empty(3, N, dtype=torch.int32)
+    _select_rows_kernel[(3,)](x, out, K=K, N=N, R=radix)
+    assert (out[0] >= 0).nonzero().flatten().tolist() == list(range(K))
+    assert (out[1] >= 0).nonzero().flatten().tolist() == list(range(5))
+    want = set(torch.topk(x[2], K).indices.tolist())
+    assert set((out[2] >= 0).nonzero().flatten().tolist()) == want

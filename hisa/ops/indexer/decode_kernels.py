@@ -38,7 +38,8 @@ from .select import SELECT_MAX_ROW, select_warps
 #: 0 means HISA for every request. Measured on an H100 (benchmarks/decode_probe.py, CUDA
 #: graphs, H = 64, B = 128, m = 64, k = 2048): HISA was faster than the flat kernels at every
 #: shape, 1.2-1.4x at 8K (where it returns the flat selection exactly) up to 8.7x at
-#: 128K x 128, so no request is routed to flat. The routing (two extra launches, 5-30 %
+#: 128K x 128, so no request is routed to flat; after the split block stage, an H200 gave
+#: 8K x 8: flat 45.2 us, HISA 25.4 us (benchmarks/decode_notes.md). The routing (two extra launches, 5-30 %
 #: overhead when unused) stays available for GPUs or shapes where flat wins.
 HISA_MIN_KEYS = 0
 #: Pooled rows scored per block-stage program (one dot; a row's blocks spread over programs).
@@ -48,10 +49,12 @@ BLOCK_TILE = 64
 #: small batch still fills the GPU and a large one keeps the redundant block selection cheap.
 TOKEN_PROGS_PER_SM = 8
 #: Block selection inside the token-stage programs (one launch fewer) rather than its own
-#: launch; see ``_token_scores_kernel``.
-FUSE_BLOCK_SELECT = True
-#: Bits settled per reduction pass of the register selections (:mod:`.decode_select`).
-SELECT_RADIX = 2
+#: launch; see ``_token_scores_kernel``. Off: measured slower on an H200 (128K x 8: 30.5 vs
+#: 29.1 us, x 32: 49.8 vs 43.6 us), the redundant selections cost more than the launch saved.
+FUSE_BLOCK_SELECT = False
+#: Bits settled per reduction pass of the register selections (:mod:`.decode_select`); 1 with
+#: the early exit measured 1.5-2 us faster than the packed 2-bit passes on an H200.
+SELECT_RADIX = 1
 #: Warps of the score kernels.
 SCORE_WARPS = 4
 

@@ -61,7 +61,7 @@ def _bisect_threshold(keys, need, thr, NBITS: tl.constexpr):
 
 
 #: Count field width of the packed counts of :func:`_radix_threshold` (rows < 2**21 keys).
-PACK_BITS = 21
+PACK_BITS = tl.constexpr(21)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import hisa
 
 from ..ops.dsa.naive import naive_dsa_index, naive_dsa_logits
 from ..ops.indexer.naive import eligible_blocks, naive_hisa_index
-from ..testing.compare import assert_same_selection, check_index_format
+from ..testing.compare import FP8_MMA_ROW_TOL, assert_same_selection, check_index_format
 from ..testing.inputs import make_indexer_inputs
 from .models import flat_prefill_flops, hisa_prefill_flops
 from .rows import make_row
@@ -49,12 +49,12 @@ def check_prefill(inp, flat_idx, hisa_idx, *, topk, block_size, block_topk) -> f
     q, w, ks, ke = inp.q[rows], inp.weights[rows], inp.ks[rows], inp.ke[rows]
     logits = naive_dsa_logits(q, inp.k, w, ks, ke, k_scale=inp.k_scale)
     ref_flat, _ = naive_dsa_index(q, inp.k, w, ks, ke, k_scale=inp.k_scale, topk=topk)
-    assert_same_selection(flat_idx[rows], ref_flat, ks, logits, rtol=1e-4)
+    assert_same_selection(flat_idx[rows], ref_flat, ks, logits, row_tol=FP8_MMA_ROW_TOL)
     ref_hisa, _ = naive_hisa_index(q, inp.k, w, ks, ke, k_scale=inp.k_scale, topk=topk,
                                    block_size=block_size, block_topk=block_topk)
     first, end = eligible_blocks(ks, ke, block_size)
     if int((end - first).max()) <= block_topk:        # every block kept: must equal flat
-        assert_same_selection(hisa_idx[rows], ref_flat, ks, logits, rtol=1e-4)
+        assert_same_selection(hisa_idx[rows], ref_flat, ks, logits, row_tol=FP8_MMA_ROW_TOL)
     score = iou(hisa_idx[rows], ref_hisa)
     assert score >= HISA_MIN_IOU, f"HISA vs reference IoU {score:.4f} < {HISA_MIN_IOU}"
     return score

@@ -45,10 +45,18 @@ def selected_scores(idx: torch.Tensor, ks: torch.Tensor, logits: torch.Tensor) -
     return vals.masked_fill(idx < 0, float("-inf"))
 
 
+#: FP8 tensor-core products on Hopper accumulate at reduced precision: kernel scores differ
+#: from the fp32 reference by up to about 1e-3 of the row's largest |score| (cancellations make
+#: relative error meaningless). Selections are compared with this slack, as a fraction of it.
+FP8_MMA_ROW_TOL = 2e-3
+
+
 def assert_same_selection(idx_a: torch.Tensor, idx_b: torch.Tensor, ks: torch.Tensor,
-                          logits: torch.Tensor, *, rtol: float = TIE_RTOL) -> None:
+                          logits: torch.Tensor, *, rtol: float = TIE_RTOL,
+                          row_tol: float = 0.0) -> None:
     """Two selections agree up to ties: same valid count per row, and every entry that only one
-    of them holds scores within ``rtol`` of the row's k-th (smallest selected) score."""
+    of them holds scores within ``rtol * |k-th| + row_tol * max|row|`` of the row's k-th
+    (smallest selected) score, scores taken from the reference ``logits``."""
     a, b = idx_a.long().cpu(), idx_b.long().cpu()
     assert bool(((a >= 0).sum(1) == (b >= 0).sum(1)).all()), "valid counts differ"
     va, vb = selected_scores(a, ks.cpu(), logits.cpu()), selected_scores(b, ks.cpu(), logits.cpu())
@@ -57,8 +65,10 @@ def assert_same_selection(idx_a: torch.Tensor, idx_b: torch.Tensor, ks: torch.Te
         if sa == sb:
             continue
         kth = min(va[t][a[t] >= 0].min(), vb[t][b[t] >= 0].min()).item()
+        row = logits[t][torch.isfinite(logits[t])]
+        slack = row_tol * (row.abs().max().item() if row.numel() else 0.0)
         only = [(x, va[t][a[t] == x]) for x in sa - sb] + [(x, vb[t][b[t] == x]) for x in sb - sa]
         for x, v in only:
             v = v.item()
-            assert abs(v - kth) <= rtol * max(abs(kth), 1e-30) + 1e-30, \
+            assert abs(v - kth) <= rtol * max(abs(kth), 1e-30) + slack + 1e-30, \
                 f"row {t}: offset {x} (score {v}) selected by one side only; k-th score {kth}"

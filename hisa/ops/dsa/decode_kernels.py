@@ -29,7 +29,7 @@ import triton.language as tl
 from ...cache.layout import PAGE_SIZE, page_bytes
 from ...utils.validate import FP8_DTYPE
 from ..indexer.select import SELECT_MAX_ROW, select_warps
-from ..indexer.topk import _bisect_threshold, _ordered_key, _select_mask, topk_rows
+from ..indexer.topk import _ordered_key, _radix_threshold, _select_mask, topk_rows
 from .prefill import check_kernel_shapes
 
 #: Pages per logits program (256 tokens: enough work per program, many programs per request).
@@ -137,7 +137,7 @@ def _chunk_topk_kernel(logits_ptr, stride_lg, ke_ptr, cval_ptr, cidx_ptr,
     pos = c * CH + i
     v = tl.load(logits_ptr + row * stride_lg + pos, mask=pos < n, other=float("-inf"))
     keys = _ordered_key(v)
-    thr = _bisect_threshold(keys, K, tl.zeros([], dtype=tl.uint32), 32)
+    thr = _radix_threshold(keys, K, 1)
     sel = _select_mask(keys, K, thr)
     at = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     base = row * (NC * K) + c * K
@@ -159,7 +159,7 @@ def _merge_topk_kernel(cval_ptr, cidx_ptr, out_idx_ptr, out_val_ptr,
     i = tl.arange(0, NCK_PAD)
     v = tl.load(cval_ptr + row * NCK + i, mask=i < NCK, other=float("-inf"))
     keys = _ordered_key(v)
-    thr = _bisect_threshold(keys, K, tl.zeros([], dtype=tl.uint32), 32)
+    thr = _radix_threshold(keys, K, 1)
     sel = _select_mask(keys, K, thr)
     at = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     pos = tl.load(cidx_ptr + row * NCK + i, mask=sel, other=-1)

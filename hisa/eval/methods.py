@@ -9,6 +9,14 @@ variants the library does not ship are assembled here from its stage references
   in-window token of them, so the token budget equals flat's.
 * ``hisa_max``: HISA with element-wise max-pooled block keys instead of means (the fix the
   paper suggests for blocks whose mean hides one salient token).
+* ``hisa_linear``: HISA whose stage 1 drops the ReLU, J[t, b] = (sum_h w[t, h] q[t, h]) . kbar[b],
+  the exact block mean of the pre-ReLU indexer score (one dot product per block instead of H).
+  On raw-attention proxies most q . kbar are negative (queries point away from the keys' shared
+  mean direction), so the ReLU'd J is exactly 0 for most blocks and HISA's slots fall to the
+  tie-break (lowest block ids); the linear score ranks those blocks instead.
+* ``hisa_centred``: HISA with the keys centred before stage 1, J[t, b] = sum_h w[t, h]
+  ReLU(q[t, h] . (kbar[b] - mu[t])), mu[t] the mean key of the query's window [ks, ke) (in a
+  library kernel: the count-weighted mean of the pooled blocks, no extra pass over keys).
 * ``hisa_adaptive``: HISA with a per-query block budget (this project's idea): the
   ``sum_t m`` block slots of a batch of queries go to the (query, block) pairs with the highest
   stage-1 score relative to the query's best non-forced block, each query keeping its two
@@ -22,12 +30,15 @@ from dataclasses import dataclass
 import torch
 
 import hisa
-from hisa.ops.dsa.naive import NAIVE_TILE_BYTES
+from hisa.ops.dsa.naive import NAIVE_TILE_BYTES, naive_scores, window_mask
 from hisa.ops.indexer.naive import (candidate_positions, eligible_blocks, naive_block_scores,
                                     naive_pool_blocks, naive_select_blocks, naive_select_tokens,
-                                    naive_to_offsets, naive_token_scores)
+                                    naive_to_offsets)
 
-METHODS = ("dense", "flat", "hisa", "block_sparse", "hisa_max", "hisa_adaptive")
+METHODS = ("dense", "flat", "hisa", "block_sparse", "hisa_max", "hisa_adaptive", "hisa_linear",
+           "hisa_centred")
+_STAGE1 = {"hisa_max": "relu", "hisa_adaptive": "relu", "hisa_linear": "linear",
+           "hisa_centred": "centred"}
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,14 @@ class Method:
         return f"{self.name} B={self.block_size} m={self.block_topk}"
 
     def select(self, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
-               ks: torch.Tensor, ke: torch.Tensor) -> torch.Tensor | None:
-        """int32 [T, K] key offsets relative to ks (-1 padded); None for dense."""
+               ks: torch.Tensor, ke: torch.Tensor, *,
+               full_scores: torch.Tensor | None = None) -> torch.Tensor | None:
+        """int32 [T, K] key offsets relative to ks (-1 padded); None for dense.
+
+        ``full_scores`` (fp32 [T, S], the exact indexer scores of every key, for example
+        computed once per layer and head by the caller) lets the eval-only variants gather their
+        stage-2 scores instead of recomputing them; flat and HISA always run the shipped ops.
+        """
         if self.name == "dense":
             return None
         if self.name == "flat":
@@ -66,7 +83,8 @@ class Method:
         pool = "max" if self.name == "hisa_max" else "mean"
         return variant_hisa_index(q, k, weights, ks, ke, topk=self.topk,
                                   block_size=self.block_size, block_topk=self.block_topk,
-                                  pool=pool, adaptive=self.name == "hisa_adaptive")
+                                  pool=pool, adaptive=self.name == "hisa_adaptive",
+                                  stage1=_STAGE1[self.name], full_scores=full_scores)
 
 
 def max_pool_blocks(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -141,26 +159,64 @@ def adaptive_select_blocks(J: torch.Tensor, ks, ke, *, block_size: int, block_to
     return torch.where(ids == torch.iinfo(torch.int64).max, -1, ids).to(torch.int32)
 
 
+def full_index_scores(q, k, weights) -> torch.Tensor:
+    """Exact indexer scores of every key, fp32 [T, S] (no window mask; stage 2 applies it)."""
+    return naive_scores(q, k, weights)
+
+
+def window_mean_keys(k: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor) -> torch.Tensor:
+    """Mean key of each query's window [ks, ke), fp32 [T, D] (zeros for an empty window)."""
+    csum = torch.nn.functional.pad(k.float().cumsum(0), (0, 0, 1, 0))        # [S + 1, D]
+    n = (ke.long() - ks.long()).clamp_min(1).unsqueeze(1).float()
+    return (csum[ke.long()] - csum[ks.long()]) / n
+
+
+def variant_block_scores(q, pooled, weights, ks, ke, *, block_size: int, stage1: str,
+                         k: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage 1 of the variants, masked like :func:`naive_block_scores`. fp32 [T, NB]."""
+    if stage1 == "relu":
+        return naive_block_scores(q, pooled, weights, ks, ke, block_size=block_size)
+    if stage1 == "linear":
+        qw = (q.float() * weights.float().unsqueeze(-1)).sum(1)                 # [T, D]
+        J = qw @ pooled.float().T                                                # [T, NB]
+    elif stage1 == "centred":
+        mu = window_mean_keys(k, ks, ke)                                         # [T, D]
+        dots = torch.einsum("thd,bd->thb", q.float(), pooled.float())
+        dots = dots - torch.einsum("thd,td->th", q.float(), mu).unsqueeze(-1)
+        J = (dots.clamp_min(0) * weights.float().unsqueeze(-1)).sum(1)
+    else:
+        raise ValueError(f"stage1 must be relu, linear or centred, got {stage1!r}")
+    first, end = eligible_blocks(ks, ke, block_size)
+    b = torch.arange(pooled.shape[0], device=q.device)
+    J.masked_fill_(~window_mask(first, end, b), float("-inf"))
+    rows = torch.nonzero(end > first).squeeze(1)
+    J[rows, first[rows]] = float("inf")
+    J[rows, end[rows] - 1] = float("inf")
+    return J
+
+
 def variant_hisa_index(q, k, weights, ks, ke, *, topk: int, block_size: int, block_topk: int,
-                       pool: str = "mean", adaptive: bool = False) -> torch.Tensor:
-    """HISA assembled from the stage references, with other pooling or block budgets.
+                       pool: str = "mean", adaptive: bool = False, stage1: str = "relu",
+                       full_scores: torch.Tensor | None = None) -> torch.Tensor:
+    """HISA assembled from the stage references, with other pooling, stage-1 scores or block
+    budgets. Stage 2 gathers the exact scores of the candidates from ``full_scores`` [T, S]
+    (computed here when not given; same values and tie order as the reference's token stage).
 
     The adaptive budget is shared by the whole batch of queries passed in (one prefill chunk).
     """
     T, _, D = q.shape
     pooled = max_pool_blocks(k, block_size) if pool == "max" else naive_pool_blocks(
         k, None, block_size)
-    J = naive_block_scores(q, pooled, weights, ks, ke, block_size=block_size)   # [T, NB]
+    J = variant_block_scores(q, pooled, weights, ks, ke, block_size=block_size,
+                             stage1=stage1, k=k)                                 # [T, NB]
     if adaptive:
         blocks = adaptive_select_blocks(J, ks, ke, block_size=block_size, block_topk=block_topk)
     else:
         blocks = naive_select_blocks(J, block_topk)
-    out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-    tile = _tile(blocks.shape[1] * block_size, D)
-    for s in range(0, T, tile):
-        sl = slice(s, min(T, s + tile))
-        scores, pos = naive_token_scores(q[sl], k, weights[sl], ks[sl], ke[sl], blocks[sl],
-                                         block_size=block_size)
-        sel, _ = naive_select_tokens(scores, pos, topk)
-        out[sl] = naive_to_offsets(sel, ks[sl])
-    return out
+    if full_scores is None:
+        full_scores = full_index_scores(q, k, weights)                           # [T, S]
+    pos = candidate_positions(blocks, block_size, k.shape[0])                   # [T, m*B]
+    scores = torch.gather(full_scores, 1, pos.clamp_min(0))
+    valid = (pos >= 0) & window_mask(ks, ke, pos)
+    sel, _ = naive_select_tokens(scores.masked_fill(~valid, float("-inf")), pos, topk)
+    return naive_to_offsets(sel, ks)

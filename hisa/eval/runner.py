@@ -24,7 +24,7 @@ import torch
 import hisa
 from .attention import Router, routed
 from .austen import austen_text
-from .methods import Method
+from .methods import Method, full_index_scores
 from .metrics import (attention_mass, attention_probs, block_occupancy, iou, oracle_recall,
                       positive_recall)
 
@@ -45,7 +45,10 @@ def budget_methods(L: int, *, topk: int | None = None, block_sizes=(32, 64, 128)
         out += [Method("hisa", topk=k, block_size=B, block_topk=2 * pool // B),
                 Method("block_sparse", topk=k, block_size=max(16, k // 8)),
                 Method("hisa_max", topk=k, block_size=B, block_topk=pool // B),
-                Method("hisa_adaptive", topk=k, block_size=B, block_topk=pool // B)]
+                Method("hisa_adaptive", topk=k, block_size=B, block_topk=pool // B),
+                Method("hisa_centred", topk=k, block_size=B, block_topk=pool // B)]
+        out += [Method("hisa_linear", topk=k, block_size=b, block_topk=pool // b)
+                for b in block_sizes if pool // b >= 2]
     return out
 
 
@@ -122,10 +125,11 @@ def fidelity_records(cap: Capture, methods, *, n_queries: int, device: str, prog
             k = K[g].contiguous()
             w = torch.full((n, G), 1.0 / G, device=device)
             flat, fscores = hisa.dsa_index(q, k, w, ks, ke, topk=flat_k, return_scores=True)
+            full = full_index_scores(q, k, w)          # once per (layer, head), for the variants
             probs = attention_probs(q, k, qpos, cap.scale[layer])
             mass_flat = attention_mass(probs, flat, ks)
             for m in sel_methods:
-                idx = m.select(q, k, w, ks, ke)
+                idx = m.select(q, k, w, ks, ke, full_scores=full)
                 B = m.block_size
                 mm = m.block_topk if m.name != "block_sparse" else max(2, m.topk // B)
                 recs.append(dict(

@@ -19,7 +19,7 @@ from .ops.dsa.naive import naive_dsa_logits
 
 
 def _packed(device: str, dtype=torch.float8_e4m3fn, seed: int = 0):
-    return make_indexer_inputs([700, 33, 1200], heads=8, head_dim=128, dtype=dtype,
+    return make_indexer_inputs([700, 33, 1200], heads=16, head_dim=128, dtype=dtype,
                                device=device, seed=seed, clustered=True)
 
 

@@ -127,3 +127,17 @@ def test_window_mean_keys():
     k = torch.arange(12.0).view(6, 2)
     mu = window_mean_keys(k, torch.tensor([0, 2], dtype=T32), torch.tensor([3, 4], dtype=T32))
     assert mu.tolist() == [[2.0, 3.0], [5.0, 6.0]]
+
+
+def test_diagnose_linear_stage1_finds_the_block_relu_hides():
+    # Keys share a direction the query points away from (q . mu = -5); block 3 holds 4 spiky
+    # tokens (q . k = +3 each) whose block mean is still negative (-1): ReLU'd stage 1 scores
+    # every block 0 and the free slot falls to the tie rule (block 1); linear picks block 3.
+    from hisa.eval.diagnose import head_study
+    k = torch.zeros(64, 4)
+    k[:, 0] = -5.0
+    k[24:28, 1] = 8.0
+    q = torch.tensor([[[1.0, 1.0, 0.0, 0.0]]])
+    r = head_study(q, k, torch.tensor([63]), topk=4, block_size=8, block_topk=3)
+    assert r["oracle"] == 1.0 and r["linear"] == 1.0 and r["centred"] == 1.0
+    assert r["mean"] == 0.0 and r["mean_zero_slots"] == 1.0

@@ -1,4 +1,5 @@
 """Fidelity metrics and the eval-only selection variants on hand-made cases with known answers."""
+import json
 import math
 
 import torch
@@ -141,3 +142,20 @@ def test_diagnose_linear_stage1_finds_the_block_relu_hides():
     r = head_study(q, k, torch.tensor([63]), topk=4, block_size=8, block_topk=3)
     assert r["oracle"] == 1.0 and r["linear"] == 1.0 and r["centred"] == 1.0
     assert r["mean"] == 0.0 and r["mean_zero_slots"] == 1.0
+
+
+def test_speed_table_joins_bench_rows_at_the_same_setting(tmp_path):
+    from hisa.eval.report import load_bench_rows, series_label, speed_table
+    row = {"model": "gemma3", "context": 16384, "method": "hisa", "block_size": 128,
+           "block_topk": 64, "topk": 2048, "iou_mean": 0.9, "recall": 0.8,
+           "oracle_recall": 0.95, "mass_kept": 0.97}
+    other = dict(row, context=8192, block_size=64, block_topk=32, topk=512)
+    bench = tmp_path / "b.jsonl"
+    bench.write_text("\n".join(json.dumps(r) for r in (
+        {"op": "hisa", "mode": "decode", "context": 16384, "block_size": 128, "block_topk": 64,
+         "topk": 2048, "speedup_vs_flat": 1.5, "gpu": "NVIDIA H100"},
+        {"op": "flat", "mode": "decode", "context": 16384, "block_size": 128, "block_topk": 64,
+         "topk": 2048, "speedup_vs_flat": None})) + "\n")
+    table = speed_table([row, other], load_bench_rows([bench])).splitlines()
+    assert "1.50-1.50x (decode, 1 rows, H100)" in table[3] and "pending" in table[2]
+    assert series_label(other) == "hisa B=64 m*B=4k"

@@ -104,6 +104,14 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def series_label(r) -> str:
+    """A setting's name that holds across contexts (m and block-sparse's B scale with L)."""
+    if r["method"] == "block_sparse":
+        return f"block_sparse {r['block_topk']} blocks of k/{r['block_topk']}"
+    pool = r["block_size"] * r["block_topk"] // r["topk"]
+    return f"{r['method']} B={r['block_size']} m*B={pool}k"
+
+
 def plot_all(rows, out: Path) -> list[Path]:
     """IoU vs context, attention mass kept vs context, and the needle heat map."""
     import matplotlib
@@ -116,8 +124,9 @@ def plot_all(rows, out: Path) -> list[Path]:
                                 "mass_kept_vs_context.png")):
         series = defaultdict(list)
         for r in rows:
-            if r["method"] not in ("dense", "flat") and r.get(key) is not None:
-                series[(r["model"], r["label"])].append((r["context"], r[key]))
+            if (r["method"] not in ("dense", "flat") and r.get(key) is not None
+                    and r.get("budget", "scaled") == "scaled"):
+                series[(r["model"], series_label(r))].append((r["context"], r[key]))
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -162,4 +171,44 @@ def markdown_table(rows) -> str:
                    f"{_fmt(r['recall'], '.3f')} | {_fmt(r['oracle_recall'], '.3f')} | "
                    f"{_fmt(r['mass_kept'], '.3f')} | {_fmt(r['occupancy'], '.1f')} | "
                    f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['needle_acc'], '.2f')} |")
+    return "\n".join(out)
+
+
+def load_bench_rows(paths) -> list[dict]:
+    """HISA rows of ``hisa bench`` result files (JSON lines) that carry a speedup."""
+    out = []
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            r = json.loads(line) if line.strip() else None
+            if r and r.get("op") == "hisa" and r.get("speedup_vs_flat") is not None:
+                out.append(r)
+    return out
+
+
+def speed_table(rows, bench_rows) -> str:
+    """Fidelity vs speed: HISA-family rows by (model, L, m*B, B), joined with the benchmark
+    rows of the same (context, block_size, block_topk, topk): the range of their speedups."""
+    out = ["| model | L | k | m*B | B | m | method | IoU | recall | oracle | mass kept | "
+           "speedup vs flat (GPU rows, same L, B, m, k) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sel = [r for r in rows if r["method"] in ("hisa", "hisa_linear") and r.get("iou_mean")]
+    sel.sort(key=lambda r: (r["model"], r["context"], r["block_size"] * r["block_topk"],
+                            -r["block_size"], r["method"]))
+    for r in sel:
+        match = [b for b in bench_rows if b.get("context") == r["context"]
+                 and b.get("block_size") == r["block_size"]
+                 and b.get("block_topk") == r["block_topk"] and b.get("topk") == r["topk"]]
+        if match:
+            sp = [b["speedup_vs_flat"] for b in match]
+            gpus = sorted({b.get("gpu", "?").replace("NVIDIA ", "") for b in match})
+            modes = sorted({b.get("mode", "?") for b in match})
+            speed = (f"{min(sp):.2f}-{max(sp):.2f}x ({'/'.join(modes)}, {len(sp)} rows, "
+                     f"{', '.join(gpus)})")
+        else:
+            speed = "pending (no GPU row at this setting)"
+        out.append(f"| {r['model']} | {r['context']} | {r['topk']} | "
+                   f"{r['block_size'] * r['block_topk']} | {r['block_size']} | "
+                   f"{r['block_topk']} | {r['method']} | {_fmt(r['iou_mean'], '.3f')} | "
+                   f"{_fmt(r['recall'], '.3f')} | {_fmt(r['oracle_recall'], '.3f')} | "
+                   f"{_fmt(r['mass_kept'], '.3f')} | {speed} |")
     return "\n".join(out)

@@ -108,8 +108,8 @@ def select_blocks(block_scores: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
 
 def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch.Tensor, *,
                   block_size: int, topk: int, out: torch.Tensor | None = None,
-                  need_scores: bool = False, out_scores: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  need_scores: bool = False, out_scores: torch.Tensor | None = None,
+                  num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k of fp32 [T, m*B] candidate scores mapped to offsets relative to ks.
 
     Returns (int32 [T, topk], -1 padded; fp32 [T, topk] or None). Twin:
@@ -132,5 +132,6 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
                                     vals if vals is not None else token_scores,
                                     B=block_size, M=M, MB_PAD=mb_pad, K=topk,
                                     K_PAD=triton.next_power_of_2(topk),
-                                    WRITE_VALS=vals is not None, num_warps=select_warps(mb_pad))
+                                    WRITE_VALS=vals is not None,
+                                    num_warps=num_warps or select_warps(mb_pad))
     return idx, vals

@@ -295,7 +295,8 @@ def persistent_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
 
 def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, lo: int,
               topk: int, out_idx: torch.Tensor, out_val: torch.Tensor | None,
-              scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+              scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+              num_warps: int = 8) -> None:
     """Top-``topk`` of each query's window in a tile of logits rows.
 
     Args:
@@ -319,4 +320,4 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
         scratch[0].view(torch.uint32), scratch[1],
         K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, HBITS=TOPK_HIST_BITS,
         CAP=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH),
-        WRITE_VALS=out_val is not None, num_warps=8)
+        WRITE_VALS=out_val is not None, num_warps=num_warps)

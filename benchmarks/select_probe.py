@@ -1,0 +1,54 @@
+"""Probe: warps per program of the register selections (HISA token select, flat wide-row top-k).
+
+Prediction (written before measuring): the selections are bound by the latency of their ~20
+cross-warp reductions per row, not by bytes; 4 warps per program halve each reduction's
+cross-warp stage and let twice as many rows run per SM, so select_tokens at 64K x 8,192
+should drop from ~6.6 ms (8 warps) towards ~4 ms; 16 warps should be slower.
+Every variant's output is compared with the default's (identical indices required).
+Run: PYTHONPATH=. python3 benchmarks/select_probe.py
+"""
+import torch
+import triton.testing
+
+from hisa.ops.indexer.select import select_tokens
+from hisa.ops.indexer.topk import topk_rows
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
+
+
+def main():
+    torch.manual_seed(0)
+    dev = "cuda"
+    T, M, B, K = 65536, 64, 128, 2048
+    scores = torch.randn(T, M * B, device=dev)
+    scores[:, -B // 2:] = float("-inf")                  # the query's own block is half future
+    ids = torch.arange(M, device=dev, dtype=torch.int32).repeat(T, 1)
+    ks = torch.zeros(T, dtype=torch.int32, device=dev)
+    ref, _ = select_tokens(scores, ids, ks, block_size=B, topk=K)
+    for w in (4, 8, 16):
+        out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w)
+        same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
+        ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w))
+        print(f"select_tokens T={T} MB={M * B} warps={w}: {ms:.3f} ms same={same}", flush=True)
+    del scores
+    R, W = 4096, 65536
+    x = torch.randn(R, W, device=dev)
+    ks = torch.zeros(R, dtype=torch.int32, device=dev)
+    ke = torch.full((R,), W, dtype=torch.int32, device=dev)
+    ke[::2] = W // 2                                    # causal-like mix of widths
+    base = torch.empty(R, K, dtype=torch.int32, device=dev)
+    topk_rows(x, ks, ke, t0=0, lo=0, topk=K, out_idx=base, out_val=None)
+    for w in (4, 8, 16):
+        o = torch.empty_like(base)
+        topk_rows(x, ks, ke, t0=0, lo=0, topk=K, out_idx=o, out_val=None, num_warps=w)
+        same = torch.equal(torch.sort(o, 1).values, torch.sort(base, 1).values)
+        ms = bench(lambda: topk_rows(x, ks, ke, t0=0, lo=0, topk=K, out_idx=o, out_val=None,
+                                     num_warps=w))
+        print(f"topk_rows R={R} W={W} (half rows W/2) warps={w}: {ms:.3f} ms same={same}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,9 @@ FLAT_LOGITS_BYTES = 1 << 30
 FLAT_BQ = 64
 #: Key tokens per logits program (the MMA's M dimension).
 FLAT_BS = 128
+#: Warps per top-k program. H200, 4,096 rows of 32K-64K keys (benchmarks/select_probe.py):
+#: 4 warps 1.82 ms, 8 warps 2.15, 16 warps 2.43 (reduction-latency bound).
+FLAT_TOPK_WARPS = 4
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 
@@ -172,5 +175,5 @@ def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks
         dsa_logits(q, k, weights, ks, ke, k_scale=k_scale, t0=t0, n_rows=n, lo=lo,
                    out=logits, prec=prec)
         topk_rows(logits, ks, ke, t0=t0, lo=lo, topk=topk, out_idx=idx, out_val=vals,
-                  scratch=scratch)
+                  scratch=scratch, num_warps=FLAT_TOPK_WARPS)
     return idx, vals

@@ -33,7 +33,8 @@ def budget_methods(L: int, *, topk: int | None = None, block_sizes=(32, 64, 128)
                    extras: bool = True) -> list[Method]:
     """The compared settings at context L. Scaled budget: k = L/16, m*B = 4k (so HISA prunes
     for queries past L/4); pass ``topk=2048`` for the DSA defaults (m*B = 8192). Block-sparse
-    keeps k // B blocks of B = k / 8 tokens (8 blocks, the same token budget as flat)."""
+    keeps k // B blocks of B = k / 8 tokens (8 blocks, the same token budget as flat). HISA with
+    the linear stage 1 (``hisa_linear``, the fix kept from docs/fidelity.md) runs at every B."""
     k = topk or max(L // 16, 16)
     pool = 4 * k
     out = [Method("dense"), Method("flat", topk=k)]
@@ -47,8 +48,8 @@ def budget_methods(L: int, *, topk: int | None = None, block_sizes=(32, 64, 128)
                 Method("hisa_max", topk=k, block_size=B, block_topk=pool // B),
                 Method("hisa_adaptive", topk=k, block_size=B, block_topk=pool // B),
                 Method("hisa_centred", topk=k, block_size=B, block_topk=pool // B)]
-        out += [Method("hisa_linear", topk=k, block_size=b, block_topk=pool // b)
-                for b in block_sizes if pool // b >= 2]
+    out += [Method("hisa_linear", topk=k, block_size=b, block_topk=pool // b)
+            for b in block_sizes if pool // b >= 2]
     return out
 
 

@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results/bench.jsonl", help="JSON Lines output")
     p.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
     p.add_argument("--commit", default=None, help="commit id to record (default: git HEAD)")
+    p.add_argument("--report", nargs="+", default=None, metavar="ROWS",
+                   help="print markdown tables from existing JSON Lines files and exit")
 
 
 def _table(rows: list[dict]) -> str:
@@ -55,6 +57,11 @@ def _table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report:
+        from .report import markdown_report
+        from .rows import read_rows
+        print(markdown_report([r for path in args.report for r in read_rows(path)]))
+        return 0
     if not torch.cuda.is_available():
         print("hisa bench times the Triton kernels and needs a CUDA GPU; none is visible.\n"
               "On CPU, `hisa selftest` checks the references and `hisa eval` measures fidelity.")

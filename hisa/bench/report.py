@@ -1,0 +1,61 @@
+"""Markdown tables drawn from result rows (the README's benchmark tables come from here)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def prefill_table(rows: list[dict]) -> str:
+    """One line per (mode, context): flat and HISA time, TFLOP/s, speedup, stage split."""
+    pts = defaultdict(dict)
+    for r in rows:
+        if r["mode"].startswith("prefill"):
+            pts[(r["mode"], r["context"], r["queries"])][r["op"]] = r
+    out = ["| setting | context | queries | flat ms | flat TFLOP/s | HISA ms | HISA speedup | HISA stages (ms) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (mode, ctx, q), ops in sorted(pts.items()):
+        f, h = ops.get("flat"), ops.get("hisa")
+        if not (f and h):
+            continue
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in (h.get("stage_ms") or {}).items())
+        name = "full causal" if mode == "prefill" else "chunk"
+        out.append(f"| {name} | {_k(ctx)} | {q:,} | {f['ms']:.2f} | {f['tflops']:.0f} | "
+                   f"{h['ms']:.2f} | {h['speedup_vs_flat']:.2f}x | {stages} |")
+    return "\n".join(out)
+
+
+def decode_table(rows: list[dict], next_n: int = 1) -> str:
+    """Context x batch grid of 'flat us / HISA us (speedup)' for one next_n."""
+    cells = defaultdict(dict)
+    for r in rows:
+        if r["mode"] == "decode" and r.get("next_n") == next_n:
+            cells[(r["context"], r["batch"])][r["op"]] = r
+    batches = sorted({b for _, b in cells})
+    ctxs = sorted({c for c, _ in cells})
+    out = ["| context | " + " | ".join(f"batch {b}" for b in batches) + " |",
+           "| --- |" + " --- |" * len(batches)]
+    for c in ctxs:
+        line = []
+        for b in batches:
+            ops = cells.get((c, b), {})
+            f, h = ops.get("flat"), ops.get("hisa")
+            line.append(f"{f['ms'] * 1e3:.0f} / {h['ms'] * 1e3:.0f} us ({h['speedup_vs_flat']:.2f}x)"
+                        if f and h else "-")
+        out.append(f"| {_k(c)} | " + " | ".join(line) + " |")
+    return "\n".join(out)
+
+
+def markdown_report(rows: list[dict]) -> str:
+    parts = []
+    gpus = sorted({r["gpu"] for r in rows})
+    commits = sorted({r["commit"] for r in rows})
+    parts.append(f"GPU: {', '.join(gpus)}; commit {', '.join(commits)}")
+    if any(r["mode"].startswith("prefill") for r in rows):
+        parts.append(prefill_table(rows))
+    for nn in sorted({r.get("next_n") for r in rows if r["mode"] == "decode"}):
+        parts.append(f"Decode, next_n = {nn}: flat / HISA per step (speedup)\n\n"
+                     + decode_table(rows, nn))
+    return "\n\n".join(parts)

@@ -8,7 +8,7 @@ import hisa
 from hisa.eval.methods import (Method, adaptive_select_blocks, max_pool_blocks,
                                variant_block_scores, variant_hisa_index, window_mean_keys)
 from hisa.eval.metrics import (attention_mass, attention_probs, block_occupancy, iou,
-                               oracle_recall, positive_recall)
+                               oracle_recall, positive_iou, positive_recall)
 
 T32 = torch.int32
 
@@ -159,3 +159,12 @@ def test_speed_table_joins_bench_rows_at_the_same_setting(tmp_path):
     table = speed_table([row, other], load_bench_rows([bench])).splitlines()
     assert "1.50-1.50x (decode, 1 rows, H100)" in table[3] and "pending" in table[2]
     assert series_label(other) == "hisa B=64 m*B=4k"
+
+
+def test_positive_iou_ignores_zero_score_picks():
+    full = torch.tensor([[5.0, 0.0, 0.0, 3.0, 0.0, 1.0]])
+    ks = torch.zeros(1, dtype=T32)
+    flat = torch.tensor([[0, 3, 1, 2]], dtype=T32)         # two positive, two zero ties
+    other = torch.tensor([[0, 3, 4, 5]], dtype=T32)        # same positives + one more positive
+    assert math.isclose(float(positive_iou(flat, other, full, ks)), 2 / 3)
+    assert math.isclose(float(iou(flat, other)), 2 / 6, rel_tol=1e-6)

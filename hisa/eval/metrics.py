@@ -46,6 +46,25 @@ def positive_recall(flat_idx: torch.Tensor, flat_scores: torch.Tensor,
                        torch.full_like(n, float("nan")))
 
 
+def positive_iou(flat_idx: torch.Tensor, other: torch.Tensor, full_scores: torch.Tensor,
+                 ks: torch.Tensor) -> torch.Tensor:
+    """IoU of the two sets restricted to keys with a strictly positive exact score.
+
+    ``full_scores`` fp32 [T, S] are the exact indexer scores (absolute key positions). On a
+    ReLU proxy many picks score exactly 0 and are chosen by the tie rule alone (lowest index);
+    this IoU leaves them out of both sets (NaN when neither set has a positive pick).
+    """
+    def pos(idx):
+        a = torch.where(idx >= 0, idx.long() + ks.long().unsqueeze(1), 0)
+        keep = (idx >= 0) & (torch.gather(full_scores, 1, a) > 0)
+        return torch.where(keep, idx, -1)
+    pa, pb = pos(flat_idx), pos(other)
+    w = _width(flat_idx, other)
+    ma, mb = selection_mask(pa, w), selection_mask(pb, w)
+    inter, union = (ma & mb).sum(1).float(), (ma | mb).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, float("nan")))
+
+
 def _positive_blocks(flat_idx, flat_scores, ks, block_size):
     """Block id of each strictly positive flat pick ([T, K], -1 elsewhere) and the first block."""
     abs_pos = flat_idx.long() + ks.long().unsqueeze(1)

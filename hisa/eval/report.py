@@ -34,7 +34,7 @@ def fidelity_rows(model: str, L: int, methods, recs, ppl: dict, needle: dict, *,
                "ppl": ppl.get(m.label), "needle_acc": (sum(accs) / len(accs)) if accs else None,
                "label": m.label, "budget": budget}
         if m.name == "flat":
-            row.update(iou_mean=1.0, recall=1.0, mass_kept=1.0)
+            row.update(iou_mean=1.0, iou_positive=1.0, recall=1.0, mass_kept=1.0)
         if rs:
             per_layer = defaultdict(list)
             for r in rs:
@@ -50,6 +50,8 @@ def fidelity_rows(model: str, L: int, methods, recs, ppl: dict, needle: dict, *,
                     sel.append(r["recall"][keep])
                 depth[name] = _mean(sel)
             row.update(iou_mean=_mean([r["iou"] for r in rs]),
+                       iou_positive=_mean([r["iou_positive"] for r in rs])
+                       if "iou_positive" in rs[0] else None,
                        recall=_mean([r["recall"] for r in rs]),
                        oracle_recall=_mean([r["oracle"] for r in rs]),
                        mass_kept=_mean([r["mass"] for r in rs]),
@@ -62,6 +64,8 @@ def fidelity_rows(model: str, L: int, methods, recs, ppl: dict, needle: dict, *,
                 detail.append({"model": model, "context": L, "method": m.name,
                                "label": m.label, "layer": r["layer"], "head": r["head"],
                                "iou_mean": _mean([r["iou"]]), "recall": _mean([r["recall"]]),
+                               "iou_positive": _mean([r["iou_positive"]])
+                               if "iou_positive" in r else None,
                                "oracle_recall": _mean([r["oracle"]]),
                                "mass_kept": _mean([r["mass"]]),
                                "occupancy": _mean([r["occupancy"]])})
@@ -92,12 +96,13 @@ def _fmt(v, spec):
 
 
 def format_table(rows) -> str:
-    head = (f"{'model':8} {'L':>6} {'method':28} {'IoU':>6} {'recall':>6} {'oracle':>6} "
+    head = (f"{'model':8} {'L':>6} {'method':28} {'IoU':>6} {'IoU+':>6} {'recall':>6} {'oracle':>6} "
             f"{'mass':>6} {'occ':>6} {'ppl':>8} {'needle':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:8} {r['context']:>6} {r['label']:28} "
-                     f"{_fmt(r['iou_mean'], '.3f'):>6} {_fmt(r['recall'], '.3f'):>6} "
+                     f"{_fmt(r['iou_mean'], '.3f'):>6} {_fmt(r.get('iou_positive'), '.3f'):>6} "
+                     f"{_fmt(r['recall'], '.3f'):>6} "
                      f"{_fmt(r['oracle_recall'], '.3f'):>6} {_fmt(r['mass_kept'], '.3f'):>6} "
                      f"{_fmt(r['occupancy'], '.1f'):>6} {_fmt(r['ppl'], '.3f'):>8} "
                      f"{_fmt(r['needle_acc'], '.2f'):>6}")
@@ -164,10 +169,11 @@ def plot_all(rows, out: Path) -> list[Path]:
 
 def markdown_table(rows) -> str:
     """The summary rows as a Markdown table (for docs/fidelity.md)."""
-    out = ["| L | method | IoU | recall | oracle | mass kept | occupancy | ppl | needle |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = ["| L | method | IoU | IoU+ | recall | oracle | mass kept | occupancy | ppl | needle |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         out.append(f"| {r['context']} | {r['label']} | {_fmt(r['iou_mean'], '.3f')} | "
+                   f"{_fmt(r.get('iou_positive'), '.3f')} | "
                    f"{_fmt(r['recall'], '.3f')} | {_fmt(r['oracle_recall'], '.3f')} | "
                    f"{_fmt(r['mass_kept'], '.3f')} | {_fmt(r['occupancy'], '.1f')} | "
                    f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['needle_acc'], '.2f')} |")

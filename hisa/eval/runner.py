@@ -26,7 +26,7 @@ from .attention import Router, routed
 from .austen import austen_text
 from .methods import Method, full_index_scores
 from .metrics import (attention_mass, attention_probs, block_occupancy, iou, oracle_recall,
-                      positive_recall)
+                      positive_iou, positive_recall)
 
 
 def budget_methods(L: int, *, topk: int | None = None, block_sizes=(32, 64, 128),
@@ -136,6 +136,7 @@ def fidelity_records(cap: Capture, methods, *, n_queries: int, device: str, prog
                 recs.append(dict(
                     label=m.label, method=m, layer=layer, head=g, pos=qpos.cpu(),
                     iou=iou(flat, idx).cpu(),
+                    iou_positive=positive_iou(flat, idx, full, ks).cpu(),
                     recall=positive_recall(flat, fscores, idx).cpu(),
                     oracle=oracle_recall(flat, fscores, ks, ke, block_size=B,
                                          block_topk=mm).cpu(),

@@ -109,7 +109,7 @@ def test_variant_with_relu_stage1_is_the_shipped_hisa():
     ks, ke = _causal(L)
     ref = hisa.hisa_index(q, k, w, ks, ke, topk=24, block_size=16, block_topk=4)
     got = variant_hisa_index(q, k, w, ks, ke, topk=24, block_size=16, block_topk=4)
-    assert torch.equal(got, ref)
+    assert torch.equal(torch.sort(got, 1).values, torch.sort(ref, 1).values)   # set metrics
 
 
 def test_linear_stage1_is_the_block_mean_of_prerelu_scores():

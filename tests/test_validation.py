@@ -70,3 +70,18 @@ def test_triton_backend_on_cpu_is_refused(inp, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend: 'triton' (needs CUDA|requested)"):
         hisa.dsa_index(*inp.args(), k_scale=inp.k_scale, topk=4, backend="triton")
+
+
+def test_auto_falls_back_to_the_reference_for_shapes_the_kernels_do_not_support(monkeypatch):
+    # Pretend to be on CUDA: "auto" consults the kernels' shape check and, for a head count
+    # the kernels reject (8: not in [16, 128]), picks the torch reference instead.
+    from hisa.utils import backend as be
+    from hisa.ops.dsa.prefill import check_kernel_shapes
+    monkeypatch.setattr(be, "triton_installed", lambda: True)
+    cuda = torch.device("cuda")
+    q8, k = torch.zeros(4, 8, 128), torch.zeros(4, 128)
+    assert be.resolve_backend("auto", cuda, lambda: check_kernel_shapes(q8, k)) == "torch"
+    q64 = torch.zeros(4, 64, 128)
+    assert be.resolve_backend("auto", cuda, lambda: check_kernel_shapes(q64, k)) == "triton"
+    with pytest.raises(ValueError, match="q: expected a power-of-two head count"):
+        check_kernel_shapes(q8, k)  # what an explicit backend="triton" call reports

@@ -9,6 +9,11 @@ from ...utils.validate import check_indexer_inputs, check_positive_int, check_wi
 from .naive import naive_dsa_index
 
 
+def _kernel_check(q: torch.Tensor, k: torch.Tensor) -> None:
+    from .prefill import check_kernel_shapes
+    check_kernel_shapes(q, k)
+
+
 def dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
               ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
               return_scores: bool = False, out: torch.Tensor | None = None,
@@ -43,7 +48,7 @@ def dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch
     check_positive_int("topk", topk)
     check_out_buffer(out, T, topk, q.device)
     check_windows(ks, ke, S)
-    if resolve_backend(backend, q.device) == "torch":
+    if resolve_backend(backend, q.device, lambda: _kernel_check(q, k)) == "torch":
         idx, scores = naive_dsa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk)
     else:
         from .prefill import dsa_index_triton

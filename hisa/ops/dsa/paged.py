@@ -100,6 +100,11 @@ def naive_dsa_index_paged(q: torch.Tensor, pages: torch.Tensor, weights: torch.T
     return idx, vals
 
 
+def _kernel_check(q: torch.Tensor, pages: torch.Tensor) -> None:
+    from .decode_kernels import decode_operands
+    decode_operands(q, pages)
+
+
 def dsa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
                     seq_lens: torch.Tensor, block_table: torch.Tensor, *, topk: int = 2048,
                     return_scores: bool = False, out: torch.Tensor | None = None,
@@ -133,7 +138,7 @@ def dsa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tens
     batch, next_n, _, _, pages = check_paged_inputs(q, kv_cache, weights, seq_lens, block_table)
     check_positive_int("topk", topk)
     check_out_buffer(out, batch * next_n, topk, q.device)
-    if resolve_backend(backend, q.device) == "torch":
+    if resolve_backend(backend, q.device, lambda: _kernel_check(q, pages)) == "torch":
         check_paged_values(seq_lens, block_table, pages.shape[0])
         idx, scores = naive_dsa_index_paged(q, pages, weights, seq_lens, block_table, topk=topk)
     else:

@@ -55,6 +55,13 @@ def naive_hisa_index_paged(q: torch.Tensor, pages: torch.Tensor, pooled_cache: t
     return idx, vals
 
 
+def _kernel_check(q, pages, block_table, block_size: int, block_topk: int) -> None:
+    from ..dsa.decode_kernels import decode_operands
+    from .decode_kernels import check_decode_params
+    decode_operands(q, pages)
+    check_decode_params(block_size, block_topk, block_table.shape[1])
+
+
 def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torch.Tensor,
                      weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
                      topk: int = 2048, block_size: int = 128, block_topk: int = 64,
@@ -91,7 +98,8 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
     check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
     check_block_size(block_size)
     check_out_buffer(out, batch * next_n, topk, q.device)
-    if resolve_backend(backend, q.device) == "torch":
+    if resolve_backend(backend, q.device, lambda: _kernel_check(q, pages, block_table,
+                                                                block_size, block_topk)) == "torch":
         check_paged_values(seq_lens, block_table, pages.shape[0])
         idx, scores = naive_hisa_index_paged(q, pages, pooled_cache, weights, seq_lens,
                                              block_table, topk=topk, block_size=block_size,

@@ -31,6 +31,16 @@ def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.
         scores[rows] = sub_scores
 
 
+def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk: int) -> None:
+    from ..dsa.prefill import check_kernel_shapes
+    from .pool import check_block_size
+    from .select import SELECT_MAX_ROW
+    check_kernel_shapes(q, k)
+    check_block_size(block_size)
+    if block_size * block_topk > SELECT_MAX_ROW:
+        raise ValueError(f"block_topk * block_size: at most {SELECT_MAX_ROW} for the kernels")
+
+
 def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
                block_size: int = 128, block_topk: int = 64, return_scores: bool = False,
@@ -58,7 +68,8 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
     check_out_buffer(out, T, topk, q.device)
     check_windows(ks, ke, S)
-    if resolve_backend(backend, q.device) == "torch":
+    if resolve_backend(backend, q.device,
+                       lambda: _kernel_check(q, k, block_size, block_topk)) == "torch":
         idx, scores = naive_hisa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                        block_size=block_size, block_topk=block_topk)
     else:

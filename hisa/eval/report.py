@@ -197,9 +197,9 @@ def load_bench_rows(paths) -> list[dict]:
 def speed_table(rows, bench_rows) -> str:
     """Fidelity vs speed: HISA-family rows by (model, L, m*B, B), joined with the benchmark
     rows of the same (context, block_size, block_topk, topk): the range of their speedups."""
-    out = ["| model | L | k | m*B | B | m | method | IoU | recall | oracle | mass kept | "
+    out = ["| model | L | k | m*B | B | m | method | IoU | IoU+ | recall | oracle | mass kept | "
            "speedup vs flat (GPU rows, same L, B, m, k) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     sel = [r for r in rows if r["method"] in ("hisa", "hisa_linear") and r.get("iou_mean")]
     sel.sort(key=lambda r: (r["model"], r["context"], r["block_size"] * r["block_topk"],
                             -r["block_size"], r["method"]))
@@ -218,6 +218,6 @@ def speed_table(rows, bench_rows) -> str:
         out.append(f"| {r['model']} | {r['context']} | {r['topk']} | "
                    f"{r['block_size'] * r['block_topk']} | {r['block_size']} | "
                    f"{r['block_topk']} | {r['method']} | {_fmt(r['iou_mean'], '.3f')} | "
-                   f"{_fmt(r['recall'], '.3f')} | {_fmt(r['oracle_recall'], '.3f')} | "
+                   f"{_fmt(r.get('iou_positive'), '.3f')} | {_fmt(r['recall'], '.3f')} | {_fmt(r['oracle_recall'], '.3f')} | "
                    f"{_fmt(r['mass_kept'], '.3f')} | {speed} |")
     return "\n".join(out)

@@ -77,6 +77,27 @@ def check_paged_values(seq_lens: torch.Tensor, block_table: torch.Tensor, num_pa
                          f"request uses, got block_table[{b}, {j}] = {int(block_table[b, j])}")
 
 
+def per_request_reference(q: torch.Tensor, seq_lens: torch.Tensor, topk: int, select
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a packed reference request by request and stack the rows (the paged references).
+
+    ``select(b, length, row_lens)`` returns (positions int32 [next_n, topk], scores) for
+    request ``b`` whose rows see ``row_lens`` keys (``length`` = the longest); requests with no
+    visible key keep -1 / -inf.
+    """
+    batch, next_n = q.shape[:2]
+    lens = paged_row_lengths(seq_lens, next_n)
+    idx = torch.full((batch * next_n, topk), -1, dtype=torch.int32, device=q.device)
+    vals = torch.full((batch * next_n, topk), float("-inf"), device=q.device)
+    for b in range(batch):
+        length = int(lens[b].max())
+        if length == 0:
+            continue
+        rows = slice(b * next_n, (b + 1) * next_n)
+        idx[rows], vals[rows] = select(b, length, lens[b].to(torch.int32))
+    return idx, vals
+
+
 def naive_dsa_index_paged(q: torch.Tensor, pages: torch.Tensor, weights: torch.Tensor,
                           seq_lens: torch.Tensor, block_table: torch.Tensor, *, topk: int = 2048
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,19 +106,15 @@ def naive_dsa_index_paged(q: torch.Tensor, pages: torch.Tensor, weights: torch.T
     Returns:
         (positions int32 [batch * next_n, topk], -1 padded; scores fp32, -inf padded).
     """
-    batch, next_n, _, D = q.shape
-    lens = paged_row_lengths(seq_lens, next_n)
-    idx = torch.full((batch * next_n, topk), -1, dtype=torch.int32, device=q.device)
-    vals = torch.full((batch * next_n, topk), float("-inf"), device=q.device)
+    next_n, D = q.shape[1], q.shape[3]
     zeros = torch.zeros(next_n, dtype=torch.int32, device=q.device)
-    for b in range(batch):
-        length = int(lens[b].max())
+
+    def select(b, length, row_lens):
         k, k_scale = gather_request_keys(pages, block_table[b], length, D)
-        rows = slice(b * next_n, (b + 1) * next_n)
-        idx[rows], vals[rows] = naive_dsa_index(q[b], k, weights[rows], zeros,
-                                                lens[b].to(torch.int32), k_scale=k_scale,
-                                                topk=topk)
-    return idx, vals
+        return naive_dsa_index(q[b], k, weights[b * next_n:(b + 1) * next_n], zeros, row_lens,
+                               k_scale=k_scale, topk=topk)
+
+    return per_request_reference(q, seq_lens, topk, select)
 
 
 def _kernel_check(q: torch.Tensor, pages: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from ...cache.paged import check_block_size
 from ...utils.backend import resolve_backend
 from ...utils.output import check_out_buffer, finish_output
 from ...utils.validate import FP8_DTYPE, check_hisa_params
-from ..dsa.paged import check_paged_inputs, check_paged_values, paged_row_lengths
+from ..dsa.paged import check_paged_inputs, check_paged_values, per_request_reference
 from .naive import naive_hisa_index
 
 
@@ -31,15 +31,10 @@ def naive_hisa_index_paged(q: torch.Tensor, pages: torch.Tensor, pooled_cache: t
     Returns:
         (positions int32 [batch * next_n, topk], -1 padded; scores fp32, -inf padded).
     """
-    batch, next_n, _, D = q.shape
-    lens = paged_row_lengths(seq_lens, next_n)
-    idx = torch.full((batch * next_n, topk), -1, dtype=torch.int32, device=q.device)
-    vals = torch.full((batch * next_n, topk), float("-inf"), device=q.device)
+    next_n, D = q.shape[1], q.shape[3]
     zeros = torch.zeros(next_n, dtype=torch.int32, device=q.device)
-    for b in range(batch):
-        length = int(lens[b].max())
-        if length == 0:                                      # nothing visible: all -1
-            continue
+
+    def select(b, length, row_lens):
         k, k_scale = gather_request_keys(pages, block_table[b], length, D)
         full, nb = length // block_size, -(-length // block_size)
         pooled, pooled_scale = gather_request_pooled(pooled_cache, block_table[b], full,
@@ -47,12 +42,11 @@ def naive_hisa_index_paged(q: torch.Tensor, pages: torch.Tensor, pooled_cache: t
         if nb > full:                                        # tail placeholder, always forced
             pooled = torch.cat([pooled, torch.zeros(1, D, device=q.device).to(FP8_DTYPE)])
             pooled_scale = torch.cat([pooled_scale, torch.ones(1, device=q.device)])
-        rows = slice(b * next_n, (b + 1) * next_n)
-        idx[rows], vals[rows] = naive_hisa_index(
-            q[b], k, weights[rows], zeros, lens[b].to(torch.int32), k_scale=k_scale, topk=topk,
-            block_size=block_size, block_topk=block_topk, pooled=pooled,
-            pooled_scale=pooled_scale)
-    return idx, vals
+        return naive_hisa_index(q[b], k, weights[b * next_n:(b + 1) * next_n], zeros, row_lens,
+                                k_scale=k_scale, topk=topk, block_size=block_size,
+                                block_topk=block_topk, pooled=pooled, pooled_scale=pooled_scale)
+
+    return per_request_reference(q, seq_lens, topk, select)
 
 
 def _kernel_check(q, pages, block_table, block_size: int, block_topk: int) -> None:

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ...utils.validate import check_indexer_inputs, check_shape, check_tensor
+from ...utils.validate import check_shape, check_tensor
 
 
 def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -77,8 +77,6 @@ def all_gather(x: torch.Tensor, group, name: str) -> torch.Tensor:
     world = dist.get_world_size(group)
     x = x.contiguous().view(1, *x.shape)
     _note(name, x.numel() * x.element_size())
-    if world == 1:
-        return x.clone()
     # The concatenation form (dim 0 = world * 1): what both NCCL and gloo accept.
     out = torch.empty((world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -89,8 +87,7 @@ def all_gather(x: torch.Tensor, group, name: str) -> torch.Tensor:
 def all_reduce_sum(x: torch.Tensor, group, name: str) -> torch.Tensor:
     """Elementwise sum over ranks, in place."""
     _note(name, x.numel() * x.element_size())
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
     return x
 
 

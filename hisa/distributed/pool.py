@@ -61,7 +61,8 @@ def pool_sharded(k: torch.Tensor, k_scale: torch.Tensor | None, bmap: BlockMap, 
         sums[:part.shape[0]] = part
         all_reduce_sum(sums, group, "pool")
         counts = (num_keys - torch.arange(nb, device=k.device) * B).clamp(max=B).float()
-        mine = torch.arange(bmap.rank, nb, bmap.layout.world_size, device=k.device)
+        n_mine = int(bmap.scored_before(torch.tensor(nb)))
+        mine = bmap.scored_global(torch.arange(n_mine, device=k.device))
         means = sums[mine] / counts[mine].unsqueeze(1)
     if fp8:
         return quantize_fp8(means, group_size=D)
@@ -76,10 +77,11 @@ def _write_rows(pooled_cache: torch.Tensor, rows: torch.Tensor, values: torch.Te
     valid entry's row carrying that entry's bytes (duplicates then write identical bytes);
     with no valid entry at all every entry rewrites row 0 with its current bytes.
     """
-    first = torch.argmax(valid.to(torch.int32))                           # first valid (or 0)
+    first = torch.argmax(valid.to(torch.int32)).view(1)                   # first valid (or 0)
     any_valid = valid.any()
-    fallback_row = torch.where(any_valid, rows[first], 0)
-    fallback_val = torch.where(any_valid, values[first], pooled_cache[0])
+    # index_select, not rows[first]: a 0-d index would be read on the host.
+    fallback_row = torch.where(any_valid, rows.index_select(0, first)[0], 0)
+    fallback_val = torch.where(any_valid, values.index_select(0, first)[0], pooled_cache[0])
     target = torch.where(valid, rows, fallback_row)
     data = torch.where(valid.unsqueeze(1), values, fallback_val.unsqueeze(0))
     pooled_cache.index_copy_(0, target, data)

@@ -38,7 +38,7 @@ def exact_keys(num_keys: int, head_dim: int, block_size: int, *, generator: torc
     nb = -(-num_keys // block_size)
     base = torch.randint(-7, 8, (nb, head_dim), generator=generator).float()
     base[:, 0] = 7.0
-    if all_equal:
+    if all_equal and nb:
         base[:] = base[0]
     k = base.repeat_interleave(block_size, dim=0)[:num_keys]
     if not all_equal:

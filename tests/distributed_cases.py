@@ -13,6 +13,8 @@ import torch
 
 import hisa
 import hisa.distributed as hd
+from hisa.distributed import pool
+from hisa.distributed.pool import POOL_CHUNK, SYNC_FREE_APPEND
 from hisa.ops.dsa.naive import naive_dsa_logits
 from hisa.testing.compare import assert_same_selection, check_index_format
 from hisa.testing.distributed import (build_cache, build_sharded_cache, exact_keys,
@@ -207,8 +209,13 @@ def case_decode_exact(rank, world, group):
         if name == "interleaved_2B":
             continue                    # same path as interleaved_B; decode_fp8_random has it
         reqs, cache, table = decode_setup(world, bs, seed=31)
-        local = build_sharded_cache(reqs, layout, rank, block_size=bs, head_dim=D, seed=21,
-                                    group=group)
+        if name == "split_unit":        # the prompt append's compaction and chunked pooling
+            pool.SYNC_FREE_APPEND, pool.POOL_CHUNK = 256, 3
+        try:
+            local = build_sharded_cache(reqs, layout, rank, block_size=bs, head_dim=D,
+                                        seed=21, group=group)
+        finally:
+            pool.SYNC_FREE_APPEND, pool.POOL_CHUNK = SYNC_FREE_APPEND, POOL_CHUNK
         for next_n, two_d in [(1, False), (2, True)]:
             q, w, seq = decode_queries(next_n, seed=32 + next_n, two_d=two_d)
             hs, h1, fs, f1, rec_h, rec_f = run_decode(reqs, cache, table, layout, rank, group,

@@ -106,9 +106,10 @@ def pooled_pages(pooled_cache: torch.Tensor, block_table: torch.Tensor, bmap: Bl
     col = bmap.pooled_column(bmap.scored_global(j)).clamp(max=cols - 1)
     page = block_table.long()[:, col].clamp(0, pooled_cache.shape[0] - 1)     # [batch, NP*64]
     rows = pooled_cache[page].view(batch * n_pages, PAGE_SIZE, row_bytes)
-    packed = torch.cat([rows[:, :, :head_dim].reshape(batch * n_pages, PAGE_SIZE * head_dim),
-                        rows[:, :, head_dim:].reshape(batch * n_pages, PAGE_SIZE * (row_bytes - head_dim))],
-                       dim=1)
+    n = batch * n_pages
+    packed = torch.cat([rows[:, :, :head_dim].reshape(n, PAGE_SIZE * head_dim),      # values
+                        rows[:, :, head_dim:].reshape(n, PAGE_SIZE * (row_bytes - head_dim))],
+                       dim=1)                                                         # scales
     table = torch.arange(batch * n_pages, dtype=torch.int32, device=dev).view(batch, n_pages)
     return packed.contiguous(), table, nv
 

@@ -87,26 +87,45 @@ def _write_rows(pooled_cache: torch.Tensor, rows: torch.Tensor, values: torch.Te
     pooled_cache.index_copy_(0, target, data)
 
 
+#: Appends of more tokens than this (prefill chunks) first keep only the tokens that complete a
+#: block, a host sync; decode-sized appends stay sync-free.
+SYNC_FREE_APPEND = 4096
+#: Completed blocks pooled per all-reduce (their [chunk, B / R, D] fp32 keys are gathered).
+POOL_CHUNK = 1024
+
+
 def pool_split_blocks_paged(pages: torch.Tensor, pooled_cache: torch.Tensor,
                             positions: torch.Tensor, req_indices: torch.Tensor,
                             block_table: torch.Tensor, bmap: BlockMap, group) -> None:
-    """Pool every split block that the new tokens complete (decode / chunked prefill appends).
+    """Pool every split block that the new tokens complete (decode steps, prefill chunks).
 
     ``positions`` [T] are the global positions of all new tokens of the step (the same on every
     rank, after this rank's keys were written); a token with ``(p + 1) % B == 0`` completes
     block ``p // B``. Each rank sums its ``B / R`` tokens of each completed block from its pages,
     one fixed-size all-reduce of [T, D] fp32 adds the ranks' sums, and the scoring rank
-    (``b % R``) writes the FP8 mean to the pooled row of the page holding its last tokens of the
-    block. No host sync; tokens that complete nothing contribute zeros.
+    (``b % R``) writes the FP8 mean (quantized as the single-process append does) to the
+    pooled row of the page holding its last tokens of the block. Tokens that complete nothing
+    contribute zeros. Every rank derives the same chunks from the same positions, so the
+    collectives match.
     """
+    pos, req = positions.long(), req_indices.long()
+    B = bmap.B
+    if pos.numel() > SYNC_FREE_APPEND:
+        keep = ((pos >= 0) & ((pos + 1) % B == 0)).nonzero().squeeze(1)
+        pos, req = pos[keep], req[keep]
+    for c0 in range(0, pos.numel(), POOL_CHUNK):
+        _pool_chunk(pages, pooled_cache, pos[c0:c0 + POOL_CHUNK], req[c0:c0 + POOL_CHUNK],
+                    block_table, bmap, group)
+
+
+def _pool_chunk(pages, pooled_cache, pos, req, block_table, bmap: BlockMap, group) -> None:
     D = pages.shape[1] // PAGE_SIZE - 4
     B, R, run = bmap.B, bmap.layout.world_size, bmap.max_run
-    pos = positions.long()
     done = (pos >= 0) & ((pos + 1) % B == 0)
     g = torch.where(done, pos // B, 0)                                     # [T]
     start = g * run                                                        # local run start
     local = start.unsqueeze(1) + torch.arange(run, device=pos.device)      # [T, run]
-    bt = block_table[req_indices.long()]                                   # [T, max_pages]
+    bt = block_table[req]                                                  # [T, max_pages]
     page = torch.gather(bt.long(), 1, (local // PAGE_SIZE).clamp(max=bt.shape[1] - 1))
     ok = done.unsqueeze(1) & (page >= 0) & (page < pages.shape[0])
     page = page.clamp(0, pages.shape[0] - 1)

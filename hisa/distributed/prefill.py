@@ -62,8 +62,10 @@ def _flat_rows(q, k, weights, ks, ke, k_scale, layout, rank, group, *, topk, bac
     pos, val = window_token_candidates(q, k, k_scale, weights, layout.count_before(rank, ks),
                                        layout.count_before(rank, ke), layout, rank, topk=topk,
                                        backend=backend)
-    scores, ids = exchange_candidates(val, pos, group, "tokens")
-    pos, val = merge_topk(scores, ids, topk)
+    for t0 in range(0, q.shape[0], QUERY_TILE):        # bounded exchange buffers
+        sl = slice(t0, t0 + QUERY_TILE)
+        scores, ids = exchange_candidates(val[sl], pos[sl], group, "tokens")
+        pos[sl], val[sl] = merge_topk(scores, ids, topk)
     return pos, val
 
 

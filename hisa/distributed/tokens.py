@@ -96,8 +96,8 @@ def paged_token_candidates(q_rows: torch.Tensor, pages: torch.Tensor, weights: t
 
 
 def pack_pages(k: torch.Tensor, k_scale: torch.Tensor) -> torch.Tensor:
-    """Local FP8 keys [S_r, D] (+ fp32 scales) as key-cache pages uint8 [ceil(S_r / 64), 64 * (D + 4)]
-    (page i holds local positions [64 i, 64 i + 64))."""
+    """Local FP8 keys [S_r, D] (+ fp32 scales) as key-cache pages,
+    uint8 [ceil(S_r / 64), 64 * (D + 4)]; page i holds local positions [64 i, 64 i + 64)."""
     S, D = k.shape
     n = -(-S // PAGE_SIZE)
     pad = n * PAGE_SIZE - S

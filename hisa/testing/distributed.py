@@ -75,46 +75,43 @@ def exact_packed_inputs(seq_lens: list[int], query_lens: list[int] | None = None
 
 def build_cache(requests: list[tuple[torch.Tensor, torch.Tensor]], *, block_size: int,
                 head_dim: int, seed: int, extra_columns: int = 1, extra_pages: int = 2,
-                append: Callable | None = None) -> tuple[PagedIndexerCache, torch.Tensor]:
-    """A paged cache holding ``requests`` [(keys fp8 [L, D], scales [L])] on shuffled pages.
-
-    ``append(cache, k, slots, positions, k_scale, block_table, req_indices)`` writes the keys
-    (default: the cache's own append, pooling local blocks); unused block-table columns hold -1.
-    """
+                device="cpu", backend: str = "torch") -> tuple[PagedIndexerCache, torch.Tensor]:
+    """A single-process paged cache holding ``requests`` [(keys fp8 [L, D], scales [L])] on
+    shuffled pages, written by the cache's own append; unused block-table columns hold -1."""
     g = torch.Generator().manual_seed(seed)
     n_pages = [-(-k.shape[0] // PAGE_SIZE) for k, _ in requests]
     total = sum(n_pages) + extra_pages
     perm = torch.randperm(total, generator=g).to(torch.int32)
     cols = max(n_pages + [1]) + extra_columns
     table = torch.full((len(requests), cols), -1, dtype=torch.int32)
-    cache = PagedIndexerCache(total, head_dim=head_dim, block_size=block_size)
+    cache = PagedIndexerCache(total, head_dim=head_dim, block_size=block_size, device=device)
     start = 0
     for b, n in enumerate(n_pages):
         table[b, :n] = perm[start:start + n]
         start += n
+    table = table.to(device)
     for b, (k, s) in enumerate(requests):
         if k.shape[0] == 0:
             continue
-        pos = torch.arange(k.shape[0])
+        pos = torch.arange(k.shape[0], device=device)
         slots = table[b, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
-        req = torch.full((k.shape[0],), b, dtype=torch.int32)
-        if append is None:
-            cache.append(k, slots, pos, k_scale=s, block_table=table, req_indices=req,
-                         backend="torch")
-        else:
-            append(cache, k, slots, pos, s, table, req)
+        req = torch.full((k.shape[0],), b, dtype=torch.int32, device=device)
+        cache.append(k.to(device), slots, pos, k_scale=s.to(device), block_table=table,
+                     req_indices=req, backend=backend)
     return cache, table
 
 
 def build_sharded_cache(requests: list[tuple[torch.Tensor, torch.Tensor]], layout, rank: int, *,
                         block_size: int, head_dim: int, seed: int, decode_steps: int = 3,
-                        group=None, extra_columns: int = 1
+                        group=None, extra_columns: int = 1, device="cpu",
+                        backend: str = "torch", prompt_chunk: int | None = None
                         ) -> tuple[PagedIndexerCache, torch.Tensor]:
     """This rank's shard of ``requests`` (global keys per request), written the way a serving
     engine writes it: :func:`hisa.distributed.cache_append` with every rank passing all new
     tokens, first each request's prompt minus its last ``decode_steps`` tokens in one call, then
     one call per decode step covering every request still growing. All ranks must call this
-    together (split blocks pool through a collective)."""
+    together (split blocks pool through a collective). ``prompt_chunk`` splits the prompt call
+    into calls of at most that many tokens (long contexts)."""
     from ..distributed import cache_append
     g = torch.Generator().manual_seed(seed + 1000 * rank)
     lens = [k.shape[0] for k, _ in requests]
@@ -127,34 +124,41 @@ def build_sharded_cache(requests: list[tuple[torch.Tensor, torch.Tensor]], layou
     for b, n in enumerate(n_pages):
         table[b, :n] = perm[start:start + n]
         start += n
-    cache = PagedIndexerCache(total, head_dim=head_dim, block_size=block_size)
+    cache = PagedIndexerCache(total, head_dim=head_dim, block_size=block_size, device=device)
+    table = table.to(device)
 
     def write(items):                   # [(request, global positions)]
         if not items:
             return
         pos = torch.cat([p for _, p in items])
         req = torch.cat([torch.full((p.numel(),), b, dtype=torch.int32) for b, p in items])
-        k = torch.cat([requests[b][0][p] for b, p in items])
-        s = torch.cat([requests[b][1][p] for b, p in items])
+        k = torch.cat([requests[b][0][p] for b, p in items]).to(device)
+        s = torch.cat([requests[b][1][p] for b, p in items]).to(device)
+        pos, req = pos.to(device), req.to(device)
         j = layout.count_before(rank, pos)
         mine = layout.owner(pos) == rank
         page = table[req.long(), (j // PAGE_SIZE).clamp(max=table.shape[1] - 1)].long()
         slots = torch.where(mine, page * PAGE_SIZE + j % PAGE_SIZE, -1)
         cache_append(cache.kv_cache, cache.pooled_cache, k, slots, pos, layout=layout,
                      block_table=table, req_indices=req, k_scale=s, block_size=block_size,
-                     group=group, backend="torch")
+                     group=group, backend=backend)
 
     prompt = [max(L - decode_steps, 0) for L in lens]
-    write([(b, torch.arange(n)) for b, n in enumerate(prompt) if n])
+    chunk = prompt_chunk or max(prompt + [1])
+    for c0 in range(0, max(prompt + [0]), chunk):
+        write([(b, torch.arange(c0, min(n, c0 + chunk))) for b, n in enumerate(prompt)
+               if n > c0])
     for step in range(decode_steps):
         write([(b, torch.tensor([prompt[b] + step])) for b, L in enumerate(lens)
                if prompt[b] + step < L])
     return cache, table
 
 
-def spawn_world(fn: Callable, world_size: int, *args, timeout_s: float = 90.0) -> list:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by a gloo group
-    (file store, no port needed); returns each rank's return value, in rank order.
+def spawn_world(fn: Callable, world_size: int, *args, timeout_s: float = 90.0,
+                backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by a process group
+    (file store, no port needed; "nccl" also sets each rank's GPU to its rank); returns each
+    rank's return value, in rank order.
 
     A rank that raises has its traceback returned as an ``Exception`` in its slot; the others
     then fail at their next collective (broken connection or ``timeout_s``) and report too.
@@ -165,7 +169,7 @@ def spawn_world(fn: Callable, world_size: int, *args, timeout_s: float = 90.0) -
         out = os.path.join(tmp, "out")
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker, args=(fn, r, world_size, store, out, timeout_s,
-                                                   args))
+                                                   backend, args))
                  for r in range(world_size)]
         for p in procs:
             p.start()
@@ -184,10 +188,12 @@ def spawn_world(fn: Callable, world_size: int, *args, timeout_s: float = 90.0) -
         return results
 
 
-def _worker(fn, rank, world_size, store, out, timeout_s, args):
+def _worker(fn, rank, world_size, store, out, timeout_s, backend, args):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank,
                             world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:

@@ -183,7 +183,8 @@ def decode_queries(next_n, seed, two_d=False):
     return q.view(batch, next_n, H, D), w, seq
 
 
-def run_decode(reqs, cache, table, layout, rank, group, bs, q, w, seq, local=None):
+def run_decode(reqs, cache, table, layout, rank, group, bs, q, w, seq, local=None,
+               max_seq_len=None):
     """(sharded HISA, single HISA, sharded flat, single flat, HISA bytes, flat bytes)."""
     if local is None:
         local = build_sharded_cache(reqs, layout, rank, block_size=bs, head_dim=D, seed=21,
@@ -194,7 +195,8 @@ def run_decode(reqs, cache, table, layout, rank, group, bs, q, w, seq, local=Non
     out = torch.full((q.shape[0] * q.shape[1], TOPK), -7, dtype=torch.int32)   # poisoned
     with hd.count_bytes() as rec_h:
         hs = hd.hisa_index_paged(q, local.kv_cache, local.pooled_cache, w, seq, ltable,
-                                 layout=layout, out=out, group=group, **hk)
+                                 layout=layout, out=out, group=group,
+                                 max_seq_len=max_seq_len, **hk)
     assert hs[0] is out
     with hd.count_bytes() as rec_f:
         fs = hd.dsa_index_paged(q, local.kv_cache, w, seq, ltable, layout=layout, group=group,
@@ -218,8 +220,9 @@ def case_decode_exact(rank, world, group):
             pool.SYNC_FREE_APPEND, pool.POOL_CHUNK = SYNC_FREE_APPEND, POOL_CHUNK
         for next_n, two_d in [(1, False), (2, True)]:
             q, w, seq = decode_queries(next_n, seed=32 + next_n, two_d=two_d)
+            bound = max(DECODE_LENGTHS) if name in ("contiguous", "split_token") else None
             hs, h1, fs, f1, rec_h, rec_f = run_decode(reqs, cache, table, layout, rank, group,
-                                                      bs, q, w, seq, local)
+                                                      bs, q, w, seq, local, bound)
             what = f"{name} next_n={next_n}{' 2-D' if two_d else ''}"
             assert_exact(*hs, *h1, f"hisa {what}")
             assert_exact(*fs, *f1, f"flat {what}")

@@ -192,3 +192,27 @@ def test_validation_errors_name_the_argument(world1):
         hd.hisa_index(q, k, w, ks, ke, **dict(kw, block_topk=2, topk=256))
     with pytest.raises(ValueError, match="rank: expected a value in \\[0, 2\\)"):
         hd.shard_keys(k, s, hd.ShardLayout.interleaved(2, 64), 2)
+
+
+def test_decode_validation_errors(world1):
+    g = torch.Generator().manual_seed(4)
+    reqs = [exact_keys(L, 32, 64, generator=g) for L in [70, 500]]
+    cache, bt = build_cache(reqs, block_size=64, head_dim=32, seed=1)
+    q, w = exact_queries(2, 4, 32, generator=g)
+    seq = torch.tensor([70, 500], dtype=torch.int32)
+    args = (q.view(2, 1, 4, 32), cache.kv_cache, cache.pooled_cache, w, seq, bt)
+    kw = dict(layout=hd.ShardLayout.interleaved(1, 64), topk=32, block_size=64, block_topk=3,
+              backend="torch")
+    with pytest.raises(ValueError, match="seq_lens: expected at most max_seq_len = 499"):
+        hd.hisa_index_paged(*args, max_seq_len=499, **kw)
+    with pytest.raises(ValueError, match="seq_lens: expected at most 256"):
+        hd.hisa_index_paged(*args, **dict(kw, layout=hd.ShardLayout.contiguous(1, 256)))
+    with pytest.raises(ValueError, match="block_table: rank 0 holds up to 600 keys"):
+        hd.dsa_index_paged(q.view(2, 1, 4, 32), cache.kv_cache, w, seq + 100, bt,
+                           layout=kw["layout"], topk=32, backend="torch")
+    with pytest.raises(ValueError, match="positions: expected values < 256"):
+        hd.cache_append(cache.kv_cache, cache.pooled_cache, reqs[0][0][:1],
+                        torch.tensor([0]), torch.tensor([300]),
+                        layout=hd.ShardLayout.contiguous(1, 256), block_table=bt,
+                        req_indices=torch.tensor([0]), k_scale=reqs[0][1][:1], block_size=64,
+                        backend="torch")

@@ -84,18 +84,22 @@ def packed_candidates(q: torch.Tensor, pooled: torch.Tensor, pooled_scale: torch
 
 
 def pooled_pages(pooled_cache: torch.Tensor, block_table: torch.Tensor, bmap: BlockMap,
-                 lo: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 lo: int, head_dim: int, local_tokens: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Each request's scored pooled rows from ``lo`` on, repacked as key-cache pages.
 
     The pooled cache keeps one row (D FP8 values + fp32 scale) per physical page; the paged
     flat indexer reads pages of 64 rows (values, then scales). Request b's virtual sequence is
     its scored blocks lo, lo + 1, ... in order.
 
+    ``local_tokens`` bounds a request's local length (the block table's capacity, or less when
+    the caller knows a smaller maximum length), so the repack's size is fixed per shape.
+
     Returns:
         (pages uint8 [batch * P, 64 * (D + 4)], block table int32 [batch, P], scored count NV).
     """
     batch, cols = block_table.shape
-    nv = max(bmap.scored_capacity(cols * PAGE_SIZE) - lo, 0)
+    nv = max(bmap.scored_capacity(min(local_tokens, cols * PAGE_SIZE)) - lo, 0)
     n_pages = -(-nv // PAGE_SIZE)
     dev = block_table.device
     row_bytes = pooled_row_bytes(head_dim)
@@ -116,7 +120,7 @@ def pooled_pages(pooled_cache: torch.Tensor, block_table: torch.Tensor, bmap: Bl
 
 def paged_candidates(q: torch.Tensor, pooled_cache: torch.Tensor, weights: torch.Tensor,
                      block_table: torch.Tensor, first: torch.Tensor, end: torch.Tensor,
-                     bmap: BlockMap, *, count: int, backend: str
+                     bmap: BlockMap, *, count: int, backend: str, local_tokens: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's best ``count`` non-forced blocks per query row (decode), via
     :func:`hisa.dsa_index_paged` over its pooled rows repacked as pages.
@@ -131,7 +135,7 @@ def paged_candidates(q: torch.Tensor, pooled_cache: torch.Tensor, weights: torch
     rows = batch * next_n
     lo, hi = nonforced_range(bmap, first, end)
     lo0 = int(bmap.scored_before(torch.tensor(1)))     # first == 0 in decode: one lo per rank
-    pages, table, nv = pooled_pages(pooled_cache, block_table, bmap, lo0, D)
+    pages, table, nv = pooled_pages(pooled_cache, block_table, bmap, lo0, D, local_tokens)
     if nv == 0 or rows == 0:
         return (torch.full((rows, count), float("-inf"), device=q.device),
                 torch.full((rows, count), -1, dtype=torch.long, device=q.device))

@@ -40,12 +40,17 @@ def _check(layout, group):
 
 
 def _check_lengths(layout: ShardLayout, rank: int, lens: torch.Tensor,
-                   block_table: torch.Tensor, backend: str, device) -> None:
-    """Global lengths fit the layout and this rank's share fits its block table (reads the
-    values, so only where the torch backend runs; the sync-free path clamps instead)."""
+                   block_table: torch.Tensor, backend: str, device,
+                   max_seq_len: int | None = None) -> None:
+    """Global lengths fit the layout (and ``max_seq_len``) and this rank's share fits its block
+    table (reads the values, so only where the torch backend runs; the sync-free path clamps
+    instead)."""
     if resolve_backend(backend, device) != "torch" or lens.numel() == 0:
         return
     longest = int(lens.max())
+    if max_seq_len is not None and longest > max_seq_len:
+        raise ValueError(f"seq_lens: expected at most max_seq_len = {max_seq_len}, got "
+                         f"{longest}")
     cap = layout.capacity
     if cap is not None and longest > cap:
         raise ValueError(f"seq_lens: expected at most {cap} (world_size * shard_size of the "
@@ -100,8 +105,9 @@ def dsa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tens
 def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torch.Tensor,
                      weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
                      layout: ShardLayout, topk: int = 2048, block_size: int = 128,
-                     block_topk: int = 64, group=None, return_scores: bool = False,
-                     out: torch.Tensor | None = None, backend: str = "auto"):
+                     block_topk: int = 64, group=None, max_seq_len: int | None = None,
+                     return_scores: bool = False, out: torch.Tensor | None = None,
+                     backend: str = "auto"):
     """HISA decode over a paged key cache and pooled cache sharded across ``group``.
 
     The selection of :func:`hisa.hisa_index_paged` on the unsharded cache (same sets up to
@@ -120,6 +126,9 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
         seq_lens: int32 [batch] or [batch, next_n], global lengths (the same on every rank).
         layout: the sharding (:meth:`ShardLayout.check_hisa` must accept it); group: the
             process group.
+        max_seq_len: optional host-known bound on ``seq_lens`` (vLLM's metadata carries one),
+            the same on every rank; it bounds the per-step repack of the pooled rows, which
+            otherwise spans the block table's whole capacity.
 
     Returns:
         int32 [batch * next_n, topk] global request positions, -1 padded (and fp32 scores).
@@ -137,14 +146,19 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
     bmap = BlockMap(layout, rank, block_size)
     rows = batch * next_n
     check_out_buffer(out, rows, topk, q.device)
+    if max_seq_len is not None:
+        check_positive_int("max_seq_len", max_seq_len, minimum=0)
     lens = paged_row_lengths(seq_lens, next_n)                             # [batch, next_n]
-    _check_lengths(layout, rank, lens, block_table, backend, q.device)
+    _check_lengths(layout, rank, lens, block_table, backend, q.device, max_seq_len)
     first, end = eligible_range(torch.zeros_like(lens), lens, block_size)
     c = block_topk - 2
     cs = ci = None
     if c > 0:
+        room = block_table.shape[1] * PAGE_SIZE
+        if max_seq_len is not None:
+            room = min(room, layout.local_length(rank, max_seq_len))
         cs, ci = paged_candidates(q, pooled_cache, weights, block_table, first, end, bmap,
-                                  count=c, backend=backend)
+                                  count=c, backend=backend, local_tokens=room)
     kept = kept_blocks(cs, ci, first.flatten(), end.flatten(), block_topk=block_topk,
                        group=group)
     flat_lens = lens.flatten()

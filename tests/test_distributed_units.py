@@ -155,6 +155,7 @@ def world1():
 
 def test_world_of_one_equals_the_single_process_ops(world1):
     q, k, w, ks, ke, s = exact_packed_inputs([300, 45, 200], [60, 20, 50], seed=2)
+    ke[5], ks[6] = ks[5], ke[6] - 1                     # an empty window, a window of one key
     layout = hd.ShardLayout.interleaved(1, 64)
     kw = dict(topk=32, block_size=64, block_topk=3, backend="torch")
     got = hd.hisa_index(q, k, w, ks, ke, layout=layout, num_keys=k.shape[0], k_scale=s, **kw)

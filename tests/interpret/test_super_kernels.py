@@ -174,3 +174,48 @@ def test_kernel_limits_raise_value_errors():
     with pytest.raises(ValueError, match="super_topk \\* super_size"):
         hisa.hisa_index(*inp.args(), topk=16, block_size=16, block_topk=4, super_size=2048,
                         super_topk=32, backend="triton")
+
+
+def _recorded_allocations(monkeypatch):
+    """Bytes of every torch.empty the code under test allocates (a list filled as it runs)."""
+    sizes, real = [], torch.empty
+
+    def recording(*args, **kwargs):
+        t = real(*args, **kwargs)
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    monkeypatch.setattr(torch, "empty", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_workspace_model_is_what_the_pipeline_allocates(monkeypatch, levels):
+    import hisa.ops.indexer.pipeline as pl
+    from hisa.ops.indexer.topk import persistent_programs
+    monkeypatch.setattr(pl, "TOKEN_TILE_BYTES", 4 * M * B * 5)     # 5 queries per token tile
+    inp = _inputs(LENS, torch.float32, seed=9, query_lens=QLENS)
+    sup = dict(super_size=BS, super_topk=MS) if levels == 3 else {}
+    sizes = _recorded_allocations(monkeypatch)
+    hisa_index_triton(*inp.args(), k_scale=None, topk=K, block_size=B, block_topk=M, **sup)
+    T = inp.num_queries
+    model = pl.prefill_workspace_bytes(T, inp.k.shape[0], head_dim=D, key_bytes=4,
+                                       block_size=B, block_topk=M,
+                                       programs=persistent_programs(T, inp.q.device, 4), **sup)
+    assert sorted(sizes) == sorted(list(model.values()) + [4 * T * K])   # + the output
+
+
+def test_flat_tiling_under_a_small_cap_is_exact_and_allocates_the_model(monkeypatch):
+    import hisa.ops.dsa.prefill as fp
+    from hisa.ops.indexer.topk import persistent_programs
+    inp = _inputs([150, 70], torch.float32, seed=10, query_lens=[40, 30])
+    full, _ = fp.dsa_index_triton(*inp.args(), k_scale=None, topk=K)
+    monkeypatch.setattr(fp, "FLAT_LOGITS_BYTES", 4 * 150 * 6)      # tiles of <= 6 rows
+    assert len(fp.query_tiles(inp.ks, inp.ke, fp.FLAT_LOGITS_BYTES)) >= 10
+    sizes = _recorded_allocations(monkeypatch)
+    tiled, _ = fp.dsa_index_triton(*inp.args(), k_scale=None, topk=K)
+    assert torch.equal(tiled, full)
+    model = fp.flat_workspace_bytes(inp.ks, inp.ke, programs=persistent_programs(70, inp.q.device, 8))
+    assert model["logits"] <= fp.FLAT_LOGITS_BYTES
+    half = model["topk_scratch"] // 2                     # keys and columns, one buffer each
+    assert sorted(sizes) == sorted([model["logits"], half, half, 4 * 70 * K])  # + the output

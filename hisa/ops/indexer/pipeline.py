@@ -68,6 +68,34 @@ def _token_buffer(T, mb, device):
     return torch.empty(rows * mb, dtype=torch.float32, device=device)
 
 
+def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, key_bytes: int,
+                            block_size: int, block_topk: int, programs: int,
+                            super_size: int | None = None, super_topk: int | None = None
+                            ) -> dict[str, int]:
+    """Bytes of every temporary :func:`hisa_index_triton` allocates (outputs excluded).
+
+    ``key_bytes``: 1 for FP8 keys (the reps then carry a 4-byte scale), 2 for bf16, 4 for
+    fp32. ``programs``: the persistent grid of the selection stages
+    (``persistent_programs(T, device, 4)``: 4 per SM, at most T). Nothing here grows as
+    T * S: the largest entry is the token stage's candidate buffer, capped at
+    :data:`TOKEN_TILE_BYTES`; the block and super-block scratch rows are per program.
+    """
+    T, S, D, B, m = num_queries, num_keys, head_dim, block_size, block_topk
+    rep = D * key_bytes + (4 if key_bytes == 1 else 0)
+    nb = -(-S // B)
+    grid = max(1, min(T, programs))
+    ws = {"pooled": nb * rep, "block_ids": 4 * T * m,
+          "token_scores": 4 * B * m * max(1, min(T, TOKEN_TILE_BYTES // (4 * B * m)))}
+    if super_size is None:
+        ws["block_scratch"] = 4 * grid * max(nb, 1)
+    else:
+        ns = -(-nb // super_size)
+        ws.update(super_pooled=ns * rep, super_ids=4 * T * super_topk,
+                  super_scratch=4 * grid * max(ns, 1),
+                  candidate_scratch=4 * grid * super_topk * super_size)
+    return ws
+
+
 def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                         ks: torch.Tensor, ke: torch.Tensor, *, k_scale: torch.Tensor | None,
                         topk: int, block_size: int, block_topk: int,

@@ -2,9 +2,16 @@
 super-block level above blocks: super_size, super_topk)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .utils.validate import check_hisa_params, check_super_params
+
+
+#: What the super-block level costs per query besides its scores, in scored-pair equivalents:
+#: the super-block pooling, one more selection and two more launches. A first-principles
+#: estimate (a launch is ~3 us, the order of 100 pair-scores per query of a 1,024-query chunk,
+#: or of a decode batch at 1M); benchmarks/run_long_context.sh measures the real crossover.
+SUPER_LEVEL_OVERHEAD_PAIRS = 256
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,33 @@ class HisaConfig:
     def levels(self) -> int:
         """2 (blocks, tokens) or 3 (super-blocks, blocks, tokens)."""
         return 2 if self.super_size is None else 3
+
+    def pairs_per_query(self, num_keys: int) -> int:
+        """Scores per query that sees ``num_keys`` keys (README "Cost"): NB block scores (with
+        the super-block level: NS super-block scores and at most ms * Bs block scores) plus at
+        most m * B token scores."""
+        nb = -(-num_keys // self.block_size)
+        tokens = min(nb, self.block_topk) * self.block_size
+        if self.super_size is None:
+            return nb + tokens
+        return -(-nb // self.super_size) + min(nb, self.super_topk * self.super_size) + tokens
+
+    def super_level_pays(self, num_keys: int) -> bool:
+        """Whether the super-block level scores fewer pairs than two levels at this context,
+        overhead included. False for a two-level config, and always False while every
+        super-block is kept (at most ms * Bs * B keys), where three levels equal two."""
+        if self.super_size is None:
+            return False
+        two = replace(self, super_size=None, super_topk=None).pairs_per_query(num_keys)
+        return self.pairs_per_query(num_keys) + SUPER_LEVEL_OVERHEAD_PAIRS < two
+
+    def for_context(self, num_keys: int) -> "HisaConfig":
+        """This config where its super-block level pays at ``num_keys`` keys, else the same
+        config with two levels: the routing rule for a serving engine that knows its longest
+        context (one config per model, or per length bucket)."""
+        if self.super_level_pays(num_keys):
+            return self
+        return replace(self, super_size=None, super_topk=None)
 
     def kwargs(self) -> dict:
         """Keyword arguments of :func:`hisa.hisa_index` / :func:`hisa.hisa_index_paged` (the

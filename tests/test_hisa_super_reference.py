@@ -215,3 +215,20 @@ def test_validation_names_the_argument(kw, exc, match):
     inp = make_indexer_inputs([40], heads=2, head_dim=16, dtype=torch.float32)
     with pytest.raises(exc, match=match):
         run(inp, topk=16, block_size=4, block_topk=32, **kw)
+
+
+def test_routing_rule_follows_the_cost_model():
+    from hisa.config import SUPER_LEVEL_OVERHEAD_PAIRS
+    cfg = hisa.HisaConfig(super_size=4, super_topk=256)
+    # Up to ms * Bs * B = 128K keys every super-block is kept: three levels only add cost.
+    assert not cfg.super_level_pays(128 * 1024)
+    assert cfg.for_context(128 * 1024) == hisa.HisaConfig()
+    one_m = 1 << 20
+    assert cfg.pairs_per_query(one_m) == 2048 + 1024 + 8192
+    assert hisa.HisaConfig().pairs_per_query(one_m) == 8192 + 8192
+    assert cfg.super_level_pays(one_m) and cfg.for_context(one_m) is cfg
+    # The crossover: NS + ms * Bs + overhead < NB, NB = L / B.
+    nb = next(n for n in range(1, 1 << 16) if -(-n // 4) + min(n, 1024)
+              + SUPER_LEVEL_OVERHEAD_PAIRS < n)
+    assert not cfg.super_level_pays((nb - 1) * 128) and cfg.super_level_pays(nb * 128)
+    assert not hisa.HisaConfig().super_level_pays(one_m)

@@ -58,8 +58,8 @@ def test_three_level_rows_get_their_own_table(tmp_path, capsys):
     append_rows(tmp_path / "l.jsonl", rows)
     assert main(["bench", "--report", str(tmp_path / "l.jsonl")]) == 0
     out = capsys.readouterr().out
-    assert "| chunk | 1024K | 1,024 | 29.00 ms | 1.00 ms (29.0x) | 0.50 ms (58.0x) | 2.00x | " \
-           "1100 / 150 / 140 |" in out
+    assert "| chunk | 1024K | 1,024 | 16 x 64 | 29.00 ms | 1.00 ms (29.0x) | 0.50 ms (58.0x) | " \
+           "2.00x | 1100 / 150 / 140 |" in out
 
 
 def test_three_level_flop_model_counts_each_level():
@@ -70,3 +70,17 @@ def test_three_level_flop_model_counts_each_level():
     got = hisa_prefill_flops(ks, ke, 2, 4, block_size=100, block_topk=4, super_size=4,
                              super_topk=3)
     assert got == ((3 + 10) + (13 + 12) + 2 * 4 * 100) * 16
+
+
+def test_plot_draws_one_series_per_super_setting(tmp_path):
+    from hisa.bench.plot import _series, plot_rows
+    env = environment("c")
+    rows = [make_row(env, op=op, mode="decode", context=c, queries=1, batch=1, next_n=1, ms=ms,
+                     **extra)
+            for c in (1 << 18, 1 << 20)
+            for op, ms, extra in (("flat", 1.0, {}), ("hisa", 0.05, {}),
+                                  ("hisa3", 0.04, dict(super_size=2, super_topk=128)),
+                                  ("hisa3", 0.03, dict(super_size=16, super_topk=64)))]
+    assert {_series(r) for r in rows} == {"flat", "hisa", "hisa3 2x128", "hisa3 16x64"}
+    path = plot_rows(rows, tmp_path / "p.png")
+    assert path is None or path.exists()

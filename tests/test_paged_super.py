@@ -206,3 +206,15 @@ def test_append_super_validation(change, match):
     with pytest.raises(ValueError, match=match):
         hisa.paged_cache_append(args.pop("kv_cache"), args.pop("pooled_cache"), args.pop("k"),
                                 args.pop("slot_mapping"), args.pop("positions"), **args)
+
+
+def test_build_super_cache_pools_what_the_appends_pooled():
+    from hisa.cache.factory import build_super_cache
+    inp = make_paged_inputs([1000, 300, 0, 513], heads=8, block_size=64, super_size=3)
+    assert torch.equal(build_super_cache(inp, 3), inp.cache.super_cache)
+    other = build_super_cache(inp, 2)                   # another size from the same block rows
+    for b, (k, s) in enumerate(inp.keys):
+        full = k.shape[0] // 128
+        got_v, got_s = hisa.cache.gather_request_pooled(other, inp.block_table[b], full, 128, D)
+        want_v, want_s = scratch_super(k, s, 64, 2)
+        assert torch.equal(got_v.view(torch.uint8), want_v) and torch.equal(got_s, want_s)

@@ -33,10 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--block-topk", type=int, default=64)
-    p.add_argument("--super-size", type=int, default=None,
-                   help="also measure three levels (op hisa3): blocks per super-block")
-    p.add_argument("--super-topk", type=int, default=None,
-                   help="super-blocks kept per query (with --super-size)")
+    p.add_argument("--super-size", type=_ints, default=[],
+                   help="also measure three levels (op hisa3): blocks per super-block, a comma "
+                        "list of settings paired with --super-topk")
+    p.add_argument("--super-topk", type=_ints, default=[],
+                   help="super-blocks kept per query, one per --super-size")
     p.add_argument("--queries", type=_ints, default=None,
                    help="prefill_chunk: queries per chunk, comma list (default 1024)")
     p.add_argument("--no-auto", action="store_true",
@@ -81,12 +82,16 @@ def run(args: argparse.Namespace) -> int:
               "On CPU, `hisa selftest` checks the references and `hisa eval` measures fidelity.")
         return 2
     check_hisa_params(topk=args.topk, block_size=args.block_size, block_topk=args.block_topk)
-    check_super_params(block_topk=args.block_topk, super_size=args.super_size,
-                       super_topk=args.super_topk)
+    if len(args.super_size) != len(args.super_topk):
+        raise SystemExit(f"--super-size and --super-topk: expected lists of one length, got "
+                         f"{args.super_size} and {args.super_topk}")
+    supers = tuple(zip(args.super_size, args.super_topk))
+    for bs, ms in supers:
+        check_super_params(block_topk=args.block_topk, super_size=bs, super_topk=ms)
     env = environment(args.commit)
     modes = ["prefill", "prefill_chunk", "decode"] if args.mode == "all" else [args.mode]
     params = dict(topk=args.topk, block_size=args.block_size, block_topk=args.block_topk,
-                  super_size=args.super_size, super_topk=args.super_topk)
+                  super_configs=supers)
     all_rows: list[dict] = []
     for mode in modes:
         contexts = args.contexts or CONTEXTS[mode]

@@ -12,7 +12,7 @@ import torch
 
 import hisa
 
-from ..cache.factory import make_paged_inputs
+from ..cache.factory import build_super_cache, make_paged_inputs
 from ..ops.dsa.naive import naive_dsa_logits
 from ..ops.dsa.paged import paged_row_lengths
 from ..testing.compare import FP8_MMA_ROW_TOL, assert_same_selection, check_index_format
@@ -30,7 +30,8 @@ def _sub_batch(inp, reqs: list[int]):
 
 
 def check_decode(inp, flat_idx, hisa_idx, *, topk: int, block_size: int, block_topk: int,
-                 super_size: int | None = None, super_topk: int | None = None) -> float:
+                 super_cache: torch.Tensor | None = None, super_size: int | None = None,
+                 super_topk: int | None = None) -> float:
     """Raise AssertionError unless both outputs are right on two sampled requests (HISA
     against the two- or three-level reference on the same cached rows)."""
     lens = paged_row_lengths(inp.seq_lens, inp.next_n).flatten()
@@ -42,7 +43,8 @@ def check_decode(inp, flat_idx, hisa_idx, *, topk: int, block_size: int, block_t
     q, w, seq, bt, rows = _sub_batch(inp, reqs)
     ref_flat = hisa.dsa_index_paged(q, inp.cache.kv_cache, w, seq, bt, topk=topk,
                                     backend="torch")
-    sup = {} if super_size is None else inp.super_kwargs(super_topk)
+    sup = {} if super_size is None else dict(super_cache=super_cache, super_size=super_size,
+                                             super_topk=super_topk)
     ref_hisa = hisa.hisa_index_paged(q, inp.cache.kv_cache, inp.cache.pooled_cache, w, seq, bt,
                                      topk=topk, block_size=block_size, block_topk=block_topk,
                                      backend="torch", **sup)
@@ -72,39 +74,43 @@ def _time(fn):
 
 def bench_decode_point(context: int, *, batch: int, next_n: int, env: dict, topk: int,
                        block_size: int, block_topk: int, heads: int = 64, head_dim: int = 128,
-                       super_size: int | None = None, super_topk: int | None = None,
-                       auto: bool = True, device: str = "cuda") -> list[dict]:
-    """Check then time flat, HISA and auto paged decode at one shape; two result rows (three
-    with the super-block level, whose cache then carries super-block rows)."""
+                       super_configs: tuple = (), auto: bool = True, device: str = "cuda"
+                       ) -> list[dict]:
+    """Check then time flat, HISA and auto paged decode at one shape; two result rows, plus
+    one of op "hisa3" per (super_size, super_topk) of ``super_configs`` (the cache carries the
+    first super size's rows from its appends; other sizes are pooled from its block rows)."""
+    first_bs = super_configs[0][0] if super_configs else None
     inp = make_paged_inputs([context] * batch, next_n=next_n, heads=heads, head_dim=head_dim,
-                            block_size=block_size, super_size=super_size, device=device,
+                            block_size=block_size, super_size=first_bs, device=device,
                             backend="triton", keep_keys=False, seed=context + batch)
+    super_caches = {first_bs: inp.cache.super_cache} if super_configs else {}
+    for bs, _ in super_configs:
+        if bs not in super_caches:
+            super_caches[bs] = build_super_cache(inp, bs, backend="triton")
     rows_n = batch * next_n
-    names = ["flat", "hisa"] + (["auto"] if auto else []) + \
-        (["hisa3"] if super_size is not None else [])
+    hkw = dict(topk=topk, block_size=block_size, block_topk=block_topk)
+    variants = {"hisa": {}}
+    for bs, ms in super_configs:
+        variants[f"hisa3 {bs}x{ms}"] = dict(super_cache=super_caches[bs], super_size=bs,
+                                             super_topk=ms)
+    names = ["flat", *variants] + (["auto"] if auto else [])
     outs = {name: torch.full((rows_n, topk), -7, dtype=torch.int32, device=device)
             for name in names}                                          # poisoned
-    hkw = dict(topk=topk, block_size=block_size, block_topk=block_topk)
-    ops = {
-        "flat": lambda: hisa.dsa_index_paged(*inp.args(), topk=topk, out=outs["flat"],
-                                             backend="triton"),
-        "hisa": lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["hisa"],
-                                              backend="triton", **hkw),
-        "auto": lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["auto"],
-                                              backend="auto", **hkw),
-        "hisa3": lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["hisa3"],
-                                               backend="triton", **hkw,
-                                               **inp.super_kwargs(super_topk)),
-    }
-    ops = {name: ops[name] for name in names}
+    ops = {"flat": lambda: hisa.dsa_index_paged(*inp.args(), topk=topk, out=outs["flat"],
+                                                backend="triton")}
+    for name, sup in variants.items():
+        ops[name] = lambda name=name, sup=sup: hisa.hisa_index_paged(
+            *inp.hisa_args(), out=outs[name], backend="triton", **hkw, **sup)
+    if auto:
+        ops["auto"] = lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["auto"],
+                                                    backend="auto", **hkw)
     for fn in ops.values():
         fn()
-    quality = {"hisa": check_decode(inp, outs["flat"], outs["hisa"], **hkw)}
+    quality = {}
+    for name, sup in variants.items():
+        quality[name] = check_decode(inp, outs["flat"], outs[name], **hkw, **sup)
     if auto:
         check_decode(inp, outs["flat"], outs["auto"], **hkw)
-    if super_size is not None:
-        quality["hisa3"] = check_decode(inp, outs["flat"], outs["hisa3"], super_size=super_size,
-                                        super_topk=super_topk, **hkw)
     times, graphed = {}, {}
     for name, fn in ops.items():
         times[name], graphed[name] = _time(fn)
@@ -116,26 +122,22 @@ def bench_decode_point(context: int, *, batch: int, next_n: int, env: dict, topk
     flat_ms, hisa_ms = times["flat"].median_ms, times["hisa"].median_ms
     out = [make_row(env, op="flat", ms=flat_ms, gbps=b_flat / flat_ms / 1e6,
                     cuda_graph=graphed["flat"], **common)]
-    extra = {}
-    if auto:
-        auto_ms = times["auto"].median_ms
-        extra = dict(auto_ms=auto_ms, auto_vs_best=auto_ms / min(flat_ms, hisa_ms))
-    b_hisa = hisa_decode_bytes(lens, head_dim, block_size=block_size, block_topk=block_topk,
-                               **bkw)
-    out.append(make_row(env, op="hisa", ms=hisa_ms, gbps=b_hisa / hisa_ms / 1e6,
-                        speedup_vs_flat=flat_ms / hisa_ms, block_size=block_size,
-                        block_topk=block_topk, iou_vs_reference=round(quality["hisa"], 5),
-                        cuda_graph=graphed["hisa"], **extra, **common))
-    if super_size is not None:
-        ms3 = times["hisa3"].median_ms
-        b3 = hisa_decode_bytes(lens, head_dim, block_size=block_size, block_topk=block_topk,
-                               super_size=super_size, super_topk=super_topk, **bkw)
-        out.append(make_row(env, op="hisa3", ms=ms3, gbps=b3 / ms3 / 1e6,
-                            speedup_vs_flat=flat_ms / ms3, speedup_vs_two_level=hisa_ms / ms3,
-                            block_size=block_size, block_topk=block_topk, levels=3,
-                            super_size=super_size, super_topk=super_topk,
-                            iou_vs_reference=round(quality["hisa3"], 5),
-                            cuda_graph=graphed["hisa3"], **common))
+    for name, sup in variants.items():
+        ms = times[name].median_ms
+        extra = {}
+        if name == "hisa" and auto:
+            auto_ms = times["auto"].median_ms
+            extra = dict(auto_ms=auto_ms, auto_vs_best=auto_ms / min(flat_ms, hisa_ms))
+        if sup:
+            extra = dict(levels=3, super_size=sup["super_size"], super_topk=sup["super_topk"],
+                         speedup_vs_two_level=hisa_ms / ms)
+        b = hisa_decode_bytes(lens, head_dim, block_size=block_size, block_topk=block_topk,
+                              super_size=sup.get("super_size"),
+                              super_topk=sup.get("super_topk"), **bkw)
+        out.append(make_row(env, op=name.split()[0], ms=ms, gbps=b / ms / 1e6,
+                            speedup_vs_flat=flat_ms / ms, block_size=block_size,
+                            block_topk=block_topk, iou_vs_reference=round(quality[name], 5),
+                            cuda_graph=graphed[name], **extra, **common))
     del inp, outs
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

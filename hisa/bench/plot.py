@@ -4,6 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+STYLES = {"flat": "o-", "hisa": "s-", "auto": "^--", "hisa3": "D-"}
+
+
+def _series(row: dict) -> str:
+    """Plot series of a row: its op, and the super-block setting for three levels."""
+    if row["op"] == "hisa3":
+        return f"hisa3 {row.get('super_size')}x{row.get('super_topk')}"
+    return row["op"]
+
+
 def _in_panel(row: dict, key, next_n) -> bool:
     if key is None:
         return True
@@ -28,11 +38,13 @@ def plot_rows(rows: list[dict], path: str | Path) -> Path | None:
                     key=str)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
     for ax, (mode, batch, next_n) in zip(axes[0], panels):
-        for op, style in (("flat", "o-"), ("hisa", "s-"), ("auto", "^--"), ("hisa3", "D-")):
+        series = sorted({_series(r) for r in rows if r["mode"] == mode
+                         and _in_panel(r, batch, next_n)}, key=str)
+        for label in series:
             pts = sorted((r["context"], r["ms"]) for r in rows if r["mode"] == mode
-                         and r["op"] == op and _in_panel(r, batch, next_n))
-            if pts:
-                ax.plot(*zip(*pts), style, label=op)
+                         and _series(r) == label and _in_panel(r, batch, next_n))
+            style = STYLES.get(label.split()[0], ".-")
+            ax.plot(*zip(*pts), style, label=label)
         title = mode if batch is None else (f"chunk of {batch} queries" if mode ==
                                             "prefill_chunk" else
                                             f"{mode} batch {batch} next_n {next_n}")

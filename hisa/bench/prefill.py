@@ -125,11 +125,11 @@ def _peak_mib(fn) -> float | None:
 
 def bench_prefill_point(context: int, *, queries: int | None, env: dict, topk: int,
                         block_size: int, block_topk: int, heads: int = 64, head_dim: int = 128,
-                        stages: bool = True, super_size: int | None = None,
-                        super_topk: int | None = None, check_reps: str = "exact",
-                        timing_runs: int = 20, device: str = "cuda") -> list[dict]:
-    """Check then time flat and HISA at one shape; returns two result rows (three with the
-    super-block level: its row has op "hisa3")."""
+                        stages: bool = True, super_configs: tuple = (),
+                        check_reps: str = "exact", timing_runs: int = 20,
+                        device: str = "cuda") -> list[dict]:
+    """Check then time flat and HISA at one shape; returns two result rows, plus one row of op
+    "hisa3" per (super_size, super_topk) of ``super_configs`` (three levels)."""
     mode = "prefill" if queries is None else "prefill_chunk"
     inp = make_indexer_inputs([context], query_lens=None if queries is None else [queries],
                               heads=heads, head_dim=head_dim, device=device, clustered=True,
@@ -137,8 +137,8 @@ def bench_prefill_point(context: int, *, queries: int | None, env: dict, topk: i
     T = inp.num_queries
     kw = dict(k_scale=inp.k_scale, topk=topk, backend="triton")
     variants = {"hisa": dict(kw, block_size=block_size, block_topk=block_topk)}
-    if super_size is not None:
-        variants["hisa3"] = dict(variants["hisa"], super_size=super_size, super_topk=super_topk)
+    for bs, ms in super_configs:
+        variants[f"hisa3 {bs}x{ms}"] = dict(variants["hisa"], super_size=bs, super_topk=ms)
     outs = {name: torch.full((T, topk), -7, dtype=torch.int32, device=device)   # poisoned
             for name in ["flat", *variants]}
     ops = {"flat": lambda: hisa.dsa_index(*inp.args(), out=outs["flat"], **kw)}
@@ -177,7 +177,7 @@ def bench_prefill_point(context: int, *, queries: int | None, env: dict, topk: i
             extra = dict(levels=3, speedup_vs_two_level=times["hisa"].median_ms / t.median_ms,
                          **sup)
         gate, exact = quality[name]
-        rows.append(make_row(env, op=name, ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+        rows.append(make_row(env, op=name.split()[0], ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                              tflops=f / t.median_ms / 1e9,
                              speedup_vs_flat=t_flat.median_ms / t.median_ms,
                              block_size=block_size, block_topk=block_topk, stage_ms=stage_ms,

@@ -111,3 +111,34 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
         lens = (lens.unsqueeze(1) - next_n + 1 + torch.arange(next_n, device=dev)).clamp_min(0)
         lens = lens.to(torch.int32)
     return PagedInputs(q, w.float().contiguous(), lens, block_table, cache, keys)
+
+
+def build_super_cache(inp: PagedInputs, super_size: int, *, backend: str = "torch"
+                      ) -> torch.Tensor:
+    """A super-block cache of ``super_size`` for the keys already in ``inp.cache``, pooled from
+    its block rows exactly as appends would have (for comparing several super sizes on one
+    cache). Returns uint8 [num_pages, D + 4]."""
+    from .paged import _naive_pool_super_rows, check_super_size
+    check_super_size(super_size)
+    cache = inp.cache
+    dev = cache.device
+    span = cache.block_size * super_size
+    sup = torch.zeros_like(cache.pooled_cache)
+    lens = inp.seq_lens if inp.seq_lens.dim() == 1 else inp.seq_lens[:, -1]
+    pos, req = [], []
+    for b, L in enumerate(lens.tolist()):
+        p = torch.arange(span - 1, max(L, span - 1), span, device=dev)   # completing tokens
+        pos.append(p)
+        req.append(torch.full_like(p, b))
+    pos, req = torch.cat(pos), torch.cat(req)
+    slots = inp.block_table[req, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+    if backend == "torch":
+        _naive_pool_super_rows(cache.pooled_cache, sup, slots // PAGE_SIZE, pos, slots >= 0,
+                               inp.block_table, req, block_size=cache.block_size,
+                               super_size=super_size)
+    else:
+        from .append_super import pool_super_rows
+        pool_super_rows(cache.pooled_cache, sup, slots, pos, inp.block_table, req,
+                        num_pages=cache.num_pages, block_size=cache.block_size,
+                        super_size=super_size)
+    return sup

@@ -25,7 +25,7 @@ def fast_timer(monkeypatch):
 def test_prefill_point_checks_and_rows_three_levels(fast_timer):
     rows = bench_prefill.bench_prefill_point(
         300, queries=12, env=environment("t"), topk=24, block_size=16, block_topk=4, heads=16,
-        head_dim=64, super_size=2, super_topk=3, check_reps="kernel", device="cpu")
+        head_dim=64, super_configs=((2, 3),), check_reps="kernel", device="cpu")
     assert [r["op"] for r in rows] == ["flat", "hisa", "hisa3"]
     assert all(set(ROW_KEYS) <= set(r) for r in rows)
     three = rows[2]
@@ -48,7 +48,8 @@ def test_prefill_check_rejects_a_wrong_selection():
 def test_decode_point_checks_and_rows_three_levels(fast_timer):
     rows = bench_decode.bench_decode_point(
         700, batch=2, next_n=1, env=environment("t"), topk=32, block_size=64, block_topk=3,
-        heads=16, head_dim=64, super_size=2, super_topk=2, auto=False, device="cpu")
-    assert [r["op"] for r in rows] == ["flat", "hisa", "hisa3"]
-    assert rows[2]["levels"] == 3 and rows[2]["iou_vs_reference"] >= 0.97
-    assert rows[2]["gbps"] > 0 and rows[1]["gbps"] > 0
+        heads=16, head_dim=64, super_configs=((2, 2), (3, 2)), auto=False, device="cpu")
+    assert [r["op"] for r in rows] == ["flat", "hisa", "hisa3", "hisa3"]
+    assert [r["super_size"] for r in rows[2:]] == [2, 3]
+    assert all(r["levels"] == 3 and r["iou_vs_reference"] >= 0.97 for r in rows[2:])
+    assert all(r["gbps"] > 0 for r in rows[1:])

@@ -140,3 +140,15 @@ def test_three_level_decode_equals_two_when_every_super_block_fits_and_routes():
     logits = full_logits(inp)
     assert_same_selection(routed[short], flat[short], z[short], logits[short])
     assert_same_selection(routed[~short], ref[~short], z[~short], logits[~short])
+
+
+def test_build_super_cache_on_the_kernel_matches_the_appends():
+    from hisa.cache.factory import build_super_cache
+    inp = make_paged_inputs([700, 0, 300], heads=H, head_dim=D, block_size=B, super_size=BS)
+    got = build_super_cache(inp, BS, backend="triton")
+    (va, sa), (vb, sb) = pooled_views(got, D), pooled_views(inp.cache.super_cache, D)
+    assert torch.equal(sa == 0, sb == 0) and int((sb > 0).sum()) == 5 + 2
+    torch.testing.assert_close(sa, sb, rtol=1e-6, atol=0)
+    fa = va.contiguous().view(torch.float8_e4m3fn).float() * sa[:, None]
+    fb = vb.contiguous().view(torch.float8_e4m3fn).float() * sb[:, None]
+    torch.testing.assert_close(fa, fb, rtol=POOL_RTOL, atol=float(sb.max()) * 2 ** -9)

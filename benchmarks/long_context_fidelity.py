@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--block-topk", type=int, default=64)
-    p.add_argument("--configs", default="16:64,16:32,32:32,8:64,16:16",
+    p.add_argument("--configs", default="2:128,2:256,4:256,4:512,8:128,16:64,16:128",
                    type=lambda s: [tuple(int(x) for x in c.split(":")) for c in s.split(",")],
                    help="super_size:super_topk pairs")
     p.add_argument("--keys", default="clustered,multiscale", type=lambda s: s.split(","))

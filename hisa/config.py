@@ -26,7 +26,7 @@ class HisaConfig:
     Example:
         >>> cfg = HisaConfig(block_size=64, block_topk=128)
         >>> hisa.hisa_index(q, k, w, ks, ke, **cfg.kwargs())
-        >>> long = HisaConfig(super_size=16, super_topk=64)      # 1M-token contexts
+        >>> long = HisaConfig(super_size=2, super_topk=128)      # 1M-token contexts
     """
 
     block_size: int = 128

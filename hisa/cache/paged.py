@@ -284,10 +284,10 @@ class PagedIndexerCache:
         >>> cache = PagedIndexerCache(num_pages=1024, head_dim=128, block_size=128)
         >>> cache.append(k_new, slot_mapping, positions, block_table=bt, req_indices=req)
         >>> idx = hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w, seq_lens, bt)
-        >>> long = PagedIndexerCache(num_pages=1 << 16, block_size=128, super_size=16)
+        >>> long = PagedIndexerCache(num_pages=1 << 16, block_size=128, super_size=2)
         >>> idx = hisa.hisa_index_paged(q, long.kv_cache, long.pooled_cache, w, seq_lens, bt,
-        ...                             super_cache=long.super_cache, super_size=16,
-        ...                             super_topk=64)
+        ...                             super_cache=long.super_cache, super_size=2,
+        ...                             super_topk=128)
     """
 
     def __init__(self, num_pages: int, *, head_dim: int = 128, block_size: int = 128,

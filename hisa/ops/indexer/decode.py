@@ -98,10 +98,10 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
     Example:
         >>> cache = hisa.PagedIndexerCache(4096, block_size=128)
         >>> idx = hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w, seq_lens, bt)
-        >>> long = hisa.PagedIndexerCache(1 << 16, block_size=128, super_size=16)
+        >>> long = hisa.PagedIndexerCache(1 << 16, block_size=128, super_size=2)
         >>> idx = hisa.hisa_index_paged(q, long.kv_cache, long.pooled_cache, w, seq_lens, bt,
-        ...                             super_cache=long.super_cache, super_size=16,
-        ...                             super_topk=64)
+        ...                             super_cache=long.super_cache, super_size=2,
+        ...                             super_topk=128)
     """
     batch, next_n, _, D, pages = check_paged_inputs(q, kv_cache, weights, seq_lens,
                                                     block_table)

@@ -85,7 +85,7 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
 
     Example:
         >>> idx = hisa.hisa_index(q, k, w, ks, ke, topk=2048, block_size=128, block_topk=64)
-        >>> idx = hisa.hisa_index(q, k, w, ks, ke, super_size=16, super_topk=64)  # 1M keys
+        >>> idx = hisa.hisa_index(q, k, w, ks, ke, super_size=2, super_topk=128)  # 1M keys
     """
     T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
     check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)

@@ -232,3 +232,15 @@ def test_routing_rule_follows_the_cost_model():
               + SUPER_LEVEL_OVERHEAD_PAIRS < n)
     assert not cfg.super_level_pays((nb - 1) * 128) and cfg.super_level_pays(nb * 128)
     assert not hisa.HisaConfig().super_level_pays(one_m)
+
+
+def test_empty_key_buffer_and_empty_windows():
+    q, w = torch.randn(3, 2, 16), torch.randn(3, 2)
+    z = torch.zeros(3, dtype=torch.int32)
+    kw = dict(topk=4, block_size=4, block_topk=2, super_size=2, super_topk=2, backend="torch")
+    assert bool((hisa.hisa_index(q, torch.empty(0, 16), w, z, z, **kw) == -1).all())
+    k = torch.randn(40, 16)
+    ks = torch.tensor([0, 10, 39], dtype=torch.int32)
+    ke = torch.tensor([0, 10, 40], dtype=torch.int32)                  # two empty, one 1-key
+    idx = hisa.hisa_index(q, k, w, ks, ke, **kw)
+    assert idx.tolist() == [[-1] * 4, [-1] * 4, [0, -1, -1, -1]]

@@ -39,6 +39,20 @@ def check_exact_when_blocks_fit(device: str, backend: str) -> None:
     assert_same_selection(his, flat, inp.ks, logits, row_tol=FP8_MMA_ROW_TOL)
 
 
+def check_three_levels_equal_two(device: str, backend: str) -> None:
+    """Every query sees at most 6 super-blocks of 4 * 64 keys (the 1,200-key sequence starts
+    at key 733, mid super-block): with super_topk = 6 all are kept and the three-level
+    selection is the two-level one."""
+    inp = _packed(device, seed=3)
+    logits = naive_dsa_logits(*inp.args(), k_scale=inp.k_scale)
+    kw = dict(k_scale=inp.k_scale, topk=96, block_size=64, block_topk=4, backend=backend)
+    two = hisa.hisa_index(*inp.args(), **kw)
+    three = hisa.hisa_index(*inp.args(), super_size=4, super_topk=6, **kw)
+    assert_same_selection(three, two, inp.ks, logits, row_tol=FP8_MMA_ROW_TOL)
+    pruned = hisa.hisa_index(*inp.args(), super_size=2, super_topk=2, **kw)
+    check_index_format(pruned, inp.ks, inp.ke, 96, exact_count=False)
+
+
 def check_backends_agree(device: str) -> None:
     for dtype in (torch.float8_e4m3fn, torch.bfloat16):
         inp = _packed(device, dtype=dtype, seed=2)
@@ -55,12 +69,16 @@ def run_selftest() -> int:
     checks: list[tuple[str, Callable[[], None]]] = [
         ("contract format, torch backend, cpu", lambda: check_contract("cpu", "torch")),
         ("HISA == DSA when every block fits, cpu", lambda: check_exact_when_blocks_fit("cpu", "torch")),
+        ("three levels == two when every super-block fits, cpu",
+         lambda: check_three_levels_equal_two("cpu", "torch")),
     ]
     if torch.cuda.is_available():
         checks += [
             ("contract format, triton backend, cuda", lambda: check_contract("cuda", "triton")),
             ("HISA == DSA when every block fits, triton", lambda: check_exact_when_blocks_fit("cuda", "triton")),
             ("triton agrees with torch (fp8, bf16)", lambda: check_backends_agree("cuda")),
+            ("three levels == two when every super-block fits, triton",
+             lambda: check_three_levels_equal_two("cuda", "triton")),
         ]
     failed = 0
     for name, fn in checks:

@@ -63,3 +63,41 @@ def brute_hisa(q, k, w, ks, ke, k_scale, topk, block_size, block_topk):
 
 def as_rows(idx):
     return [[x for x in r if x >= 0] for r in idx.tolist()]
+
+
+def _top_with_forced(scored, forced, budget):
+    """forced ids, then the best others (score descending, lower id on ties) up to budget."""
+    others = sorted(((s, i) for s, i in scored if i not in forced), key=lambda x: (-x[0], x[1]))
+    return sorted(forced) + [i for _, i in others[:max(0, budget - len(forced))]]
+
+
+def brute_hisa_super(q, k, w, ks, ke, k_scale, topk, block_size, block_topk, super_size,
+                     super_topk):
+    """Three levels: super-blocks (mean of their keys), blocks of the kept ones, tokens."""
+    S = k.shape[0]
+    kf = dequant(k, k_scale)
+    B, span = block_size, block_size * super_size
+    means = [kf[b * B:min(S, (b + 1) * B)].mean(0) for b in range(math.ceil(S / B))]
+    smeans = [kf[g * span:min(S, (g + 1) * span)].mean(0) for g in range(math.ceil(S / span))]
+    rows = []
+    for t in range(q.shape[0]):
+        a, e = int(ks[t]), int(ke[t])
+        if e <= a:
+            rows.append([])
+            continue
+        if e - a <= topk:  # a window of at most topk keys comes back whole
+            sc = sorted(((score(q[t], w[t], kf[s]), s) for s in range(a, e)),
+                        key=lambda x: (-x[0], x[1]))
+            rows.append([s - a for _, s in sc])
+            continue
+        fs, ls = a // span, math.ceil(e / span) - 1
+        kept = set(_top_with_forced([(score(q[t], w[t], smeans[g]), g) for g in range(fs, ls + 1)],
+                                    {fs, ls}, super_topk))
+        first, last = a // B, math.ceil(e / B) - 1
+        cand = [b for b in range(first, last + 1) if b // super_size in kept]
+        chosen = _top_with_forced([(score(q[t], w[t], means[b]), b) for b in cand],
+                                  {first, last}, block_topk)
+        toks = [s for b in chosen for s in range(b * B, min(S, (b + 1) * B)) if a <= s < e]
+        sc = sorted(((score(q[t], w[t], kf[s]), s) for s in toks), key=lambda x: (-x[0], x[1]))
+        rows.append([s - a for _, s in sc[:topk]])
+    return rows

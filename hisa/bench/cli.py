@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils.validate import check_hisa_params
+from ..utils.validate import check_hisa_params, check_super_params
 from .rows import append_rows, environment
 
 CONTEXTS = {"prefill": [8192, 16384, 32768, 65536, 131072],
@@ -33,6 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--block-topk", type=int, default=64)
+    p.add_argument("--super-size", type=_ints, default=[],
+                   help="also measure three levels (op hisa3): blocks per super-block, a comma "
+                        "list of settings paired with --super-topk")
+    p.add_argument("--super-topk", type=_ints, default=[],
+                   help="super-blocks kept per query, one per --super-size")
+    p.add_argument("--queries", type=_ints, default=None,
+                   help="prefill_chunk: queries per chunk, comma list (default 1024)")
+    p.add_argument("--no-auto", action="store_true",
+                   help="decode: skip timing backend='auto' (it equals 'triton' by default)")
+    p.add_argument("--check-reps", default="exact", choices=["exact", "kernel"],
+                   help="prefill HISA check against the reference on fp32 block means "
+                        "(exact) or on the kernels' own FP8 representatives (kernel)")
+    p.add_argument("--timing-runs", type=int, default=20, help="prefill: timed runs per op")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     p.add_argument("--out", default="benchmarks/results/bench.jsonl", help="JSON Lines output")
     p.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
@@ -48,6 +61,8 @@ def _table(rows: list[dict]) -> str:
         st = " ".join(f"{k}={v:.3g}" for k, v in (r.get("stage_ms") or {}).items())
         if r.get("auto_ms") is not None:
             st = f"auto={r['auto_ms']:.4f} ms ({r['auto_vs_best']:.2f}x the better)"
+        if r.get("speedup_vs_two_level") is not None:
+            st = f"{r['speedup_vs_two_level']:.2f}x two-level  " + st
         fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
         lines.append(f"{r['mode']:<14}{r['context']:>8}{r['queries']:>7}{fmt(r.get('batch'), 'd'):>5}"
                      f"{fmt(r.get('next_n'), 'd'):>4}{r['op']:>6}{r['ms']:>10.4f}"
@@ -67,9 +82,16 @@ def run(args: argparse.Namespace) -> int:
               "On CPU, `hisa selftest` checks the references and `hisa eval` measures fidelity.")
         return 2
     check_hisa_params(topk=args.topk, block_size=args.block_size, block_topk=args.block_topk)
+    if len(args.super_size) != len(args.super_topk):
+        raise SystemExit(f"--super-size and --super-topk: expected lists of one length, got "
+                         f"{args.super_size} and {args.super_topk}")
+    supers = tuple(zip(args.super_size, args.super_topk))
+    for bs, ms in supers:
+        check_super_params(block_topk=args.block_topk, super_size=bs, super_topk=ms)
     env = environment(args.commit)
     modes = ["prefill", "prefill_chunk", "decode"] if args.mode == "all" else [args.mode]
-    params = dict(topk=args.topk, block_size=args.block_size, block_topk=args.block_topk)
+    params = dict(topk=args.topk, block_size=args.block_size, block_topk=args.block_topk,
+                  super_configs=supers)
     all_rows: list[dict] = []
     for mode in modes:
         contexts = args.contexts or CONTEXTS[mode]
@@ -78,17 +100,22 @@ def run(args: argparse.Namespace) -> int:
                 from .decode import bench_decode_point
                 for batch in args.batches or DECODE_BATCHES:
                     for nn in args.next_n:
-                        rows = bench_decode_point(ctx, batch=batch, next_n=nn, env=env, **params)
+                        rows = bench_decode_point(ctx, batch=batch, next_n=nn, env=env,
+                                                  auto=not args.no_auto, **params)
                         append_rows(args.out, rows)
                         all_rows += rows
                         print("\n".join(_table(rows).splitlines()[2:]), flush=True)
                 continue
             from .prefill import bench_prefill_point
-            rows = bench_prefill_point(ctx, queries=CHUNK_QUERIES if mode == "prefill_chunk"
-                                       else None, env=env, stages=not args.no_stages, **params)
-            append_rows(args.out, rows)
-            all_rows += rows
-            print("\n".join(_table(rows).splitlines()[2:]), flush=True)
+            chunks = (args.queries or [CHUNK_QUERIES]) if mode == "prefill_chunk" else [None]
+            for queries in chunks:
+                rows = bench_prefill_point(ctx, queries=queries, env=env,
+                                           stages=not args.no_stages,
+                                           check_reps=args.check_reps,
+                                           timing_runs=args.timing_runs, **params)
+                append_rows(args.out, rows)
+                all_rows += rows
+                print("\n".join(_table(rows).splitlines()[2:]), flush=True)
     print()
     print(f"GPU: {env['gpu']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
     print(_table(all_rows))

@@ -1,4 +1,5 @@
-"""Decode benchmark: flat paged DSA vs HISA paged decode, and the automatic choice.
+"""Decode benchmark: flat paged DSA vs HISA paged decode (two levels, and three with
+``super_size``: op "hisa3"), and the automatic choice.
 
 Each shape is checked before it is timed, on two sampled requests: the flat kernel must select
 the reference's set (up to score ties) and HISA the HISA reference's set (same pooled cache,
@@ -11,7 +12,7 @@ import torch
 
 import hisa
 
-from ..cache.factory import make_paged_inputs
+from ..cache.factory import build_super_cache, make_paged_inputs
 from ..ops.dsa.naive import naive_dsa_logits
 from ..ops.dsa.paged import paged_row_lengths
 from ..testing.compare import FP8_MMA_ROW_TOL, assert_same_selection, check_index_format
@@ -28,9 +29,11 @@ def _sub_batch(inp, reqs: list[int]):
     return inp.q[r], inp.weights[rows], inp.seq_lens[r], inp.block_table[r], rows
 
 
-def check_decode(inp, flat_idx, hisa_idx, *, topk: int, block_size: int, block_topk: int
-                 ) -> float:
-    """Raise AssertionError unless both outputs are right on two sampled requests."""
+def check_decode(inp, flat_idx, hisa_idx, *, topk: int, block_size: int, block_topk: int,
+                 super_cache: torch.Tensor | None = None, super_size: int | None = None,
+                 super_topk: int | None = None) -> float:
+    """Raise AssertionError unless both outputs are right on two sampled requests (HISA
+    against the two- or three-level reference on the same cached rows)."""
     lens = paged_row_lengths(inp.seq_lens, inp.next_n).flatten()
     zeros = torch.zeros_like(lens, dtype=torch.int32)
     check_index_format(flat_idx, zeros, lens.to(torch.int32), topk)
@@ -40,9 +43,11 @@ def check_decode(inp, flat_idx, hisa_idx, *, topk: int, block_size: int, block_t
     q, w, seq, bt, rows = _sub_batch(inp, reqs)
     ref_flat = hisa.dsa_index_paged(q, inp.cache.kv_cache, w, seq, bt, topk=topk,
                                     backend="torch")
+    sup = {} if super_size is None else dict(super_cache=super_cache, super_size=super_size,
+                                             super_topk=super_topk)
     ref_hisa = hisa.hisa_index_paged(q, inp.cache.kv_cache, inp.cache.pooled_cache, w, seq, bt,
                                      topk=topk, block_size=block_size, block_topk=block_topk,
-                                     backend="torch")
+                                     backend="torch", **sup)
     nn = inp.next_n
     for j, b in enumerate(reqs):
         r = slice(j * nn, (j + 1) * nn)
@@ -68,47 +73,72 @@ def _time(fn):
 
 
 def bench_decode_point(context: int, *, batch: int, next_n: int, env: dict, topk: int,
-                       block_size: int, block_topk: int, heads: int = 64, head_dim: int = 128
+                       block_size: int, block_topk: int, heads: int = 64, head_dim: int = 128,
+                       super_configs: tuple = (), auto: bool = True, device: str = "cuda"
                        ) -> list[dict]:
-    """Check then time flat, HISA and auto paged decode at one shape; two result rows."""
+    """Check then time flat, HISA and auto paged decode at one shape; two result rows, plus
+    one of op "hisa3" per (super_size, super_topk) of ``super_configs`` (the cache carries the
+    first super size's rows from its appends; other sizes are pooled from its block rows)."""
+    first_bs = super_configs[0][0] if super_configs else None
     inp = make_paged_inputs([context] * batch, next_n=next_n, heads=heads, head_dim=head_dim,
-                            block_size=block_size, device="cuda", backend="triton",
-                            keep_keys=False, seed=context + batch)
+                            block_size=block_size, super_size=first_bs, device=device,
+                            backend="triton", keep_keys=False, seed=context + batch)
+    super_caches = {first_bs: inp.cache.super_cache} if super_configs else {}
+    for bs, _ in super_configs:
+        if bs not in super_caches:
+            super_caches[bs] = build_super_cache(inp, bs, backend="triton")
     rows_n = batch * next_n
-    outs = {name: torch.full((rows_n, topk), -7, dtype=torch.int32, device="cuda")
-            for name in ("flat", "hisa", "auto")}                       # poisoned
     hkw = dict(topk=topk, block_size=block_size, block_topk=block_topk)
-    ops = {
-        "flat": lambda: hisa.dsa_index_paged(*inp.args(), topk=topk, out=outs["flat"],
-                                             backend="triton"),
-        "hisa": lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["hisa"],
-                                              backend="triton", **hkw),
-        "auto": lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["auto"],
-                                              backend="auto", **hkw),
-    }
+    variants = {"hisa": {}}
+    for bs, ms in super_configs:
+        variants[f"hisa3 {bs}x{ms}"] = dict(super_cache=super_caches[bs], super_size=bs,
+                                             super_topk=ms)
+    names = ["flat", *variants] + (["auto"] if auto else [])
+    outs = {name: torch.full((rows_n, topk), -7, dtype=torch.int32, device=device)
+            for name in names}                                          # poisoned
+    ops = {"flat": lambda: hisa.dsa_index_paged(*inp.args(), topk=topk, out=outs["flat"],
+                                                backend="triton")}
+    for name, sup in variants.items():
+        ops[name] = lambda name=name, sup=sup: hisa.hisa_index_paged(
+            *inp.hisa_args(), out=outs[name], backend="triton", **hkw, **sup)
+    if auto:
+        ops["auto"] = lambda: hisa.hisa_index_paged(*inp.hisa_args(), out=outs["auto"],
+                                                    backend="auto", **hkw)
     for fn in ops.values():
         fn()
-    quality = check_decode(inp, outs["flat"], outs["hisa"], **hkw)
-    check_decode(inp, outs["flat"], outs["auto"], **hkw)
+    quality = {}
+    for name, sup in variants.items():
+        quality[name] = check_decode(inp, outs["flat"], outs[name], **hkw, **sup)
+    if auto:
+        check_decode(inp, outs["flat"], outs["auto"], **hkw)
     times, graphed = {}, {}
     for name, fn in ops.items():
-        t, graphed[name] = _time(fn)
-        times[name] = t
+        times[name], graphed[name] = _time(fn)
     lens = inp.seq_lens if inp.seq_lens.dim() == 1 else inp.seq_lens[:, -1]
-    b_flat = paged_decode_bytes(lens, head_dim, rows_per_request=next_n, heads=heads, topk=topk)
-    b_hisa = hisa_decode_bytes(lens, head_dim, rows_per_request=next_n, heads=heads, topk=topk,
-                               block_size=block_size, block_topk=block_topk)
+    bkw = dict(rows_per_request=next_n, heads=heads, topk=topk)
+    b_flat = paged_decode_bytes(lens, head_dim, **bkw)
     common = dict(mode="decode", context=context, queries=rows_n, batch=batch, next_n=next_n,
                   topk=topk, heads=heads, head_dim=head_dim, dtype="float8_e4m3fn")
-    flat_ms, hisa_ms, auto_ms = (times[n].median_ms for n in ("flat", "hisa", "auto"))
-    flat_row = make_row(env, op="flat", ms=flat_ms, gbps=b_flat / flat_ms / 1e6,
-                        cuda_graph=graphed["flat"], **common)
-    hisa_row = make_row(env, op="hisa", ms=hisa_ms, gbps=b_hisa / hisa_ms / 1e6,
-                        speedup_vs_flat=flat_ms / hisa_ms, block_size=block_size,
-                        block_topk=block_topk, auto_ms=auto_ms,
-                        auto_vs_best=auto_ms / min(flat_ms, hisa_ms),
-                        iou_vs_reference=round(quality, 5), cuda_graph=graphed["hisa"],
-                        **common)
+    flat_ms, hisa_ms = times["flat"].median_ms, times["hisa"].median_ms
+    out = [make_row(env, op="flat", ms=flat_ms, gbps=b_flat / flat_ms / 1e6,
+                    cuda_graph=graphed["flat"], **common)]
+    for name, sup in variants.items():
+        ms = times[name].median_ms
+        extra = {}
+        if name == "hisa" and auto:
+            auto_ms = times["auto"].median_ms
+            extra = dict(auto_ms=auto_ms, auto_vs_best=auto_ms / min(flat_ms, hisa_ms))
+        if sup:
+            extra = dict(levels=3, super_size=sup["super_size"], super_topk=sup["super_topk"],
+                         speedup_vs_two_level=hisa_ms / ms)
+        b = hisa_decode_bytes(lens, head_dim, block_size=block_size, block_topk=block_topk,
+                              super_size=sup.get("super_size"),
+                              super_topk=sup.get("super_topk"), **bkw)
+        out.append(make_row(env, op=name.split()[0], ms=ms, gbps=b / ms / 1e6,
+                            speedup_vs_flat=flat_ms / ms, block_size=block_size,
+                            block_topk=block_topk, iou_vs_reference=round(quality[name], 5),
+                            cuda_graph=graphed[name], **extra, **common))
     del inp, outs
-    torch.cuda.empty_cache()
-    return [flat_row, hisa_row]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out

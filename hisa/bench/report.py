@@ -48,6 +48,39 @@ def decode_table(rows: list[dict], next_n: int = 1) -> str:
     return "\n".join(out)
 
 
+def three_level_table(rows: list[dict]) -> str:
+    """Flat, two-level and three-level HISA side by side at each measured point (the rows of
+    ``hisa bench --super-size``, one line per super-block setting): time, speedup over flat,
+    and peak memory for prefill."""
+    pts = defaultdict(lambda: {"hisa3": []})
+    for r in rows:
+        key = (r["mode"], r["context"], r["queries"], r.get("batch"), r.get("next_n"))
+        if r["op"] == "hisa3":
+            pts[key]["hisa3"].append(r)
+        else:
+            pts[key][r["op"]] = r
+    out = ["| setting | context | queries / batch | Bs x ms | flat | two-level (x flat) | "
+           "three-level (x flat) | three vs two | peak MiB flat / 2L / 3L |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (mode, ctx, q, b, nn), ops in sorted(pts.items(), key=lambda kv: str(kv[0])):
+        f, h = ops.get("flat"), ops.get("hisa")
+        if not (f and h):
+            continue
+        dec = mode == "decode"
+        unit, scale = ("us", 1e3) if dec else ("ms", 1.0)
+        t = lambda r: f"{r['ms'] * scale:.{0 if dec else 2}f} {unit}"  # noqa: E731
+        who = f"batch {b}" + (f", next_n {nn}" if nn != 1 else "") if dec else f"{q:,}"
+        name = {"decode": "decode", "prefill": "full causal"}.get(mode, "chunk")
+        for h3 in sorted(ops["hisa3"], key=lambda r: (r["super_size"], r["super_topk"])):
+            peak = "-" if dec else " / ".join(f"{r.get('peak_mib') or 0:.0f}"
+                                              for r in (f, h, h3))
+            out.append(f"| {name} | {_k(ctx)} | {who} | {h3['super_size']} x "
+                       f"{h3['super_topk']} | {t(f)} | {t(h)} ({h['speedup_vs_flat']:.1f}x) | "
+                       f"{t(h3)} ({h3['speedup_vs_flat']:.1f}x) | "
+                       f"{h3['speedup_vs_two_level']:.2f}x | {peak} |")
+    return "\n".join(out)
+
+
 def markdown_report(rows: list[dict]) -> str:
     parts = []
     gpus = sorted({r["gpu"] for r in rows})
@@ -58,4 +91,7 @@ def markdown_report(rows: list[dict]) -> str:
     for nn in sorted({r.get("next_n") for r in rows if r["mode"] == "decode"}):
         parts.append(f"Decode, next_n = {nn}: flat / HISA per step (speedup)\n\n"
                      + decode_table(rows, nn))
+    if any(r["op"] == "hisa3" for r in rows):
+        parts.append("Three levels (super-blocks, blocks, tokens) beside two and flat\n\n"
+                     + three_level_table(rows))
     return "\n\n".join(parts)

@@ -40,6 +40,11 @@ class PagedInputs:
         return (self.q, self.cache.kv_cache, self.cache.pooled_cache, self.weights,
                 self.seq_lens, self.block_table)
 
+    def super_kwargs(self, super_topk: int) -> dict:
+        """The super-block keywords of :func:`hisa.hisa_index_paged` for this cache."""
+        return {"super_cache": self.cache.super_cache, "super_size": self.cache.super_size,
+                "super_topk": super_topk}
+
     def row_lengths(self) -> torch.Tensor:
         """Visible keys of each query row, int64 [batch * next_n]."""
         from ..ops.dsa.paged import paged_row_lengths
@@ -57,7 +62,7 @@ def random_keys(length: int, head_dim: int, *, generator: torch.Generator, devic
 
 
 def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
-                      head_dim: int = 128, block_size: int = 128,
+                      head_dim: int = 128, block_size: int = 128, super_size: int | None = None,
                       q_dtype: torch.dtype = torch.float8_e4m3fn, seq_lens_2d: bool = False,
                       extra_pages: int = 3, extra_columns: int = 1, seed: int = 0,
                       device: str | torch.device = "cpu", backend: str = "torch",
@@ -65,6 +70,7 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
     """Fill a fresh cache with ``seq_lens[b]`` random keys per request and draw queries.
 
     Unused block-table columns hold -1 so that a kernel reading them would fail loudly.
+    ``super_size`` gives the cache a super-block level (maintained by the same appends).
     """
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -74,7 +80,8 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
     perm = torch.randperm(num_pages, generator=g, device=dev).to(torch.int32)
     max_pages = max(n_pages + [1]) + extra_columns
     block_table = torch.full((batch, max_pages), -1, dtype=torch.int32, device=dev)
-    cache = PagedIndexerCache(num_pages, head_dim=head_dim, block_size=block_size, device=dev)
+    cache = PagedIndexerCache(num_pages, head_dim=head_dim, block_size=block_size,
+                              super_size=super_size, device=dev)
     keys, start = [], 0
     for b, (L, n) in enumerate(zip(seq_lens, n_pages)):
         block_table[b, :n] = perm[start:start + n]
@@ -104,3 +111,34 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
         lens = (lens.unsqueeze(1) - next_n + 1 + torch.arange(next_n, device=dev)).clamp_min(0)
         lens = lens.to(torch.int32)
     return PagedInputs(q, w.float().contiguous(), lens, block_table, cache, keys)
+
+
+def build_super_cache(inp: PagedInputs, super_size: int, *, backend: str = "torch"
+                      ) -> torch.Tensor:
+    """A super-block cache of ``super_size`` for the keys already in ``inp.cache``, pooled from
+    its block rows exactly as appends would have (for comparing several super sizes on one
+    cache). Returns uint8 [num_pages, D + 4]."""
+    from .paged import _naive_pool_super_rows, check_super_size
+    check_super_size(super_size)
+    cache = inp.cache
+    dev = cache.device
+    span = cache.block_size * super_size
+    sup = torch.zeros_like(cache.pooled_cache)
+    lens = inp.seq_lens if inp.seq_lens.dim() == 1 else inp.seq_lens[:, -1]
+    pos, req = [], []
+    for b, L in enumerate(lens.tolist()):
+        p = torch.arange(span - 1, max(L, span - 1), span, device=dev)   # completing tokens
+        pos.append(p)
+        req.append(torch.full_like(p, b))
+    pos, req = torch.cat(pos), torch.cat(req)
+    slots = inp.block_table[req, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
+    if backend == "torch":
+        _naive_pool_super_rows(cache.pooled_cache, sup, slots // PAGE_SIZE, pos, slots >= 0,
+                               inp.block_table, req, block_size=cache.block_size,
+                               super_size=super_size)
+    else:
+        from .append_super import pool_super_rows
+        pool_super_rows(cache.pooled_cache, sup, slots, pos, inp.block_table, req,
+                        num_pages=cache.num_pages, block_size=cache.block_size,
+                        super_size=super_size)
+    return sup

@@ -19,6 +19,19 @@ block's LAST 64 tokens, ``block_table[r, (b + 1) * B // 64 - 1]``. Why that page
   before that the row is never read (an incomplete block is the tail block, always forced);
 * an engine that moves pages (swap, offload, defragmentation) must move row ``p`` of the pooled
   cache with page ``p`` (:meth:`hisa.cache.PagedIndexerCache.copy_pages`).
+
+Super-block cache (the optional third level): ``uint8 [num_pages, D + 4]``, the same row layout.
+Super-block ``g`` of a request (its blocks ``[g * Bs, (g + 1) * Bs)``, tokens
+``[g * Bs * B, (g + 1) * Bs * B)``) lives in row ``block_table[r, (g + 1) * Bs * B // 64 - 1]``:
+the page holding the super-block's last 64 tokens, exactly the rule above with block size
+``Bs * B``, so each point of the argument carries over: the page is full, and its prefix fixed,
+when the super-block completes; the completing token is that page's last token (and completes
+the super-block's last block in the same append, so all ``Bs`` block rows exist when the super
+row is pooled from them); a freed page needs nothing; a reused page's stale row is never read
+before it is rewritten, because the incomplete super-block is the query's own, always forced;
+the row moves with its page. It is a separate tensor, not a wider pooled row, because a
+super-block's last page is also its last block's page: one row cannot hold both, and engines
+that run two levels keep the pooled cache unchanged.
 """
 from __future__ import annotations
 

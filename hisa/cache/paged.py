@@ -17,12 +17,19 @@ from the pages, averaged in fp32 after dequantization, quantized to FP8 with the
 pooled row of the completing token's page (see :mod:`hisa.cache.layout`). Each block is pooled
 exactly once, however its tokens were split over calls (prefill chunks, decode steps) and
 whichever requests share its pages.
+
+With the super-block level (``super_cache`` and ``super_size``), a token with
+``(p + 1) % (super_size * block_size) == 0`` also completes super-block
+``p // (super_size * block_size)``: once its last block is pooled, the mean of the super-block's
+``super_size`` dequantized block rows is quantized the same way and written to the row of the
+completing token's page in ``super_cache`` (the layout and why, :mod:`hisa.cache.layout`).
 """
 from __future__ import annotations
 
 import torch
 
 from ..ops.indexer.naive import naive_pool_blocks
+from ..ops.indexer.naive_super import naive_pool_supers
 from ..utils.backend import resolve_backend
 from ..utils.quant import quantize_fp8
 from ..utils.validate import (FP8_DTYPE, check_positive_int, check_same_device, check_shape,
@@ -43,8 +50,14 @@ def check_block_size(block_size) -> int:
     return block_size
 
 
+def check_super_size(super_size) -> int:
+    check_positive_int("super_size", super_size, minimum=2)
+    return super_size
+
+
 def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_scale,
-                        block_table, req_indices, block_size) -> torch.Tensor:
+                        block_table, req_indices, block_size, super_cache=None,
+                        super_size=None) -> torch.Tensor:
     """Validate an append; returns the ``uint8 [P, 64 * (D + 4)]`` page view."""
     check_tensor("k", k, dtypes=KEY_DTYPES, ndim=2)
     T, D = k.shape
@@ -52,6 +65,22 @@ def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_sc
     check_block_size(block_size)
     if pooled_cache is not None:
         check_pooled_cache(pooled_cache, D, pages.shape[0])
+    if (super_cache is None) != (super_size is None):
+        raise ValueError(f"super_cache/super_size: expected both (a super-block level) or "
+                         f"neither, got super_cache={type(super_cache).__name__}, "
+                         f"super_size={super_size!r}")
+    if super_cache is not None:
+        check_super_size(super_size)
+        if pooled_cache is None:
+            raise ValueError("pooled_cache: expected a tensor because super_cache is given "
+                             "(super-blocks are pooled from the block rows), got None")
+        check_pooled_cache(super_cache, D, pages.shape[0], name="super_cache")
+        if block_table is None or req_indices is None:
+            raise ValueError(f"block_table/req_indices: expected both (a super-block of "
+                             f"{super_size} blocks spans several pages, so pooling needs each "
+                             f"token's block-table row), got block_table="
+                             f"{type(block_table).__name__}, req_indices="
+                             f"{type(req_indices).__name__}")
     check_tensor("slot_mapping", slot_mapping, dtypes=INDEX_DTYPES, ndim=1)
     check_shape("slot_mapping", slot_mapping, (T,))
     check_tensor("positions", positions, dtypes=INDEX_DTYPES, ndim=1)
@@ -79,7 +108,8 @@ def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_sc
         check_shape("req_indices", req_indices, (T,))
     check_same_device(k=k, kv_cache=kv_cache, pooled_cache=pooled_cache,
                       slot_mapping=slot_mapping, positions=positions, k_scale=k_scale,
-                      block_table=block_table, req_indices=req_indices)
+                      block_table=block_table, req_indices=req_indices,
+                      super_cache=super_cache)
     return pages
 
 
@@ -88,8 +118,10 @@ def naive_cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None,
                        k_scale: torch.Tensor | None = None,
                        block_table: torch.Tensor | None = None,
                        req_indices: torch.Tensor | None = None, block_size: int = 128,
-                       ue8m0: bool = False) -> None:
-    """Reference append (plain PyTorch, host-synchronising): write keys, pool completed blocks.
+                       ue8m0: bool = False, super_cache: torch.Tensor | None = None,
+                       super_size: int | None = None) -> None:
+    """Reference append (plain PyTorch, host-synchronising): write keys, pool completed blocks
+    (and completed super-blocks when ``super_cache`` is given).
 
     ``pages`` is the ``uint8 [P, 64 * (D + 4)]`` view of the cache; other arguments as in
     :func:`paged_cache_append`. Raises ValueError when a completing token's slot is not in the
@@ -144,6 +176,46 @@ def naive_cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None,
         pv, ps = quantize_fp8(mean, group_size=D)
         pool_val[last] = pv[0].view(torch.uint8)
         pool_scale[last] = ps[0]
+    if super_cache is not None:
+        _naive_pool_super_rows(pooled_cache, super_cache, page, pos, valid, block_table,
+                               req_indices, block_size=block_size, super_size=super_size)
+
+
+def _naive_pool_super_rows(pooled_cache, super_cache, page, pos, valid, block_table,
+                           req_indices, *, block_size, super_size) -> None:
+    """Pool each super-block a token of this append completes from its block rows (which the
+    block pass above has just completed)."""
+    D = pooled_cache.shape[1] - 4
+    P = pooled_cache.shape[0]
+    span = block_size * super_size
+    per_block = block_size // PAGE_SIZE
+    pool_val, pool_scale = pooled_views(pooled_cache, D)
+    sup_val, sup_scale = pooled_views(super_cache, D)
+    done = valid & (pos >= 0) & ((pos + 1) % span == 0)
+    for t in torch.nonzero(done).flatten().tolist():
+        row = block_table[int(req_indices[t])].long()
+        g = int(pos[t]) // span
+        blocks = torch.arange(g * super_size, (g + 1) * super_size, device=row.device)
+        cols = (blocks + 1) * per_block - 1                  # last page of each block
+        if int(cols[-1]) >= row.numel():
+            raise ValueError(f"block_table: row {int(req_indices[t])} has {row.numel()} "
+                             f"pages, token {t} (position {int(pos[t])}) needs "
+                             f"{int(cols[-1]) + 1}")
+        rows = row[cols]
+        if int(rows[-1]) != int(page[t]):
+            raise ValueError(f"block_table: row {int(req_indices[t])} column {int(cols[-1])} "
+                             f"holds page {int(rows[-1])} but the token completing super-block "
+                             f"{g} (token {t}) is in page {int(page[t])}")
+        if bool(((rows < 0) | (rows >= P)).any()):
+            raise ValueError(f"block_table: row {int(req_indices[t])} names pages "
+                             f"{rows.tolist()} outside [0, {P})")
+        reps = pool_val[rows].contiguous().view(FP8_DTYPE)
+        mean = naive_pool_supers(reps, span, block_size=block_size, super_size=super_size,
+                                 pooled_scale=pool_scale[rows])      # [1, D] fp32
+        sv, ss = quantize_fp8(mean, group_size=D)
+        last = int(page[t])
+        sup_val[last] = sv[0].view(torch.uint8)
+        sup_scale[last] = ss[0]
 
 
 def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None,
@@ -151,8 +223,10 @@ def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None
                        k_scale: torch.Tensor | None = None,
                        block_table: torch.Tensor | None = None,
                        req_indices: torch.Tensor | None = None, block_size: int = 128,
-                       ue8m0: bool = False, backend: str = "auto") -> None:
-    """Write new indexer keys into the paged cache and pool every block they complete.
+                       ue8m0: bool = False, super_cache: torch.Tensor | None = None,
+                       super_size: int | None = None, backend: str = "auto") -> None:
+    """Write new indexer keys into the paged cache and pool every block (and super-block)
+    they complete.
 
     Args:
         kv_cache: uint8 [num_pages, 64 * (D + 4)] (or [num_pages, 64, 1, D + 4]), in place.
@@ -167,6 +241,9 @@ def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None
             each token. Both required when ``block_size > 64`` and pooling.
         block_size: B, a multiple of 64.
         ue8m0: round key scales up to powers of two (DeepSeek's ``scale_fmt="ue8m0"``).
+        super_cache: uint8 [num_pages, D + 4] super-block rows, in place, with
+            ``super_size`` (blocks per super-block, >= 2); both None (the default) keep two
+            levels. Needs ``pooled_cache``, ``block_table`` and ``req_indices``.
         backend: "auto" (Triton on CUDA), "triton" or "torch". The Triton path never
             synchronises with the host and skips (never reads out of bounds for) inconsistent
             slots or block-table entries; the torch path raises ValueError for them.
@@ -175,55 +252,78 @@ def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None
         >>> paged_cache_append(kv, pooled, k_new, slots, pos, block_table=bt, req_indices=r)
     """
     pages = check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_scale,
-                                block_table, req_indices, block_size)
+                                block_table, req_indices, block_size, super_cache, super_size)
     if resolve_backend(backend, k.device) == "torch":
         naive_cache_append(pages, pooled_cache, k, slot_mapping, positions, k_scale=k_scale,
                            block_table=block_table, req_indices=req_indices,
-                           block_size=block_size, ue8m0=ue8m0)
+                           block_size=block_size, ue8m0=ue8m0, super_cache=super_cache,
+                           super_size=super_size)
     else:
         from .append import cache_append
         cache_append(pages, pooled_cache, k, slot_mapping, positions, k_scale=k_scale,
                      block_table=block_table, req_indices=req_indices, block_size=block_size,
                      ue8m0=ue8m0)
+        if super_cache is not None and k.shape[0]:
+            from .append_super import pool_super_rows
+            pool_super_rows(pooled_cache, super_cache, slot_mapping, positions, block_table,
+                            req_indices, num_pages=pages.shape[0], block_size=block_size,
+                            super_size=super_size)
 
 
 class PagedIndexerCache:
-    """One layer's paged FP8 indexer key cache plus its pooled-block cache.
+    """One layer's paged FP8 indexer key cache plus its pooled-block cache (and, optionally,
+    its super-block cache).
 
-    Owns (or wraps, see :meth:`from_tensors`) ``kv_cache`` uint8 [num_pages, 64 * (D + 4)] and
-    ``pooled_cache`` uint8 [num_pages, D + 4]. Page allocation stays with the caller (the
-    serving engine's block manager): this object only writes through slot mappings and reads
-    through block tables. Freeing a page needs no call; page moves need :meth:`copy_pages`.
+    Owns (or wraps, see :meth:`from_tensors`) ``kv_cache`` uint8 [num_pages, 64 * (D + 4)],
+    ``pooled_cache`` uint8 [num_pages, D + 4] and, with ``super_size``, ``super_cache`` uint8
+    [num_pages, D + 4] (None without). Page allocation stays with the caller (the serving
+    engine's block manager): this object only writes through slot mappings and reads through
+    block tables. Freeing a page needs no call; page moves need :meth:`copy_pages`.
 
     Example:
         >>> cache = PagedIndexerCache(num_pages=1024, head_dim=128, block_size=128)
         >>> cache.append(k_new, slot_mapping, positions, block_table=bt, req_indices=req)
         >>> idx = hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w, seq_lens, bt)
+        >>> long = PagedIndexerCache(num_pages=1 << 16, block_size=128, super_size=2)
+        >>> idx = hisa.hisa_index_paged(q, long.kv_cache, long.pooled_cache, w, seq_lens, bt,
+        ...                             super_cache=long.super_cache, super_size=2,
+        ...                             super_topk=128)
     """
 
     def __init__(self, num_pages: int, *, head_dim: int = 128, block_size: int = 128,
-                 ue8m0: bool = False, device: str | torch.device = "cpu") -> None:
+                 super_size: int | None = None, ue8m0: bool = False,
+                 device: str | torch.device = "cpu") -> None:
         check_positive_int("num_pages", num_pages)
         check_positive_int("head_dim", head_dim)
         self.block_size = check_block_size(block_size)
+        self.super_size = None if super_size is None else check_super_size(super_size)
         self.head_dim = head_dim
         self.ue8m0 = ue8m0
         self.kv_cache = torch.zeros(num_pages, page_bytes(head_dim), dtype=torch.uint8,
                                     device=device)
         self.pooled_cache = torch.zeros(num_pages, pooled_row_bytes(head_dim),
                                         dtype=torch.uint8, device=device)
+        self.super_cache = None if super_size is None else torch.zeros_like(self.pooled_cache)
 
     @classmethod
     def from_tensors(cls, kv_cache: torch.Tensor, pooled_cache: torch.Tensor, *,
                      head_dim: int = 128, block_size: int = 128,
+                     super_cache: torch.Tensor | None = None, super_size: int | None = None,
                      ue8m0: bool = False) -> "PagedIndexerCache":
         """Wrap engine-owned tensors (no copy)."""
         pages = as_pages(kv_cache, head_dim)
         check_pooled_cache(pooled_cache, head_dim, pages.shape[0])
+        if (super_cache is None) != (super_size is None):
+            raise ValueError(f"super_cache/super_size: expected both or neither, got "
+                             f"super_cache={type(super_cache).__name__}, "
+                             f"super_size={super_size!r}")
+        if super_cache is not None:
+            check_pooled_cache(super_cache, head_dim, pages.shape[0], name="super_cache")
         self = cls.__new__(cls)
         self.block_size = check_block_size(block_size)
+        self.super_size = None if super_size is None else check_super_size(super_size)
         self.head_dim, self.ue8m0 = head_dim, ue8m0
-        self.kv_cache, self.pooled_cache = pages, pooled_cache
+        self.kv_cache, self.pooled_cache, self.super_cache = pages, pooled_cache, super_cache
         return self
 
     @property
@@ -237,19 +337,25 @@ class PagedIndexerCache:
     def append(self, k: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor, *,
                k_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                req_indices: torch.Tensor | None = None, backend: str = "auto") -> None:
-        """:func:`paged_cache_append` with this cache's tensors, block size and ue8m0 flag."""
+        """:func:`paged_cache_append` with this cache's tensors, block size, super-block level
+        and ue8m0 flag."""
         paged_cache_append(self.kv_cache, self.pooled_cache, k, slot_mapping, positions,
                            k_scale=k_scale, block_table=block_table, req_indices=req_indices,
-                           block_size=self.block_size, ue8m0=self.ue8m0, backend=backend)
+                           block_size=self.block_size, ue8m0=self.ue8m0,
+                           super_cache=self.super_cache, super_size=self.super_size,
+                           backend=backend)
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy pages ``src`` to ``dst`` (int [n] each) with their pooled rows (swap/defrag)."""
+        """Copy pages ``src`` to ``dst`` (int [n] each) with their pooled and super-block rows
+        (swap/defrag)."""
         check_tensor("src", src, dtypes=INDEX_DTYPES, ndim=1)
         check_tensor("dst", dst, dtypes=INDEX_DTYPES, ndim=1)
         check_shape("dst", dst, (src.numel(),))
         s, d = src.long(), dst.long()
         self.kv_cache[d] = self.kv_cache[s]
         self.pooled_cache[d] = self.pooled_cache[s]
+        if self.super_cache is not None:
+            self.super_cache[d] = self.super_cache[s]
 
     def request_keys(self, block_table_row: torch.Tensor, length: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,3 +367,12 @@ class PagedIndexerCache:
         """Pooled rows of complete blocks [0, num_blocks) of one request (fp8 [nb, D], [nb])."""
         return gather_request_pooled(self.pooled_cache, block_table_row, num_blocks,
                                      self.block_size, self.head_dim)
+
+    def request_super(self, block_table_row: torch.Tensor, num_supers: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of complete super-blocks [0, num_supers) of one request (fp8 [ns, D], [ns])."""
+        if self.super_cache is None:
+            raise ValueError("super_size: this cache was built without a super-block level "
+                             "(super_size=None)")
+        return gather_request_pooled(self.super_cache, block_table_row, num_supers,
+                                     self.block_size * self.super_size, self.head_dim)

@@ -75,6 +75,34 @@ def check_hisa_params(*, topk: int, block_size: int, block_topk: int) -> None:
                          f"{block_topk * block_size} < topk = {topk}")
 
 
+def check_super_params(*, block_topk: int, super_size, super_topk) -> bool:
+    """The optional third level: both of ``super_size`` / ``super_topk`` or neither.
+
+    Returns True when the super-block level is on. The rules and why each is needed:
+
+    * ``super_size >= 2``: a super-block of one block scores the same rows as the block stage,
+      so the level would cost a pass and decide nothing.
+    * ``super_topk >= 2``: the first eligible super-block (the attention sink) and the query's
+      own are forced and take two of the slots, as the forced blocks do.
+    * ``super_topk * super_size >= block_topk``: the block stage keeps m blocks among those of
+      the kept super-blocks; with fewer than m there, m would be unreachable at every long
+      window and the candidate pool would shrink below m * B tokens (possibly below topk),
+      silently changing what ``block_topk`` and ``topk`` mean.
+    """
+    if super_size is None and super_topk is None:
+        return False
+    if super_size is None or super_topk is None:
+        raise ValueError(f"super_size/super_topk: expected both (three levels) or neither (two "
+                         f"levels), got super_size={super_size!r}, super_topk={super_topk!r}")
+    check_positive_int("super_size", super_size, minimum=2)
+    check_positive_int("super_topk", super_topk, minimum=2)
+    if super_topk * super_size < block_topk:
+        raise ValueError(f"super_topk * super_size must be >= block_topk (the kept super-blocks "
+                         f"must hold the block budget): got {super_topk} * {super_size} = "
+                         f"{super_topk * super_size} < block_topk = {block_topk}")
+    return True
+
+
 def check_indexer_inputs(q, k, weights, ks, ke, k_scale) -> tuple[int, int, int, int]:
     """Shapes and dtypes of a packed (prefill) indexer call. Returns (T, H, D, S)."""
     check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)

@@ -145,6 +145,17 @@ def query_tiles(ks: torch.Tensor, ke: torch.Tensor, cap_bytes: int
     return tiles
 
 
+def flat_workspace_bytes(ks: torch.Tensor, ke: torch.Tensor, *, programs: int
+                         ) -> dict[str, int]:
+    """Bytes of the temporaries :func:`dsa_index_triton` allocates for these windows: the
+    logits tile (at most :data:`FLAT_LOGITS_BYTES`, whatever T and S) and the top-k scratch of
+    ``programs`` persistent programs (8 per SM, at most the widest tile's rows)."""
+    tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES)
+    rows = max((n for _, n, _, _ in tiles), default=1)
+    return {"logits": 4 * max([n * W for _, n, _, W in tiles] + [1]),
+            "topk_scratch": 2 * 4 * TOPK_SCRATCH * max(1, min(rows, programs))}
+
+
 def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                      ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
                      out: torch.Tensor | None = None, need_scores: bool = False

@@ -14,9 +14,11 @@ from ...cache.layout import check_pooled_cache, gather_request_keys, gather_requ
 from ...cache.paged import check_block_size
 from ...utils.backend import resolve_backend
 from ...utils.output import check_out_buffer, finish_output
-from ...utils.validate import FP8_DTYPE, check_hisa_params
+from ...utils.validate import (FP8_DTYPE, check_hisa_params, check_same_device,
+                               check_super_params)
 from ..dsa.paged import check_paged_inputs, check_paged_values, per_request_reference
 from .naive import naive_hisa_index
+from .naive_super import naive_hisa_index_paged_super
 
 
 def naive_hisa_index_paged(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor,
@@ -49,19 +51,25 @@ def naive_hisa_index_paged(q: torch.Tensor, pages: torch.Tensor, pooled_cache: t
     return per_request_reference(q, seq_lens, topk, select)
 
 
-def _kernel_check(q, pages, block_table, block_size: int, block_topk: int) -> None:
+def _kernel_check(q, pages, block_table, block_size: int, block_topk: int,
+                  super_size: int | None = None, super_topk: int | None = None) -> None:
     from ..dsa.decode_kernels import decode_operands
     from .decode_kernels import check_decode_params
     decode_operands(q, pages)
     check_decode_params(block_size, block_topk, block_table.shape[1])
+    if super_size is not None:
+        from .decode_super import check_decode_super_params
+        check_decode_super_params(block_size, super_size, super_topk, block_table.shape[1])
 
 
 def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torch.Tensor,
                      weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
                      topk: int = 2048, block_size: int = 128, block_topk: int = 64,
-                     return_scores: bool = False, out: torch.Tensor | None = None,
-                     backend: str = "auto"):
-    """HISA selection for decode over the paged FP8 key cache and its pooled-block cache.
+                     super_cache: torch.Tensor | None = None, super_size: int | None = None,
+                     super_topk: int | None = None, return_scores: bool = False,
+                     out: torch.Tensor | None = None, backend: str = "auto"):
+    """HISA selection for decode over the paged FP8 key cache and its pooled-block cache
+    (and, for three levels, its super-block cache).
 
     Args:
         q, kv_cache, weights, seq_lens, block_table, topk, return_scores, out: as in
@@ -69,6 +77,11 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
         pooled_cache: uint8 [num_pages, D + 4], maintained by :func:`hisa.paged_cache_append`
             (or :class:`hisa.PagedIndexerCache`) with the same ``block_size``.
         block_size: B, a multiple of 64. block_topk: m; ``block_topk * block_size >= topk``.
+        super_cache: uint8 [num_pages, D + 4] super-block rows maintained by the same appends
+            with the same ``super_size`` (:class:`hisa.PagedIndexerCache` with
+            ``super_size``), or None for two levels.
+        super_size, super_topk: Bs and ms of the super-block level, given with
+            ``super_cache`` (validated as in :func:`hisa.hisa_index`).
         backend: "torch" runs the reference; "triton" runs the HISA kernels for every request;
             "auto" runs Triton on CUDA (torch elsewhere) and routes, inside the kernels and
             per request, a request whose longest row sees at most
@@ -85,23 +98,44 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
     Example:
         >>> cache = hisa.PagedIndexerCache(4096, block_size=128)
         >>> idx = hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w, seq_lens, bt)
+        >>> long = hisa.PagedIndexerCache(1 << 16, block_size=128, super_size=2)
+        >>> idx = hisa.hisa_index_paged(q, long.kv_cache, long.pooled_cache, w, seq_lens, bt,
+        ...                             super_cache=long.super_cache, super_size=2,
+        ...                             super_topk=128)
     """
     batch, next_n, _, D, pages = check_paged_inputs(q, kv_cache, weights, seq_lens,
                                                     block_table)
     check_pooled_cache(pooled_cache, D, pages.shape[0])
     check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
     check_block_size(block_size)
+    three = check_super_params(block_topk=block_topk, super_size=super_size,
+                               super_topk=super_topk)
+    if three != (super_cache is not None):
+        raise ValueError(f"super_cache: expected a tensor exactly when super_size/super_topk "
+                         f"are given, got super_cache={type(super_cache).__name__} with "
+                         f"super_size={super_size!r}")
+    if three:
+        check_pooled_cache(super_cache, D, pages.shape[0], name="super_cache")
+        check_same_device(q=q, super_cache=super_cache)
     check_out_buffer(out, batch * next_n, topk, q.device)
+    sup = dict(super_size=super_size, super_topk=super_topk) if three else {}
     if resolve_backend(backend, q.device, lambda: _kernel_check(q, pages, block_table,
-                                                                block_size, block_topk)) == "torch":
+                                                                block_size, block_topk,
+                                                                **sup)) == "torch":
         check_paged_values(seq_lens, block_table, pages.shape[0])
-        idx, scores = naive_hisa_index_paged(q, pages, pooled_cache, weights, seq_lens,
-                                             block_table, topk=topk, block_size=block_size,
-                                             block_topk=block_topk)
+        if three:
+            idx, scores = naive_hisa_index_paged_super(
+                q, pages, pooled_cache, super_cache, weights, seq_lens, block_table, topk=topk,
+                block_size=block_size, block_topk=block_topk, **sup)
+        else:
+            idx, scores = naive_hisa_index_paged(q, pages, pooled_cache, weights, seq_lens,
+                                                 block_table, topk=topk, block_size=block_size,
+                                                 block_topk=block_topk)
     else:
         from .decode_kernels import hisa_decode
         idx, scores = hisa_decode(q, pages, pooled_cache, weights, seq_lens, block_table,
                                   topk=topk, block_size=block_size, block_topk=block_topk,
                                   out=out, need_scores=return_scores,
-                                  route_short_to_flat=(backend == "auto"))
+                                  route_short_to_flat=(backend == "auto"),
+                                  super_cache=super_cache, **sup)
     return finish_output(idx, scores, out=out, return_scores=return_scores)

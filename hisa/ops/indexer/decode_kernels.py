@@ -296,7 +296,9 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
                 topk: int, block_size: int, block_topk: int, out: torch.Tensor | None = None,
                 need_scores: bool = False, route_short_to_flat: bool = False,
                 hisa_min_keys: int | None = None, fuse_block_select: bool | None = None,
-                radix: int | None = None, programs: int | None = None
+                radix: int | None = None, programs: int | None = None,
+                super_cache: torch.Tensor | None = None, super_size: int | None = None,
+                super_topk: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA paged decode: (int32 [rows, topk] positions, -1 padded; fp32 scores or None).
 
@@ -305,7 +307,9 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     device. Launches: 3 with the fused block selection (block scores, token scores, token
     select), 4 without, 2 more when the routing is live. ``fuse_block_select``, ``radix`` and
     ``programs`` override :data:`FUSE_BLOCK_SELECT`, :data:`SELECT_RADIX` and
-    :func:`token_programs` (variants for tests and probes)."""
+    :func:`token_programs` (variants for tests and probes). With ``super_cache`` /
+    ``super_size`` / ``super_topk`` the block ids come through the super-block level
+    (:mod:`.decode_super`, 4 launches in place of the block stage's 2)."""
     batch, next_n, H, D = q.shape
     check_decode_params(block_size, block_topk, block_table.shape[1])
     max_keys = block_table.shape[1] * PAGE_SIZE
@@ -328,7 +332,14 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     fuse = FUSE_BLOCK_SELECT if fuse_block_select is None else fuse_block_select
     q, _, _, prec = decode_operands(q, pages)
     common = dict(block_size=block_size, hisa_min_keys=thr, prec=prec)
-    if fuse:
+    if super_cache is not None:
+        from .decode_super import super_block_select
+        ids = super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_table,
+                                 block_topk=block_topk, super_size=super_size,
+                                 super_topk=super_topk, num_pages=pages.shape[0], radix=radix,
+                                 **common)
+        js = None
+    elif fuse:
         ids = torch.empty(rows, block_topk, dtype=torch.int32, device=q.device)
         js = block_scores_paged(q, pooled_cache, weights, seq_lens, block_table,
                                 num_pages=pages.shape[0], **common)

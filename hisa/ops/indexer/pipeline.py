@@ -9,6 +9,10 @@ token_scores   ``token_scores.token_scores``                   fp32 [tile, m*B] 
 select_tokens  ``select.select_tokens`` (top-k + offsets)      int32 [T, k] offsets
 =============  ==============================================  ============================
 
+With the super-block level (``super_size`` / ``super_topk``) the block_select stage becomes
+``pool_supers``, ``super_select`` and ``block_select`` inside the kept super-blocks
+(:mod:`.super_blocks`); the token stage is unchanged.
+
 The token stage runs unfused (scores to a buffer, then a register selection kernel): on an H100
 the fused kernel (``token_scores.token_select``) measured 26.7 ms at 64K against 12.4 + 7.8 ms
 for the two kernels, because the selection's registers (255 per thread) halve the occupancy of
@@ -28,6 +32,8 @@ from ..dsa.prefill import check_kernel_shapes, prepare_operands
 from .block_scores import block_select
 from .pool import check_block_size, pool_blocks
 from .select import select_tokens
+from .super_blocks import (candidate_block_select, check_super_kernel_params, pool_supers,
+                           super_select, three_level_block_ids)
 from .token_scores import token_scores
 
 #: Cap on the candidate-score buffer of the token stage (bytes): 1 GiB = 32,768 queries at
@@ -62,9 +68,38 @@ def _token_buffer(T, mb, device):
     return torch.empty(rows * mb, dtype=torch.float32, device=device)
 
 
+def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, key_bytes: int,
+                            block_size: int, block_topk: int, programs: int,
+                            super_size: int | None = None, super_topk: int | None = None
+                            ) -> dict[str, int]:
+    """Bytes of every temporary :func:`hisa_index_triton` allocates (outputs excluded).
+
+    ``key_bytes``: 1 for FP8 keys (the reps then carry a 4-byte scale), 2 for bf16, 4 for
+    fp32. ``programs``: the persistent grid of the selection stages
+    (``persistent_programs(T, device, 4)``: 4 per SM, at most T). Nothing here grows as
+    T * S: the largest entry is the token stage's candidate buffer, capped at
+    :data:`TOKEN_TILE_BYTES`; the block and super-block scratch rows are per program.
+    """
+    T, S, D, B, m = num_queries, num_keys, head_dim, block_size, block_topk
+    rep = D * key_bytes + (4 if key_bytes == 1 else 0)
+    nb = -(-S // B)
+    grid = max(1, min(T, programs))
+    ws = {"pooled": nb * rep, "block_ids": 4 * T * m,
+          "token_scores": 4 * B * m * max(1, min(T, TOKEN_TILE_BYTES // (4 * B * m)))}
+    if super_size is None:
+        ws["block_scratch"] = 4 * grid * max(nb, 1)
+    else:
+        ns = -(-nb // super_size)
+        ws.update(super_pooled=ns * rep, super_ids=4 * T * super_topk,
+                  super_scratch=4 * grid * max(ns, 1),
+                  candidate_scratch=4 * grid * super_topk * super_size)
+    return ws
+
+
 def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                         ks: torch.Tensor, ke: torch.Tensor, *, k_scale: torch.Tensor | None,
-                        topk: int, block_size: int, block_topk: int
+                        topk: int, block_size: int, block_topk: int,
+                        super_size: int | None = None, super_topk: int | None = None
                         ) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline as [(stage name, zero-argument callable)], run in order.
 
@@ -94,6 +129,34 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                      out=state["ids"])
         return state
 
+    def supers_pool():
+        state["super"], state["super_scale"] = pool_supers(
+            state["pooled"], state["pooled_scale"], k.shape[0], block_size=block_size,
+            super_size=super_size)
+        return state
+
+    def supers_select():
+        state["super_ids"] = super_select(q, state["super"], weights, ks, ke,
+                                          block_size=block_size, super_size=super_size,
+                                          super_topk=super_topk,
+                                          super_scale=state["super_scale"], prec=prec)
+        return state
+
+    def blocks_in_supers():
+        candidate_block_select(q, state["pooled"], weights, ks, ke, state["super_ids"],
+                               block_size=block_size, super_size=super_size,
+                               block_topk=block_topk, pooled_scale=state["pooled_scale"],
+                               prec=prec, out=state["ids"])
+        return state
+
+    if super_size is None:
+        selection = [("pool", pool), ("block_select", blocks)]
+    else:
+        check_super_kernel_params(k.shape[0], block_size=block_size, super_size=super_size,
+                                  super_topk=super_topk)
+        selection = [("pool", pool), ("pool_supers", supers_pool),
+                     ("super_select", supers_select), ("block_select", blocks_in_supers)]
+
     state["buf"] = _token_buffer(T, block_topk * block_size, q.device)
 
     def scores():
@@ -118,17 +181,18 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
         return state
 
     if state["buf"].numel() // (block_topk * block_size) >= T:
-        return [("pool", pool), ("block_select", blocks), ("token_scores", scores),
-                ("select_tokens", tokens_select_only)]
-    return [("pool", pool), ("block_select", blocks), ("token_stage", select)]
+        return selection + [("token_scores", scores), ("select_tokens", tokens_select_only)]
+    return selection + [("token_stage", select)]
 
 
 def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                       ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
                       block_size: int, block_topk: int, out: torch.Tensor | None = None,
-                      need_scores: bool = False
+                      need_scores: bool = False, super_size: int | None = None,
+                      super_topk: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`).
+    """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`); two
+    levels, or three with ``super_size`` / ``super_topk``.
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
@@ -136,8 +200,13 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
     pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size)
-    ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
-                       block_topk=block_topk, pooled_scale=pooled_scale, prec=prec)
+    if super_size is None:
+        ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
+                           block_topk=block_topk, pooled_scale=pooled_scale, prec=prec)
+    else:
+        ids = three_level_block_ids(q, k, weights, ks, ke, pooled, pooled_scale,
+                                    block_size=block_size, block_topk=block_topk,
+                                    super_size=super_size, super_topk=super_topk, prec=prec)
     T = q.shape[0]
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)
     vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None

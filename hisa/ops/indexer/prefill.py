@@ -5,23 +5,32 @@ import torch
 
 from ...utils.backend import resolve_backend
 from ...utils.output import check_out_buffer, finish_output
-from ...utils.validate import check_hisa_params, check_indexer_inputs, check_windows
+from ...utils.validate import (check_hisa_params, check_indexer_inputs, check_super_params,
+                               check_windows)
 from ..dsa.naive import naive_dsa_index
 from .naive import eligible_blocks, naive_hisa_index
+from .naive_super import eligible_supers, naive_hisa_index_super
 
 
 def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.Tensor,
                        k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                        ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
-                       block_size: int, block_topk: int) -> None:
+                       block_size: int, block_topk: int, super_size: int | None = None,
+                       super_topk: int | None = None) -> None:
     """Rows whose window holds <= topk keys return all of them (contract section 2).
 
     With m * B >= k a window of at most k keys spans at most m + 1 blocks; when it spans
     exactly m + 1 (unaligned, and m * B close to k) the block stage would drop one block.
-    Those rare rows are recomputed by the flat path, which keeps every key.
+    Likewise, with the super-block level (ms * Bs * B >= m * B >= k) such a window spans at
+    most ms + 1 super-blocks, and at ms + 1 the super stage would drop one. Those rare rows are
+    recomputed by the flat path, which keeps every key.
     """
     first, end = eligible_blocks(ks, ke, block_size)
-    rows = (((ke - ks) <= topk) & ((end - first) > block_topk)).nonzero().squeeze(1)
+    pruned = (end - first) > block_topk
+    if super_size is not None:
+        first_s, end_s = eligible_supers(ks, ke, block_size, super_size)
+        pruned |= (end_s - first_s) > super_topk
+    rows = (((ke - ks) <= topk) & pruned).nonzero().squeeze(1)
     if rows.numel() == 0:
         return
     sub_idx, sub_scores = naive_dsa_index(q[rows], k, weights[rows], ks[rows], ke[rows],
@@ -31,7 +40,8 @@ def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.
         scores[rows] = sub_scores
 
 
-def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk: int) -> None:
+def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk: int,
+                  super_size: int | None = None, super_topk: int | None = None) -> None:
     from ..dsa.prefill import check_kernel_shapes
     from .pool import check_block_size
     from .select import SELECT_MAX_ROW
@@ -39,44 +49,61 @@ def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk:
     check_block_size(block_size)
     if block_size * block_topk > SELECT_MAX_ROW:
         raise ValueError(f"block_topk * block_size: at most {SELECT_MAX_ROW} for the kernels")
+    if super_size is not None:
+        from .super_blocks import check_super_kernel_params
+        check_super_kernel_params(k.shape[0], block_size=block_size, super_size=super_size,
+                                  super_topk=super_topk)
 
 
 def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
-               block_size: int = 128, block_topk: int = 64, return_scores: bool = False,
+               block_size: int = 128, block_topk: int = 64, super_size: int | None = None,
+               super_topk: int | None = None, return_scores: bool = False,
                out: torch.Tensor | None = None, backend: str = "auto"):
     """HISA selection: score mean-pooled key blocks, keep the best ``block_topk`` (the first
     and last eligible block always among them), then keep the top ``topk`` tokens of those
-    blocks by the exact DSA score.
+    blocks by the exact DSA score. With ``super_size`` / ``super_topk`` a level above blocks
+    first keeps the best ``super_topk`` super-blocks of ``super_size`` blocks (the first and
+    the query's own always among them), and the block stage runs only inside them.
 
     Same inputs and output format as :func:`hisa.dsa_index`; when a query has at most
-    ``block_topk`` eligible blocks the selection equals the flat indexer's.
+    ``block_topk`` eligible blocks the selection equals the flat indexer's, and when it has at
+    most ``super_topk`` eligible super-blocks the three-level selection equals the two-level
+    one.
 
     Args:
         q, k, weights, ks, ke, k_scale, topk, return_scores, out, backend: as in
             :func:`hisa.dsa_index`.
         block_size: B, tokens per block (blocks tile the key buffer from position 0).
         block_topk: m, blocks kept per query; ``block_topk * block_size >= topk`` is required.
+        super_size: Bs, blocks per super-block (>= 2), or None for two levels.
+        super_topk: ms, super-blocks kept per query (>= 2), or None; given together with
+            ``super_size``, and ``super_topk * super_size >= block_topk`` is required.
 
     Returns:
         int32 [T, topk] offsets relative to ks[t], -1 padded (and fp32 scores when asked).
 
     Example:
         >>> idx = hisa.hisa_index(q, k, w, ks, ke, topk=2048, block_size=128, block_topk=64)
+        >>> idx = hisa.hisa_index(q, k, w, ks, ke, super_size=2, super_topk=128)  # 1M keys
     """
     T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
     check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
+    three = check_super_params(block_topk=block_topk, super_size=super_size,
+                               super_topk=super_topk)
     check_out_buffer(out, T, topk, q.device)
     check_windows(ks, ke, S)
+    sup = dict(super_size=super_size, super_topk=super_topk) if three else {}
     if resolve_backend(backend, q.device,
-                       lambda: _kernel_check(q, k, block_size, block_topk)) == "torch":
-        idx, scores = naive_hisa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
-                                       block_size=block_size, block_topk=block_topk)
+                       lambda: _kernel_check(q, k, block_size, block_topk, **sup)) == "torch":
+        reference = naive_hisa_index_super if three else naive_hisa_index
+        idx, scores = reference(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
+                                block_size=block_size, block_topk=block_topk, **sup)
     else:
         from .pipeline import hisa_index_triton
         idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                         block_size=block_size, block_topk=block_topk, out=out,
-                                        need_scores=return_scores)
+                                        need_scores=return_scores, **sup)
     keep_short_windows(idx, scores, q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
-                       block_size=block_size, block_topk=block_topk)
+                       block_size=block_size, block_topk=block_topk, **sup)
     return finish_output(idx, scores, out=out, return_scores=return_scores)

@@ -1,4 +1,8 @@
-"""hisa: hierarchical (block-then-token) sparse-attention indexer for DSA models."""
+"""hisa: hierarchical (block-then-token) sparse-attention indexer for DSA models.
+
+Distributed as ``hisa-indexer``; imported as ``hisa``.
+"""
+from ._version import __version__
 from .cache import PagedIndexerCache, paged_cache_append
 from .config import HisaConfig
 from .ops.dsa.index import dsa_index
@@ -8,8 +12,6 @@ from .ops.indexer.prefill import hisa_index
 from .ops.sparse_attn.naive import sparse_attention_reference
 from .utils.quant import dequantize_fp8, quantize_fp8
 from .utils.seqlens import windows_from_cu_seqlens
-
-__version__ = "0.1.0"
 
 __all__ = [
     "HisaConfig",

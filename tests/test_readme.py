@@ -1,0 +1,121 @@
+"""The README runs as written: its python examples execute (and do what their text says), its
+Set up section holds the two commands CI runs, and the help texts point to no missing file."""
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hisa
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+PYTHON_BLOCKS = re.findall(r"^```python\n(.*?)^```", README, flags=re.M | re.S)
+
+
+def check_prefill_example(ns: dict) -> None:
+    idx, flat, same = ns["idx"], ns["flat"], ns["same"]
+    assert idx.shape == flat.shape == (ns["T"], 64) and idx.dtype == torch.int32
+    # first sequence: 256 keys at most, m*B = 256, so exactly flat's set (the README says so)
+    assert bool(same[:256].all())
+    # second sequence: windows up to 768 keys > m*B, so HISA prunes: some sets differ
+    assert not bool(same[256:].all())
+
+
+def check_decode_example(ns: dict) -> None:
+    idx = ns["idx"]
+    assert idx.shape == (2, 256) and idx.dtype == torch.int32
+    flat = hisa.dsa_index_paged(ns["q8"], ns["cache"].kv_cache, ns["weights"], ns["seq_lens"],
+                                ns["block_table"], topk=256)
+    sets_equal = (idx.sort(dim=1).values == flat.sort(dim=1).values).all(dim=1)
+    assert bool(sets_equal[1])            # 301 keys: 3 blocks <= m = 4, exact
+    assert not bool(sets_equal[0])        # 1,001 keys: 8 blocks > m = 4, pruned
+
+
+def check_three_level_example(ns) -> None:
+    """Queries with at most super_topk super-blocks select exactly the two-level set."""
+    two, three = ns["two"], ns["three"]
+    same = (two.sort(dim=1).values == three.sort(dim=1).values).all(dim=1)
+    assert bool(same[:512].all()), "three levels differ from two where every super-block fits"
+
+
+def example_check(code: str):
+    """The extra check of a known example (found by what it calls), else None."""
+    if "super_size" in code:
+        return check_three_level_example
+    if "hisa.hisa_index(" in code:
+        return check_prefill_example
+    if "hisa.hisa_index_paged(" in code:
+        return check_decode_example
+    return None
+
+
+def test_readme_has_the_prefill_and_decode_examples():
+    checks = [example_check(code) for code in PYTHON_BLOCKS]
+    assert check_prefill_example in checks and check_decode_example in checks
+
+
+@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+def test_readme_python_block_runs_as_written(index):
+    code = PYTHON_BLOCKS[index]
+    namespace = {"__name__": "__readme__"}
+    exec(compile(code, f"README.md python block {index}", "exec"), namespace)
+    check = example_check(code)
+    if check is not None:
+        check(namespace)
+
+
+def test_readme_setup_section_holds_the_two_commands_ci_runs():
+    script = ROOT / ".ci" / "readme_commands.sh"
+    if not script.exists():
+        pytest.skip("not a checkout (no .ci/)")
+    out = subprocess.run(["bash", str(script), str(ROOT / "README.md")], capture_output=True,
+                         text=True, check=True).stdout
+    cmds = out.splitlines()
+    assert len(cmds) == 2, cmds
+    assert cmds[0].startswith("pip install ") and cmds[0].endswith("&& hisa eval")
+    assert '-e ".[dev]"' in cmds[1] and cmds[1].endswith("python -m pytest -q")
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_help_texts_name_only_files_the_repository_has():
+    from hisa.cli import build_parser
+    for parser in _all_parsers(build_parser()):
+        text = parser.format_help()
+        for name in re.findall(r"[\w./-]+\.md\b", text):
+            assert (ROOT / name).exists(), f"`{parser.prog} --help` names {name}"
+
+
+def test_bench_help_states_every_default():
+    from hisa.cli import build_parser
+    bench = next(p for p in _all_parsers(build_parser()) if p.prog.endswith(" bench"))
+    for action in bench._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        text = bench._get_formatter()._get_help_string(action)
+        assert "default" in text, f"hisa bench {action.option_strings}: {text!r}"
+
+
+def test_version_is_single_sourced():
+    from importlib import metadata
+
+    import hisa._version
+    assert hisa.__version__ == hisa._version.__version__
+    out = subprocess.run([sys.executable, "-m", "hisa.cli", "--version"], capture_output=True,
+                         text=True, cwd=ROOT, check=True).stdout
+    assert out.split()[:2] == ["hisa", hisa.__version__]
+    try:
+        installed = metadata.version("hisa-indexer")
+    except metadata.PackageNotFoundError:
+        pytest.skip("the hisa-indexer distribution is not installed here")
+    assert installed == hisa.__version__

@@ -5,7 +5,8 @@ import torch
 
 from ...utils.backend import resolve_backend
 from ...utils.output import check_out_buffer, finish_output
-from ...utils.validate import check_hisa_params, check_indexer_inputs, check_windows
+from ...utils.validate import (check_hisa_params, check_indexer_inputs, check_same_device,
+                               check_shape, check_tensor, check_windows)
 from ..dsa.naive import naive_dsa_index
 from .naive import eligible_blocks, naive_hisa_index
 
@@ -31,6 +32,18 @@ def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.
         scores[rows] = sub_scores
 
 
+#: dtypes a caller may hand in as precomputed block representatives (``pooled=``).
+POOLED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_pooled(pooled: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+    """``pooled`` must hold one [D] representative per block of ``k``: [ceil(S / B), D]."""
+    check_tensor("pooled", pooled, dtypes=POOLED_DTYPES, ndim=2)
+    S, D = k.shape
+    check_shape("pooled", pooled, (-(-S // block_size), D))
+    check_same_device(k=k, pooled=pooled)
+
+
 def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk: int) -> None:
     from ..dsa.prefill import check_kernel_shapes
     from .pool import check_block_size
@@ -44,7 +57,8 @@ def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk:
 def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
                block_size: int = 128, block_topk: int = 64, return_scores: bool = False,
-               out: torch.Tensor | None = None, backend: str = "auto"):
+               out: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+               backend: str = "auto"):
     """HISA selection: score mean-pooled key blocks, keep the best ``block_topk`` (the first
     and last eligible block always among them), then keep the top ``topk`` tokens of those
     blocks by the exact DSA score.
@@ -57,6 +71,15 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             :func:`hisa.dsa_index`.
         block_size: B, tokens per block (blocks tile the key buffer from position 0).
         block_topk: m, blocks kept per query; ``block_topk * block_size >= topk`` is required.
+        pooled: optional block representatives fp32/bf16/fp16 [ceil(S / B), D], row b for keys
+            [b * B, (b + 1) * B) (the dequantized mean, as the default pools it). A caller that
+            keeps them incrementally (a decode cache pools each block once, when it completes)
+            passes them here instead of having every call re-pool the whole key buffer. A row
+            is read only for a block that is eligible but neither first nor last for some
+            query; an incomplete tail block never is (it is forced for every query that can
+            see it), so its row may hold any finite placeholder.
+            The Triton path stores them like its own pooling does (FP8 with a per-block scale
+            for FP8 keys, else k's dtype).
 
     Returns:
         int32 [T, topk] offsets relative to ks[t], -1 padded (and fp32 scores when asked).
@@ -68,15 +91,18 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
     check_out_buffer(out, T, topk, q.device)
     check_windows(ks, ke, S)
+    if pooled is not None:
+        check_pooled(pooled, k, block_size)
     if resolve_backend(backend, q.device,
                        lambda: _kernel_check(q, k, block_size, block_topk)) == "torch":
         idx, scores = naive_hisa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
-                                       block_size=block_size, block_topk=block_topk)
+                                       block_size=block_size, block_topk=block_topk,
+                                       pooled=pooled)
     else:
         from .pipeline import hisa_index_triton
         idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                         block_size=block_size, block_topk=block_topk, out=out,
-                                        need_scores=return_scores)
+                                        need_scores=return_scores, pooled=pooled)
     keep_short_windows(idx, scores, q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                        block_size=block_size, block_topk=block_topk)
     return finish_output(idx, scores, out=out, return_scores=return_scores)

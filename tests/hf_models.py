@@ -33,27 +33,73 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermedi
             max_position_embeddings=4096, pad_token_id=None, eos_token_id=None,
             bos_token_id=None)
 
-#: Model types with a tiny test model: (config class, model class, extra config).
+#: Model types with a tiny test model: (config class, model class, config extras, attention).
+#: Names resolve under ``transformers`` (a dotted name under ``transformers.models``).
 MODEL_TYPES = {
-    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(num_hidden_layers=2)),
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(num_hidden_layers=2),
+                     "sdpa"),
     # three layers, the middle one sharing the first one's top-k (GLM-5's IndexShare)
     "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM",
-                    dict(num_hidden_layers=3, indexer_types=["full", "shared", "full"])),
+                    dict(num_hidden_layers=3, indexer_types=["full", "shared", "full"]), "sdpa"),
+    "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(num_hidden_layers=2), "sdpa"),
+    # a sliding-window layer (no indexer, a sliding cache layer) between two DSA layers
+    "dots3_note": ("Dots3NoteTextConfig", "Dots3NoteForCausalLM",
+                   dict(num_hidden_layers=3, layer_types=["indexed_attention", "sliding_attention",
+                                                          "indexed_attention"],
+                        swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=32,
+                        swa_kv_lora_rank=32, swa_head_dim=32, swa_qk_nope_head_dim=16,
+                        swa_v_head_dim=16), "sdpa"),
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM",
+              dict(num_hidden_layers=3, indexer_types=["full", "shared", "full"]), "eager"),
+    # the text tower of the VL model (no LM head); its M-RoPE equals plain RoPE on text
+    "hy_v4_vl": ("hy_v4_vl.configuration_hy_v4_vl.HYV4VLTextConfig",
+                 "hy_v4_vl.modeling_hy_v4_vl.HYV4VLTextModel",
+                 dict(num_hidden_layers=2, rope_parameters=dict(
+                     rope_type="default", rope_theta=10000.0, mrope_section=[4, 2, 2])),
+                 "eager"),
 }
+#: The models the whole suite runs on; the others run the drift and equality core.
+PRIMARY = ("deepseek_v32", "glm_moe_dsa")
 
-#: How each family applies RoPE inside the indexer, as the models' papers describe it.
+
+def _resolve(name: str):
+    if "." not in name:
+        return getattr(transformers, name)
+    module, attr = name.rsplit(".", 1)
+    return getattr(__import__(f"transformers.models.{module}", fromlist=[attr]), attr)
+
+
+#: How each family applies RoPE inside the indexer: DeepSeek-V3.2 half-split on the first R
+#: dims (its reference code, after DeepSeek's Nov-2025 fix); GLM-5 interleaved pairs; the HY-V4
+#: models as their 5.24.0 files do it (no public reference to check them against).
 ROPE_LAYOUT = {"deepseek_v32": ("half", "first"), "glm_moe_dsa": ("pairs", "first"),
-               "hy_v4": ("half", "last")}
+               "hy_v4": ("half", "last"), "hy_v4_vl": ("pairs", "last")}
 
 
-def tiny_model(model_type: str, *, dtype=torch.float32, attn: str = "sdpa", seed: int = 0,
-               **overrides):
-    cfg_name, model_name, extra = MODEL_TYPES[model_type]
-    cfg = getattr(transformers, cfg_name)(**{**TINY, **extra, **overrides})
-    cfg._attn_implementation = attn
+def tiny_model(model_type: str, *, dtype=torch.float32, attn: str | None = None,
+               seed: int = 0, **overrides):
+    cfg_name, model_name, extra, default_attn = MODEL_TYPES[model_type]
+    cfg = _resolve(cfg_name)(**{**TINY, **extra, **overrides})
+    cfg._attn_implementation = attn or default_attn
     torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(cfg).eval()
+    model = _resolve(model_name)(cfg).eval()
     return model.to(dtype)
+
+
+def output_of(out) -> torch.Tensor:
+    """Logits, or the last hidden state of a model without an LM head."""
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def indexer_rope(model, hidden: torch.Tensor, positions: torch.Tensor):
+    """(cos, sin) the model hands its DSA layers, and the RoPE base they use."""
+    base = getattr(model, "model", model)
+    rope = base.rotary_emb
+    params = model.config.rope_parameters
+    if "rope_theta" not in params:                  # per layer type (hybrid models)
+        return rope(hidden, positions, "indexed_attention"), \
+            params["indexed_attention"]["rope_theta"]
+    return rope(hidden, positions), params["rope_theta"]
 
 
 def indexers(model) -> list[torch.nn.Module]:

@@ -10,9 +10,15 @@ deepseek_v32    DeepseekV32Indexer (deepseek_v32),      half-split, on the first
                 AXK2Indexer (axk2)
 glm_moe_dsa     GlmMoeDsaIndexer (glm_moe_dsa),         interleaved pairs, first R dims  model dtype
                 Dots3NoteTextIndexer (dots3_note)
-hy_v4           HYV4Indexer (hy_v4),                    half-split, on the last R dims   fp32
-                HYV4VLIndexer (hy_v4_vl)
+hy_v4           HYV4Indexer (hy_v4)                     half-split, on the last R dims   fp32
+hy_v4_vl        HYV4VLIndexer (hy_v4_vl)                interleaved pairs, last R dims,  fp32
+                                                        in fp32
 ==============  ======================================  ===============================  ============
+
+The adapter applies each model file's own RoPE function, so it reproduces whatever convention
+the file has; the table is what the drift tests check it against. (hy_v4_vl's RoPE helper is
+the interleaved one although a comment in its attention calls it non-interleaved: the tests
+pin the code as it is in 5.24.0.)
 
 All of them score ``I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])`` with
 ``w = weights_proj(x) * H ** -0.5 * softmax_scale`` (the positive softmax scale moves from the
@@ -93,6 +99,7 @@ class IndexerModel:
 DEEPSEEK_V32 = IndexerFamily("deepseek_v32", rope_dims_first=True, key_norm_fp32=False)
 GLM_MOE_DSA = IndexerFamily("glm_moe_dsa", rope_dims_first=True, key_norm_fp32=False)
 HY_V4 = IndexerFamily("hy_v4", rope_dims_first=False, key_norm_fp32=True)
+HY_V4_VL = IndexerFamily("hy_v4_vl", rope_dims_first=False, key_norm_fp32=True)
 
 
 def _model(model_type, indexer, attention, rope, family, fingerprints):
@@ -108,6 +115,19 @@ MODELS = (
            "apply_rotary_pos_emb_interleave", GLM_MOE_DSA,
            {"indexer": "d7312bad3ce855bb", "attention": "fab579bb2f873d72",
             "rope": "8ed90f4983a65a1e"}),
+    _model("axk2", "AXK2Indexer", "AXK2Attention", "apply_rotary_pos_emb", DEEPSEEK_V32,
+           {"indexer": "e67525f979d54b5b", "attention": "b208b3bd2adc097d",
+            "rope": "ea234325c15de475"}),
+    _model("dots3_note", "Dots3NoteTextIndexer", "Dots3NoteTextAttention",
+           "apply_rotary_pos_emb_interleave", GLM_MOE_DSA,
+           {"indexer": "e12e82a96e6301be", "attention": "febda14a126d7f96",
+            "rope": "8ed90f4983a65a1e"}),
+    _model("hy_v4", "HYV4Indexer", "HYV4Attention", "apply_rotary_pos_emb", HY_V4,
+           {"indexer": "9aac134e84ee6644", "attention": "22d49863640df011",
+            "rope": "ea234325c15de475"}),
+    _model("hy_v4_vl", "HYV4VLIndexer", "HYV4VLAttention", "apply_rotary_pos_emb", HY_V4_VL,
+           {"indexer": "9e9ab4f33c069021", "attention": "8f401679e75c68ab",
+            "rope": "808e718766d5abba"}),
 )
 
 

@@ -43,7 +43,7 @@ from ..ops.indexer.prefill import hisa_index
 from ..utils.quant import quantize_fp8
 from ..utils.validate import check_backend, check_positive_int
 from ._transformers_cache import layer_keys_before_append, pooled_blocks_for
-from ._transformers_models import (PINNED_TRANSFORMERS, IndexerModel,
+from ._transformers_models import (MODELS, PINNED_TRANSFORMERS, IndexerModel,
                                    UnsupportedTransformersError, check_indexer_module,
                                    check_model_code, find_model, indexer_operands,
                                    installed_transformers)
@@ -328,8 +328,9 @@ def enable_hisa(model: torch.nn.Module, *, block_size: int = 128, block_topk: in
                         if type(m).__name__.endswith("Indexer")})
         extra = f" (it has {', '.join(names)}, which the adapter does not support)" if names \
             else ""
+        supported = ", ".join(spec.model_type for spec in MODELS)
         raise ValueError(f"model: expected a transformers DSA model with a supported lightning "
-                         f"indexer (deepseek_v32, glm_moe_dsa), found none{extra}")
+                         f"indexer ({supported}), found none{extra}")
     for name, module, spec in found:
         slot = _patch_slot(module)
         state = _IndexerState(spec, block_size=block_size, block_topk=block_topk,

@@ -197,11 +197,25 @@ def test_prefill_covering_other_dtype_and_attention(dtype, attn):
 
 # --- pruning settings -------------------------------------------------------------------------
 
-def test_pruned_generation_at_1k(model_type):
+def count_pooling(monkeypatch) -> list[int]:
+    """Blocks the side table pools, per call of its pooling function."""
+    pooled, means = [], side_table.block_means
+
+    def counting(keys, block_size, fp8):
+        pooled.append(keys.shape[0] // block_size)
+        return means(keys, block_size, fp8)
+
+    monkeypatch.setattr(side_table, "block_means", counting)
+    return pooled
+
+
+def test_pruned_generation_at_1k(model_type, monkeypatch):
     """~1K context, 36 decode steps with the model's cache: format, equality with hisa_index on
-    the captured operands (pooled from scratch, so the incremental side table is right), and
-    differences from the stock selection only inside pruned blocks."""
+    the captured operands (pooled from scratch, so the incremental side table is right),
+    differences from the stock selection only inside pruned blocks, and every block pooled
+    once (not re-pooled each step)."""
     m, x = model(model_type), ids(1, 980, seed=6)
+    pooled = count_pooling(monkeypatch)
     with enable_hisa(m, **PRUNE):
         out, calls = generate(m, x)
     assert out.sequences.shape[1] == 980 + GEN_TOKENS
@@ -210,11 +224,9 @@ def test_pruned_generation_at_1k(model_type):
         check_model_format(call, TOPK)
         pruned += assert_matches_own_hisa(call, **PRUNE)
     assert pruned > 0, "the pruning settings never pruned: the test would prove nothing"
-    # every block of every layer was pooled exactly once over prefill + decode
-    for layer in out.cache.layers:
-        entry = side_table.table_entry(layer)
-        if entry is not None:
-            assert entry.pooled_blocks == (980 + GEN_TOKENS - 1) // PRUNE["block_size"]
+    # keys 0 .. 980 + 35 - 1 went through the cache: each complete block pooled once per layer
+    layers = sum(side_table.table_entry(layer) is not None for layer in out.cache.layers)
+    assert sum(pooled) == layers * ((980 + GEN_TOKENS - 1) // PRUNE["block_size"])
 
 
 def test_pruned_prefill_matches_own_hisa(any_model_type):
@@ -331,9 +343,10 @@ def test_beam_search_reorders_the_cache():
         assert_matches_own_hisa(call, **PRUNE)
 
 
-def test_crop_and_reset_rebuild_the_pooled_blocks():
+def test_crop_and_reset_rebuild_the_pooled_blocks(monkeypatch):
     pinned("deepseek_v32")
     m, x = model("deepseek_v32"), ids(1, 200, seed=12)
+    pooled = count_pooling(monkeypatch)
     cache = transformers.DynamicCache(config=m.config)
     with enable_hisa(m, **PRUNE), torch.no_grad(), capture_indexers(m) as cap:
         m(input_ids=x, cache=cache, use_cache=True)
@@ -345,8 +358,10 @@ def test_crop_and_reset_rebuild_the_pooled_blocks():
     for call in cap.calls:
         check_model_format(call, TOPK)
         assert_matches_own_hisa(call, **PRUNE)
-    entry = side_table.table_entry(cache.layers[0])
-    assert entry.length == 150 and entry.pooled_blocks == 150 // PRUNE["block_size"]
+    # per layer: 12 blocks of the prefill, 10 again after the crop (163 keys) and the one the
+    # decode steps complete (at 176), 9 after the reset
+    assert pooled == [12, 12, 10, 10, 1, 1, 9, 9]
+    assert side_table.table_entry(cache.layers[0]).length == 150
 
 
 # --- switching on and off ---------------------------------------------------------------------

@@ -65,7 +65,6 @@ class PooledBlocks:
         self.rows = [torch.empty(0, head_dim, device=device) for _ in bases]  # fp32 [n_b, D]
         self.length = 0
         self.keys_ref = None          # weakref to the layer's key tensor after the last call
-        self.pooled_blocks = 0        # blocks pooled so far (what the tests count)
 
     def matches(self, bases: list[int], block_size: int, fp8: bool,
                 keys: torch.Tensor | None, length: int) -> bool:
@@ -82,7 +81,6 @@ class PooledBlocks:
             if complete > done:
                 new = block_means(keys[b, base + done * B: base + complete * B], B, self.fp8)
                 self.rows[b] = torch.cat([self.rows[b], new])
-                self.pooled_blocks += complete - done
         self.length = filled
 
     def pooled(self, b: int, num_keys: int) -> torch.Tensor:

@@ -343,6 +343,26 @@ def test_beam_search_reorders_the_cache():
         assert_matches_own_hisa(call, **PRUNE)
 
 
+def test_static_cache(monkeypatch):
+    """StaticCache writes the indexer keys in place into a preallocated buffer: covering HISA
+    equals the stock model, pruned HISA equals hisa_index, each block pooled once."""
+    pinned("deepseek_v32")
+    m, x = model("deepseek_v32"), ids(2, 110, seed=17)
+    ref, _ = generate(m, x, cache_implementation="static")
+    with enable_hisa(m, **COVER):
+        got, _ = generate(m, x, cache_implementation="static")
+    assert torch.equal(ref.sequences, got.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ref.logits, got.logits))
+    pooled = count_pooling(monkeypatch)
+    with enable_hisa(m, **PRUNE):
+        out, calls = generate(m, x, cache_implementation="static")
+    assert isinstance(out.cache, transformers.StaticCache)
+    for call in calls:
+        check_model_format(call, TOPK)
+        assert_matches_own_hisa(call, **PRUNE)
+    assert sum(pooled) == 2 * 2 * ((110 + GEN_TOKENS - 1) // PRUNE["block_size"])
+
+
 def test_crop_and_reset_rebuild_the_pooled_blocks(monkeypatch):
     pinned("deepseek_v32")
     m, x = model("deepseek_v32"), ids(1, 200, seed=12)

@@ -578,3 +578,14 @@ def test_importing_hisa_does_not_import_transformers():
     code = ("import sys, hisa, hisa.integrations; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_example_runs():
+    """The README's "Use with transformers" tiny example runs as written."""
+    pinned("deepseek_v32")
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Use with transformers"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})

@@ -23,7 +23,7 @@ import weakref
 
 import torch
 
-from ..utils.quant import dequantize_fp8, quantize_fp8
+from .. import dequantize_fp8, quantize_fp8
 
 #: cache layer -> its pooled blocks; entries die with their layer (and so with the cache).
 _TABLES: "weakref.WeakKeyDictionary[object, PooledBlocks]" = weakref.WeakKeyDictionary()

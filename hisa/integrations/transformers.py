@@ -30,8 +30,8 @@ Windows come from the model's own attention mask (left or right padding, packed 
 each query must see one contiguous run of keys, which every causal mask with padding gives;
 generation after right padding leaves a gap (prompt padding between prompt and new tokens) and
 is refused with a ValueError (use ``padding_side="left"``, as transformers itself recommends).
-Blocks of row b start at its first visible key, so padding never shifts HISA's blocks and a
-padded row selects exactly what the sequence would select alone.
+Blocks of row b start at its first visible key, so padding never shifts HISA's blocks: a padded
+row ranks the same blocks as its sequence alone.
 """
 from __future__ import annotations
 
@@ -39,8 +39,7 @@ import types
 
 import torch
 
-from ..ops.indexer.prefill import hisa_index
-from ..utils.quant import quantize_fp8
+from .. import hisa_index, quantize_fp8
 from ..utils.validate import check_backend, check_positive_int
 from ._transformers_cache import layer_keys_before_append, pooled_blocks_for
 from ._transformers_models import (MODELS, PINNED_TRANSFORMERS, IndexerModel,
@@ -326,8 +325,9 @@ def enable_hisa(model: torch.nn.Module, *, block_size: int = 128, block_topk: in
     if not found:
         names = sorted({type(m).__name__ for m in model.modules()
                         if type(m).__name__.endswith("Indexer")})
-        extra = f" (it has {', '.join(names)}, which the adapter does not support)" if names \
-            else ""
+        extra = (f" (it has {', '.join(names)}, which the adapter does not support; a model "
+                 f"loaded with trust_remote_code runs the checkpoint's own modeling code: load "
+                 f"it without, to get transformers' implementation)") if names else ""
         supported = ", ".join(spec.model_type for spec in MODELS)
         raise ValueError(f"model: expected a transformers DSA model with a supported lightning "
                          f"indexer ({supported}), found none{extra}")

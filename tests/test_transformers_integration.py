@@ -27,8 +27,6 @@ from hisa.integrations.transformers import (PINNED_TRANSFORMERS, UnsupportedTran
 
 transformers = pytest.importorskip("transformers")
 
-#: m * B = 1024 covers every context below; (m - 2) * B + 2 >= index_topk = 64.
-COVER = dict(block_size=64, block_topk=16)
 #: m * B = 96 < the contexts below, so HISA prunes; (6 - 2) * 16 + 2 = 66 >= 64.
 PRUNE = dict(block_size=16, block_topk=6)
 #: Relative slack (of a row's largest |score|) for ties between fp32 implementations summing
@@ -61,6 +59,12 @@ def model_type(request):
 def any_model_type(request):
     pinned(request.param)
     return request.param
+
+
+def cover(context: int) -> dict:
+    """Settings whose m * B covers ``context`` keys, so HISA keeps every block; m >= 4 gives
+    (m - 2) * 32 + 2 >= index_topk = 64. (No larger: the reference scores all m * B.)"""
+    return dict(block_size=32, block_topk=max(4, -(-context // 32)))
 
 
 def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -139,7 +143,7 @@ def assert_matches_own_hisa(call, *, block_size, block_topk):
 def test_prefill_covering_equals_stock(any_model_type):
     m, x = model(any_model_type), ids(2, 384)
     ref, stock = run(m, input_ids=x)
-    with enable_hisa(m, **COVER):
+    with enable_hisa(m, **cover(384)):
         got, mine = run(m, input_ids=x)
     assert_same_calls(stock, mine)
     assert torch.equal(ref, got)
@@ -150,7 +154,7 @@ def test_generate_covering_equals_stock(any_model_type):
         pytest.skip("the VL text tower has no LM head to generate with")
     m, x = model(any_model_type), ids(2, 150, seed=2)
     ref, stock = generate(m, x)
-    with enable_hisa(m, **COVER):
+    with enable_hisa(m, **cover(150 + GEN_TOKENS)):
         got, mine = generate(m, x)
     assert_same_calls(stock, mine)
     assert torch.equal(ref.sequences, got.sequences)
@@ -164,7 +168,7 @@ def test_padded_prefill_covering_equals_stock(model_type, padding_side):
     pad = slice(0, 70) if padding_side == "left" else slice(130, 200)
     mask[1, pad] = 0
     ref, stock = run(m, input_ids=x, attention_mask=mask)
-    with enable_hisa(m, **COVER):
+    with enable_hisa(m, **cover(200)):
         got, mine = run(m, input_ids=x, attention_mask=mask)
     assert_same_calls(stock, mine)
     assert torch.equal(ref, got)
@@ -175,7 +179,7 @@ def test_left_padded_generate_covering_equals_stock(model_type):
     mask = torch.ones_like(x)
     mask[0, :50] = 0
     ref, stock = generate(m, x, mask)
-    with enable_hisa(m, **COVER):
+    with enable_hisa(m, **cover(140 + GEN_TOKENS)):
         got, mine = generate(m, x, mask)
     assert_same_calls(stock, mine)
     assert torch.equal(ref.sequences, got.sequences)
@@ -189,7 +193,7 @@ def test_prefill_covering_other_dtype_and_attention(dtype, attn):
     mask = torch.ones_like(x)
     mask[1, :40] = 0
     ref, stock = run(m, input_ids=x, attention_mask=mask)
-    with enable_hisa(m, **COVER):
+    with enable_hisa(m, **cover(256)):
         got, mine = run(m, input_ids=x, attention_mask=mask)
     assert_same_calls(stock, mine)
     assert torch.equal(ref, got)
@@ -289,7 +293,8 @@ def test_right_padded_generation_is_refused():
     m, x = model("deepseek_v32"), ids(2, 60, seed=8)
     mask = torch.ones_like(x)
     mask[1, 40:] = 0
-    with enable_hisa(m, **COVER), pytest.raises(ValueError, match="padding_side"):
+    with enable_hisa(m, **cover(60 + GEN_TOKENS)), \
+            pytest.raises(ValueError, match="padding_side"):
         generate(m, x, mask)
 
 
@@ -301,7 +306,7 @@ def test_packed_sequences_in_one_row():
     pos = torch.cat([torch.arange(170), torch.arange(130)])[None]
     # transformers detects packing only without a cache (a training-style forward)
     ref, stock = run(m, input_ids=x, position_ids=pos, use_cache=False)
-    with enable_hisa(m, **COVER):
+    with enable_hisa(m, **cover(300)):
         got, mine = run(m, input_ids=x, position_ids=pos, use_cache=False)
     _, ks, _ = windows(mine[0].mask)
     assert int(ks[0, -1]) == 170, "the mask did not separate the packed sequences"
@@ -333,7 +338,7 @@ def test_beam_search_reorders_the_cache():
     pinned("deepseek_v32")
     m, x = model("deepseek_v32"), ids(1, 120, seed=11)
     ref, _ = generate(m, x, num_beams=3)
-    with enable_hisa(m, **COVER):
+    with enable_hisa(m, **cover(120 + GEN_TOKENS)):
         got, _ = generate(m, x, num_beams=3)
     assert torch.equal(ref.sequences, got.sequences)
     with enable_hisa(m, **PRUNE):
@@ -349,7 +354,7 @@ def test_static_cache(monkeypatch):
     pinned("deepseek_v32")
     m, x = model("deepseek_v32"), ids(2, 110, seed=17)
     ref, _ = generate(m, x, cache_implementation="static")
-    with enable_hisa(m, **COVER):
+    with enable_hisa(m, **cover(110 + GEN_TOKENS)):
         got, _ = generate(m, x, cache_implementation="static")
     assert torch.equal(ref.sequences, got.sequences)
     assert all(torch.equal(a, b) for a, b in zip(ref.logits, got.logits))
@@ -558,6 +563,23 @@ def test_changed_code_is_refused(monkeypatch):
                        match=rf"DeepseekV32Indexer .*{PINNED_TRANSFORMERS}"):
         enable_hisa(model("deepseek_v32"))
     assert hisa_indexers(model("deepseek_v32")) == []
+
+
+def test_changed_signature_is_named(monkeypatch):
+    """A release whose indexer forward takes other arguments is refused, and the message says
+    how the signature changed."""
+    pinned("deepseek_v32")
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as mod
+
+    def forward(self, hidden_states, q_resid, position_embeddings, attention_mask,
+                past_key_values=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(mod.DeepseekV32Indexer, "forward", forward)
+    monkeypatch.setattr(specs, "source_digest", lambda obj: "changed")
+    with pytest.raises(UnsupportedTransformersError, match=r"takes \('self', 'hidden_states', "
+                                                          r"'q_resid', .*'past_key_values'\)"):
+        enable_hisa(model("deepseek_v32"))
 
 
 def test_changed_attributes_are_refused():

@@ -3,17 +3,17 @@ the checks that refuse an indexer whose code is not the code the adapter was tes
 
 Supported families (transformers 5.24.0):
 
-==============  ======================================  ===============================  ============
-family          indexer classes (model types)           RoPE in the indexer              key norm
-==============  ======================================  ===============================  ============
-deepseek_v32    DeepseekV32Indexer (deepseek_v32),      half-split, on the first R dims  model dtype
-                AXK2Indexer (axk2)
-glm_moe_dsa     GlmMoeDsaIndexer (glm_moe_dsa),         interleaved pairs, first R dims  model dtype
-                Dots3NoteTextIndexer (dots3_note)
-hy_v4           HYV4Indexer (hy_v4)                     half-split, on the last R dims   fp32
-hy_v4_vl        HYV4VLIndexer (hy_v4_vl)                interleaved pairs, last R dims,  fp32
-                                                        in fp32
-==============  ======================================  ===============================  ============
+============  ========================================  ===========================  ===========
+family        indexer classes (model types)             RoPE in the indexer          key norm
+============  ========================================  ===========================  ===========
+deepseek_v32  DeepseekV32Indexer (deepseek_v32),        half-split, first R dims     model dtype
+              AXK2Indexer (axk2)
+glm_moe_dsa   GlmMoeDsaIndexer (glm_moe_dsa),           interleaved pairs, first R   model dtype
+              Dots3NoteTextIndexer (dots3_note)
+hy_v4         HYV4Indexer (hy_v4)                       half-split, last R dims      fp32
+hy_v4_vl      HYV4VLIndexer (hy_v4_vl)                  interleaved pairs, last R,   fp32
+                                                        computed in fp32
+============  ========================================  ===========================  ===========
 
 The adapter applies each model file's own RoPE function, so it reproduces whatever convention
 the file has; the table is what the drift tests check it against. (hy_v4_vl's RoPE helper is
@@ -32,8 +32,12 @@ Not supported, and why (same transformers version):
   some layers skip RoPE: a different indexer, not this shape.
 * ``glm5_next`` (Glm5NextTextIndexer): scores learned-gate compressed "k-pools" and expands the
   selected pools back to tokens, with its own packed cache state: already a two-level selector.
-* ``deepseek_v4``: compressed / heavily compressed attention with a compressor cache; no
-  token-level lightning indexer of this shape.
+* ``deepseek_v4`` (DeepseekV4Indexer): a lightning indexer, but over compressed KV entries
+  (one per ``compress_rate`` tokens, built inside the indexer by its own gated, overlapping
+  compressor and kept in the CSA compressor cache, not ``update_indexer``), with another
+  signature ``(hidden_states, q_residual, position_ids, cache, layer_idx)``, its own RoPE
+  positions for the entries and a causality rule in units of entries (-1 sentinels): HISA over
+  those entries would need its own adapter.
 * ``minimax_m3_vl`` (MiniMaxM3VLIndexer): per-head block selection (``[B, H, S, topk_blocks]``),
   not one token top-k per query.
 * ``qwen4_exp`` (Qwen4ExpTextQSAIndexer): selects from compressed key blocks with its own budget.

@@ -13,9 +13,10 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from hisa.integrations._transformers_models import find_model, indexer_operands  # noqa: E402
 

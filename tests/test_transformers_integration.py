@@ -93,9 +93,12 @@ def assert_same_calls(stock_calls, hisa_calls):
         assert visible_sets(a) == visible_sets(b), "a visible selection differs from stock"
 
 
-def flat_and_hisa(call, *, block_size, block_topk, pooled=None):
-    """Per batch row: (ks, ke, flat dsa_index, hisa_index) on the captured operands, windows
-    from the call's mask, blocks from the row's first visible key (as the adapter does)."""
+def flat_and_hisa(call, *, block_size, block_topk):
+    """Per batch row: (base, ks, ke, flat dsa_index, hisa_index) on the captured operands,
+    windows from the call's mask relative to the row's first visible key (where the adapter
+    starts the row's blocks). The flat selection stands in for the stock indexer's (the
+    covering and drift tests pin that they agree); it shares hisa_index's arithmetic and
+    tie-breaking, so where HISA keeps every block the two are equal entry for entry."""
     q, w = call.operands()
     _, ks, ke = windows(call.mask)
     rows = []
@@ -417,7 +420,9 @@ def test_disable_restores_stock_bit_for_bit(model_type):
 
 def test_accelerate_hooks_survive():
     pinned("deepseek_v32")
-    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+    hooks = pytest.importorskip("accelerate.hooks")
+    ModelHook, add_hook_to_module, remove_hook_from_module = (
+        hooks.ModelHook, hooks.add_hook_to_module, hooks.remove_hook_from_module)
 
     class Count(ModelHook):
         calls = 0

@@ -587,6 +587,18 @@ def test_changed_signature_is_named(monkeypatch):
         enable_hisa(model("deepseek_v32"))
 
 
+def test_missing_code_is_refused(monkeypatch):
+    """An older release without the DSA cache layers (or model file) is refused cleanly."""
+    from transformers import cache_utils
+    monkeypatch.delattr(cache_utils, "DynamicIndexedLayer")
+    with pytest.raises(UnsupportedTransformersError, match=r"DynamicIndexedLayer \(missing"):
+        specs.check_model_code(specs.MODELS[0])
+    gone = type(specs.MODELS[0])(**{**specs.MODELS[0].__dict__,
+                                    "module": "transformers.models.no_such_model.modeling"})
+    with pytest.raises(UnsupportedTransformersError, match=r"DeepseekV32Indexer \(missing"):
+        specs.check_model_code(gone)
+
+
 def test_changed_attributes_are_refused():
     pinned("deepseek_v32")
     m = model("deepseek_v32")

@@ -152,20 +152,34 @@ def installed_transformers() -> str:
 
 
 def model_pieces(spec: IndexerModel) -> dict[str, object]:
-    """The code objects whose sources are fingerprinted for ``spec``."""
-    mod = importlib.import_module(spec.module)
-    return {"indexer": getattr(mod, spec.indexer), "attention": getattr(mod, spec.attention),
-            "rope": getattr(mod, spec.rope)}
+    """The code objects whose sources are fingerprinted for ``spec`` (None where missing)."""
+    try:
+        mod = importlib.import_module(spec.module)
+    except ImportError:
+        mod = None
+    return {"indexer": getattr(mod, spec.indexer, None),
+            "attention": getattr(mod, spec.attention, None), "rope": getattr(mod, spec.rope, None)}
 
 
 def cache_pieces() -> dict[str, object]:
     from transformers import cache_utils
-    return {"Cache.update_indexer": cache_utils.Cache.update_indexer,
-            "DynamicIndexedLayer": cache_utils.DynamicIndexedLayer,
-            "StaticIndexedLayer": cache_utils.StaticIndexedLayer}
+    return {"Cache.update_indexer": getattr(cache_utils.Cache, "update_indexer", None),
+            "DynamicIndexedLayer": getattr(cache_utils, "DynamicIndexedLayer", None),
+            "StaticIndexedLayer": getattr(cache_utils, "StaticIndexedLayer", None)}
+
+
+def _digest(obj) -> str:
+    if obj is None:
+        return "missing"
+    try:
+        return source_digest(obj)
+    except (OSError, TypeError):
+        return "no source"
 
 
 def _signature_note(indexer_cls) -> str:
+    if indexer_cls is None:
+        return ""
     params = tuple(inspect.signature(inspect.unwrap(indexer_cls.forward)).parameters)
     if params == INDEXER_FORWARD_PARAMS:
         return ""
@@ -181,18 +195,13 @@ def check_model_code(spec: IndexerModel) -> None:
     pieces = model_pieces(spec)
     want = dict(spec.fingerprints)
     wrong = []
+    labels = {"indexer": spec.indexer, "attention": spec.attention, "rope": spec.rope}
     for name, obj in pieces.items():
-        try:
-            got = source_digest(obj)
-        except (OSError, TypeError):
-            got = "no source"
+        got = _digest(obj)
         if got != want[name]:
-            wrong.append(f"{getattr(obj, '__qualname__', name)} ({got} != {want[name]})")
+            wrong.append(f"{labels[name]} ({got} != {want[name]})")
     for name, obj in cache_pieces().items():
-        try:
-            got = source_digest(obj)
-        except (OSError, TypeError):
-            got = "no source"
+        got = _digest(obj)
         if got != CACHE_PIECES[name]:
             wrong.append(f"transformers.cache_utils.{name} ({got} != {CACHE_PIECES[name]})")
     if wrong:

@@ -552,7 +552,7 @@ def test_pinned_code():
     code (a new release that changed any piece fails here, loudly)."""
     assert transformers.__version__ == PINNED_TRANSFORMERS, (
         f"transformers {transformers.__version__} installed; the adapter is pinned to "
-        f"{PINNED_TRANSFORMERS} (pip install 'hisa[transformers]')")
+        f"{PINNED_TRANSFORMERS} (pip install 'hisa-indexer[transformers]')")
     for spec in specs.MODELS:
         specs.check_model_code(spec)
 

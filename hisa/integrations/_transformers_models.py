@@ -145,8 +145,8 @@ def installed_transformers() -> str:
     try:
         import transformers
     except ImportError as e:
-        raise ImportError("hisa.integrations.transformers needs the transformers package: "
-                          f"pip install 'hisa[transformers]' (transformers=={PINNED_TRANSFORMERS})"
+        raise ImportError(f"hisa.integrations.transformers needs transformers=="
+                          f"{PINNED_TRANSFORMERS}: pip install 'hisa-indexer[transformers]'"
                           ) from e
     return transformers.__version__
 
@@ -211,7 +211,7 @@ def check_model_code(spec: IndexerModel) -> None:
             f"{', '.join(wrong)}{_signature_note(pieces['indexer'])}. HISA is not enabled, "
             f"rather than replacing an indexer whose math may have changed (a missing ReLU or "
             f"a flipped RoPE convention would give silently wrong selections). Install "
-            f"transformers=={PINNED_TRANSFORMERS} (pip install 'hisa[transformers]').")
+            f"transformers=={PINNED_TRANSFORMERS} (pip install 'hisa-indexer[transformers]').")
 
 
 def check_indexer_module(module: torch.nn.Module, name: str) -> None:

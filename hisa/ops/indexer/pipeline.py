@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from ...utils.quant import quantize_fp8
+from ...utils.validate import FP8_DTYPE
 from ..dsa.prefill import check_kernel_shapes, prepare_operands
 from .block_scores import block_select
 from .pool import check_block_size, pool_blocks
@@ -46,6 +48,16 @@ def _prepare(q, k, weights, ks, ke, k_scale, block_size):
     check_block_size(block_size)
     q, k, prec = prepare_operands(q, k)
     return q, k, weights.contiguous(), ks.contiguous(), ke.contiguous(), k_scale, prec
+
+
+def given_pooled(pooled: torch.Tensor, k: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Caller-supplied representatives stored as :func:`pool_blocks` would store them for the
+    prepared ``k``: FP8 with one scale per block for FP8 keys (the recipe of
+    :mod:`hisa.utils.quant`), else k's dtype."""
+    if k.dtype == FP8_DTYPE:
+        return quantize_fp8(pooled.float(), group_size=pooled.shape[1])
+    return pooled.to(k.dtype).contiguous(), None
 
 
 def _token_stage(q, k, weights, ks, ke, ids, k_scale, prec, *, block_size, topk, idx, vals,
@@ -189,17 +201,21 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                       ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
                       block_size: int, block_topk: int, out: torch.Tensor | None = None,
                       need_scores: bool = False, super_size: int | None = None,
-                      super_topk: int | None = None
+                      super_topk: int | None = None, pooled: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`); two
-    levels, or three with ``super_size`` / ``super_topk``.
+    levels, or three with ``super_size`` / ``super_topk``; ``pooled`` replaces the pooling
+    stage with the caller's representatives.
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
          fp32 [T, topk] aligned scores, -inf padded, or None unless ``need_scores``).
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
-    pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size)
+    if pooled is None:
+        pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size)
+    else:
+        pooled, pooled_scale = given_pooled(pooled, k)
     if super_size is None:
         ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
                            block_topk=block_topk, pooled_scale=pooled_scale, prec=prec)

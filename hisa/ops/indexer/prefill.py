@@ -5,7 +5,8 @@ import torch
 
 from ...utils.backend import resolve_backend
 from ...utils.output import check_out_buffer, finish_output
-from ...utils.validate import (check_hisa_params, check_indexer_inputs, check_super_params,
+from ...utils.validate import (check_hisa_params, check_indexer_inputs, check_same_device,
+                               check_shape, check_super_params, check_tensor,
                                check_windows)
 from ..dsa.naive import naive_dsa_index
 from .naive import eligible_blocks, naive_hisa_index
@@ -40,6 +41,18 @@ def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.
         scores[rows] = sub_scores
 
 
+#: dtypes a caller may hand in as precomputed block representatives (``pooled=``).
+POOLED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_pooled(pooled: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+    """``pooled`` must hold one [D] representative per block of ``k``: [ceil(S / B), D]."""
+    check_tensor("pooled", pooled, dtypes=POOLED_DTYPES, ndim=2)
+    S, D = k.shape
+    check_shape("pooled", pooled, (-(-S // block_size), D))
+    check_same_device(k=k, pooled=pooled)
+
+
 def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk: int,
                   super_size: int | None = None, super_topk: int | None = None) -> None:
     from ..dsa.prefill import check_kernel_shapes
@@ -59,7 +72,8 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
                ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
                block_size: int = 128, block_topk: int = 64, super_size: int | None = None,
                super_topk: int | None = None, return_scores: bool = False,
-               out: torch.Tensor | None = None, backend: str = "auto"):
+               out: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+               backend: str = "auto"):
     """HISA selection: score mean-pooled key blocks, keep the best ``block_topk`` (the first
     and last eligible block always among them), then keep the top ``topk`` tokens of those
     blocks by the exact DSA score. With ``super_size`` / ``super_topk`` a level above blocks
@@ -79,6 +93,15 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         super_size: Bs, blocks per super-block (>= 2), or None for two levels.
         super_topk: ms, super-blocks kept per query (>= 2), or None; given together with
             ``super_size``, and ``super_topk * super_size >= block_topk`` is required.
+        pooled: optional block representatives fp32/bf16/fp16 [ceil(S / B), D], row b for keys
+            [b * B, (b + 1) * B) (the dequantized mean, as the default pools it). A caller that
+            keeps them incrementally (a decode cache pools each block once, when it completes)
+            passes them here instead of having every call re-pool the whole key buffer. A row
+            is read only for a block that is eligible but neither first nor last for some
+            query; an incomplete tail block never is (it is forced for every query that can
+            see it), so its row may hold any finite placeholder.
+            The Triton path stores them like its own pooling does (FP8 with a per-block scale
+            for FP8 keys, else k's dtype).
 
     Returns:
         int32 [T, topk] offsets relative to ks[t], -1 padded (and fp32 scores when asked).
@@ -93,17 +116,20 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
                                super_topk=super_topk)
     check_out_buffer(out, T, topk, q.device)
     check_windows(ks, ke, S)
+    if pooled is not None:
+        check_pooled(pooled, k, block_size)
     sup = dict(super_size=super_size, super_topk=super_topk) if three else {}
     if resolve_backend(backend, q.device,
                        lambda: _kernel_check(q, k, block_size, block_topk, **sup)) == "torch":
         reference = naive_hisa_index_super if three else naive_hisa_index
         idx, scores = reference(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
-                                block_size=block_size, block_topk=block_topk, **sup)
+                                block_size=block_size, block_topk=block_topk, pooled=pooled,
+                                **sup)
     else:
         from .pipeline import hisa_index_triton
         idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                         block_size=block_size, block_topk=block_topk, out=out,
-                                        need_scores=return_scores, **sup)
+                                        need_scores=return_scores, pooled=pooled, **sup)
     keep_short_windows(idx, scores, q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                        block_size=block_size, block_topk=block_topk, **sup)
     return finish_output(idx, scores, out=out, return_scores=return_scores)

@@ -1,0 +1,52 @@
+"""hisa_index(pooled=): block representatives kept by the caller (a decode cache pools each
+block once) instead of pooled from k on every call."""
+import pytest
+import torch
+
+import hisa
+from hisa.ops.indexer import naive as hn
+from hisa.testing.inputs import make_indexer_inputs
+
+B, M, K = 16, 4, 24          # m * B = 64 < the windows below: HISA prunes
+LENS = [150, 70, 5]          # packed sequences; blocks straddle their boundaries
+
+
+def run(inp, **kw):
+    return hisa.hisa_index(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
+                           block_topk=M, return_scores=True, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_given_means_equal_the_default_pooling(dtype):
+    inp = make_indexer_inputs(LENS, heads=4, head_dim=32, dtype=dtype, clustered=True, seed=1)
+    pooled = hn.naive_pool_blocks(inp.k, inp.k_scale, B)
+    want_idx, want_scores = run(inp)
+    idx, scores = run(inp, pooled=pooled)
+    assert torch.equal(idx, want_idx) and torch.equal(scores, want_scores)
+
+
+def test_tail_block_row_is_never_read():
+    inp = make_indexer_inputs(LENS, heads=4, head_dim=32, dtype=torch.float32, clustered=True)
+    assert sum(LENS) % B, "the key buffer must end in an incomplete block"
+    pooled = hn.naive_pool_blocks(inp.k, None, B)
+    pooled[-1] = 1e6                         # any finite placeholder
+    assert torch.equal(run(inp, pooled=pooled)[0], run(inp)[0])
+
+
+def test_given_rows_rank_the_blocks():
+    """Not ignored: negated representatives pick other blocks wherever HISA prunes."""
+    inp = make_indexer_inputs(LENS, heads=4, head_dim=32, dtype=torch.float32, clustered=True)
+    pooled = hn.naive_pool_blocks(inp.k, None, B)
+    assert not torch.equal(run(inp, pooled=-pooled)[0], run(inp)[0])
+
+
+def test_pooled_validation():
+    inp = make_indexer_inputs(LENS, heads=4, head_dim=32, dtype=torch.float32)
+    nb = -(-sum(LENS) // B)
+    for bad, err, match in [(torch.zeros(nb - 1, 32), ValueError, r"pooled: expected shape"),
+                            (torch.zeros(nb, 16), ValueError, r"pooled: expected shape"),
+                            (torch.zeros(nb, 32, dtype=torch.int32), TypeError, "pooled"),
+                            (torch.zeros(nb, 32).to(torch.float8_e4m3fn), TypeError, "pooled"),
+                            ("rows", TypeError, "pooled")]:
+        with pytest.raises(err, match=match):
+            run(inp, pooled=bad)

@@ -404,3 +404,191 @@ class VllmSim:
     def free(self, req: Req) -> None:
         self.alloc.give(req.pages)
         req.pages, req.done = [], 0
+
+
+# --- SGLang 0.5.23 ----------------------------------------------------------------------------
+
+class Method:
+    """Stand-in for SGLang's TopkTransformMethod members (the plugin reads ``.name``)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
+class SglMetadata:
+    """The accessors of SGLang's ``DSAIndexerMetadata`` the plugin reads, over restated
+    ``DSAMetadata`` fields (page_size, real_page_table, topk_indices_offset, ...)."""
+
+    def __init__(self, *, ks, ke, token_to_batch, table, seq_lens, extend_lens, method,
+                 expanded=None, offsets=None):
+        self._ks, self._ke, self._tok, self._seq = ks, ke, token_to_batch, seq_lens
+        self._extend, self._expanded = extend_lens, expanded
+        self.topk_transform_method = Method(method)
+        self.force_unfused_topk = False
+        self.paged_mqa_ctx_lens_2d = None
+        self.attn_metadata = SimpleNamespace(page_size=PAGE, real_page_table=table,
+                                             page_table_1=None, topk_indices_offset=offsets,
+                                             indexer_logical_page_table=None)
+
+    def get_indexer_kvcache_range(self):
+        return self._ks, self._ke
+
+    def get_token_to_batch_idx(self):
+        return self._tok
+
+    def get_page_table_64(self):
+        return self.attn_metadata.real_page_table
+
+    def get_indexer_seq_len(self):
+        return self._seq
+
+    def get_indexer_seq_len_cpu(self):
+        return self._seq.cpu()
+
+    def get_seqlens_int32(self):
+        return self._seq
+
+    def get_seqlens_expanded(self):
+        return self._expanded
+
+    def get_dsa_extend_len_cpu(self):
+        return list(self._extend)
+
+
+class Mode:
+    def __init__(self, kind):
+        self.kind = kind
+
+    def is_target_verify(self):
+        return self.kind == "verify"
+
+    def is_draft_extend_v2(self):
+        return False
+
+    def is_extend_without_speculative(self):
+        return self.kind == "extend"
+
+    def is_decode_or_idle(self):
+        return self.kind == "decode"
+
+
+class SglPool:
+    """``DSATokenToKVPool``'s index-cache side: one uint8 [P, 64 * 132] buffer per layer, with
+    the engine's retract offload (``get_cpu_copy`` / ``load_cpu_copy`` by token location) and
+    ``move_kv_cache``, restated."""
+
+    index_page_size = PAGE
+    index_kpool = 1
+
+    def __init__(self, num_pages):
+        self.buf = torch.zeros(num_pages, PAGE * ROW, dtype=torch.uint8)
+
+    def get_index_k_with_scale_buffer(self, layer_id):
+        return self.buf
+
+    def _token_bytes(self, locs):
+        page, off = locs // PAGE, locs % PAGE
+        vals = self.buf[page[:, None], off[:, None] * D + torch.arange(D)]
+        sc = self.buf[page[:, None], PAGE * D + off[:, None] * 4 + torch.arange(4)]
+        return vals, sc
+
+    def _put(self, locs, vals, sc):
+        page, off = locs // PAGE, locs % PAGE
+        self.buf[page[:, None], off[:, None] * D + torch.arange(D)] = vals
+        self.buf[page[:, None], PAGE * D + off[:, None] * 4 + torch.arange(4)] = sc
+
+    def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
+        return {"kv": None, "index_k": self._token_bytes(indices.long())}
+
+    def load_cpu_copy(self, cpu_copy, indices, mamba_indices=None, req_pool_index=None):
+        self._put(indices.long(), *cpu_copy["index_k"])
+
+    def move_kv_cache(self, tgt_loc, src_loc):
+        self._put(tgt_loc.long(), *self._token_bytes(src_loc.long()))
+
+
+class SglSim:
+    """An SGLang-like engine on the CPU: requests in pages, extend and decode steps that store
+    the step's keys (as ``_store_index_k_cache`` does) and then call the plugin's hooks."""
+
+    def __init__(self, num_pages: int = 120, *, heads: int = 4, seed: int = 0, topk: int = 32):
+        self.pool = SglPool(num_pages)
+        self.alloc = Pages(num_pages, seed)
+        self.heads, self.seed, self.topk = heads, seed, topk
+        self.indexer = SimpleNamespace(index_topk=topk, num_init_tokens=0, num_local_tokens=0,
+                                       dsa_enable_prefill_cp=False)
+        self.original_calls = 0
+
+    def store(self, reqs_new):
+        slots, pos = [], []
+        for r, n in reqs_new:
+            r.grow(self.alloc, r.done + n)
+            slots += r.slots(r.done, r.done + n)
+            pos += list(range(r.done, r.done + n))
+        keys = torch.cat([r.keys[r.done:r.done + n] for r, n in reqs_new])
+        slots = torch.tensor(slots, dtype=torch.int64)
+        engine_quant_and_cache(self.pool.buf.view(-1, PAGE, ROW), keys, slots)
+        return slots, torch.tensor(pos, dtype=torch.int64)
+
+    def extend(self, reqs_new, options, *, method="RAGGED", pad_rows=0):
+        """An extend batch (prefix in cache, ``n`` new tokens each) through the ragged hook."""
+        from hisa.integrations import sglang as plug
+        slots, pos = self.store(reqs_new)
+        seq = [r.done + n for r, n in reqs_new]
+        cu = [0] + torch.tensor(seq).cumsum(0).tolist()
+        ks, ke, tok = [], [], []
+        for b, ((r, n), L) in enumerate(zip(reqs_new, seq)):
+            for j in range(n):
+                ks.append(cu[b])
+                ke.append(cu[b] + L - n + j + 1)
+                tok.append(b)
+        T = len(ks)
+        md = SglMetadata(ks=torch.tensor(ks, dtype=torch.int32),
+                         ke=torch.tensor(ke, dtype=torch.int32),
+                         token_to_batch=torch.tensor(tok, dtype=torch.int32),
+                         table=table([r for r, _ in reqs_new], 16),
+                         seq_lens=torch.tensor(seq, dtype=torch.int32),
+                         extend_lens=[n for _, n in reqs_new], method=method,
+                         offsets=torch.tensor([cu[b] for b in tok], dtype=torch.int32))
+        fb = SimpleNamespace(out_cache_loc=slots, positions=pos, forward_mode=Mode("extend"))
+        q, w = self.queries(T + pad_rows)
+        out = plug.around_get_topk_ragged(self._original_ragged, self.indexer, False, fb, 0,
+                                          q, w.unsqueeze(-1), md, None, options=options)
+        for r, n in reqs_new:
+            r.done += n
+        return SimpleNamespace(out=out, md=md, q=q, w=w, fb=fb)
+
+    def decode(self, reqs, options, *, next_n=1, pad_rows=0):
+        """Decode (next_n 1) or target-verify (next_n > 1) rows through the paged hook; the
+        page table is expanded per row as the engine's own metadata does."""
+        from hisa.integrations import sglang as plug
+        slots, pos = self.store([(r, next_n) for r in reqs])
+        seq = [r.done + next_n for r in reqs]
+        rows = len(reqs) * next_n
+        bt = table(reqs, 16).repeat_interleave(next_n, 0)
+        expanded = torch.tensor([L - next_n + 1 + j for L in seq for j in range(next_n)],
+                                dtype=torch.int32)
+        md = SglMetadata(ks=None, ke=None, token_to_batch=None, table=bt,
+                         seq_lens=torch.tensor(seq, dtype=torch.int32),
+                         extend_lens=[next_n] * len(reqs), method="PAGED",
+                         expanded=expanded)
+        mode = Mode("decode" if next_n == 1 else "verify")
+        fb = SimpleNamespace(out_cache_loc=slots, positions=pos, forward_mode=mode)
+        q, w = self.queries(rows + pad_rows)
+        out = plug.around_get_topk_paged(self._original_paged, self.indexer, fb, 0, q,
+                                         w.unsqueeze(-1), md, options=options)
+        for r in reqs:
+            r.done += next_n
+        return SimpleNamespace(out=out, md=md, q=q, w=w, fb=fb, lens=expanded)
+
+    def queries(self, n):
+        self.seed += 1
+        return random_queries(n, self.heads, self.seed)
+
+    def _original_ragged(self, indexer, dual, fb, layer_id, q, w, md, topk_result=None):
+        self.original_calls += 1
+        return torch.full((q.shape[0], indexer.index_topk), -2, dtype=torch.int32)
+
+    def _original_paged(self, indexer, fb, layer_id, q, w, md):
+        self.original_calls += 1
+        return torch.full((q.shape[0], indexer.index_topk), -2, dtype=torch.int32)

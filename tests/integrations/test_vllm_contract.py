@@ -20,7 +20,9 @@ from .engine_ref import (PAGE, D, FakeVllmEngine, VllmSim, decode_rows, engine_g
                          mqa_logits, request_keys, vllm_call, vllm_flat_reference)
 
 TOPK = 32
-HISA = PluginOptions(block_size=128, block_topk=2, backend="torch")
+#: m = 3 with B = 128: two slots go to the forced first/last block, the third is chosen by
+#: the pooled block scores, so contexts of >= 4 blocks exercise the pooled rows.
+HISA = PluginOptions(block_size=128, block_topk=3, backend="torch")
 FLAT = PluginOptions(mode="flat", backend="torch")
 
 
@@ -95,6 +97,9 @@ def sorted_valid(row):
 
 
 def check_decode(sim, res, reqs, options):
+    if options.mode == "hisa":
+        got = sim.registry.lookup(as_engine_pages(sim.kv, D))
+        assert torch.equal(got, scratch_pooled(sim.kv, reqs, options.block_size))
     for t, (want, bt_row, length) in decode_expect(sim, res, reqs, options).items():
         got = res.buf[t, :TOPK]
         assert sorted_valid(got) == sorted_valid(want), f"decode row {t}"
@@ -152,9 +157,9 @@ def test_mixed_decode_and_prefill(next_n, options):
     """Decodes of running requests (native [B, next_n] rows) with a chunked prefill that
     continues a prompt (cached context) and a new prompt in the same step."""
     sim = VllmSim()
-    a, b, c = sim.request(450, 4), sim.request(300, 5), sim.request(400, 6)
-    sim.step([], [(a, 380), (b, 255)], options, topk=TOPK)       # b's block 1 ends at 255
-    sim.step([], [(a, 4 - next_n), (c, 150)], options, topk=TOPK)
+    a, b, c = sim.request(700, 4), sim.request(300, 5), sim.request(400, 6)
+    sim.step([], [(a, 600), (b, 255)], options, topk=TOPK)       # b's block 1 ends at 255
+    sim.step([], [(a, 40 - next_n), (c, 150)], options, topk=TOPK)   # a's block 4 ends at 639
     d = sim.request(90, 7)
     res = sim.step([(a, next_n), (b, next_n)], [(c, 150), (d, 90)], options, topk=TOPK)
     assert res.md.num_decode_tokens == 2 * next_n
@@ -170,8 +175,8 @@ def test_speculative_rows(native):
     """next_n = 2 served natively ([B, 2] rows) or flattened (one row per query, expanded
     block table): same rows, same selections."""
     sim = VllmSim()
-    a, b = sim.request(500, 8), sim.request(300, 9)
-    sim.step([], [(a, 382), (b, 255)], HISA, topk=TOPK)
+    a, b = sim.request(700, 8), sim.request(300, 9)
+    sim.step([], [(a, 638), (b, 255)], HISA, topk=TOPK)
     res = sim.step([(a, 2), (b, 2)], [], HISA, topk=TOPK, native_next_n=native)
     assert res.md.decode.seq_lens.shape == ((2, 2) if native else (4, 1))
     check_decode(sim, res, [a, b], HISA)
@@ -182,8 +187,8 @@ def test_uneven_decode_rows():
     """A short extend classified as a decode (1 token where next_n = 2): vLLM's
     requires_padding path; rows are packed and unpacked by token."""
     sim = VllmSim()
-    a, b = sim.request(500, 10), sim.request(400, 11)
-    sim.step([], [(a, 382), (b, 300)], HISA, topk=TOPK)
+    a, b = sim.request(700, 10), sim.request(400, 11)
+    sim.step([], [(a, 638), (b, 300)], HISA, topk=TOPK)
     res = sim.step([(a, 2), (b, 1)], [], HISA, topk=TOPK)
     assert res.md.decode.requires_padding
     check_decode(sim, res, [a, b], HISA)
@@ -194,8 +199,8 @@ def test_next_n_three():
     """next_n = 3 (native on SM90's kernel set only for 1, 2, 4): rows are served as single-row
     requests sharing the request's block-table row."""
     sim = VllmSim()
-    a = sim.request(600, 12)
-    sim.step([], [(a, 382)], HISA, topk=TOPK)
+    a = sim.request(700, 12)
+    sim.step([], [(a, 638)], HISA, topk=TOPK)
     res = sim.step([(a, 3)], [], HISA, topk=TOPK)
     assert res.md.decode.seq_lens.shape == (1, 3)
     check_decode(sim, res, [a], HISA)
@@ -206,8 +211,8 @@ def test_cuda_graph_padded_batch(native):
     """A decode batch padded to a capture size: padding requests (seq_len 0, slot -1) get all
     -1 rows, real rows are unaffected, nothing is pooled from padding."""
     sim = VllmSim()
-    a, b = sim.request(600, 13), sim.request(300, 14)
-    sim.step([], [(a, 383), (b, 200)], HISA, topk=TOPK)
+    a, b = sim.request(700, 13), sim.request(300, 14)
+    sim.step([], [(a, 639), (b, 200)], HISA, topk=TOPK)
     res = sim.step([(a, 1), (b, 1)], [], HISA, topk=TOPK, pad_decodes=3, native_next_n=native)
     assert res.md.num_decode_tokens == 5
     assert bool((res.buf[2:5, :TOPK] == -1).all())

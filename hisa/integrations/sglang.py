@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.layout import PAGE_SIZE
-from ._engine_common import (PluginOptions, PooledCacheRegistry, as_engine_pages,
+from ._engine_common import (PluginOptions, PooledCacheRegistry, as_engine_pages, logger,
                              carry_pooled_rows, decode_select, gather_request_keys,
                              log_fallback, options_reason, parse_options, pool_step,
                              prefill_select)
@@ -244,7 +244,8 @@ def around_get_topk_paged(original, indexer, forward_batch, layer_id, q_fp8, wei
     """AROUND hook of ``Indexer._get_topk_paged``."""
     options = options or OPTIONS[0]
     pool = FACTS.get_pool()
-    reason = layer_reason(indexer, pool, layer_id, q_fp8, weights, metadata)
+    reason = ("no indexer metadata" if metadata is None else
+              layer_reason(indexer, pool, layer_id, q_fp8, weights, metadata))
     if reason is not None:
         log_fallback(ENGINE, "decode", reason)
         return original(indexer, forward_batch, layer_id, q_fp8, weights, metadata)
@@ -273,7 +274,8 @@ def around_get_topk_ragged(original, indexer, enable_dual_stream, forward_batch,
     HISA (or, with a logged reason, the engine's own top-k)."""
     options = options or OPTIONS[0]
     pool = FACTS.get_pool()
-    reason = layer_reason(indexer, pool, layer_id, q_fp8, weights, metadata)
+    reason = ("no indexer metadata" if metadata is None else
+              layer_reason(indexer, pool, layer_id, q_fp8, weights, metadata))
     if reason is None:
         ks, _ = metadata.get_indexer_kvcache_range()
         T = ks.shape[0]
@@ -413,6 +415,7 @@ def register() -> None:
     FACTS.state_reason = _engine_state_reason
     for target, hook in HOOKS:
         HookRegistry.register(target, hook, HookType.AROUND)
+    logger.info("hisa: SGLang DSA indexer hooks registered (%s)", options)
 
 
 def _engine_pool_getter():

@@ -33,8 +33,8 @@ import torch
 
 from ..utils.validate import FP8_DTYPE
 from ._engine_common import (PluginOptions, PooledCacheRegistry, after_import, as_engine_pages,
-                             decode_select, gather_request_keys, log_fallback, options_reason,
-                             parse_options, pool_step, prefill_select)
+                             decode_select, gather_request_keys, log_fallback, logger,
+                             options_reason, parse_options, pool_step, prefill_select)
 
 ENV_VAR = "HISA_VLLM"
 PINNED_VERSION = "0.33.0"
@@ -56,6 +56,10 @@ DEFAULTS = {"use_fp4_cache": False, "dcp_rank": 0, "dcp_world_size": 1,
 
 #: The pooled companions of every indexer layer of this process.
 POOLED = PooledCacheRegistry()
+
+#: Why HISA decode must not run in this process (set from the engine configuration when the
+#: indexer layers are built: something writes KV pages outside the forward pass), or None.
+DECODE_OFF: list = [None]
 
 
 def bind_call(args: tuple, kwargs: dict) -> dict:
@@ -273,8 +277,9 @@ def run_indexer(call: dict, md, engine, options: PluginOptions,
 
     ``md`` is the layer's ``DeepseekV32IndexerMetadata``. ``engine`` provides ``original(call,
     md)`` (the engine's own function, with the metadata narrowed to one half when given),
-    ``insert_keys(...)``, ``capturing()``, ``static_reason(call)``, ``row_shard(prefill,
-    num_decode_tokens)`` and ``dense_mha_skip(call)`` (see :class:`VllmEngine`).
+    ``insert_keys(...)``, ``capturing()``, ``static_reason(call)``, ``decode_reason()``,
+    ``row_shard(prefill, num_decode_tokens)`` and ``dense_mha_skip(call)`` (see
+    :class:`VllmEngine`).
 
     Order: (1) the engine's key insert when the call asks for it, (2) pooling of the blocks this
     step completed, (3) the engine's dense-MHA early exit, (4) clearing the rows to -1, (5)
@@ -293,7 +298,8 @@ def run_indexer(call: dict, md, engine, options: PluginOptions,
                            call["quant_block_size"], call["scale_fmt"])
         call = {**call, "skip_k_cache_insert": True}
     pooled = None
-    if options.decode and options.mode == "hisa":
+    engine_off = engine.decode_reason()
+    if options.decode and options.mode == "hisa" and engine_off is None:
         pooled = registry.get_or_create(pages, D, capturing=engine.capturing())
         if pooled is not None:
             pool_vllm_step(pages, pooled, md, head_dim=D, options=options)
@@ -311,6 +317,8 @@ def run_indexer(call: dict, md, engine, options: PluginOptions,
             engine.original(call, prefill_only(md))
     if md.num_decodes > 0 and md.decode is not None:
         why = options_reason(options, topk, "decode")
+        if why is None and options.mode == "hisa":
+            why = engine_off
         if why is None and options.mode == "hisa" and pooled is None:
             why = registry.stale_reason(pages) or "no pooled cache for this layer"
         if why is None:
@@ -368,6 +376,9 @@ class VllmEngine:
         if self._mx():
             return "SM100 MX-scaled indexer cache (packed UE8M0 scales, not fp32)"
         return None
+
+    def decode_reason(self) -> str | None:
+        return DECODE_OFF[0]
 
     def row_shard(self, prefill_md, num_decode_tokens: int):
         return self._layer.PrefillRowShard.from_metadata(prefill_md, num_decode_tokens)
@@ -430,6 +441,7 @@ def install(layer_module, options: PluginOptions) -> None:
     replacement.hisa_options = options
     rebind(original, replacement)
     layer_module.sparse_attn_indexer = replacement
+    logger.info("hisa: vLLM sparse_attn_indexer replaced by HISA (%s)", options)
 
     def hisa_sparse_attn_indexer_op(*args, **kwargs):
         return replacement(*args, **kwargs)
@@ -453,6 +465,14 @@ def _register_oot_class(layer_module) -> None:
         return
 
     class HisaSparseAttnIndexer(base):
+        """Built for every indexer layer (DeepseekV32Indexer constructs the class even where
+        the model calls the function), while vLLM's configuration is current."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            from vllm.config import get_current_vllm_config
+            record_config(get_current_vllm_config())
+
         def forward_cuda(self, hidden_states, q_quant, k, weights):
             q_values, q_scale = q_quant if isinstance(q_quant, tuple) else (q_quant, None)
             return torch.ops.vllm.hisa_sparse_attn_indexer(
@@ -469,6 +489,13 @@ def _register_oot_class(layer_module) -> None:
                 candidate_write=self.candidate_write, topk_backend=self.topk_backend)
 
     base.register_oot(HisaSparseAttnIndexer)
+
+
+def record_config(vllm_config) -> None:
+    """Engine features that write indexer pages behind the forward pass turn decode off."""
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        DECODE_OFF[0] = ("a KV connector (transfer or CPU offloading) writes cache pages "
+                         "outside the forward pass; pooled rows would not follow them")
 
 
 def register() -> None:

@@ -36,9 +36,9 @@ def engine_quant_and_cache(kv_cache: torch.Tensor, k: torch.Tensor, slots: torch
     vals = (kf / scale[:, None]).clamp(-448, 448).to(FP8).view(torch.uint8)   # [T, D]
     keep = slots >= 0
     page, off = slots[keep] // PAGE, slots[keep] % PAGE
-    cols = off[:, None] * D + torch.arange(D)
+    cols = off[:, None] * D + torch.arange(D, device=flat.device)
     flat[page[:, None], cols] = vals[keep]
-    scols = PAGE * D + off[:, None] * 4 + torch.arange(4)
+    scols = PAGE * D + off[:, None] * 4 + torch.arange(4, device=flat.device)
     flat[page[:, None], scols] = scale[keep].contiguous().view(torch.uint8).view(-1, 4)
 
 
@@ -47,8 +47,8 @@ def engine_read(kv_cache: torch.Tensor, pages: torch.Tensor, offs: torch.Tensor
     """(fp8 values [n, D], fp32 scales [n]) of cached tokens at (page, offset) pairs."""
     flat = kv_cache.reshape(kv_cache.shape[0], -1)
     pages, offs = pages.long(), offs.long()
-    vals = flat[pages[:, None], offs[:, None] * D + torch.arange(D)]
-    sc = flat[pages[:, None], PAGE * D + offs[:, None] * 4 + torch.arange(4)]
+    vals = flat[pages[:, None], offs[:, None] * D + torch.arange(D, device=flat.device)]
+    sc = flat[pages[:, None], PAGE * D + offs[:, None] * 4 + torch.arange(4, device=flat.device)]
     return vals.contiguous().view(FP8), sc.contiguous().view(torch.float32).view(-1)
 
 
@@ -108,7 +108,8 @@ class Pages:
         return out
 
     def give(self, pages) -> None:
-        self.free.extend(pages)
+        """Freed pages go first in line (LIFO), so the tests' next allocation reuses them."""
+        self.free = list(pages) + self.free
 
 
 @dataclass
@@ -152,6 +153,17 @@ class Step:
     decodes: list            # [(Req, new_tokens)]
     prefills: list           # [(Req, new_tokens)]
     width: int = 16
+
+
+def to_device(obj, device):
+    """Move every tensor of a (nested) metadata namespace to ``device``."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, list):
+        return [to_device(x, device) for x in obj]
+    if isinstance(obj, SimpleNamespace):
+        return SimpleNamespace(**{k: to_device(v, device) for k, v in vars(obj).items()})
+    return obj
 
 
 def vllm_step_metadata(step: Step, *, native_next_n: bool = True, chunk_budget: int | None = None,
@@ -295,8 +307,9 @@ class FakeVllmEngine:
     """The engine side of :func:`hisa.integrations.vllm.run_indexer` on the CPU: its own
     kernels are :func:`vllm_flat_reference`, its key insert :func:`engine_quant_and_cache`."""
 
-    def __init__(self, md=None, *, capturing=False, reason=None):
+    def __init__(self, md=None, *, capturing=False, reason=None, decode_off=None):
         self.md, self._capturing, self._reason = md, capturing, reason
+        self.decode_off = decode_off
         self.original_calls = []
 
     def metadata(self, call):
@@ -326,6 +339,9 @@ class FakeVllmEngine:
 
     def row_shard(self, prefill_md, num_decode_tokens):
         return None
+
+    def decode_reason(self):
+        return self.decode_off
 
     def dense_mha_skip(self, call):
         return False
@@ -362,9 +378,11 @@ class VllmSim:
     with :func:`engine_quant_and_cache` (as the fused norm/rope kernel does before the indexer
     runs) and then call :func:`hisa.integrations.vllm.run_indexer` with the step's metadata."""
 
-    def __init__(self, num_pages: int = 160, *, heads: int = 4, seed: int = 0):
+    def __init__(self, num_pages: int = 160, *, heads: int = 4, seed: int = 0,
+                 device: str = "cpu"):
         from hisa.integrations._engine_common import PooledCacheRegistry
-        self.kv = new_cache(num_pages)
+        self.device = torch.device(device)
+        self.kv = new_cache(num_pages).to(self.device)
         self.alloc = Pages(num_pages, seed)
         self.registry = PooledCacheRegistry()
         self.heads, self.seed = heads, seed
@@ -381,17 +399,18 @@ class VllmSim:
     def step(self, decodes, prefills, options, *, topk: int, engine=None, **md_kwargs):
         for r, n in decodes + prefills:
             r.grow(self.alloc, r.done + n)
-        md = vllm_step_metadata(Step(decodes, prefills), **md_kwargs)
+        md = to_device(vllm_step_metadata(Step(decodes, prefills), **md_kwargs), self.device)
         valid = md.slot_mapping >= 0
         keys = torch.cat([r.keys[r.done:r.done + n] for r, n in decodes + prefills])
         pads = int((~valid).sum())
         n_dec = sum(n for _, n in decodes)
-        keys = torch.cat([keys[:n_dec], torch.zeros(pads, D), keys[n_dec:]])
+        keys = torch.cat([keys[:n_dec], torch.zeros(pads, D), keys[n_dec:]]).to(self.device)
         engine_quant_and_cache(self.kv, keys, md.slot_mapping)
         self.seed += 1
         T = md.slot_mapping.shape[0]
-        q, w = random_queries(T, self.heads, self.seed)
+        q, w = (x.to(self.device) for x in random_queries(T, self.heads, self.seed))
         call = vllm_call(self.kv, md, q, w, topk=topk)
+        call["topk_indices_buffer"] = call["topk_indices_buffer"].to(self.device)
         engine = engine if engine is not None else FakeVllmEngine(md)
         engine.md = md
         from hisa.integrations.vllm import run_indexer

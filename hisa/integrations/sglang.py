@@ -233,15 +233,15 @@ def paged_rows(metadata) -> int:
     return int(sum(metadata.get_dsa_extend_len_cpu()))
 
 
-def _pool_paged_step(forward_batch, pages, table, rows: int, options: PluginOptions) -> None:
-    req = torch.arange(rows, device=pages.device)
-    pool_tokens(pages, forward_batch.out_cache_loc[:rows], forward_batch.positions[:rows],
-                table[:rows], req, options)
-
-
 def around_get_topk_paged(original, indexer, forward_batch, layer_id, q_fp8, weights, metadata,
                           *, options: PluginOptions | None = None):
-    """AROUND hook of ``Indexer._get_topk_paged``."""
+    """AROUND hook of ``Indexer._get_topk_paged``: pool the rows' completed blocks, then HISA
+    (or, with a logged reason, the engine's own top-k).
+
+    Row i pools through page-table row i; a page table with fewer rows than the step has query
+    rows (not expanded per row) would pool through the wrong rows, so the layer is marked stale
+    instead and decodes with the engine's kernels from then on.
+    """
     options = options or OPTIONS[0]
     pool = FACTS.get_pool()
     reason = ("no indexer metadata" if metadata is None else
@@ -252,14 +252,18 @@ def around_get_topk_paged(original, indexer, forward_batch, layer_id, q_fp8, wei
     pages = index_pages(pool, layer_id)
     rows = paged_rows(metadata)
     table = metadata.get_page_table_64()
-    lens = paged_row_lengths(forward_batch, metadata, rows)
-    if table.shape[0] < rows or lens is None:
-        reason = "decode rows do not match the page table / lengths"
-    _pool_paged_step(forward_batch, pages, table, min(rows, table.shape[0]), options)
+    if table.shape[0] < rows:
+        POOLED.mark_stale(pages, "the page table is not expanded per query row")
+    else:
+        pool_tokens(pages, forward_batch.out_cache_loc[:rows], forward_batch.positions[:rows],
+                    table[:rows], torch.arange(rows, device=pages.device), options)
     pooled = _pooled_for(pages, options)
-    reason = (reason or FACTS.decode_reason() or options_reason(options, indexer.index_topk, "decode")
-              or (POOLED.stale_reason(pages) if options.mode == "hisa" and pooled is None
-                  else None))
+    lens = paged_row_lengths(forward_batch, metadata, rows)
+    reason = FACTS.decode_reason() or options_reason(options, indexer.index_topk, "decode")
+    if lens is None:
+        reason = "decode row lengths do not cover the query rows"
+    if reason is None and options.mode == "hisa" and pooled is None:
+        reason = POOLED.stale_reason(pages) or "no pooled cache for this layer"
     if reason is not None:
         log_fallback(ENGINE, "decode", reason)
         return original(indexer, forward_batch, layer_id, q_fp8, weights, metadata)

@@ -577,14 +577,14 @@ class SglSim:
             r.done += n
         return SimpleNamespace(out=out, md=md, q=q, w=w, fb=fb)
 
-    def decode(self, reqs, options, *, next_n=1, pad_rows=0):
+    def decode(self, reqs, options, *, next_n=1, pad_rows=0, expand_table=True):
         """Decode (next_n 1) or target-verify (next_n > 1) rows through the paged hook; the
-        page table is expanded per row as the engine's own metadata does."""
+        page table is expanded per row as the engine's own metadata does (``expand_table``)."""
         from hisa.integrations import sglang as plug
         slots, pos = self.store([(r, next_n) for r in reqs])
         seq = [r.done + next_n for r in reqs]
         rows = len(reqs) * next_n
-        bt = table(reqs, 16).repeat_interleave(next_n, 0)
+        bt = table(reqs, 16).repeat_interleave(next_n if expand_table else 1, 0)
         expanded = torch.tensor([L - next_n + 1 + j for L in seq for j in range(next_n)],
                                 dtype=torch.int32)
         md = SglMetadata(ks=None, ke=None, token_to_batch=None, table=bt,

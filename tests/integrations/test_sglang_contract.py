@@ -148,3 +148,14 @@ def test_sub_page_move_turns_decode_off(sim):
     assert plug.FACTS.decode_off is not None
     sim.decode([a], HISA)
     assert sim.original_calls == 1
+
+
+def test_page_table_not_expanded_marks_the_layer_stale(sim):
+    """Rows that cannot be paired with page-table rows are never pooled through wrong rows: the
+    layer goes stale and decodes with the engine's kernels."""
+    from .engine_ref import Req, random_keys
+    a = Req(random_keys(400, 9))
+    sim.extend([(a, 254)], HISA)
+    sim.decode([a], HISA, next_n=2, expand_table=False)
+    assert sim.original_calls == 1
+    assert "expanded" in plug.POOLED.stale_reason(as_engine_pages(sim.pool.buf, D))

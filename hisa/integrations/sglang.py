@@ -357,14 +357,25 @@ def around_get_cpu_copy(original, kv_pool, indices, *args, **kwargs):
 
 
 def around_load_cpu_copy(original, kv_pool, cpu_copy, indices, *args, **kwargs):
-    """AROUND hook of ``DSATokenToKVPool.load_cpu_copy``: restore the rows at the new pages."""
+    """AROUND hook of ``DSATokenToKVPool.load_cpu_copy``: restore the rows at the new pages.
+
+    A copy without saved rows, or whose whole pages do not pair with the new locations' whole
+    pages, cannot be restored: HISA decode is turned off for the process instead.
+    """
     result = original(kv_pool, cpu_copy, indices, *args, **kwargs)
     saved = cpu_copy.get("hisa_pooled") if isinstance(cpu_copy, dict) else None
-    pages = _request_pages(indices)
     current = dict(POOLED.items())
+    if not current:
+        return result
+    pages = _request_pages(indices)
+    restored = 0
     for key, rows in saved or []:
         if key in current and rows.shape[0] == pages.numel():
             current[key][pages] = rows.to(current[key].device)
+            restored += 1
+    if restored != len(current):
+        FACTS.decode_off = "a host copy of KV pages came back without its pooled rows"
+        POOLED.mark_all_stale(FACTS.decode_off)
     return result
 
 

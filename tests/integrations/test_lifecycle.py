@@ -156,3 +156,14 @@ def test_whole_page_move_carries_rows(sgl):
     plug.around_move_kv_cache(type(sgl.pool).move_kv_cache, sgl.pool, dst, src)
     assert plug.FACTS.decode_off is None
     assert torch.equal(pooled[dst_page], row)
+
+
+def test_host_copy_without_rows_turns_decode_off(sgl):
+    """A host copy made without the rows (or that cannot be paired page for page) is not
+    restored silently: decode HISA turns off for the process."""
+    a = Req(random_keys(300, 10))
+    sgl.extend([(a, 256)], HISA)
+    saved = sgl.pool.get_cpu_copy(locations(a))                     # unhooked copy
+    plug.around_load_cpu_copy(type(sgl.pool).load_cpu_copy, sgl.pool, saved, locations(a))
+    assert plug.FACTS.decode_off is not None
+    assert plug.POOLED.lookup(as_engine_pages(sgl.pool.buf, D)) is None

@@ -6,7 +6,6 @@ project's words; the drift tests check the field names and layouts against the i
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 

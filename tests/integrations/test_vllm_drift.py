@@ -200,3 +200,22 @@ def test_entry_point_declared():
         pytest.skip("hisa is not installed as a distribution (run from a source checkout)")
     assert eps[0].value == "hisa.integrations.vllm:register"
     assert eps[0].load() is plugin.register
+
+
+def test_vllm_loader_runs_register_without_model_code(monkeypatch):
+    """Through vLLM's own loader: with HISA_VLLM set, register() accepts the installed version
+    and defers the patch to the import of the layer module (nothing of it is imported)."""
+    import sys
+
+    from hisa.integrations import _engine_common as common
+    plugins = importlib.import_module("vllm.plugins")
+    found = plugins.load_plugins_by_group("vllm.general_plugins")
+    if "hisa" not in found:
+        pytest.skip("hisa is not installed as a distribution (run from a source checkout)")
+    monkeypatch.setenv("HISA_VLLM", "block_size=128,block_topk=64")
+    try:
+        found["hisa"]()
+        assert plugin.LAYER_MODULE not in sys.modules
+        assert plugin.LAYER_MODULE in common._FINDER.pending
+    finally:
+        common._FINDER.pending.pop(plugin.LAYER_MODULE, None)

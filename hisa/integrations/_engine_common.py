@@ -213,26 +213,46 @@ class PooledCacheRegistry:
         self._stale.clear()
 
 
-def read_back_keys(pages: torch.Tensor, slot_mapping: torch.Tensor, head_dim: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The keys the engine wrote at ``slot_mapping`` this step, read back from its cache.
+@dataclass
+class StepTokens:
+    """One step's tokens to pool, in the form every indexer layer of the step can share.
 
-    Returns (fp8 [T, D], fp32 scales [T], slots int64 [T] with out-of-cache slots set to -1).
-    Device ops only (no host sync); invalid slots read page 0 and are skipped by the append.
+    ``page`` / ``off`` int64 [T]: where each token's key sits (0 for a slot outside the cache);
+    ``slots`` int64 [T]: its slot, -1 outside the cache (skipped); ``positions`` int64 [T];
+    ``block_table`` int32 [R, W] and ``req`` int64 [T]: each token's block-table row. The
+    layers of a step share slots and positions (one KV-cache group), so an engine glue builds
+    this once per step and pools each layer with :func:`pool_step`.
     """
-    values, scales = page_views(pages, head_dim)                      # [P, 64, D], [P, 64]
+
+    page: torch.Tensor
+    off: torch.Tensor
+    slots: torch.Tensor
+    positions: torch.Tensor
+    block_table: torch.Tensor
+    req: torch.Tensor
+
+
+def step_tokens(slot_mapping: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor,
+                req: torch.Tensor, num_pages: int) -> StepTokens:
+    """:class:`StepTokens` of a step; device ops only (no host sync)."""
     slot = slot_mapping.long()
-    valid = (slot >= 0) & (slot < pages.shape[0] * PAGE_SIZE)
+    valid = (slot >= 0) & (slot < num_pages * PAGE_SIZE)
     safe = torch.where(valid, slot, torch.zeros_like(slot))
-    page, off = safe // PAGE_SIZE, safe % PAGE_SIZE
-    k = values[page, off].view(FP8_DTYPE)                             # [T, D]
-    k_scale = scales[page, off]                                       # [T]
-    return k, k_scale, torch.where(valid, slot, torch.full_like(slot, -1))
+    return StepTokens(safe // PAGE_SIZE, safe % PAGE_SIZE,
+                      torch.where(valid, slot, torch.full_like(slot, -1)), positions.long(),
+                      block_table, req.long())
 
 
-def pool_step(pages: torch.Tensor, pooled: torch.Tensor, slot_mapping: torch.Tensor,
-              positions: torch.Tensor, block_table: torch.Tensor, req_indices: torch.Tensor, *,
-              head_dim: int, block_size: int, backend: str = "auto") -> None:
+def read_back_keys(pages: torch.Tensor, tokens: StepTokens, head_dim: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys the engine wrote for the step's tokens, read back from its cache:
+    (fp8 [T, D], fp32 scales [T]); tokens outside the cache read page 0 (and are skipped)."""
+    values, scales = page_views(pages, head_dim)                      # [P, 64, D], [P, 64]
+    return values[tokens.page, tokens.off].view(FP8_DTYPE), scales[tokens.page, tokens.off]
+
+
+def pool_step(pages: torch.Tensor, pooled: torch.Tensor, tokens: StepTokens, *, head_dim: int,
+              block_size: int, backend: str = "auto") -> None:
     """Pool every block that a token of this step completed, from the keys the engine wrote.
 
     A token at position ``p`` completes block ``p // B`` when ``(p + 1) % B == 0``; its block's
@@ -243,15 +263,14 @@ def pool_step(pages: torch.Tensor, pooled: torch.Tensor, slot_mapping: torch.Ten
     are skipped. No host sync on the Triton backend.
 
     Args:
-        pages: uint8 [P, 64 * (D + 4)]; pooled: uint8 [P, D + 4].
-        slot_mapping, positions: int [T]; block_table: int32 [R, W]; req_indices: int [T], the
-            block-table row of each token.
+        pages: uint8 [P, 64 * (D + 4)]; pooled: uint8 [P, D + 4]; tokens: see
+            :class:`StepTokens` (built with the same P).
     """
-    if slot_mapping.shape[0] == 0:
+    if tokens.slots.shape[0] == 0:
         return
-    k, k_scale, slots = read_back_keys(pages, slot_mapping, head_dim)
-    paged_cache_append(pages, pooled, k, slots, positions.long(), k_scale=k_scale,
-                       block_table=block_table, req_indices=req_indices.long(),
+    k, k_scale = read_back_keys(pages, tokens, head_dim)
+    paged_cache_append(pages, pooled, k, tokens.slots, tokens.positions, k_scale=k_scale,
+                       block_table=tokens.block_table, req_indices=tokens.req,
                        block_size=block_size, backend=backend)
 
 
@@ -312,27 +331,29 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
 
 def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor,
                    req_of_query: torch.Tensor, keys: RequestKeys, *, topk: int,
-                   options: PluginOptions) -> torch.Tensor:
+                   options: PluginOptions, out: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k of packed prefill queries over their requests' gathered keys.
 
     Query ``t`` of request ``r = req_of_query[t]`` sees the first ``lengths[t]`` keys of its
     request (the engines' ``ke - ks``). Returns int32 [T, topk] offsets from the request start
-    (= positions in the request), -1 padded: the engines' compressed-row index convention.
+    (= positions in the request), -1 padded: the engines' compressed-row index convention;
+    written into ``out`` (int32 [T, topk], contiguous) when given.
     """
     start = keys.starts[req_of_query.long()]
     ks = start.to(torch.int32)
     ke = (start + lengths.long()).to(torch.int32)
     if options.mode == "flat":
         return dsa_index(q, keys.k, weights, ks, ke, k_scale=keys.k_scale, topk=topk,
-                         backend=options.backend)
+                         out=out, backend=options.backend)
     return hisa_index(q, keys.k, weights, ks, ke, k_scale=keys.k_scale, topk=topk,
-                      block_size=options.block_size, block_topk=options.block_topk,
+                      block_size=options.block_size, block_topk=options.block_topk, out=out,
                       backend=options.backend)
 
 
 def decode_select(q: torch.Tensor, pages: torch.Tensor, pooled: torch.Tensor | None,
                   weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
-                  topk: int, options: PluginOptions) -> torch.Tensor:
+                  topk: int, options: PluginOptions, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Paged top-k for ``q`` [B, next_n, H, D] over the engine's cache and its pooled rows.
 
     ``seq_lens`` int32 [B] or [B, next_n] (each row's visible keys), ``block_table`` int32
@@ -341,7 +362,7 @@ def decode_select(q: torch.Tensor, pages: torch.Tensor, pooled: torch.Tensor | N
     ops only: no host sync, no data-dependent allocation (CUDA-graph safe on the Triton path).
 
     Returns:
-        int32 [B * next_n, topk] positions in the request, -1 padded.
+        int32 [B * next_n, topk] positions in the request, -1 padded (``out`` when given).
     """
     B, n = q.shape[:2]
     if n not in NEXT_N_SUPPORTED:
@@ -353,11 +374,18 @@ def decode_select(q: torch.Tensor, pages: torch.Tensor, pooled: torch.Tensor | N
         block_table = block_table.repeat_interleave(n, dim=0)
         q = q.reshape(B * n, 1, *q.shape[2:])
     if options.mode == "flat":
-        return dsa_index_paged(q, pages, weights, seq_lens, block_table, topk=topk,
+        return dsa_index_paged(q, pages, weights, seq_lens, block_table, topk=topk, out=out,
                                backend=options.backend)
     return hisa_index_paged(q, pages, pooled, weights, seq_lens, block_table, topk=topk,
                             block_size=options.block_size, block_topk=options.block_topk,
-                            backend=options.backend)
+                            out=out, backend=options.backend)
+
+
+def rows_view(buf: torch.Tensor, start: int, end: int, topk: int) -> torch.Tensor | None:
+    """``buf[start:end, :topk]`` when it is contiguous (an engine buffer exactly ``topk`` wide),
+    so the ops write the engine's buffer directly; None when a copy is needed."""
+    view = buf[start:end, :topk]
+    return view if view.is_contiguous() else None
 
 
 def carry_pooled_rows(pooled: torch.Tensor, src_pages: torch.Tensor, dst_pages: torch.Tensor

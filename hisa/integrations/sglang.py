@@ -32,7 +32,7 @@ import torch
 from ..cache.layout import PAGE_SIZE
 from ._engine_common import (PluginOptions, PooledCacheRegistry, as_engine_pages, logger,
                              carry_pooled_rows, decode_select, gather_request_keys,
-                             log_fallback, options_reason, parse_options, pool_step,
+                             log_fallback, options_reason, parse_options, pool_step, step_tokens,
                              prefill_select)
 
 ENV_VAR = "HISA_SGLANG"
@@ -154,8 +154,9 @@ def pool_tokens(pages: torch.Tensor, slots: torch.Tensor, positions: torch.Tenso
     pooled = _pooled_for(pages, options)
     if pooled is not None:
         n = slots.shape[0]
-        pool_step(pages, pooled, slots, positions[:n], block_table, req[:n], head_dim=HEAD_DIM,
-                  block_size=options.block_size, backend=options.backend)
+        tokens = step_tokens(slots, positions[:n], block_table, req[:n], pages.shape[0])
+        pool_step(pages, pooled, tokens, head_dim=HEAD_DIM, block_size=options.block_size,
+                  backend=options.backend)
 
 
 def topk_ragged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,

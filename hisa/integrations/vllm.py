@@ -32,9 +32,10 @@ import sys
 import torch
 
 from ..utils.validate import FP8_DTYPE
-from ._engine_common import (PluginOptions, PooledCacheRegistry, after_import, as_engine_pages,
-                             decode_select, gather_request_keys, log_fallback, logger,
-                             options_reason, parse_options, pool_step, prefill_select)
+from ._engine_common import (PluginOptions, PooledCacheRegistry, StepTokens, after_import,
+                             as_engine_pages, decode_select, gather_request_keys, log_fallback,
+                             logger, options_reason, parse_options, pool_step, prefill_select,
+                             rows_view, step_tokens)
 
 ENV_VAR = "HISA_VLLM"
 PINNED_VERSION = "0.33.0"
@@ -161,27 +162,43 @@ def decode_token_grid(md) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return torch.where(valid, tok, 0), torch.where(valid, pos, -1), req, valid
 
 
-def pool_vllm_step(pages: torch.Tensor, pooled: torch.Tensor, md, *, head_dim: int,
-                   options: PluginOptions) -> None:
-    """Pool the blocks this step completed, for every prefill chunk and the decode rows.
+def vllm_step_tokens(md, num_pages: int) -> list[StepTokens]:
+    """The step's tokens to pool (per prefill chunk, and the decode rows), built once per step
+    and kept on the metadata object, which vLLM builds afresh every step and shares between the
+    layers of a KV-cache group: every indexer layer after the first only gathers and appends.
 
     Prefill positions come from the chunk windows (``ke - ks - 1``: with compress ratio 1 and
     no DCP, ``ke - ks`` is the query's causal length), decode positions from
     :func:`decode_token_grid`. The slots are the step's ``slot_mapping``.
     """
-    slots = md.slot_mapping
-    kw = dict(head_dim=head_dim, block_size=options.block_size, backend=options.backend)
+    cached = getattr(md, "_hisa_step_tokens", None)
+    if cached is not None and cached[0] == num_pages:
+        return cached[1]
+    slots, out = md.slot_mapping, []
     if md.num_prefills > 0 and md.prefill is not None:
         for chunk in md.prefill.chunks:
             ks, ke = chunk.cu_seqlen_ks, chunk.cu_seqlen_ke
-            pool_step(pages, pooled, slots[chunk.token_start:chunk.token_end],
-                      ke.long() - ks.long() - 1, chunk.block_table, chunk_requests(chunk, ks),
-                      **kw)
+            out.append(step_tokens(slots[chunk.token_start:chunk.token_end],
+                                   ke.long() - ks.long() - 1, chunk.block_table,
+                                   chunk_requests(chunk, ks), num_pages))
     if md.num_decodes > 0 and md.decode is not None and md.num_decode_tokens > 0:
         tok, pos, req, valid = decode_token_grid(md)
         slot = torch.where(valid, slots[tok.clamp_max(max(slots.shape[0] - 1, 0))].long(), -1)
-        pool_step(pages, pooled, slot.flatten(), pos.flatten(),
-                  md.decode.block_table[:tok.shape[0]], req.flatten(), **kw)
+        out.append(step_tokens(slot.flatten(), pos.flatten(),
+                               md.decode.block_table[:tok.shape[0]], req.flatten(), num_pages))
+    try:
+        md._hisa_step_tokens = (num_pages, out)
+    except (AttributeError, TypeError):           # a frozen or slotted metadata object
+        pass
+    return out
+
+
+def pool_vllm_step(pages: torch.Tensor, pooled: torch.Tensor, md, *, head_dim: int,
+                   options: PluginOptions) -> None:
+    """Pool the blocks this step completed, for every prefill chunk and the decode rows."""
+    for tokens in vllm_step_tokens(md, pages.shape[0]):
+        pool_step(pages, pooled, tokens, head_dim=head_dim, block_size=options.block_size,
+                  backend=options.backend)
 
 
 def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOptions) -> None:
@@ -213,9 +230,11 @@ def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOpti
         if int(chunk.total_seq_lens) == 0:
             buf[start:end, :topk] = -1
             continue
-        buf[start:end, :topk] = prefill_select(
-            q_all[start:end], w_all[start:end], ke - ks, chunk_requests(chunk, ks), keys,
-            topk=topk, options=options)
+        out = rows_view(buf, start, end, topk)
+        idx = prefill_select(q_all[start:end], w_all[start:end], ke - ks,
+                             chunk_requests(chunk, ks), keys, topk=topk, options=options, out=out)
+        if out is None:
+            buf[start:end, :topk] = idx
     if shard is not None:
         shard.exchange_topk(buf, topk)
 
@@ -263,11 +282,12 @@ def run_decode(call: dict, md, pages: torch.Tensor, pooled: torch.Tensor | None,
     else:
         q = q_all[:n_tok].reshape(rows, n_tok // rows, *q_all.shape[1:])
         w = w_all[:n_tok]
+    out = None if uneven else rows_view(buf, 0, n_tok, topk)
     idx = decode_select(q, pages, pooled, w, seq_lens[:rows].contiguous(),
-                        dec.block_table[:rows], topk=topk, options=options)
+                        dec.block_table[:rows], topk=topk, options=options, out=out)
     if uneven:
         buf[tok[valid], :topk] = idx[valid]
-    else:
+    elif out is None:
         buf[:n_tok, :topk] = idx
 
 

@@ -1,11 +1,14 @@
 """Overhead of the engine plugins over calling this library's ops directly (benchmark rows).
 
-Decode: the vLLM replacement (pooling of the step's completed blocks + HISA decode + the copy
-into vLLM's top-k buffer) against the same two ops called directly (``paged_cache_append`` on
-the step's keys + ``hisa_index_paged`` on ``[B, next_n]``), both timed as CUDA-graph replays;
-and the SGLang paged hook (pooling + HISA + the fused page-table transform) against the direct
-ops plus that transform. Prefill: the vLLM replacement for one chunk (B-aligned gather + HISA +
-copy) against gathering the request's keys and calling ``hisa_index``. Each row is preceded by a
+Decode: the vLLM replacement for one layer (pooling of the step's completed blocks + HISA
+decode into vLLM's top-k buffer) against what a hand integration with the public ops does for
+that layer (read the step's keys back from the cache, ``paged_cache_append`` them,
+``hisa_index_paged`` on ``[B, next_n]`` into the buffer), both timed as CUDA-graph replays. The
+step's token grid (slots, positions, block-table rows), which the plugin builds once per step
+for all layers, is timed separately (``grid_ms``, once per step, not per layer). The SGLang paged
+hook (pooling + HISA + the fused page-table transform; it builds its grid per layer) against the
+direct ops plus that transform. Prefill: the vLLM replacement for one chunk (B-aligned gather +
+HISA) against gathering the request's keys and calling ``hisa_index``. Each row is preceded by a
 check that both sides select the same indices. Target: overhead <= 2 %.
 
 Run on a GPU (no vLLM / SGLang needed):
@@ -24,8 +27,9 @@ import hisa
 from hisa.bench.rows import append_rows, environment, make_row
 from hisa.bench.timer import time_op
 from hisa.integrations import sglang as sgl_plugin
-from hisa.integrations._engine_common import PluginOptions, as_engine_pages, read_back_keys
-from hisa.integrations.vllm import run_indexer
+from hisa.integrations._engine_common import (PluginOptions, as_engine_pages, read_back_keys,
+                                              step_tokens)
+from hisa.integrations.vllm import run_indexer, vllm_step_tokens
 from tests.integrations.engine_ref import (PAGE, D, FakeVllmEngine, Mode, Pages, Req,
                                           SglMetadata, Step, VllmSim, engine_quant_and_cache,
                                           random_keys, random_queries, table, to_device,
@@ -46,9 +50,10 @@ def fill_context(sim, reqs):
         slots = torch.tensor(r.slots(0, r.done), device="cuda")
         engine_quant_and_cache(sim.kv, r.keys[:r.done].cuda(), slots)
         bt = torch.tensor([r.pages], dtype=torch.int32, device="cuda")
-        k, s, slots = read_back_keys(pages, slots, D)
-        hisa.paged_cache_append(pages, pooled, k, slots, pos, k_scale=s, block_table=bt,
-                                req_indices=torch.zeros_like(pos), block_size=OPTS.block_size)
+        tokens = step_tokens(slots, pos, bt, torch.zeros_like(pos), pages.shape[0])
+        k, s = read_back_keys(pages, tokens, D)
+        hisa.paged_cache_append(pages, pooled, k, tokens.slots, pos, k_scale=s, block_table=bt,
+                                req_indices=tokens.req, block_size=OPTS.block_size)
     return pages, pooled
 
 
@@ -68,28 +73,35 @@ def decode_case(batch: int, context: int, next_n: int):
                            md.slot_mapping)
     q, w = (x.cuda() for x in random_queries(batch * next_n, H, 7))
     call = vllm_call(sim.kv, md, q, w, topk=TOPK)
-    call["topk_indices_buffer"] = call["topk_indices_buffer"].cuda()
+    rows = batch * next_n
+    call["topk_indices_buffer"] = torch.full((rows, TOPK), -1, dtype=torch.int32, device="cuda")
+    call["skip_topk_buffer_clear"] = True             # as DeepseekV32Attention calls it
     engine = FakeVllmEngine(md)
-    k8, ks, slots = read_back_keys(pages, md.slot_mapping, D)
-    tok = torch.arange(batch * next_n, device="cuda")
-    pos = md.decode.seq_lens.flatten().long() - 1
-    req = tok // next_n
+    tok = torch.arange(rows, device="cuda")
+    tokens = step_tokens(md.slot_mapping, md.decode.seq_lens.flatten().long() - 1,
+                         md.decode.block_table, tok // next_n, pages.shape[0])
     q4 = q.view(batch, next_n, H, D)
+    out = torch.empty(rows, TOPK, dtype=torch.int32, device="cuda")
 
     def plugin():
         run_indexer(call, md, engine, OPTS, sim.registry)
 
     def direct():
-        hisa.paged_cache_append(pages, pooled, k8, slots, pos, k_scale=ks,
-                                block_table=md.decode.block_table, req_indices=req,
+        k8, ks = read_back_keys(pages, tokens, D)
+        hisa.paged_cache_append(pages, pooled, k8, tokens.slots, tokens.positions, k_scale=ks,
+                                block_table=md.decode.block_table, req_indices=tokens.req,
                                 block_size=OPTS.block_size)
         return hisa.hisa_index_paged(q4, pages, pooled, w, md.decode.seq_lens,
-                                     md.decode.block_table, topk=TOPK,
+                                     md.decode.block_table, topk=TOPK, out=out,
                                      block_size=OPTS.block_size, block_topk=OPTS.block_topk)
 
+    def grid():
+        md.__dict__.pop("_hisa_step_tokens", None)
+        vllm_step_tokens(md, pages.shape[0])
+
     plugin()
-    ok = same_rows(call["topk_indices_buffer"][:batch * next_n, :TOPK], direct())
-    return plugin, direct, ok
+    ok = same_rows(call["topk_indices_buffer"][:rows, :TOPK], direct())
+    return plugin, direct, ok, grid
 
 
 def sglang_decode_case(batch: int, context: int):
@@ -109,11 +121,11 @@ def sglang_decode_case(batch: int, context: int):
         slots = torch.tensor(r.slots(0, context + 1), device="cuda")
         engine_quant_and_cache(pool.buf.view(-1, PAGE, D + 4), r.keys.cuda(), slots)
         pos = torch.arange(context, device="cuda")
-        k8, ks, ctx_slots = read_back_keys(pages, slots[:-1], D)
-        hisa.paged_cache_append(pages, pooled, k8, ctx_slots, pos, k_scale=ks,
-                                block_table=torch.tensor([r.pages], dtype=torch.int32,
-                                                         device="cuda"),
-                                req_indices=torch.zeros_like(pos), block_size=OPTS.block_size)
+        row = torch.tensor([r.pages], dtype=torch.int32, device="cuda")
+        ctx = step_tokens(slots[:-1], pos, row, torch.zeros_like(pos), num_pages)
+        k8, ks = read_back_keys(pages, ctx, D)
+        hisa.paged_cache_append(pages, pooled, k8, ctx.slots, pos, k_scale=ks, block_table=row,
+                                req_indices=ctx.req, block_size=OPTS.block_size)
         r.done = context
     slots = torch.tensor([r.slots(context, context + 1)[0] for r in reqs], device="cuda")
     seq = torch.full((batch,), context + 1, dtype=torch.int32, device="cuda")
@@ -125,15 +137,16 @@ def sglang_decode_case(batch: int, context: int):
     q, w = (x.cuda() for x in random_queries(batch, H, 9))
     indexer = SimpleNamespace(index_topk=TOPK, num_init_tokens=0, num_local_tokens=0,
                               dsa_enable_prefill_cp=False)
-    k8, ks, _ = read_back_keys(pages, slots, D)
     req = torch.arange(batch, device="cuda")
+    tokens = step_tokens(slots, fb.positions, bt, req, num_pages)
 
     def plugin():
         return sgl_plugin.around_get_topk_paged(None, indexer, fb, 0, q, w.unsqueeze(-1), md,
                                                 options=OPTS)
 
     def direct():
-        hisa.paged_cache_append(pages, pooled, k8, slots, fb.positions, k_scale=ks,
+        k8, ks = read_back_keys(pages, tokens, D)
+        hisa.paged_cache_append(pages, pooled, k8, tokens.slots, tokens.positions, k_scale=ks,
                                 block_table=bt, req_indices=req, block_size=OPTS.block_size)
         local = hisa.hisa_index_paged(q.unsqueeze(1), pages, pooled, w, seq.view(-1, 1), bt,
                                       topk=TOPK, block_size=OPTS.block_size,
@@ -143,7 +156,7 @@ def sglang_decode_case(batch: int, context: int):
                            p % PAGE, -1)
 
     ok = same_rows(plugin(), direct())
-    return plugin, direct, ok
+    return plugin, direct, ok, None
 
 
 def prefill_case(context: int, queries: int):
@@ -157,7 +170,9 @@ def prefill_case(context: int, queries: int):
     engine_quant_and_cache(sim.kv, r.keys[context - queries:].cuda(), md.slot_mapping)
     q, w = (x.cuda() for x in random_queries(queries, H, 11))
     call = vllm_call(sim.kv, md, q, w, topk=TOPK)
-    call["topk_indices_buffer"] = call["topk_indices_buffer"].cuda()
+    call["topk_indices_buffer"] = torch.full((queries, TOPK), -1, dtype=torch.int32,
+                                             device="cuda")
+    call["skip_topk_buffer_clear"] = True
     opts = PluginOptions(block_size=OPTS.block_size, block_topk=OPTS.block_topk, decode=False)
     engine = FakeVllmEngine(md)
     c = md.prefill.chunks[0]
@@ -175,7 +190,7 @@ def prefill_case(context: int, queries: int):
 
     plugin()
     ok = same_rows(call["topk_indices_buffer"][:queries, :TOPK], direct())
-    return plugin, direct, ok
+    return plugin, direct, ok, None
 
 
 def main() -> None:
@@ -189,14 +204,15 @@ def main() -> None:
              ("sglang decode", dict(batch=32, context=32768), sglang_decode_case, True),
              ("vllm prefill", dict(context=32768, queries=4096), prefill_case, False)]
     for name, shape, make, graph in cases:
-        plugin, direct, ok = make(**shape)
+        plugin, direct, ok, grid = make(**shape)
         if not ok:
             raise SystemExit(f"{name} {shape}: plugin and direct ops select different indices")
         t_plugin = time_op(plugin, cuda_graph=graph, runs=50).median_ms
         t_direct = time_op(direct, cuda_graph=graph, runs=50).median_ms
         overhead = t_plugin / t_direct - 1.0
+        grid_ms = time_op(grid, runs=50).median_ms if grid is not None else None
         row = make_row(env, op=f"{name} plugin overhead", mode="hisa", ms=t_plugin,
-                       direct_ms=t_direct, overhead=overhead,
+                       direct_ms=t_direct, overhead=overhead, grid_ms_per_step=grid_ms,
                        within_target=overhead <= TARGET_OVERHEAD, cuda_graph=graph,
                        context=shape["context"], batch=shape.get("batch"),
                        next_n=shape.get("next_n"), queries=shape.get("queries"))

@@ -328,3 +328,46 @@ def test_kv_connector_keeps_hisa_prefill_and_engine_decode():
         assert "KV connector" in plugin.DECODE_OFF[0]
     finally:
         plugin.DECODE_OFF[0] = saved
+
+
+def test_layers_share_the_step_tokens_and_write_the_buffer_in_place():
+    """Two indexer layers (two caches, different keys) in one step: the step's token grid is
+    built once on the metadata and reused, each layer's companion is right, and a buffer exactly
+    topk wide is written in place by the ops (no copy)."""
+    from .engine_ref import Step, engine_quant_and_cache, new_cache, random_keys, \
+        random_queries, vllm_step_metadata
+    sim = VllmSim()
+    a, b = sim.request(700, 23), sim.request(300, 24)
+    sim.step([], [(a, 639), (b, 200)], HISA, topk=TOPK)
+    other = new_cache(sim.kv.shape[0])                     # layer 2: same slots, other keys
+    for r in (a, b):
+        keys2 = random_keys(r.keys.shape[0], 99)
+        engine_quant_and_cache(other, keys2[:r.done], torch.tensor(r.slots(0, r.done)))
+        r.keys2 = keys2
+    sim.registry.get_or_create(as_engine_pages(other, D), D, capturing=False).copy_(
+        scratch_pooled(other, [a, b], HISA.block_size))      # as if layer 2 ran the prefill
+    for r in (a, b):
+        r.grow(sim.alloc, r.done + 1)
+    md = vllm_step_metadata(Step([(a, 1), (b, 1)], []))
+    engine_quant_and_cache(sim.kv, torch.cat([a.keys[639:640], b.keys[200:201]]), md.slot_mapping)
+    engine_quant_and_cache(other, torch.cat([a.keys2[639:640], b.keys2[200:201]]),
+                           md.slot_mapping)
+    q, w = random_queries(2, 4, 5)
+    registry = sim.registry
+    bufs = []
+    for kv in (sim.kv, other):
+        buf = torch.full((2, TOPK), 7777, dtype=torch.int32)
+        call = vllm_call(kv, md, q, w, topk=TOPK, buf=buf)
+        run_indexer(call, md, FakeVllmEngine(md), HISA, registry)
+        bufs.append(buf)
+    assert len(md._hisa_step_tokens[1]) == 1
+    for r in (a, b):
+        r.done += 1
+    for kv, buf in zip((sim.kv, other), bufs):
+        assert_live_rows(registry.lookup(as_engine_pages(kv, D)), kv, [a, b], HISA.block_size)
+        pooled = scratch_pooled(kv, [a, b], HISA.block_size)
+        want = hisa.hisa_index_paged(q.unsqueeze(1), kv.view(kv.shape[0], -1), pooled, w,
+                                     md.decode.seq_lens, md.decode.block_table, topk=TOPK,
+                                     block_size=128, block_topk=3, backend="torch")
+        assert [sorted(x) for x in buf.tolist()] == [sorted(x) for x in want.tolist()]
+    assert not torch.equal(bufs[0], bufs[1])

@@ -1,0 +1,458 @@
+"""The engine-independent half of the vLLM and SGLang plugins.
+
+Everything here takes plain tensors the way a serving engine holds them and calls the public
+ops (:func:`hisa.hisa_index`, :func:`hisa.hisa_index_paged`, :func:`hisa.dsa_index`,
+:func:`hisa.dsa_index_paged`, :func:`hisa.paged_cache_append`); nothing imports vLLM or SGLang,
+so the GPU tier and the contract tests run it without the engines installed. The engine glue
+(:mod:`hisa.integrations.vllm`, :mod:`hisa.integrations.sglang`) only maps the engine's metadata
+onto these functions. The design (where pooled rows live, who writes them, why they stay right)
+is written down in ``docs/engines.md``.
+
+Shapes: T query tokens, S key tokens, H index heads, D head dim (128), P pages of 64 tokens,
+R requests, W block-table columns, K top-k.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..cache.layout import PAGE_SIZE, page_bytes, page_views, pooled_row_bytes
+from ..cache.paged import paged_cache_append
+from ..ops.dsa.index import dsa_index
+from ..ops.dsa.paged import NEXT_N_SUPPORTED, dsa_index_paged
+from ..ops.indexer.decode import hisa_index_paged
+from ..ops.indexer.prefill import hisa_index
+from ..utils.validate import BACKENDS, FP8_DTYPE
+
+logger = logging.getLogger("hisa.integrations")
+
+#: Bytes of one fp32 key scale stored after the 64 FP8 rows of a page.
+SCALE_BYTES = 4
+_TRUE, _FALSE = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+@dataclass(frozen=True)
+class PluginOptions:
+    """What one engine's environment variable turns on (see :func:`parse_options`).
+
+    ``mode`` "hisa" runs HISA; "flat" runs this library's flat DSA ops through the same
+    adaptation (for A/B checks against the engine's own kernels).
+    """
+
+    block_size: int = 128
+    block_topk: int = 64
+    prefill: bool = True
+    decode: bool = True
+    mode: str = "hisa"
+    backend: str = "auto"
+
+
+def _parse_bool(env: str, key: str, text: str) -> bool:
+    low = text.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"{env}: expected {key}= one of {_TRUE + _FALSE}, got {text!r}")
+
+
+def parse_options(env: str, value: str | None) -> PluginOptions | None:
+    """Options from an environment variable's value; None when the plugin is off.
+
+    Unset, empty, "0" or "off" leave the engine untouched. "1" or "on" enable the defaults;
+    otherwise a comma-separated list of ``key=value`` with keys ``block_size`` (a multiple of
+    64), ``block_topk`` (>= 2), ``prefill`` / ``decode`` (on/off per path), ``mode``
+    (hisa/flat), ``backend`` (auto/triton/torch).
+
+    Example:
+        >>> parse_options("HISA_VLLM", "block_size=128,block_topk=64,decode=off")
+    """
+    if value is None or value.strip().lower() in ("",) + _FALSE:
+        return None
+    text = value.strip()
+    if text.lower() in _TRUE:
+        return PluginOptions()
+    fields: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep:
+            raise ValueError(f"{env}: expected key=value items, got {item!r}")
+        if key in ("block_size", "block_topk"):
+            try:
+                fields[key] = int(raw)
+            except ValueError:
+                raise ValueError(f"{env}: expected an int for {key}, got {raw!r}") from None
+        elif key in ("prefill", "decode"):
+            fields[key] = _parse_bool(env, key, raw)
+        elif key == "mode":
+            if raw not in ("hisa", "flat"):
+                raise ValueError(f"{env}: expected mode= hisa or flat, got {raw!r}")
+            fields[key] = raw
+        elif key == "backend":
+            if raw not in BACKENDS:
+                raise ValueError(f"{env}: expected backend= one of {BACKENDS}, got {raw!r}")
+            fields[key] = raw
+        else:
+            raise ValueError(f"{env}: unknown key {key!r} (expected block_size, block_topk, "
+                             f"prefill, decode, mode, backend)")
+    options = PluginOptions(**fields)
+    if options.block_size <= 0 or options.block_size % PAGE_SIZE:
+        raise ValueError(f"{env}: expected block_size a positive multiple of {PAGE_SIZE} (a "
+                         f"block must end on a page boundary), got {options.block_size}")
+    if options.block_topk < 2:
+        raise ValueError(f"{env}: expected block_topk >= 2 (two slots hold the forced first and "
+                         f"last block), got {options.block_topk}")
+    return options
+
+
+_LOGGED: set = set()
+
+
+def log_fallback(engine: str, path: str, reason: str) -> None:
+    """Say once per (engine, path, reason) that the engine's own kernels run instead."""
+    key = (engine, path, reason)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.warning("hisa: %s %s runs the engine's own indexer: %s", engine, path, reason)
+
+
+def options_reason(options: PluginOptions, topk: int, path: str) -> str | None:
+    """Why HISA cannot serve ``path`` with these options and this call's ``topk``, or None."""
+    if not getattr(options, path):
+        return f"{path} turned off in the plugin options"
+    if options.mode == "hisa" and options.block_size * options.block_topk < topk:
+        return (f"block_topk * block_size = {options.block_topk * options.block_size} < the "
+                f"model's topk = {topk}")
+    return None
+
+
+def as_engine_pages(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The engine's indexer cache as ``uint8 [P, 64 * (D + 4)]`` (a view, no copy).
+
+    Accepts ``[P, 64 * (D + 4)]`` (SGLang), ``[P, 64, D + 4]`` (vLLM) and ``[P, 64, 1, D + 4]``
+    (DeepGEMM's view). Raises ValueError for another shape or a strided page layout (an engine
+    that pads its pages; the plugin then falls back to the engine's kernels).
+    """
+    if kv_cache.dtype != torch.uint8:
+        raise ValueError(f"kv_cache: expected uint8, got {kv_cache.dtype}")
+    row = head_dim + SCALE_BYTES
+    shape = tuple(kv_cache.shape)
+    if shape[1:] not in ((PAGE_SIZE * row,), (PAGE_SIZE, row), (PAGE_SIZE, 1, row)):
+        raise ValueError(f"kv_cache: expected [P, {PAGE_SIZE} * {row}], [P, {PAGE_SIZE}, {row}] "
+                         f"or [P, {PAGE_SIZE}, 1, {row}] (pages of {PAGE_SIZE} tokens, D = "
+                         f"{head_dim}), got {list(shape)}")
+    if not kv_cache.is_contiguous():
+        raise ValueError(f"kv_cache: expected densely packed pages, got strides "
+                         f"{tuple(kv_cache.stride())}")
+    return kv_cache.view(shape[0], page_bytes(head_dim))
+
+
+class PooledCacheRegistry:
+    """The pooled-block companion of each layer's indexer cache, found by the cache's storage.
+
+    One ``uint8 [P, D + 4]`` tensor per engine cache tensor (row ``p`` belongs to page ``p``;
+    see :mod:`hisa.cache.layout`), created zeroed the first time a layer is seen outside CUDA
+    graph capture (engines run eager warm-up steps before they capture). A layer first seen
+    inside a capture, or whose pages the engine moved where the rows could not follow, is
+    marked stale: from then on it has no companion and decode runs the engine's own kernels,
+    because some completed block of it may never have been pooled.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict = {}
+        self._stale: dict = {}
+
+    @staticmethod
+    def _key(pages: torch.Tensor) -> tuple:
+        return (str(pages.device), pages.data_ptr(), pages.shape[0])
+
+    def lookup(self, pages: torch.Tensor) -> torch.Tensor | None:
+        return self._rows.get(self._key(pages))
+
+    def get_or_create(self, pages: torch.Tensor, head_dim: int, *, capturing: bool
+                      ) -> torch.Tensor | None:
+        """The companion of ``pages``, or None when the layer is stale (see the class)."""
+        key = self._key(pages)
+        if key in self._stale:
+            return None
+        rows = self._rows.get(key)
+        if rows is None:
+            if capturing:
+                self.mark_stale(pages, "layer first seen inside CUDA graph capture")
+                return None
+            rows = torch.zeros(pages.shape[0], pooled_row_bytes(head_dim), dtype=torch.uint8,
+                               device=pages.device)
+            self._rows[key] = rows
+        return rows
+
+    def mark_stale(self, pages: torch.Tensor, reason: str) -> None:
+        key = self._key(pages)
+        self._rows.pop(key, None)
+        self._stale[key] = reason
+
+    def stale_reason(self, pages: torch.Tensor) -> str | None:
+        return self._stale.get(self._key(pages))
+
+    def mark_all_stale(self, reason: str) -> None:
+        for key in list(self._rows):
+            self._stale[key] = reason
+        self._rows.clear()
+
+    def items(self):
+        return list(self._rows.items())
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._stale.clear()
+
+
+@dataclass
+class StepTokens:
+    """One step's tokens to pool, in the form every indexer layer of the step can share.
+
+    ``page`` / ``off`` int64 [T]: where each token's key sits (0 for a slot outside the cache);
+    ``slots`` int64 [T]: its slot, -1 outside the cache (skipped); ``positions`` int64 [T];
+    ``block_table`` int32 [R, W] and ``req`` int64 [T]: each token's block-table row. The
+    layers of a step share slots and positions (one KV-cache group), so an engine glue builds
+    this once per step and pools each layer with :func:`pool_step`.
+    """
+
+    page: torch.Tensor
+    off: torch.Tensor
+    slots: torch.Tensor
+    positions: torch.Tensor
+    block_table: torch.Tensor
+    req: torch.Tensor
+
+
+def step_tokens(slot_mapping: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor,
+                req: torch.Tensor, num_pages: int) -> StepTokens:
+    """:class:`StepTokens` of a step; device ops only (no host sync)."""
+    slot = slot_mapping.long()
+    valid = (slot >= 0) & (slot < num_pages * PAGE_SIZE)
+    safe = torch.where(valid, slot, torch.zeros_like(slot))
+    return StepTokens(safe // PAGE_SIZE, safe % PAGE_SIZE,
+                      torch.where(valid, slot, torch.full_like(slot, -1)), positions.long(),
+                      block_table, req.long())
+
+
+def read_back_keys(pages: torch.Tensor, tokens: StepTokens, head_dim: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys the engine wrote for the step's tokens, read back from its cache:
+    (fp8 [T, D], fp32 scales [T]); tokens outside the cache read page 0 (and are skipped)."""
+    values, scales = page_views(pages, head_dim)                      # [P, 64, D], [P, 64]
+    return values[tokens.page, tokens.off].view(FP8_DTYPE), scales[tokens.page, tokens.off]
+
+
+def pool_step(pages: torch.Tensor, pooled: torch.Tensor, tokens: StepTokens, *, head_dim: int,
+              block_size: int, backend: str = "auto") -> None:
+    """Pool every block that a token of this step completed, from the keys the engine wrote.
+
+    A token at position ``p`` completes block ``p // B`` when ``(p + 1) % B == 0``; its block's
+    pooled row is written to the row of the token's own page (the block's last page). Keys are
+    read back from the engine's cache and handed to :func:`hisa.paged_cache_append` unchanged
+    (it rewrites the same bytes), so the pooled rows are computed from exactly what the
+    engine's quantize-and-cache step stored. Tokens with a negative position or slot (padding)
+    are skipped. No host sync on the Triton backend.
+
+    Args:
+        pages: uint8 [P, 64 * (D + 4)]; pooled: uint8 [P, D + 4]; tokens: see
+            :class:`StepTokens` (built with the same P).
+    """
+    if tokens.slots.shape[0] == 0:
+        return
+    k, k_scale = read_back_keys(pages, tokens, head_dim)
+    paged_cache_append(pages, pooled, k, tokens.slots, tokens.positions, k_scale=k_scale,
+                       block_table=tokens.block_table, req_indices=tokens.req,
+                       block_size=block_size, backend=backend)
+
+
+@dataclass
+class RequestKeys:
+    """Keys of R requests gathered from the pages, each request starting at a multiple of B.
+
+    ``k`` fp8 [S_al, D] and ``k_scale`` fp32 [S_al] hold request ``r`` at rows
+    ``[starts[r], starts[r] + lengths[r])``; rows between requests are zero keys (scale 1) that
+    no window covers. Aligning requests to B makes the prefill blocks the request-relative
+    blocks the decode path pools, so a query sees the same blocks before and after its prompt
+    ends, and no block straddles two requests.
+    """
+
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    starts: torch.Tensor
+
+
+def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                        *, total: int, head_dim: int, block_size: int) -> RequestKeys:
+    """Gather requests' keys from the paged cache into a B-aligned buffer (see RequestKeys).
+
+    Args:
+        pages: uint8 [P, 64 * (D + 4)].
+        block_table: int32 [R, W], physical page of each 64-token page of a request.
+        seq_lens: int [R] keys of each request (device).
+        total: sum of ``seq_lens`` (known on the host: the engines keep it for their own
+            gathers), so the buffer size needs no host sync.
+
+    Raises:
+        ValueError: a page a request uses is outside the cache (one host sync).
+    """
+    R = block_table.shape[0]
+    dev = pages.device
+    lens = seq_lens.long()
+    padded = (lens + block_size - 1) // block_size * block_size
+    starts = torch.cumsum(padded, 0) - padded                                   # [R]
+    cu = torch.cumsum(lens, 0) - lens
+    size = total + R * (block_size - 1)
+    values, scales = page_views(pages, head_dim)
+    k = torch.zeros(size, head_dim, dtype=torch.uint8, device=dev)
+    k_scale = torch.ones(size, dtype=torch.float32, device=dev)
+    if total:
+        req = torch.repeat_interleave(torch.arange(R, device=dev), lens, output_size=total)
+        pos = torch.arange(total, device=dev) - cu[req]                          # [S]
+        page = block_table.long()[req, pos // PAGE_SIZE]
+        bad = (page < 0) | (page >= pages.shape[0])
+        if bool(bad.any()):
+            s = int(bad.nonzero()[0, 0])
+            raise ValueError(f"block_table: request {int(req[s])} position {int(pos[s])} maps "
+                             f"to page {int(page[s])}, outside [0, {pages.shape[0]})")
+        dest = starts[req] + pos
+        k[dest] = values[page, pos % PAGE_SIZE]
+        k_scale[dest] = scales[page, pos % PAGE_SIZE]
+    return RequestKeys(k.view(FP8_DTYPE), k_scale, starts)
+
+
+def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor,
+                   req_of_query: torch.Tensor, keys: RequestKeys, *, topk: int,
+                   options: PluginOptions, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k of packed prefill queries over their requests' gathered keys.
+
+    Query ``t`` of request ``r = req_of_query[t]`` sees the first ``lengths[t]`` keys of its
+    request (the engines' ``ke - ks``). Returns int32 [T, topk] offsets from the request start
+    (= positions in the request), -1 padded: the engines' compressed-row index convention;
+    written into ``out`` (int32 [T, topk], contiguous) when given.
+    """
+    start = keys.starts[req_of_query.long()]
+    ks = start.to(torch.int32)
+    ke = (start + lengths.long()).to(torch.int32)
+    if options.mode == "flat":
+        return dsa_index(q, keys.k, weights, ks, ke, k_scale=keys.k_scale, topk=topk,
+                         out=out, backend=options.backend)
+    return hisa_index(q, keys.k, weights, ks, ke, k_scale=keys.k_scale, topk=topk,
+                      block_size=options.block_size, block_topk=options.block_topk, out=out,
+                      backend=options.backend)
+
+
+def decode_select(q: torch.Tensor, pages: torch.Tensor, pooled: torch.Tensor | None,
+                  weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
+                  topk: int, options: PluginOptions, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Paged top-k for ``q`` [B, next_n, H, D] over the engine's cache and its pooled rows.
+
+    ``seq_lens`` int32 [B] or [B, next_n] (each row's visible keys), ``block_table`` int32
+    [B, W], ``weights`` fp32 [B * next_n, H]. A ``next_n`` the paged ops do not take (3, 4, ...)
+    is served as B * next_n single-row requests sharing their request's block-table row. Device
+    ops only: no host sync, no data-dependent allocation (CUDA-graph safe on the Triton path).
+
+    Returns:
+        int32 [B * next_n, topk] positions in the request, -1 padded (``out`` when given).
+    """
+    B, n = q.shape[:2]
+    if n not in NEXT_N_SUPPORTED:
+        if seq_lens.dim() == 1:
+            seq_lens = (seq_lens.unsqueeze(1) - n + 1 +
+                        torch.arange(n, device=seq_lens.device, dtype=seq_lens.dtype))
+            seq_lens = seq_lens.clamp_min(0)
+        seq_lens = seq_lens.reshape(B * n, 1).to(torch.int32)
+        block_table = block_table.repeat_interleave(n, dim=0)
+        q = q.reshape(B * n, 1, *q.shape[2:])
+    if options.mode == "flat":
+        return dsa_index_paged(q, pages, weights, seq_lens, block_table, topk=topk, out=out,
+                               backend=options.backend)
+    return hisa_index_paged(q, pages, pooled, weights, seq_lens, block_table, topk=topk,
+                            block_size=options.block_size, block_topk=options.block_topk,
+                            out=out, backend=options.backend)
+
+
+def rows_view(buf: torch.Tensor, start: int, end: int, topk: int) -> torch.Tensor | None:
+    """``buf[start:end, :topk]`` when it is contiguous (an engine buffer exactly ``topk`` wide),
+    so the ops write the engine's buffer directly; None when a copy is needed."""
+    view = buf[start:end, :topk]
+    return view if view.is_contiguous() else None
+
+
+def carry_pooled_rows(pooled: torch.Tensor, src_pages: torch.Tensor, dst_pages: torch.Tensor
+                      ) -> None:
+    """Move pooled rows with their pages (an engine copied pages ``src`` to ``dst``)."""
+    pooled[dst_pages.long()] = pooled[src_pages.long()]
+
+
+# Post-import hooks. The plugins patch a function in an engine module before other engine
+# modules copy it with ``from module import name``, without importing the engine's model code
+# themselves (an engine's front-end process never imports it; importing it there would cost
+# start-up time and may touch the GPU).
+
+_LOCK = threading.Lock()
+
+
+
+class _Loader(importlib.abc.Loader):
+    """Delegates to the real loader, then runs the callbacks on the executed module."""
+
+    def __init__(self, inner, callbacks: list) -> None:
+        self._inner, self._callbacks = inner, callbacks
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._inner.exec_module(module)
+        for callback in self._callbacks:
+            callback(module)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def __init__(self) -> None:
+        self.pending: dict[str, list] = {}
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        with _LOCK:
+            callbacks = self.pending.pop(name, [])
+        if spec.loader is not None and callbacks:
+            spec.loader = _Loader(spec.loader, callbacks)
+        return spec
+
+
+_FINDER = _Finder()
+
+
+def after_import(module_name: str, callback: Callable) -> None:
+    """Call ``callback(module)`` once ``module_name`` has executed (immediately if loaded)."""
+    module = sys.modules.get(module_name)
+    if module is not None:
+        callback(module)
+        return
+    with _LOCK:
+        _FINDER.pending.setdefault(module_name, []).append(callback)
+        if _FINDER not in sys.meta_path:
+            sys.meta_path.insert(0, _FINDER)

@@ -1,0 +1,226 @@
+"""Overhead of the engine plugins over calling this library's ops directly (benchmark rows).
+
+Decode: the vLLM replacement for one layer (pooling of the step's completed blocks + HISA
+decode into vLLM's top-k buffer) against what a hand integration with the public ops does for
+that layer (read the step's keys back from the cache, ``paged_cache_append`` them,
+``hisa_index_paged`` on ``[B, next_n]`` into the buffer), both timed as CUDA-graph replays. The
+step's token grid (slots, positions, block-table rows), which the plugin builds once per step
+for all layers, is timed separately (``grid_ms``, once per step, not per layer). The SGLang paged
+hook (pooling + HISA + the fused page-table transform; it builds its grid per layer) against the
+direct ops plus that transform. Prefill: the vLLM replacement for one chunk (B-aligned gather +
+HISA) against gathering the request's keys and calling ``hisa_index``. Each row is preceded by a
+check that both sides select the same indices. Target: overhead <= 2 %.
+
+Run on a GPU (no vLLM / SGLang needed):
+
+    PYTHONPATH=. python3 tests/gpu/engines_overhead.py [--out rows.jsonl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import torch
+
+import hisa
+from hisa.bench.rows import append_rows, environment, make_row
+from hisa.bench.timer import time_op
+from hisa.integrations import sglang as sgl_plugin
+from hisa.integrations._engine_common import (PluginOptions, as_engine_pages, read_back_keys,
+                                              step_tokens)
+from hisa.integrations.vllm import run_indexer, vllm_step_tokens
+from tests.integrations.engine_ref import (PAGE, D, FakeVllmEngine, Mode, Pages, Req,
+                                          SglMetadata, Step, VllmSim, engine_quant_and_cache,
+                                          random_keys, random_queries, table, to_device,
+                                          vllm_call, vllm_step_metadata)
+
+H, TOPK = 64, 2048
+OPTS = PluginOptions(block_size=128, block_topk=64)
+TARGET_OVERHEAD = 0.02
+
+
+def fill_context(sim, reqs):
+    """Write every request's context keys and pool them (what their prefill would have done)."""
+    pages = as_engine_pages(sim.kv, D)
+    pooled = sim.registry.get_or_create(pages, D, capturing=False)
+    for r in reqs:
+        r.grow(sim.alloc, r.done + 2)
+        pos = torch.arange(r.done, device="cuda")
+        slots = torch.tensor(r.slots(0, r.done), device="cuda")
+        engine_quant_and_cache(sim.kv, r.keys[:r.done].cuda(), slots)
+        bt = torch.tensor([r.pages], dtype=torch.int32, device="cuda")
+        tokens = step_tokens(slots, pos, bt, torch.zeros_like(pos), pages.shape[0])
+        k, s = read_back_keys(pages, tokens, D)
+        hisa.paged_cache_append(pages, pooled, k, tokens.slots, pos, k_scale=s, block_table=bt,
+                                req_indices=tokens.req, block_size=OPTS.block_size)
+    return pages, pooled
+
+
+def same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return [sorted(x) for x in a.tolist()] == [sorted(x) for x in b.tolist()]
+
+
+def decode_case(batch: int, context: int, next_n: int):
+    sim = VllmSim(num_pages=batch * (context // PAGE + 4) + 8, heads=H, device="cuda")
+    reqs = [Req(random_keys(context + next_n, 100 + i)) for i in range(batch)]
+    for r in reqs:
+        r.done = context
+    pages, pooled = fill_context(sim, reqs)
+    md = to_device(vllm_step_metadata(Step([(r, next_n) for r in reqs], [],
+                                            width=context // PAGE + 4)), "cuda")
+    engine_quant_and_cache(sim.kv, torch.cat([r.keys[context:] for r in reqs]).cuda(),
+                           md.slot_mapping)
+    q, w = (x.cuda() for x in random_queries(batch * next_n, H, 7))
+    call = vllm_call(sim.kv, md, q, w, topk=TOPK)
+    rows = batch * next_n
+    call["topk_indices_buffer"] = torch.full((rows, TOPK), -1, dtype=torch.int32, device="cuda")
+    call["skip_topk_buffer_clear"] = True             # as DeepseekV32Attention calls it
+    engine = FakeVllmEngine(md)
+    tok = torch.arange(rows, device="cuda")
+    tokens = step_tokens(md.slot_mapping, md.decode.seq_lens.flatten().long() - 1,
+                         md.decode.block_table, tok // next_n, pages.shape[0])
+    q4 = q.view(batch, next_n, H, D)
+    out = torch.empty(rows, TOPK, dtype=torch.int32, device="cuda")
+
+    def plugin():
+        run_indexer(call, md, engine, OPTS, sim.registry)
+
+    def direct():
+        k8, ks = read_back_keys(pages, tokens, D)
+        hisa.paged_cache_append(pages, pooled, k8, tokens.slots, tokens.positions, k_scale=ks,
+                                block_table=md.decode.block_table, req_indices=tokens.req,
+                                block_size=OPTS.block_size)
+        return hisa.hisa_index_paged(q4, pages, pooled, w, md.decode.seq_lens,
+                                     md.decode.block_table, topk=TOPK, out=out,
+                                     block_size=OPTS.block_size, block_topk=OPTS.block_topk)
+
+    def grid():
+        md.__dict__.pop("_hisa_step_tokens", None)
+        vllm_step_tokens(md, pages.shape[0])
+
+    plugin()
+    ok = same_rows(call["topk_indices_buffer"][:rows, :TOPK], direct())
+    return plugin, direct, ok, grid
+
+
+def sglang_decode_case(batch: int, context: int):
+    pool = SimpleNamespace(index_page_size=PAGE, index_kpool=1)
+    num_pages = batch * (context // PAGE + 4) + 8
+    pool.buf = torch.zeros(num_pages, PAGE * (D + 4), dtype=torch.uint8, device="cuda")
+    pool.get_index_k_with_scale_buffer = lambda layer_id: pool.buf
+    sgl_plugin.FACTS.get_pool = lambda: pool
+    sgl_plugin.FACTS.state_reason = None
+    sgl_plugin.POOLED.clear()
+    alloc = Pages(num_pages)
+    reqs = [Req(random_keys(context + 1, 200 + i)) for i in range(batch)]
+    pages = as_engine_pages(pool.buf, D)
+    pooled = sgl_plugin.POOLED.get_or_create(pages, D, capturing=False)
+    for r in reqs:
+        r.grow(alloc, context + 1)
+        slots = torch.tensor(r.slots(0, context + 1), device="cuda")
+        engine_quant_and_cache(pool.buf.view(-1, PAGE, D + 4), r.keys.cuda(), slots)
+        pos = torch.arange(context, device="cuda")
+        row = torch.tensor([r.pages], dtype=torch.int32, device="cuda")
+        ctx = step_tokens(slots[:-1], pos, row, torch.zeros_like(pos), num_pages)
+        k8, ks = read_back_keys(pages, ctx, D)
+        hisa.paged_cache_append(pages, pooled, k8, ctx.slots, pos, k_scale=ks, block_table=row,
+                                req_indices=ctx.req, block_size=OPTS.block_size)
+        r.done = context
+    slots = torch.tensor([r.slots(context, context + 1)[0] for r in reqs], device="cuda")
+    seq = torch.full((batch,), context + 1, dtype=torch.int32, device="cuda")
+    bt = table(reqs, context // PAGE + 4).cuda()
+    md = SglMetadata(ks=None, ke=None, token_to_batch=None, table=bt, seq_lens=seq,
+                     extend_lens=[1] * batch, method="PAGED", expanded=seq)
+    fb = SimpleNamespace(out_cache_loc=slots, forward_mode=Mode("decode"),
+                         positions=torch.full((batch,), context, device="cuda"))
+    q, w = (x.cuda() for x in random_queries(batch, H, 9))
+    indexer = SimpleNamespace(index_topk=TOPK, num_init_tokens=0, num_local_tokens=0,
+                              dsa_enable_prefill_cp=False)
+    req = torch.arange(batch, device="cuda")
+    tokens = step_tokens(slots, fb.positions, bt, req, num_pages)
+
+    def plugin():
+        return sgl_plugin.around_get_topk_paged(None, indexer, fb, 0, q, w.unsqueeze(-1), md,
+                                                options=OPTS)
+
+    def direct():
+        k8, ks = read_back_keys(pages, tokens, D)
+        hisa.paged_cache_append(pages, pooled, k8, tokens.slots, tokens.positions, k_scale=ks,
+                                block_table=bt, req_indices=req, block_size=OPTS.block_size)
+        local = hisa.hisa_index_paged(q.unsqueeze(1), pages, pooled, w, seq.view(-1, 1), bt,
+                                      topk=TOPK, block_size=OPTS.block_size,
+                                      block_topk=OPTS.block_topk)
+        p = local.long().clamp_min(0)
+        return torch.where(local >= 0, bt.long()[req.unsqueeze(1), p // PAGE] * PAGE +
+                           p % PAGE, -1)
+
+    ok = same_rows(plugin(), direct())
+    return plugin, direct, ok, None
+
+
+def prefill_case(context: int, queries: int):
+    sim = VllmSim(num_pages=context // PAGE + 8, heads=H, device="cuda")
+    r = Req(random_keys(context, 300))
+    r.done = context - queries
+    fill_context(sim, [r])
+    r.grow(sim.alloc, context)
+    md = to_device(vllm_step_metadata(Step([], [(r, queries)], width=context // PAGE + 4)),
+                   "cuda")
+    engine_quant_and_cache(sim.kv, r.keys[context - queries:].cuda(), md.slot_mapping)
+    q, w = (x.cuda() for x in random_queries(queries, H, 11))
+    call = vllm_call(sim.kv, md, q, w, topk=TOPK)
+    call["topk_indices_buffer"] = torch.full((queries, TOPK), -1, dtype=torch.int32,
+                                             device="cuda")
+    call["skip_topk_buffer_clear"] = True
+    opts = PluginOptions(block_size=OPTS.block_size, block_topk=OPTS.block_topk, decode=False)
+    engine = FakeVllmEngine(md)
+    c = md.prefill.chunks[0]
+    lens = c.cu_seqlen_ke - c.cu_seqlen_ks
+    row = torch.tensor(r.pages, dtype=torch.int32, device="cuda")
+
+    def plugin():
+        run_indexer(call, md, engine, opts, sim.registry)
+
+    def direct():
+        k, s = hisa.cache.gather_request_keys(as_engine_pages(sim.kv, D), row, context, D)
+        return hisa.hisa_index(q, k.contiguous(), w, torch.zeros_like(lens), lens,
+                               k_scale=s.contiguous(), topk=TOPK, block_size=OPTS.block_size,
+                               block_topk=OPTS.block_topk)
+
+    plugin()
+    ok = same_rows(call["topk_indices_buffer"][:queries, :TOPK], direct())
+    return plugin, direct, ok, None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="append JSON rows to this file")
+    args = ap.parse_args()
+    env = environment()
+    rows = []
+    cases = [("vllm decode", dict(batch=32, context=32768, next_n=1), decode_case, True),
+             ("vllm decode", dict(batch=8, context=65536, next_n=2), decode_case, True),
+             ("sglang decode", dict(batch=32, context=32768), sglang_decode_case, True),
+             ("vllm prefill", dict(context=32768, queries=4096), prefill_case, False)]
+    for name, shape, make, graph in cases:
+        plugin, direct, ok, grid = make(**shape)
+        if not ok:
+            raise SystemExit(f"{name} {shape}: plugin and direct ops select different indices")
+        t_plugin = time_op(plugin, cuda_graph=graph, runs=50).median_ms
+        t_direct = time_op(direct, cuda_graph=graph, runs=50).median_ms
+        overhead = t_plugin / t_direct - 1.0
+        grid_ms = time_op(grid, runs=50).median_ms if grid is not None else None
+        row = make_row(env, op=f"{name} plugin overhead", mode="hisa", ms=t_plugin,
+                       direct_ms=t_direct, overhead=overhead, grid_ms_per_step=grid_ms,
+                       within_target=overhead <= TARGET_OVERHEAD, cuda_graph=graph,
+                       context=shape["context"], batch=shape.get("batch"),
+                       next_n=shape.get("next_n"), queries=shape.get("queries"))
+        rows.append(row)
+        print(json.dumps(row))
+    if args.out:
+        append_rows(args.out, rows)
+
+
+if __name__ == "__main__":
+    main()

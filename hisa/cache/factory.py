@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..testing.inputs import EXACT_MAX, exact_weights
 from ..utils.quant import quantize_fp8
 from .layout import PAGE_SIZE
 from .paged import PagedIndexerCache
@@ -61,10 +62,14 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
                       q_dtype: torch.dtype = torch.float8_e4m3fn, seq_lens_2d: bool = False,
                       extra_pages: int = 3, extra_columns: int = 1, seed: int = 0,
                       device: str | torch.device = "cpu", backend: str = "torch",
-                      clustered: bool = True, keep_keys: bool = True) -> PagedInputs:
+                      clustered: bool = True, keep_keys: bool = True,
+                      exact: bool = False) -> PagedInputs:
     """Fill a fresh cache with ``seq_lens[b]`` random keys per request and draw queries.
 
     Unused block-table columns hold -1 so that a kernel reading them would fail loudly.
+    ``exact``: integer keys quantized with power-of-two (ue8m0) scales, integer fp32 (or fp8)
+    queries and power-of-two weights, so every token score is exact in fp32 whatever the
+    summation order (see :func:`hisa.testing.inputs.make_exact_indexer_inputs`).
     """
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -83,8 +88,12 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
             keys.append((torch.empty(0, head_dim, device=dev).to(torch.float8_e4m3fn),
                          torch.empty(0, device=dev)))
             continue
-        k, k_scale = quantize_fp8(random_keys(L, head_dim, generator=g, device=dev,
-                                              clustered=clustered), group_size=head_dim)
+        if exact:
+            kf = torch.randint(-EXACT_MAX, EXACT_MAX + 1, (L, head_dim), generator=g,
+                               device=dev).float()
+        else:
+            kf = random_keys(L, head_dim, generator=g, device=dev, clustered=clustered)
+        k, k_scale = quantize_fp8(kf, group_size=head_dim, ue8m0=exact)
         pos = torch.arange(L, device=dev)
         slots = block_table[b, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
         req = torch.full((L,), b, dtype=torch.int32, device=dev)
@@ -94,7 +103,11 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
             keys.append((k, k_scale))
     qf = torch.randn(batch, next_n, heads, head_dim, generator=g, device=dev)
     w = torch.randn(batch * next_n, heads, generator=g, device=dev) * heads ** -0.5
-    if q_dtype == torch.float8_e4m3fn:
+    if exact:
+        qf = torch.randint(-EXACT_MAX, EXACT_MAX + 1, qf.shape, generator=g, device=dev).float()
+        w = exact_weights(batch * next_n, heads, generator=g, device=dev)
+        q = qf.to(q_dtype)
+    elif q_dtype == torch.float8_e4m3fn:
         q, q_scale = quantize_fp8(qf, group_size=head_dim)          # q_scale [batch, next_n, H]
         w = w * q_scale.reshape(batch * next_n, heads)
     else:

@@ -17,6 +17,12 @@ from the pages, averaged in fp32 after dequantization, quantized to FP8 with the
 pooled row of the completing token's page (see :mod:`hisa.cache.layout`). Each block is pooled
 exactly once, however its tokens were split over calls (prefill chunks, decode steps) and
 whichever requests share its pages.
+
+Inconsistent inputs: the torch path raises ValueError (duplicate valid slots in one call, a slot
+whose offset is not its position's, a block-table row or page it cannot read); the Triton path
+never synchronises, so it follows fixed rules instead: duplicates resolve to the last token of
+the call, and an unreadable block's pooled row gets the unknown sentinel
+(:mod:`hisa.cache.append`, :mod:`hisa.cache.layout`).
 """
 from __future__ import annotations
 
@@ -25,11 +31,11 @@ import torch
 from ..ops.indexer.naive import naive_pool_blocks
 from ..utils.backend import resolve_backend
 from ..utils.quant import quantize_fp8
-from ..utils.validate import (FP8_DTYPE, check_positive_int, check_same_device, check_shape,
-                              check_tensor)
-from .layout import (PAGE_SIZE, as_pages, check_pooled_cache, gather_request_keys,
-                     gather_request_pooled, page_bytes, page_views, pooled_row_bytes,
-                     pooled_views)
+from ..utils.validate import (FP8_DTYPE, check_device, check_key_scale, check_positive_int,
+                              check_same_device, check_shape, check_tensor)
+from .layout import (PAGE_SIZE, as_pages, cache_head_dim, check_pooled_cache,
+                     gather_request_keys, gather_request_pooled, mark_pooled_unknown,
+                     page_bytes, page_views, pooled_row_bytes, pooled_views)
 
 KEY_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -48,6 +54,10 @@ def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_sc
     """Validate an append; returns the ``uint8 [P, 64 * (D + 4)]`` page view."""
     check_tensor("k", k, dtypes=KEY_DTYPES, ndim=2)
     T, D = k.shape
+    cache_d = cache_head_dim(kv_cache)
+    if D != cache_d:
+        raise ValueError(f"k: expected head_dim {cache_d} (that of kv_cache, shape "
+                         f"{list(kv_cache.shape)}), got shape {list(k.shape)}")
     pages = as_pages(kv_cache, D)
     check_block_size(block_size)
     if pooled_cache is not None:
@@ -56,13 +66,7 @@ def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_sc
     check_shape("slot_mapping", slot_mapping, (T,))
     check_tensor("positions", positions, dtypes=INDEX_DTYPES, ndim=1)
     check_shape("positions", positions, (T,))
-    if k.dtype == FP8_DTYPE:
-        if k_scale is None:
-            raise ValueError("k_scale: expected a float32 [T] tensor because k is "
-                             "float8_e4m3fn, got None")
-    elif k_scale is not None:
-        raise ValueError(f"k_scale: expected None because k is {k.dtype} (it is quantized "
-                         f"here), got a tensor")
+    check_key_scale(k, k_scale, "T")
     if k_scale is not None:
         check_tensor("k_scale", k_scale, dtypes=(torch.float32,), ndim=1)
         check_shape("k_scale", k_scale, (T,))
@@ -103,6 +107,13 @@ def naive_cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None,
         values, scales = quantize_fp8(k, group_size=D, ue8m0=ue8m0)
     slot = slot_mapping.long()
     valid = (slot >= 0) & (slot < P * PAGE_SIZE)
+    used = torch.sort(slot[valid]).values
+    dup = used[1:] == used[:-1]
+    if bool(dup.any()):
+        s = int(used[1:][dup][0])
+        who = (slot == s).nonzero().flatten().tolist()
+        raise ValueError(f"slot_mapping: expected distinct slots for the valid tokens of one "
+                         f"append, got slot {s} for tokens {who}")
     page, off = slot // PAGE_SIZE, slot % PAGE_SIZE
     val_view, scale_view = page_views(pages, D)
     val_view[page[valid], off[valid]] = values.view(torch.uint8)[valid]
@@ -124,7 +135,11 @@ def naive_cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None,
         if per_block == 1:
             block_pages = torch.tensor([last], device=pages.device)
         else:
-            row = block_table[int(req_indices[t])].long()
+            r = int(req_indices[t])
+            if not 0 <= r < block_table.shape[0]:
+                raise ValueError(f"req_indices: expected rows in [0, {block_table.shape[0]}) of "
+                                 f"block_table, got {r} for token {t}")
+            row = block_table[r].long()
             b = int(pos[t]) // block_size
             if (b + 1) * per_block > row.numel():
                 raise ValueError(f"block_table: row {int(req_indices[t])} has {row.numel()} "
@@ -191,38 +206,55 @@ class PagedIndexerCache:
     """One layer's paged FP8 indexer key cache plus its pooled-block cache.
 
     Owns (or wraps, see :meth:`from_tensors`) ``kv_cache`` uint8 [num_pages, 64 * (D + 4)] and
-    ``pooled_cache`` uint8 [num_pages, D + 4]. Page allocation stays with the caller (the
-    serving engine's block manager): this object only writes through slot mappings and reads
-    through block tables. Freeing a page needs no call; page moves need :meth:`copy_pages`.
+    ``pooled_cache`` uint8 [num_pages, D + 4] (None for a flat-DSA-only cache, ``pooled=False``).
+    Page allocation stays with the caller (the serving engine's block manager): this object
+    only writes through slot mappings and reads through block tables. Freeing a page needs no
+    call; page moves need :meth:`copy_pages`.
+
+    Query it with :meth:`hisa_index` / :meth:`dsa_index`: they pass the cache's own tensors and
+    block size, so a block size other than the one the pooled rows were built with cannot be
+    passed by mistake (the raw-tensor :func:`hisa.hisa_index_paged` trusts its caller on that).
+    A new cache's pooled rows hold the unknown sentinel (:mod:`hisa.cache.layout`), which ranks
+    below every real block until an append writes the row.
 
     Example:
         >>> cache = PagedIndexerCache(num_pages=1024, head_dim=128, block_size=128)
         >>> cache.append(k_new, slot_mapping, positions, block_table=bt, req_indices=req)
-        >>> idx = hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w, seq_lens, bt)
+        >>> idx = cache.hisa_index(q, w, seq_lens, bt, topk=2048, block_topk=64)
     """
 
     def __init__(self, num_pages: int, *, head_dim: int = 128, block_size: int = 128,
-                 ue8m0: bool = False, device: str | torch.device = "cpu") -> None:
-        check_positive_int("num_pages", num_pages)
-        check_positive_int("head_dim", head_dim)
+                 ue8m0: bool = False, pooled: bool = True,
+                 device: str | torch.device = "cpu") -> None:
+        num_pages = check_positive_int("num_pages", num_pages)
+        head_dim = check_positive_int("head_dim", head_dim)
         self.block_size = check_block_size(block_size)
+        device = check_device("device", device)
         self.head_dim = head_dim
         self.ue8m0 = ue8m0
         self.kv_cache = torch.zeros(num_pages, page_bytes(head_dim), dtype=torch.uint8,
                                     device=device)
-        self.pooled_cache = torch.zeros(num_pages, pooled_row_bytes(head_dim),
-                                        dtype=torch.uint8, device=device)
+        self.pooled_cache = None
+        if pooled:
+            self.pooled_cache = mark_pooled_unknown(torch.empty(
+                num_pages, pooled_row_bytes(head_dim), dtype=torch.uint8, device=device))
 
     @classmethod
-    def from_tensors(cls, kv_cache: torch.Tensor, pooled_cache: torch.Tensor, *,
+    def from_tensors(cls, kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None, *,
                      head_dim: int = 128, block_size: int = 128,
                      ue8m0: bool = False) -> "PagedIndexerCache":
-        """Wrap engine-owned tensors (no copy)."""
+        """Wrap engine-owned tensors (no copy); ``pooled_cache=None`` for a flat-only cache.
+
+        Rows of an engine-allocated ``pooled_cache`` that no append of this block size has
+        written must hold the unknown sentinel (:func:`hisa.cache.layout.mark_pooled_unknown`),
+        not zeros: a zero row scores 0 and can displace real blocks.
+        """
         pages = as_pages(kv_cache, head_dim)
-        check_pooled_cache(pooled_cache, head_dim, pages.shape[0])
+        if pooled_cache is not None:
+            check_pooled_cache(pooled_cache, head_dim, pages.shape[0])
         self = cls.__new__(cls)
         self.block_size = check_block_size(block_size)
-        self.head_dim, self.ue8m0 = head_dim, ue8m0
+        self.head_dim, self.ue8m0 = check_positive_int("head_dim", head_dim), ue8m0
         self.kv_cache, self.pooled_cache = pages, pooled_cache
         return self
 
@@ -234,6 +266,11 @@ class PagedIndexerCache:
     def device(self) -> torch.device:
         return self.kv_cache.device
 
+    @property
+    def pooled(self) -> bool:
+        """Whether this cache maintains pooled rows (HISA can query it)."""
+        return self.pooled_cache is not None
+
     def append(self, k: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor, *,
                k_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
                req_indices: torch.Tensor | None = None, backend: str = "auto") -> None:
@@ -242,6 +279,32 @@ class PagedIndexerCache:
                            k_scale=k_scale, block_table=block_table, req_indices=req_indices,
                            block_size=self.block_size, ue8m0=self.ue8m0, backend=backend)
 
+    def hisa_index(self, q: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor,
+                   block_table: torch.Tensor, *, topk: int = 2048, block_topk: int = 64,
+                   return_scores: bool = False, out: torch.Tensor | None = None,
+                   backend: str = "auto"):
+        """:func:`hisa.hisa_index_paged` over this cache, with its block size.
+
+        Raises ValueError for a cache built with ``pooled=False``.
+        """
+        if self.pooled_cache is None:
+            raise ValueError("cache: expected a pooled cache for HISA, got one built with "
+                             "pooled=False (no pooled rows are maintained); use dsa_index or "
+                             "build the cache with pooled=True")
+        from ..ops.indexer.decode import hisa_index_paged
+        return hisa_index_paged(q, self.kv_cache, self.pooled_cache, weights, seq_lens,
+                                block_table, topk=topk, block_size=self.block_size,
+                                block_topk=block_topk, return_scores=return_scores, out=out,
+                                backend=backend)
+
+    def dsa_index(self, q: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor,
+                  block_table: torch.Tensor, *, topk: int = 2048, return_scores: bool = False,
+                  out: torch.Tensor | None = None, backend: str = "auto"):
+        """:func:`hisa.dsa_index_paged` (the flat baseline) over this cache."""
+        from ..ops.dsa.paged import dsa_index_paged
+        return dsa_index_paged(q, self.kv_cache, weights, seq_lens, block_table, topk=topk,
+                               return_scores=return_scores, out=out, backend=backend)
+
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy pages ``src`` to ``dst`` (int [n] each) with their pooled rows (swap/defrag)."""
         check_tensor("src", src, dtypes=INDEX_DTYPES, ndim=1)
@@ -249,7 +312,8 @@ class PagedIndexerCache:
         check_shape("dst", dst, (src.numel(),))
         s, d = src.long(), dst.long()
         self.kv_cache[d] = self.kv_cache[s]
-        self.pooled_cache[d] = self.pooled_cache[s]
+        if self.pooled_cache is not None:
+            self.pooled_cache[d] = self.pooled_cache[s]
 
     def request_keys(self, block_table_row: torch.Tensor, length: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,5 +323,7 @@ class PagedIndexerCache:
     def request_pooled(self, block_table_row: torch.Tensor, num_blocks: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled rows of complete blocks [0, num_blocks) of one request (fp8 [nb, D], [nb])."""
+        if self.pooled_cache is None:
+            raise ValueError("cache: built with pooled=False, it has no pooled rows")
         return gather_request_pooled(self.pooled_cache, block_table_row, num_blocks,
                                      self.block_size, self.head_dim)

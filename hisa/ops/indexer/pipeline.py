@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from ..dsa.prefill import check_kernel_shapes, prepare_operands
-from .block_scores import block_select
+from .block_scores import block_select, check_window_blocks, window_blocks
 from .pool import check_block_size, pool_blocks
 from .select import select_tokens
 from .token_scores import token_scores
@@ -39,6 +39,7 @@ def _prepare(q, k, weights, ks, ke, k_scale, block_size):
     check_kernel_shapes(q, k)
     check_block_size(block_size)
     q, k, prec = prepare_operands(q, k)
+    k_scale = None if k_scale is None else k_scale.contiguous()
     return q, k, weights.contiguous(), ks.contiguous(), ke.contiguous(), k_scale, prec
 
 
@@ -78,6 +79,8 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
         ...     fn()
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
+    first_block, max_blocks = window_blocks(ks, ke, block_size)
+    check_window_blocks(max_blocks, block_size)
     T = q.shape[0]
     state: dict = {
         "ids": torch.empty(T, block_topk, dtype=torch.int32, device=q.device),
@@ -85,13 +88,14 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     }
 
     def pool():
-        state["pooled"], state["pooled_scale"] = pool_blocks(k, k_scale, block_size=block_size)
+        state["pooled"], state["pooled_scale"] = pool_blocks(k, k_scale, block_size=block_size,
+                                                             first_block=first_block)
         return state
 
     def blocks():
         block_select(q, state["pooled"], weights, ks, ke, block_size=block_size,
                      block_topk=block_topk, pooled_scale=state["pooled_scale"], prec=prec,
-                     out=state["ids"])
+                     out=state["ids"], max_blocks=max_blocks)
         return state
 
     state["buf"] = _token_buffer(T, block_topk * block_size, q.device)
@@ -135,9 +139,14 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
          fp32 [T, topk] aligned scores, -inf padded, or None unless ``need_scores``).
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
-    pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size)
+    # Every check that can fail runs before the first launch (one host sync for the windows).
+    first_block, max_blocks = window_blocks(ks, ke, block_size)
+    check_window_blocks(max_blocks, block_size)
+    pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
+                                       first_block=first_block)
     ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
-                       block_topk=block_topk, pooled_scale=pooled_scale, prec=prec)
+                       block_topk=block_topk, pooled_scale=pooled_scale, prec=prec,
+                       max_blocks=max_blocks)
     T = q.shape[0]
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)
     vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None

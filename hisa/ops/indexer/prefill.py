@@ -31,14 +31,20 @@ def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.
         scores[rows] = sub_scores
 
 
-def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk: int) -> None:
+def _kernel_check(q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
+                  block_size: int, block_topk: int) -> None:
+    """Every limit of the Triton pipeline (``backend="auto"`` falls back to the reference when
+    one is exceeded); it reads the windows (a host sync, as :func:`check_windows` does)."""
     from ..dsa.prefill import check_kernel_shapes
+    from .block_scores import check_window_blocks, window_blocks
     from .pool import check_block_size
     from .select import SELECT_MAX_ROW
     check_kernel_shapes(q, k)
     check_block_size(block_size)
     if block_size * block_topk > SELECT_MAX_ROW:
-        raise ValueError(f"block_topk * block_size: at most {SELECT_MAX_ROW} for the kernels")
+        raise ValueError(f"block_topk * block_size: expected at most {SELECT_MAX_ROW} candidates "
+                         f"for the Triton token selection, got {block_size * block_topk}")
+    check_window_blocks(window_blocks(ks, ke, block_size)[1], block_size)
 
 
 def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
@@ -65,11 +71,12 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         >>> idx = hisa.hisa_index(q, k, w, ks, ke, topk=2048, block_size=128, block_topk=64)
     """
     T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
-    check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
+    topk, block_size, block_topk = check_hisa_params(topk=topk, block_size=block_size,
+                                                     block_topk=block_topk)
     check_out_buffer(out, T, topk, q.device)
     check_windows(ks, ke, S)
     if resolve_backend(backend, q.device,
-                       lambda: _kernel_check(q, k, block_size, block_topk)) == "torch":
+                       lambda: _kernel_check(q, k, ks, ke, block_size, block_topk)) == "torch":
         idx, scores = naive_hisa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                        block_size=block_size, block_topk=block_topk)
     else:

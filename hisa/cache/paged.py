@@ -42,7 +42,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_block_size(block_size) -> int:
-    check_positive_int("block_size", block_size)
+    block_size = check_positive_int("block_size", block_size)
     if block_size % PAGE_SIZE:
         raise ValueError(f"block_size: expected a multiple of the page size {PAGE_SIZE} (a block "
                          f"must end on a page boundary), got {block_size}")

@@ -8,9 +8,10 @@ Two launches (the second reads keys the first wrote, possibly from other program
   scale and e4m3 NaN values, as there), stored at ``slot`` in the page's SoA layout. Slots
   outside [0, num_pages * 64) are skipped. **Duplicate slots** (a caller bug the torch path
   rejects): the last token of the call that names a slot wins, deterministically; the others
-  are neither written nor pooled. Each program compares its tokens' slots with every later
-  token's: T^2 / 2 compares per call in T / 16 programs (a decode batch of 256 tokens: 16
-  programs of 256 compares each), still one launch with no host sync.
+  are neither written nor pooled. Up to :data:`APPEND_SCAN_MAX_TOKENS` tokens (decode batches)
+  each program compares its tokens' slots with every later token's, inside the one launch;
+  longer calls (prefill chunks) find the later duplicates with a stable sort of the slots
+  first (O(T log T), a few more launches). No host sync either way.
 * ``_pool_kernel``, one program per token: if the token completes a block
   (``(position + 1) % B == 0``), it averages the block's B dequantized keys (earlier pages from
   ``block_table[req_indices[t]]``, the last page from the slot), quantizes the mean and writes
@@ -35,6 +36,9 @@ from .layout import PAGE_SIZE
 APPEND_TOKENS = 16
 #: Later slots compared per step of the duplicate-slot scan.
 APPEND_SCAN = 256
+#: Calls up to this many tokens find duplicate slots inside the append kernel (T^2 / 2
+#: compares); longer ones sort the slots first.
+APPEND_SCAN_MAX_TOKENS = 2048
 FP8_MAX = 448.0
 AMAX_FLOOR = 1e-4
 
@@ -84,21 +88,25 @@ def _to_e4m3(y):
 
 
 @triton.jit
-def _append_kernel(k_ptr, ksc_ptr, slot_ptr, kv8_ptr, kv32_ptr, win_ptr, T, num_pages,
-                   D: tl.constexpr, TOK: tl.constexpr, PAGE: tl.constexpr, SCAN: tl.constexpr,
-                   IS_FP8: tl.constexpr, UE8M0: tl.constexpr):
+def _append_kernel(k_ptr, ksc_ptr, slot_ptr, kv8_ptr, kv32_ptr, win_ptr, later_ptr, T,
+                   num_pages, D: tl.constexpr, TOK: tl.constexpr, PAGE: tl.constexpr,
+                   SCAN: tl.constexpr, SCAN_IN_KERNEL: tl.constexpr, IS_FP8: tl.constexpr,
+                   UE8M0: tl.constexpr):
     t = tl.program_id(0) * TOK + tl.arange(0, TOK)
     d = tl.arange(0, D)
     tmask = t < T
     slot = tl.load(slot_ptr + t, mask=tmask, other=-1).to(tl.int64)
     ok = tmask & (slot >= 0) & (slot // PAGE < num_pages)
     # Last writer wins: skip a token when a later token of the call has the same slot.
-    later = tl.zeros([TOK], dtype=tl.int32)
-    for c in range(tl.program_id(0) * TOK, T, SCAN):
-        j = c + tl.arange(0, SCAN)
-        sj = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
-        hit = (sj[None, :] == slot[:, None]) & (j[None, :] > t[:, None]) & (j < T)[None, :]
-        later = tl.maximum(later, tl.max(hit.to(tl.int32), axis=1))
+    if SCAN_IN_KERNEL:
+        later = tl.zeros([TOK], dtype=tl.int32)
+        for c in range(tl.program_id(0) * TOK, T, SCAN):
+            j = c + tl.arange(0, SCAN)
+            sj = tl.load(slot_ptr + j, mask=j < T, other=-1).to(tl.int64)
+            hit = (sj[None, :] == slot[:, None]) & (j[None, :] > t[:, None]) & (j < T)[None, :]
+            later = tl.maximum(later, tl.max(hit.to(tl.int32), axis=1))
+    else:
+        later = tl.load(later_ptr + t, mask=tmask, other=0).to(tl.int32)
     ok = ok & (later == 0)
     tl.store(win_ptr + t, ok.to(tl.int8), mask=tmask)
     x = tl.load(k_ptr + t.to(tl.int64)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
@@ -168,6 +176,16 @@ def _pool_kernel(pos_ptr, slot_ptr, win_ptr, req_ptr, bt_ptr, kv8_ptr, kv32_ptr,
         tl.store(pl32_ptr + row // 4 + D // 4, scale)
 
 
+def later_duplicates(slots: torch.Tensor) -> torch.Tensor:
+    """int8 [T]: 1 where a later token of the call has the same slot (a stable sort keeps
+    equal slots in call order, so each but the last of a run has a later twin)."""
+    order = torch.argsort(slots.long(), stable=True)
+    ss = slots.long()[order]
+    later = torch.zeros(slots.shape[0], dtype=torch.int8, device=slots.device)
+    later[order[:-1]] = (ss[1:] == ss[:-1]).to(torch.int8)
+    return later
+
+
 def cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None, k: torch.Tensor,
                  slot_mapping: torch.Tensor, positions: torch.Tensor, *,
                  k_scale: torch.Tensor | None, block_table: torch.Tensor | None,
@@ -180,10 +198,12 @@ def cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None, k: torc
     is_fp8 = k.dtype == torch.float8_e4m3fn
     slots = slot_mapping.contiguous()
     written = torch.empty(T, dtype=torch.int8, device=k.device)   # 1: token written (winner)
+    scan = T <= APPEND_SCAN_MAX_TOKENS
+    later = written if scan else later_duplicates(slots)
     _append_kernel[(triton.cdiv(T, APPEND_TOKENS),)](
-        k.contiguous(), k_scale.contiguous() if is_fp8 else kv32, slots, kv8, kv32, written, T,
-        pages.shape[0], D=D, TOK=APPEND_TOKENS, PAGE=PAGE_SIZE, SCAN=APPEND_SCAN, IS_FP8=is_fp8,
-        UE8M0=ue8m0, num_warps=4)
+        k.contiguous(), k_scale.contiguous() if is_fp8 else kv32, slots, kv8, kv32, written,
+        later, T, pages.shape[0], D=D, TOK=APPEND_TOKENS, PAGE=PAGE_SIZE, SCAN=APPEND_SCAN,
+        SCAN_IN_KERNEL=scan, IS_FP8=is_fp8, UE8M0=ue8m0, num_warps=4)
     if pooled_cache is None:
         return
     has_table = block_table is not None and req_indices is not None

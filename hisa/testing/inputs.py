@@ -84,8 +84,9 @@ EXACT_MAX = 4
 
 
 def exact_weights(rows: int, heads: int, *, generator: torch.Generator, device) -> torch.Tensor:
-    """fp32 [rows, heads] signed powers of two in [1/8, 1] (exact products and sums)."""
-    e = torch.randint(-3, 1, (rows, heads), generator=generator, device=device).float()
+    """fp32 [rows, heads] signed powers of two, 1/2 or 1: with integer operands the head sums
+    stay within fp32's 24-bit significand (exact) up to H = 64, D = 128, B = 128 means."""
+    e = torch.randint(-1, 1, (rows, heads), generator=generator, device=device).float()
     sign = torch.randint(0, 2, (rows, heads), generator=generator, device=device) * 2 - 1
     return sign * torch.exp2(e)
 

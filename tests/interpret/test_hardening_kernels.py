@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hisa
+import hisa.cache.append as append_mod
 import hisa.ops.dsa.decode_kernels as dk
 from hisa.cache import PAGE_SIZE, PagedIndexerCache, page_bytes, pooled_row_bytes, pooled_views
 from hisa.cache.factory import make_paged_inputs
@@ -267,7 +268,7 @@ def test_zero_page_block_table_gives_empty_rows():
         assert bool((idx == -1).all()), backend
 
 
-def test_duplicate_slots_last_writer_wins_and_loser_never_pools():
+def test_duplicate_slots_last_writer_wins_and_loser_never_pools(monkeypatch):
     """Token 0 (request 0, position 127) completes block 0 on pages (0, 1); token 1 (request 1,
     position 63) names the same slot. The Triton append keeps token 1's key and pools nothing
     from the mixed page; the torch append refuses the call."""
@@ -289,16 +290,19 @@ def test_duplicate_slots_last_writer_wins_and_loser_never_pools():
     assert torch.equal(cache.kv_cache, want.kv_cache)
     assert torch.equal(cache.pooled_cache, want.pooled_cache)
     assert torch.isnan(pooled_views(cache.pooled_cache, D)[1][1])    # page 1: never pooled
-    # Duplicates inside one program and across programs (16 tokens a program): last wins.
+    # Duplicates inside one program and across programs (16 tokens a program): last wins,
+    # both when the kernel scans for them and when a long call sorts the slots first.
     k2 = torch.randint(-4, 5, (40, D), generator=g).float()
     s2 = torch.arange(40) % 7 + 128
-    c2 = PagedIndexerCache(3, head_dim=D, block_size=64)
-    c2.append(k2, s2, s2 % 64, backend="triton")
     last = {int(s): i for i, s in enumerate(s2.tolist())}
     keep = torch.tensor(sorted(last.values()))
     w2 = PagedIndexerCache(3, head_dim=D, block_size=64)
     w2.append(k2[keep], s2[keep], s2[keep] % 64, backend="torch")
-    assert torch.equal(c2.kv_cache, w2.kv_cache)
+    for scan_max in (2048, 8):
+        monkeypatch.setattr(append_mod, "APPEND_SCAN_MAX_TOKENS", scan_max)
+        c2 = PagedIndexerCache(3, head_dim=D, block_size=64)
+        c2.append(k2, s2, s2 % 64, backend="triton")
+        assert torch.equal(c2.kv_cache, w2.kv_cache), scan_max
 
 
 def test_prefill_block_limit_is_checked_before_pooling(monkeypatch):

@@ -90,7 +90,7 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
             continue
         if exact:
             kf = torch.randint(-EXACT_MAX, EXACT_MAX + 1, (L, head_dim), generator=g,
-                               device=dev).float()
+                               device=dev, dtype=torch.int8).float()
         else:
             kf = random_keys(L, head_dim, generator=g, device=dev, clustered=clustered)
         k, k_scale = quantize_fp8(kf, group_size=head_dim, ue8m0=exact)

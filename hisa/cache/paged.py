@@ -184,7 +184,9 @@ def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None
         ue8m0: round key scales up to powers of two (DeepSeek's ``scale_fmt="ue8m0"``).
         backend: "auto" (Triton on CUDA), "triton" or "torch". The Triton path never
             synchronises with the host and skips (never reads out of bounds for) inconsistent
-            slots or block-table entries; the torch path raises ValueError for them.
+            slots or block-table entries: duplicate slots resolve to the call's last token, a
+            block it cannot read gets the unknown pooled row (:mod:`hisa.cache.layout`). The
+            torch path raises ValueError for all of these.
 
     Example:
         >>> paged_cache_append(kv, pooled, k_new, slots, pos, block_table=bt, req_indices=r)

@@ -107,7 +107,8 @@ def make_exact_indexer_inputs(seq_lens: list[int], *, heads: int = 16, head_dim:
     g = torch.Generator(device=dev).manual_seed(seed)
     query_lens = list(seq_lens) if query_lens is None else list(query_lens)
     S, T = sum(seq_lens), sum(query_lens)
-    k = torch.randint(-EXACT_MAX, EXACT_MAX + 1, (S, head_dim), generator=g, device=dev).float()
+    k = torch.randint(-EXACT_MAX, EXACT_MAX + 1, (S, head_dim), generator=g, device=dev,
+                      dtype=torch.int8).float()          # int8 draws: 1 byte a value
     q = torch.randint(-EXACT_MAX, EXACT_MAX + 1, (T, heads, head_dim), generator=g,
                       device=dev).float()
     w = exact_weights(T, heads, generator=g, device=dev)

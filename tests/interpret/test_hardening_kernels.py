@@ -109,7 +109,7 @@ def test_paged_cache_offsets_past_2_31_bytes():
 
 def test_strided_prefill_inputs_are_read_by_stride():
     inp = make_exact_indexer_inputs([70, 30], heads=16, head_dim=64, dtype=torch.float8_e4m3fn,
-                                    seed=3)
+                                    query_lens=[8, 5], seed=3)
     T, H = inp.weights.shape
     scale_s = torch.stack([inp.k_scale, torch.full_like(inp.k_scale, 1e6)], 1)[:, 0]
     w_s = torch.cat([inp.weights, torch.full_like(inp.weights, -1e6)], 1)[:, :H]
@@ -123,7 +123,7 @@ def test_strided_prefill_inputs_are_read_by_stride():
 
 
 def test_strided_decode_and_append_inputs_are_read_by_stride():
-    inp = make_paged_inputs([300, 65, 128], next_n=2, heads=16, head_dim=64, block_size=128,
+    inp = make_paged_inputs([300, 65], next_n=2, heads=16, head_dim=64, block_size=128,
                             exact=True, q_dtype=torch.float32)
     rows, H = inp.weights.shape
     w_s = torch.cat([inp.weights, torch.full_like(inp.weights, 1e6)], 1)[:, :H]

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import hisa
 from hisa.ops.dsa.naive import (OUTSIDE_BITS, is_outside, mark_outside, naive_dsa_logits,
@@ -17,6 +18,7 @@ from hisa.testing.compare import check_index_format
 from hisa.testing.inputs import make_exact_indexer_inputs
 
 from brute import as_rows, brute_dsa, brute_hisa
+from fuzz_cases import check_topk_reference
 
 NAN, INF = float("nan"), float("inf")
 
@@ -77,13 +79,30 @@ def test_naive_topk_rule_ties_and_count():
     assert naive_topk(row, 2, forced=forced)[0][0].tolist() == [0, 5]
 
 
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(rows=st.lists(st.lists(st.sampled_from([NAN, INF, -INF, 0.0, -0.0, 1.0, -1.0, 2.5, None]),
+                              min_size=0, max_size=12), min_size=1, max_size=4),
+       topk=st.integers(1, 14))
+def test_naive_topk_fuzz_against_a_python_sort(rows, topk):
+    """None: a position outside the window."""
+    width = max(len(r) for r in rows)
+    x = torch.zeros(len(rows), width)
+    outside = torch.ones(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        for j, v in enumerate(r):
+            if v is not None:
+                x[i, j], outside[i, j] = v, False
+    check_topk_reference(mark_outside(x, outside), topk)
+
+
 def test_head_sum_propagates_nan_and_inf():
     q = torch.tensor([[[1.0, 0.0], [NAN, 1.0]], [[INF, 0.0], [-1.0, 0.0]]])   # [2, 2, 2]
     k = torch.tensor([[1.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
     w = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
     s = naive_scores(q, k, w)
     assert torch.isnan(s[0]).all()                    # ReLU(NaN) = NaN in every key's sum
-    assert s[1, 0] == INF and torch.isnan(s[1, 1]) and s[1, 2] == 0.0   # inf*0 = NaN, ReLU(-inf) = 0
+    # inf * 0 = NaN; ReLU(-inf) = 0
+    assert s[1, 0] == INF and torch.isnan(s[1, 1]) and s[1, 2] == 0.0
 
 
 @pytest.mark.parametrize("where,value,dtype", CASES, ids=IDS)

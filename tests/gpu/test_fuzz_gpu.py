@@ -5,14 +5,17 @@ Run: PYTHONPATH=. python3 -m pytest -q tests/gpu/test_fuzz_gpu.py
 """
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 
-import fuzz_cases as F
+pytest.importorskip("hypothesis", reason="the GPU fuzzer needs hypothesis (pip install hypothesis)")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+
+import fuzz_cases as F  # noqa: E402
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-GPU = F.Profile(device="cuda", max_keys=5000, max_queries=48, heads=(16, 64), head_dims=(64, 128),
+GPU = F.Profile(device="cuda", max_keys=5000, max_queries=48, heads=(16, 64),
+                head_dims=(64, 128),
                 dtypes=(torch.float32, torch.bfloat16, torch.float8_e4m3fn), max_topk=2048,
                 block_sizes=(16, 64, 128), topks=(1, 37, 256, 2048), block_topks=(2, 8, 64))
 #: Examples per op; each new (topk, block_topk, H, D, dtype) draws a kernel compile.

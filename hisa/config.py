@@ -36,7 +36,12 @@ class HisaConfig:
     super_topk: int | None = None
 
     def __post_init__(self) -> None:
-        check_hisa_params(topk=self.topk, block_size=self.block_size, block_topk=self.block_topk)
+        topk, block_size, block_topk = check_hisa_params(
+            topk=self.topk, block_size=self.block_size, block_topk=self.block_topk)
+        # Integral numpy scalars are accepted and stored as ints (the dataclass is frozen).
+        object.__setattr__(self, "topk", topk)
+        object.__setattr__(self, "block_size", block_size)
+        object.__setattr__(self, "block_topk", block_topk)
         check_super_params(block_topk=self.block_topk, super_size=self.super_size,
                            super_topk=self.super_topk)
 

@@ -9,6 +9,13 @@ import math
 import torch
 
 
+def rule_order(item):
+    """Sort key of a (score, position) pair under the selection rule: larger scores first
+    (+inf > finite > -inf), NaN after every number, ties to the lower position."""
+    v, s = item
+    return (1, 0.0, s) if math.isnan(v) else (0, -v, s)
+
+
 def dequant(k, k_scale):
     kf = k.double()
     return kf if k_scale is None else kf * k_scale.double().unsqueeze(1)
@@ -26,7 +33,7 @@ def brute_dsa(q, k, w, ks, ke, k_scale, topk):
         a, b = int(ks[t]), int(ke[t])
         sc = [(score(q[t], w[t], kf[s] if k_scale is None else k[s].double()) *
                (1.0 if k_scale is None else float(k_scale[s])), s) for s in range(a, b)]
-        sc.sort(key=lambda x: (-x[0], x[1]))
+        sc.sort(key=rule_order)
         rows.append([s - a for _, s in sc[:topk]])
     return rows
 
@@ -44,19 +51,19 @@ def brute_hisa(q, k, w, ks, ke, k_scale, topk, block_size, block_topk):
             continue
         if e - a <= topk:  # a window of at most topk keys comes back whole
             sc = sorted(((score(q[t], w[t], kf[s]), s) for s in range(a, e)),
-                        key=lambda x: (-x[0], x[1]))
+                        key=rule_order)
             rows.append([s - a for _, s in sc])
             continue
         first, last = a // block_size, math.ceil(e / block_size) - 1
         forced = sorted({first, last})
         others = [(score(q[t], w[t], means[b]), b) for b in range(first, last + 1)
                   if b not in forced]
-        others.sort(key=lambda x: (-x[0], x[1]))
+        others.sort(key=rule_order)
         chosen = forced + [b for _, b in others[:max(0, block_topk - len(forced))]]
         cand = [s for b in chosen for s in range(b * block_size, min(S, (b + 1) * block_size))
                 if a <= s < e]
         sc = [(score(q[t], w[t], kf[s]), s) for s in cand]
-        sc.sort(key=lambda x: (-x[0], x[1]))
+        sc.sort(key=rule_order)
         rows.append([s - a for _, s in sc[:topk]])
     return rows
 

@@ -9,6 +9,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=None,
+                     help="examples per op of the shape fuzzer (default: each tier's count; "
+                          "tests/gpu/sanitize.sh passes a few)")
+
+
+@pytest.fixture
+def fuzz_examples(request):
+    """The --fuzz-examples override, or None."""
+    return request.config.getoption("--fuzz-examples")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

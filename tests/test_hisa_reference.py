@@ -6,6 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import hisa
 from hisa.ops.dsa import naive as dsa_naive
+from hisa.ops.dsa.naive import is_outside, mark_outside
 from hisa.ops.indexer import naive as hn
 from hisa.testing.compare import assert_same_selection, check_index_format
 from hisa.testing.inputs import make_indexer_inputs
@@ -43,21 +44,33 @@ def test_block_scores_mask_and_force():
     ke = torch.tensor([17, 14, 9], dtype=torch.int32)     # last row: empty window
     j = hn.naive_block_scores(q, pooled, w, ks, ke, block_size=4)
     # row 0: eligible blocks [0, 5): 0 and 4 forced; row 1: [1, 4): 1 and 3 forced
-    assert j[0, 0] == float("inf") and j[0, 4] == float("inf") and j[0, 5] == float("-inf")
+    out = is_outside(j)
+    assert j[0, 0] == float("inf") and j[0, 4] == float("inf") and out[0, 5]
     assert torch.isfinite(j[0, 1:4]).all()
-    assert j[1, 0] == float("-inf") and j[1, 1] == float("inf") and j[1, 3] == float("inf")
-    assert torch.isfinite(j[1, 2]) and bool((j[1, 4:] == float("-inf")).all())
-    assert bool((j[2] == float("-inf")).all())
+    assert out[1, 0] and j[1, 1] == float("inf") and j[1, 3] == float("inf")
+    assert torch.isfinite(j[1, 2]) and bool(out[1, 4:].all())
+    assert bool(out[2].all())
 
 
 def test_select_blocks_ascending_unique_padded():
-    j = torch.tensor([[1.0, float("inf"), 3.0, float("-inf"), 2.0],
-                      [float("-inf")] * 5])
+    inf = float("inf")
+    j = torch.tensor([[1.0, inf, 3.0, -inf, 2.0, 0.5], [0.0] * 6])
+    mark_outside(j, torch.tensor([[True, False, False, False, False, True], [True] * 6]))
+    # row 0: eligible [1, 5), blocks 1 and 4 forced, then 3.0 before -inf (selectable)
     ids = hn.naive_select_blocks(j, 3)
     assert ids.dtype == torch.int32
     assert ids[0].tolist() == [1, 2, 4] and ids[1].tolist() == [-1, -1, -1]
     ids = hn.naive_select_blocks(j, 8)
-    assert ids[0].tolist() == [0, 1, 2, 4, -1, -1, -1, -1]
+    assert ids[0].tolist() == [1, 2, 3, 4, -1, -1, -1, -1]
+
+
+def test_forced_blocks_survive_infinite_scores():
+    # Real +inf block scores (an infinite weight, say) tie with the forced +inf: the first
+    # and last eligible block are still kept, the +inf middle blocks take the rest by position.
+    inf = float("inf")
+    j = torch.tensor([[0.0, inf, inf, inf, -1.0], [float("nan"), inf, 1.0, inf, float("nan")]])
+    assert hn.naive_select_blocks(j, 2).tolist() == [[0, 4], [0, 4]]
+    assert hn.naive_select_blocks(j, 3).tolist() == [[0, 1, 4], [0, 1, 4]]
 
 
 def test_token_scores_mask_window_and_padding():
@@ -65,7 +78,7 @@ def test_token_scores_mask_window_and_padding():
     blocks = torch.tensor([[0, 2, -1]] * 10, dtype=torch.int32)
     sc, pos = hn.naive_token_scores(*inp.args(), blocks, block_size=4)
     assert pos[9].tolist() == [0, 1, 2, 3, 8, 9, -1, -1, -1, -1, -1, -1]
-    assert bool((sc[3, 4:] == float("-inf")).all())                # row 3 sees keys 0..3
+    assert bool(is_outside(sc[3, 4:]).all())                       # row 3 sees keys 0..3
     torch.testing.assert_close(sc[9, 5], logits_of(inp)[9, 9])
 
 

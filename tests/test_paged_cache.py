@@ -110,7 +110,9 @@ def test_page_layout_is_deepgemm_soa():
     v, s = scratch_pooled(kq[:64], ks[:64], 64)
     assert torch.equal(cache.pooled_cache[2, :D], v[0])
     assert torch.equal(cache.pooled_cache[2, D:].view(torch.float32), s)
-    assert not bool(cache.pooled_cache[0].any())                      # page 0 incomplete
+    # page 0 incomplete: its row still holds the unknown sentinel (zero values, NaN scale)
+    assert not bool(cache.pooled_cache[0, :D].any())
+    assert torch.isnan(cache.pooled_cache[0, D:].view(torch.float32)).all()
 
 
 def test_ue8m0_scales_are_powers_of_two():

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..testing.inputs import EXACT_MAX, exact_weights
 from ..utils.quant import quantize_fp8
 from .layout import PAGE_SIZE
 from .paged import PagedIndexerCache
@@ -66,11 +67,15 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
                       q_dtype: torch.dtype = torch.float8_e4m3fn, seq_lens_2d: bool = False,
                       extra_pages: int = 3, extra_columns: int = 1, seed: int = 0,
                       device: str | torch.device = "cpu", backend: str = "torch",
-                      clustered: bool = True, keep_keys: bool = True) -> PagedInputs:
+                      clustered: bool = True, keep_keys: bool = True,
+                      exact: bool = False) -> PagedInputs:
     """Fill a fresh cache with ``seq_lens[b]`` random keys per request and draw queries.
 
     Unused block-table columns hold -1 so that a kernel reading them would fail loudly.
     ``super_size`` gives the cache a super-block level (maintained by the same appends).
+    ``exact``: integer keys quantized with power-of-two (ue8m0) scales, integer fp32 (or fp8)
+    queries and power-of-two weights, so every token score is exact in fp32 whatever the
+    summation order (see :func:`hisa.testing.inputs.make_exact_indexer_inputs`).
     """
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -90,8 +95,12 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
             keys.append((torch.empty(0, head_dim, device=dev).to(torch.float8_e4m3fn),
                          torch.empty(0, device=dev)))
             continue
-        k, k_scale = quantize_fp8(random_keys(L, head_dim, generator=g, device=dev,
-                                              clustered=clustered), group_size=head_dim)
+        if exact:
+            kf = torch.randint(-EXACT_MAX, EXACT_MAX + 1, (L, head_dim), generator=g,
+                               device=dev, dtype=torch.int8).float()
+        else:
+            kf = random_keys(L, head_dim, generator=g, device=dev, clustered=clustered)
+        k, k_scale = quantize_fp8(kf, group_size=head_dim, ue8m0=exact)
         pos = torch.arange(L, device=dev)
         slots = block_table[b, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
         req = torch.full((L,), b, dtype=torch.int32, device=dev)
@@ -101,7 +110,11 @@ def make_paged_inputs(seq_lens: list[int], *, next_n: int = 1, heads: int = 8,
             keys.append((k, k_scale))
     qf = torch.randn(batch, next_n, heads, head_dim, generator=g, device=dev)
     w = torch.randn(batch * next_n, heads, generator=g, device=dev) * heads ** -0.5
-    if q_dtype == torch.float8_e4m3fn:
+    if exact:
+        qf = torch.randint(-EXACT_MAX, EXACT_MAX + 1, qf.shape, generator=g, device=dev).float()
+        w = exact_weights(batch * next_n, heads, generator=g, device=dev)
+        q = qf.to(q_dtype)
+    elif q_dtype == torch.float8_e4m3fn:
         q, q_scale = quantize_fp8(qf, group_size=head_dim)          # q_scale [batch, next_n, H]
         w = w * q_scale.reshape(batch * next_n, heads)
     else:
@@ -118,12 +131,13 @@ def build_super_cache(inp: PagedInputs, super_size: int, *, backend: str = "torc
     """A super-block cache of ``super_size`` for the keys already in ``inp.cache``, pooled from
     its block rows exactly as appends would have (for comparing several super sizes on one
     cache). Returns uint8 [num_pages, D + 4]."""
+    from .layout import mark_pooled_unknown
     from .paged import _naive_pool_super_rows, check_super_size
     check_super_size(super_size)
     cache = inp.cache
     dev = cache.device
     span = cache.block_size * super_size
-    sup = torch.zeros_like(cache.pooled_cache)
+    sup = mark_pooled_unknown(torch.empty_like(cache.pooled_cache))   # as a new cache holds
     lens = inp.seq_lens if inp.seq_lens.dim() == 1 else inp.seq_lens[:, -1]
     pos, req = [], []
     for b, L in enumerate(lens.tolist()):

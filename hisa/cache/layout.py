@@ -20,6 +20,21 @@ block's LAST 64 tokens, ``block_table[r, (b + 1) * B // 64 - 1]``. Why that page
 * an engine that moves pages (swap, offload, defragmentation) must move row ``p`` of the pooled
   cache with page ``p`` (:meth:`hisa.cache.PagedIndexerCache.copy_pages`).
 
+The *unknown* row. A pooled row never describes another request's keys: it holds either the mean
+of the block that last completed on its page, or the sentinel "unknown" (D zero bytes, then a NaN
+scale; :func:`mark_pooled_unknown`). The sentinel is written
+
+* into every row of a new :class:`hisa.PagedIndexerCache` (a row that no append has written yet);
+* by the Triton append when a token completes a block it cannot read consistently: the slot is
+  not the last token of its page, a page of the block is outside the cache, the token's row or
+  the block's columns are outside the block table, or the table's last page for the block is
+  not the slot's page (page reuse with a stale table). The torch append raises ValueError for
+  these instead.
+
+An unknown row scores NaN in stage 1 (0 * NaN), and the selection rule ranks NaN below every
+real score: the block can never displace a block with a real representative; it is kept only
+when a row has free block slots, and stage 2 then scores its tokens exactly from the pages.
+
 Super-block cache (the optional third level): ``uint8 [num_pages, D + 4]``, the same row layout.
 Super-block ``g`` of a request (its blocks ``[g * Bs, (g + 1) * Bs)``, tokens
 ``[g * Bs * B, (g + 1) * Bs * B)``) lives in row ``block_table[r, (g + 1) * Bs * B // 64 - 1]``:
@@ -43,6 +58,42 @@ from ..utils.validate import FP8_DTYPE, check_tensor
 PAGE_SIZE = 64
 #: Bytes of one fp32 scale.
 SCALE_BYTES = 4
+
+
+#: Scale of the unknown pooled row (its D values are zero bytes).
+UNKNOWN_POOLED_SCALE = float("nan")
+
+
+def mark_pooled_unknown(pooled_cache: torch.Tensor, pages: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """Write the unknown sentinel into rows ``pages`` (int [n]; every row by default), in place.
+
+    For an engine-allocated pooled cache (``torch.zeros`` rows would score 0, which can beat
+    real blocks with negative scores), and for pages an engine recycles outside the append path.
+    """
+    head_dim = pooled_cache.shape[1] - SCALE_BYTES
+    rows = pooled_cache if pages is None else pooled_cache[pages.long()]
+    rows[:, :head_dim] = 0
+    rows[:, head_dim:].view(torch.float32).fill_(UNKNOWN_POOLED_SCALE)
+    if pages is not None:
+        pooled_cache[pages.long()] = rows
+    return pooled_cache
+
+
+def cache_head_dim(kv_cache: torch.Tensor, *, name: str = "kv_cache") -> int:
+    """D of a key cache from its shape: uint8 [P, 64 * (D + 4)] or [P, 64, 1, D + 4]."""
+    check_tensor(name, kv_cache, dtypes=(torch.uint8,))
+    if kv_cache.dim() == 4 and kv_cache.shape[1:3] == (PAGE_SIZE, 1):
+        d = kv_cache.shape[3] - SCALE_BYTES
+    elif kv_cache.dim() == 2 and kv_cache.shape[1] % PAGE_SIZE == 0:
+        d = kv_cache.shape[1] // PAGE_SIZE - SCALE_BYTES
+    else:
+        d = 0
+    if d < 1:
+        raise ValueError(f"{name}: expected uint8 [num_pages, 64 * (D + 4)] (pages of "
+                         f"{PAGE_SIZE} tokens) or [num_pages, {PAGE_SIZE}, 1, D + 4], got shape "
+                         f"{list(kv_cache.shape)}")
+    return d
 
 
 def page_bytes(head_dim: int) -> int:

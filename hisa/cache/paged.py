@@ -23,6 +23,12 @@ With the super-block level (``super_cache`` and ``super_size``), a token with
 ``p // (super_size * block_size)``: once its last block is pooled, the mean of the super-block's
 ``super_size`` dequantized block rows is quantized the same way and written to the row of the
 completing token's page in ``super_cache`` (the layout and why, :mod:`hisa.cache.layout`).
+
+Inconsistent inputs: the torch path raises ValueError (duplicate valid slots in one call, a slot
+whose offset is not its position's, a block-table row or page it cannot read); the Triton path
+never synchronises, so it follows fixed rules instead: duplicates resolve to the last token of
+the call, and an unreadable block's pooled row gets the unknown sentinel
+(:mod:`hisa.cache.append`, :mod:`hisa.cache.layout`).
 """
 from __future__ import annotations
 
@@ -32,18 +38,18 @@ from ..ops.indexer.naive import naive_pool_blocks
 from ..ops.indexer.naive_super import naive_pool_supers
 from ..utils.backend import resolve_backend
 from ..utils.quant import quantize_fp8
-from ..utils.validate import (FP8_DTYPE, check_positive_int, check_same_device, check_shape,
-                              check_tensor)
-from .layout import (PAGE_SIZE, as_pages, check_pooled_cache, gather_request_keys,
-                     gather_request_pooled, page_bytes, page_views, pooled_row_bytes,
-                     pooled_views)
+from ..utils.validate import (FP8_DTYPE, check_device, check_key_scale, check_positive_int,
+                              check_same_device, check_shape, check_tensor)
+from .layout import (PAGE_SIZE, as_pages, cache_head_dim, check_pooled_cache,
+                     gather_request_keys, gather_request_pooled, mark_pooled_unknown,
+                     page_bytes, page_views, pooled_row_bytes, pooled_views)
 
 KEY_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def check_block_size(block_size) -> int:
-    check_positive_int("block_size", block_size)
+    block_size = check_positive_int("block_size", block_size)
     if block_size % PAGE_SIZE:
         raise ValueError(f"block_size: expected a multiple of the page size {PAGE_SIZE} (a block "
                          f"must end on a page boundary), got {block_size}")
@@ -61,6 +67,10 @@ def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_sc
     """Validate an append; returns the ``uint8 [P, 64 * (D + 4)]`` page view."""
     check_tensor("k", k, dtypes=KEY_DTYPES, ndim=2)
     T, D = k.shape
+    cache_d = cache_head_dim(kv_cache)
+    if D != cache_d:
+        raise ValueError(f"k: expected head_dim {cache_d} (that of kv_cache, shape "
+                         f"{list(kv_cache.shape)}), got shape {list(k.shape)}")
     pages = as_pages(kv_cache, D)
     check_block_size(block_size)
     if pooled_cache is not None:
@@ -85,13 +95,7 @@ def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_sc
     check_shape("slot_mapping", slot_mapping, (T,))
     check_tensor("positions", positions, dtypes=INDEX_DTYPES, ndim=1)
     check_shape("positions", positions, (T,))
-    if k.dtype == FP8_DTYPE:
-        if k_scale is None:
-            raise ValueError("k_scale: expected a float32 [T] tensor because k is "
-                             "float8_e4m3fn, got None")
-    elif k_scale is not None:
-        raise ValueError(f"k_scale: expected None because k is {k.dtype} (it is quantized "
-                         f"here), got a tensor")
+    check_key_scale(k, k_scale, "T")
     if k_scale is not None:
         check_tensor("k_scale", k_scale, dtypes=(torch.float32,), ndim=1)
         check_shape("k_scale", k_scale, (T,))
@@ -135,6 +139,13 @@ def naive_cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None,
         values, scales = quantize_fp8(k, group_size=D, ue8m0=ue8m0)
     slot = slot_mapping.long()
     valid = (slot >= 0) & (slot < P * PAGE_SIZE)
+    used = torch.sort(slot[valid]).values
+    dup = used[1:] == used[:-1]
+    if bool(dup.any()):
+        s = int(used[1:][dup][0])
+        who = (slot == s).nonzero().flatten().tolist()
+        raise ValueError(f"slot_mapping: expected distinct slots for the valid tokens of one "
+                         f"append, got slot {s} for tokens {who}")
     page, off = slot // PAGE_SIZE, slot % PAGE_SIZE
     val_view, scale_view = page_views(pages, D)
     val_view[page[valid], off[valid]] = values.view(torch.uint8)[valid]
@@ -156,7 +167,11 @@ def naive_cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None,
         if per_block == 1:
             block_pages = torch.tensor([last], device=pages.device)
         else:
-            row = block_table[int(req_indices[t])].long()
+            r = int(req_indices[t])
+            if not 0 <= r < block_table.shape[0]:
+                raise ValueError(f"req_indices: expected rows in [0, {block_table.shape[0]}) of "
+                                 f"block_table, got {r} for token {t}")
+            row = block_table[r].long()
             b = int(pos[t]) // block_size
             if (b + 1) * per_block > row.numel():
                 raise ValueError(f"block_table: row {int(req_indices[t])} has {row.numel()} "
@@ -246,7 +261,9 @@ def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None
             levels. Needs ``pooled_cache``, ``block_table`` and ``req_indices``.
         backend: "auto" (Triton on CUDA), "triton" or "torch". The Triton path never
             synchronises with the host and skips (never reads out of bounds for) inconsistent
-            slots or block-table entries; the torch path raises ValueError for them.
+            slots or block-table entries: duplicate slots resolve to the call's last token, a
+            block it cannot read gets the unknown pooled row (:mod:`hisa.cache.layout`). The
+            torch path raises ValueError for all of these.
 
     Example:
         >>> paged_cache_append(kv, pooled, k_new, slots, pos, block_table=bt, req_indices=r)
@@ -275,54 +292,77 @@ class PagedIndexerCache:
     its super-block cache).
 
     Owns (or wraps, see :meth:`from_tensors`) ``kv_cache`` uint8 [num_pages, 64 * (D + 4)],
-    ``pooled_cache`` uint8 [num_pages, D + 4] and, with ``super_size``, ``super_cache`` uint8
-    [num_pages, D + 4] (None without). Page allocation stays with the caller (the serving
-    engine's block manager): this object only writes through slot mappings and reads through
-    block tables. Freeing a page needs no call; page moves need :meth:`copy_pages`.
+    ``pooled_cache`` uint8 [num_pages, D + 4] (None for a flat-DSA-only cache, ``pooled=False``)
+    and, with ``super_size``, ``super_cache`` uint8 [num_pages, D + 4] (None without). Page
+    allocation stays with the caller (the serving engine's block manager): this object only
+    writes through slot mappings and reads through block tables. Freeing a page needs no call;
+    page moves need :meth:`copy_pages`.
+
+    Query it with :meth:`hisa_index` / :meth:`dsa_index`: they pass the cache's own tensors,
+    block size and super-block level, so a block size other than the one the pooled rows were
+    built with cannot be passed by mistake (the raw-tensor :func:`hisa.hisa_index_paged` trusts
+    its caller on that). A new cache's pooled (and super-block) rows hold the unknown sentinel
+    (:mod:`hisa.cache.layout`), which ranks below every real block until an append writes the
+    row.
 
     Example:
         >>> cache = PagedIndexerCache(num_pages=1024, head_dim=128, block_size=128)
         >>> cache.append(k_new, slot_mapping, positions, block_table=bt, req_indices=req)
-        >>> idx = hisa.hisa_index_paged(q, cache.kv_cache, cache.pooled_cache, w, seq_lens, bt)
+        >>> idx = cache.hisa_index(q, w, seq_lens, bt, topk=2048, block_topk=64)
         >>> long = PagedIndexerCache(num_pages=1 << 16, block_size=128, super_size=2)
-        >>> idx = hisa.hisa_index_paged(q, long.kv_cache, long.pooled_cache, w, seq_lens, bt,
-        ...                             super_cache=long.super_cache, super_size=2,
-        ...                             super_topk=128)
+        >>> idx = long.hisa_index(q, w, seq_lens, bt, topk=2048, block_topk=64, super_topk=128)
     """
 
     def __init__(self, num_pages: int, *, head_dim: int = 128, block_size: int = 128,
-                 super_size: int | None = None, ue8m0: bool = False,
+                 super_size: int | None = None, ue8m0: bool = False, pooled: bool = True,
                  device: str | torch.device = "cpu") -> None:
-        check_positive_int("num_pages", num_pages)
-        check_positive_int("head_dim", head_dim)
+        num_pages = check_positive_int("num_pages", num_pages)
+        head_dim = check_positive_int("head_dim", head_dim)
         self.block_size = check_block_size(block_size)
         self.super_size = None if super_size is None else check_super_size(super_size)
+        if self.super_size is not None and not pooled:
+            raise ValueError("super_size: a super-block level is pooled from the block rows, so "
+                             "it needs pooled=True, got pooled=False")
+        device = check_device("device", device)
         self.head_dim = head_dim
         self.ue8m0 = ue8m0
         self.kv_cache = torch.zeros(num_pages, page_bytes(head_dim), dtype=torch.uint8,
                                     device=device)
-        self.pooled_cache = torch.zeros(num_pages, pooled_row_bytes(head_dim),
-                                        dtype=torch.uint8, device=device)
-        self.super_cache = None if super_size is None else torch.zeros_like(self.pooled_cache)
+        self.pooled_cache = None
+        if pooled:
+            self.pooled_cache = mark_pooled_unknown(torch.empty(
+                num_pages, pooled_row_bytes(head_dim), dtype=torch.uint8, device=device))
+        self.super_cache = None
+        if self.super_size is not None:
+            self.super_cache = mark_pooled_unknown(torch.empty_like(self.pooled_cache))
 
     @classmethod
-    def from_tensors(cls, kv_cache: torch.Tensor, pooled_cache: torch.Tensor, *,
+    def from_tensors(cls, kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None, *,
                      head_dim: int = 128, block_size: int = 128,
                      super_cache: torch.Tensor | None = None, super_size: int | None = None,
                      ue8m0: bool = False) -> "PagedIndexerCache":
-        """Wrap engine-owned tensors (no copy)."""
+        """Wrap engine-owned tensors (no copy); ``pooled_cache=None`` for a flat-only cache.
+
+        Rows of an engine-allocated ``pooled_cache`` that no append of this block size has
+        written must hold the unknown sentinel (:func:`hisa.cache.layout.mark_pooled_unknown`),
+        not zeros: a zero row scores 0 and can displace real blocks.
+        """
         pages = as_pages(kv_cache, head_dim)
-        check_pooled_cache(pooled_cache, head_dim, pages.shape[0])
+        if pooled_cache is not None:
+            check_pooled_cache(pooled_cache, head_dim, pages.shape[0])
         if (super_cache is None) != (super_size is None):
             raise ValueError(f"super_cache/super_size: expected both or neither, got "
                              f"super_cache={type(super_cache).__name__}, "
                              f"super_size={super_size!r}")
         if super_cache is not None:
+            if pooled_cache is None:
+                raise ValueError("super_cache: a super-block level needs the pooled_cache it is "
+                                 "pooled from, got pooled_cache=None")
             check_pooled_cache(super_cache, head_dim, pages.shape[0], name="super_cache")
         self = cls.__new__(cls)
         self.block_size = check_block_size(block_size)
         self.super_size = None if super_size is None else check_super_size(super_size)
-        self.head_dim, self.ue8m0 = head_dim, ue8m0
+        self.head_dim, self.ue8m0 = check_positive_int("head_dim", head_dim), ue8m0
         self.kv_cache, self.pooled_cache, self.super_cache = pages, pooled_cache, super_cache
         return self
 
@@ -333,6 +373,11 @@ class PagedIndexerCache:
     @property
     def device(self) -> torch.device:
         return self.kv_cache.device
+
+    @property
+    def pooled(self) -> bool:
+        """Whether this cache maintains pooled rows (HISA can query it)."""
+        return self.pooled_cache is not None
 
     def append(self, k: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor, *,
                k_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None,
@@ -345,6 +390,40 @@ class PagedIndexerCache:
                            super_cache=self.super_cache, super_size=self.super_size,
                            backend=backend)
 
+    def hisa_index(self, q: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor,
+                   block_table: torch.Tensor, *, topk: int = 2048, block_topk: int = 64,
+                   super_topk: int | None = None, return_scores: bool = False,
+                   out: torch.Tensor | None = None, backend: str = "auto"):
+        """:func:`hisa.hisa_index_paged` over this cache, with its block size (and, when
+        ``super_topk`` is given, its super-block level).
+
+        Raises ValueError for a cache built with ``pooled=False``, or ``super_topk`` on a cache
+        without a super-block level.
+        """
+        if super_topk is not None and self.super_cache is None:
+            raise ValueError("super_topk: this cache was built without a super-block level "
+                             "(super_size=None)")
+        sup = {} if super_topk is None else dict(super_cache=self.super_cache,
+                                                 super_size=self.super_size,
+                                                 super_topk=super_topk)
+        if self.pooled_cache is None:
+            raise ValueError("cache: expected a pooled cache for HISA, got one built with "
+                             "pooled=False (no pooled rows are maintained); use dsa_index or "
+                             "build the cache with pooled=True")
+        from ..ops.indexer.decode import hisa_index_paged
+        return hisa_index_paged(q, self.kv_cache, self.pooled_cache, weights, seq_lens,
+                                block_table, topk=topk, block_size=self.block_size,
+                                block_topk=block_topk, return_scores=return_scores, out=out,
+                                backend=backend, **sup)
+
+    def dsa_index(self, q: torch.Tensor, weights: torch.Tensor, seq_lens: torch.Tensor,
+                  block_table: torch.Tensor, *, topk: int = 2048, return_scores: bool = False,
+                  out: torch.Tensor | None = None, backend: str = "auto"):
+        """:func:`hisa.dsa_index_paged` (the flat baseline) over this cache."""
+        from ..ops.dsa.paged import dsa_index_paged
+        return dsa_index_paged(q, self.kv_cache, weights, seq_lens, block_table, topk=topk,
+                               return_scores=return_scores, out=out, backend=backend)
+
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy pages ``src`` to ``dst`` (int [n] each) with their pooled and super-block rows
         (swap/defrag)."""
@@ -353,7 +432,8 @@ class PagedIndexerCache:
         check_shape("dst", dst, (src.numel(),))
         s, d = src.long(), dst.long()
         self.kv_cache[d] = self.kv_cache[s]
-        self.pooled_cache[d] = self.pooled_cache[s]
+        if self.pooled_cache is not None:
+            self.pooled_cache[d] = self.pooled_cache[s]
         if self.super_cache is not None:
             self.super_cache[d] = self.super_cache[s]
 
@@ -365,6 +445,8 @@ class PagedIndexerCache:
     def request_pooled(self, block_table_row: torch.Tensor, num_blocks: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled rows of complete blocks [0, num_blocks) of one request (fp8 [nb, D], [nb])."""
+        if self.pooled_cache is None:
+            raise ValueError("cache: built with pooled=False, it has no pooled rows")
         return gather_request_pooled(self.pooled_cache, block_table_row, num_blocks,
                                      self.block_size, self.head_dim)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from hisa.ops.dsa.naive import mark_outside
 from hisa.ops.indexer.naive import naive_select_blocks
 
 from .austen import DEFAULT_CACHE
@@ -37,7 +38,7 @@ def _force(J, qpos, B):
     """Mask blocks past the query's, force the first and last eligible block (as HISA)."""
     last = qpos // B
     b = torch.arange(J.shape[1])
-    J = J.masked_fill(b.unsqueeze(0) > last.unsqueeze(1), float("-inf"))
+    J = mark_outside(J.clone(), b.unsqueeze(0) > last.unsqueeze(1))
     J[:, 0] = float("inf")
     J[torch.arange(J.shape[0]), last] = float("inf")
     return J

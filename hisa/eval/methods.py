@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 import hisa
-from hisa.ops.dsa.naive import NAIVE_TILE_BYTES, naive_scores, window_mask
+from hisa.ops.dsa.naive import (NAIVE_TILE_BYTES, is_outside, mark_outside, naive_scores,
+                                window_mask)
 from hisa.ops.indexer.naive import (candidate_positions, eligible_blocks, naive_block_scores,
                                     naive_pool_blocks, naive_select_blocks, naive_select_tokens,
                                     naive_to_offsets)
@@ -127,7 +128,7 @@ def adaptive_select_blocks(J: torch.Tensor, ks, ke, *, block_size: int, block_to
     first, end = eligible_blocks(ks, ke, block_size)
     n_elig = (end - first).clamp_min(0)
     forced = torch.isposinf(J)
-    free = J.masked_fill(forced, float("-inf"))                              # non-forced
+    free = J.masked_fill(forced | is_outside(J), float("-inf"))              # non-forced
     n_free = (n_elig - forced.sum(1)).clamp_min(0)
     base = (torch.minimum(n_elig, torch.full_like(n_elig, m)) - forced.sum(1)).clamp_min(0)
     width = min(cap - 2, NB)
@@ -188,7 +189,7 @@ def variant_block_scores(q, pooled, weights, ks, ke, *, block_size: int, stage1:
         raise ValueError(f"stage1 must be relu, linear or centred, got {stage1!r}")
     first, end = eligible_blocks(ks, ke, block_size)
     b = torch.arange(pooled.shape[0], device=q.device)
-    J.masked_fill_(~window_mask(first, end, b), float("-inf"))
+    mark_outside(J, ~window_mask(first, end, b))
     rows = torch.nonzero(end > first).squeeze(1)
     J[rows, first[rows]] = float("inf")
     J[rows, end[rows] - 1] = float("inf")
@@ -220,5 +221,5 @@ def variant_hisa_index(q, k, weights, ks, ke, *, topk: int, block_size: int, blo
     pos = candidate_positions(blocks, block_size, k.shape[0])                   # [T, m*B]
     scores = torch.gather(full_scores, 1, pos.clamp_min(0))
     valid = (pos >= 0) & window_mask(ks, ke, pos)
-    sel, _ = naive_select_tokens(scores.masked_fill(~valid, float("-inf")), pos, topk)
+    sel, _ = naive_select_tokens(mark_outside(scores, ~valid), pos, topk)
     return naive_to_offsets(sel, ks)

@@ -69,7 +69,52 @@ def make_indexer_inputs(seq_lens: list[int], *, heads: int = 64, head_dim: int =
         w = w * q_scale                                              # folded, as DeepSeek does
     else:
         k, q = kf.to(dtype), qf.to(dtype)
-    cu_q = torch.tensor([0] + query_lens, dtype=torch.int64).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + list(seq_lens), dtype=torch.int64).cumsum(0).to(torch.int32)
-    ks, ke = windows_from_cu_seqlens(cu_q.to(dev), cu_k.to(dev))
+    ks, ke = _packed_windows(seq_lens, query_lens, dev)
     return IndexerInputs(q, k, w.float(), ks, ke, k_scale)
+
+
+def _packed_windows(seq_lens, query_lens, dev):
+    cu_q = torch.tensor([0] + list(query_lens), dtype=torch.int64).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + list(seq_lens), dtype=torch.int64).cumsum(0).to(torch.int32)
+    return windows_from_cu_seqlens(cu_q.to(dev), cu_k.to(dev))
+
+
+#: Largest |value| of the integer-valued operands of :func:`make_exact_indexer_inputs`.
+EXACT_MAX = 4
+
+
+def exact_weights(rows: int, heads: int, *, generator: torch.Generator, device) -> torch.Tensor:
+    """fp32 [rows, heads] signed powers of two, 1/2 or 1: with integer operands the head sums
+    stay within fp32's 24-bit significand (exact) up to H = 64, D = 128, B = 128 means."""
+    e = torch.randint(-1, 1, (rows, heads), generator=generator, device=device).float()
+    sign = torch.randint(0, 2, (rows, heads), generator=generator, device=device) * 2 - 1
+    return sign * torch.exp2(e)
+
+
+def make_exact_indexer_inputs(seq_lens: list[int], *, heads: int = 16, head_dim: int = 64,
+                              dtype: torch.dtype = torch.float32,
+                              query_lens: list[int] | None = None,
+                              device: str | torch.device = "cpu", seed: int = 0
+                              ) -> IndexerInputs:
+    """Packed inputs whose every score is exact in fp32 under any summation order.
+
+    q and k hold integers in [-EXACT_MAX, EXACT_MAX] (exact in e4m3), weights are signed powers
+    of two, FP8 keys get power-of-two scales: dot products, head sums and scaling never round,
+    so a kernel and the reference compute bit-identical scores, ties included (they are many),
+    and their selections must be identical, not merely equal up to ties.
+    """
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(seed)
+    query_lens = list(seq_lens) if query_lens is None else list(query_lens)
+    S, T = sum(seq_lens), sum(query_lens)
+    k = torch.randint(-EXACT_MAX, EXACT_MAX + 1, (S, head_dim), generator=g, device=dev,
+                      dtype=torch.int8).float()          # int8 draws: 1 byte a value
+    q = torch.randint(-EXACT_MAX, EXACT_MAX + 1, (T, heads, head_dim), generator=g,
+                      device=dev).float()
+    w = exact_weights(T, heads, generator=g, device=dev)
+    k_scale = None
+    if dtype == torch.float8_e4m3fn:
+        k_scale = torch.exp2(torch.randint(-2, 3, (S,), generator=g, device=dev).float())
+    q, k = q.to(dtype), k.to(dtype)
+    ks, ke = _packed_windows(seq_lens, query_lens, dev)
+    return IndexerInputs(q, k, w, ks, ke, k_scale)

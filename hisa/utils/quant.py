@@ -23,9 +23,14 @@ def fp8_scale_from_amax(amax: torch.Tensor, *, ue8m0: bool = False) -> torch.Ten
     return scale
 
 
-def quantize_fp8(x: torch.Tensor, *, group_size: int = 128, ue8m0: bool = False
+def quantize_fp8(x: torch.Tensor, *, group_size: int | None = None, ue8m0: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` [..., N] to e4m3 with one scale per group of ``group_size`` values.
+
+    ``group_size`` defaults to min(128, N): DeepSeek's 128-value groups, or one group per row
+    for a narrower last axis (keys of head_dim 64). A NaN in a group gives that group a NaN
+    scale and NaN values (the e4m3 NaN, 0x7F); an infinity gives an infinite scale, NaN for
+    the infinite entries and 0 for the others.
 
     Returns:
         (values float8_e4m3fn [..., N], scales float32 [..., N // group_size]); when
@@ -35,14 +40,17 @@ def quantize_fp8(x: torch.Tensor, *, group_size: int = 128, ue8m0: bool = False
         >>> k_fp8, k_scale = quantize_fp8(torch.randn(4, 128))
     """
     check_tensor("x", x, dtypes=(torch.float32, torch.bfloat16, torch.float16))
-    check_positive_int("group_size", group_size)
     n = x.shape[-1]
-    if n % group_size:
-        raise ValueError(f"x: expected the last dimension to be a multiple of group_size="
-                         f"{group_size}, got {n}")
+    group_size = min(128, n) if group_size is None else check_positive_int("group_size",
+                                                                           group_size)
+    if n == 0 or n % group_size:
+        raise ValueError(f"x: expected the last dimension to be a positive multiple of "
+                         f"group_size={group_size}, got {n} (pass group_size=N for one group "
+                         f"per row, or a divisor of N)")
     groups = x.float().reshape(*x.shape[:-1], n // group_size, group_size)
     scale = fp8_scale_from_amax(groups.abs().amax(dim=-1), ue8m0=ue8m0)
-    values = (groups / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    values = (groups / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
+    values = values.masked_fill(values.isnan(), float("nan")).to(FP8_DTYPE)  # one NaN byte
     values = values.reshape(x.shape)
     if group_size == n:
         scale = scale.squeeze(-1)

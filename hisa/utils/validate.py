@@ -6,6 +6,7 @@ silently wrong selection (or an illegal memory access inside a kernel).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -52,11 +53,33 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_positive_int(name: str, value, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer >= ``minimum``, returned as a Python int. Integral numpy scalars
+    (``np.int64(32)``) are accepted; bools, floats and tensors are not."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Integral) or \
+            type(value).__name__ == "bool_":
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
     return value
+
+
+def check_device(name: str, device) -> torch.device:
+    """A torch device that exists on this machine (ValueError otherwise, not torch's
+    AssertionError from deep inside an allocation)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name}: expected a torch device such as 'cpu' or 'cuda', got "
+                         f"{device!r} ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: got {device!r} but CUDA is not available on this "
+                             f"machine (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: got {device!r} but only {torch.cuda.device_count()} "
+                             f"CUDA device(s) exist")
+    return dev
 
 
 def check_backend(backend) -> str:
@@ -65,14 +88,16 @@ def check_backend(backend) -> str:
     return backend
 
 
-def check_hisa_params(*, topk: int, block_size: int, block_topk: int) -> None:
-    check_positive_int("topk", topk)
-    check_positive_int("block_size", block_size)
-    check_positive_int("block_topk", block_topk, minimum=2)  # two slots go to the forced blocks
+def check_hisa_params(*, topk: int, block_size: int, block_topk: int) -> tuple[int, int, int]:
+    """Validated (topk, block_size, block_topk) as Python ints."""
+    topk = check_positive_int("topk", topk)
+    block_size = check_positive_int("block_size", block_size)
+    block_topk = check_positive_int("block_topk", block_topk, minimum=2)  # two forced blocks
     if block_size * block_topk < topk:
         raise ValueError(f"block_topk * block_size must be >= topk (the candidate pool must hold "
                          f"topk tokens): got {block_topk} * {block_size} = "
                          f"{block_topk * block_size} < topk = {topk}")
+    return topk, block_size, block_topk
 
 
 def check_super_params(*, block_topk: int, super_size, super_topk) -> bool:
@@ -112,18 +137,30 @@ def check_indexer_inputs(q, k, weights, ks, ke, k_scale) -> tuple[int, int, int,
     check_tensor("ke", ke, dtypes=(torch.int32,), ndim=1)
     T, H, D = q.shape
     S = k.shape[0]
+    if H < 1 or D < 1:
+        raise ValueError(f"q: expected at least one head and a head_dim >= 1, got shape "
+                         f"{list(q.shape)} [T, H, D]")
     check_shape("k", k, (None, D))
     check_shape("weights", weights, (T, H))
     check_shape("ks", ks, (T,))
     check_shape("ke", ke, (T,))
-    if k.dtype == FP8_DTYPE and k_scale is None:
-        raise ValueError("k_scale: expected a float32 [S] tensor of per-token scales because k is "
-                         "float8_e4m3fn, got None")
+    check_key_scale(k, k_scale, "S")
     if k_scale is not None:
         check_tensor("k_scale", k_scale, dtypes=(torch.float32,), ndim=1)
         check_shape("k_scale", k_scale, (S,))
     check_same_device(q=q, k=k, weights=weights, ks=ks, ke=ke, k_scale=k_scale)
     return T, H, D, S
+
+
+def check_key_scale(k: torch.Tensor, k_scale, rows: str) -> None:
+    """One rule for every op that takes keys: ``k_scale`` (the per-token dequantization scale)
+    is required with float8_e4m3fn keys and refused with any other dtype."""
+    if k.dtype == FP8_DTYPE and k_scale is None:
+        raise ValueError(f"k_scale: expected a float32 [{rows}] tensor of per-token scales "
+                         f"because k is float8_e4m3fn, got None")
+    if k.dtype != FP8_DTYPE and k_scale is not None:
+        raise ValueError(f"k_scale: expected None because k is {k.dtype} (only float8_e4m3fn "
+                         f"keys carry a per-token scale), got a tensor")
 
 
 def check_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int) -> None:

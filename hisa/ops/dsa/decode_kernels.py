@@ -29,7 +29,8 @@ import triton.language as tl
 from ...cache.layout import PAGE_SIZE, page_bytes
 from ...utils.validate import FP8_DTYPE
 from ..indexer.select import SELECT_MAX_ROW, select_warps
-from ..indexer.topk import _ordered_key, _radix_threshold, _select_mask, topk_rows
+from ..indexer.topk import (_masked_key, _outside_like, _radix_threshold, _relu, _select_mask,
+                            topk_rows)
 from .prefill import check_kernel_shapes
 
 #: Pages per logits program (256 tokens: enough work per program, many programs per request).
@@ -38,6 +39,9 @@ PAGES_PER_PROG = 4
 LOGITS_WARPS = 4
 #: "No limit" for FLAT_MAX_KEYS.
 NO_LIMIT = 2**31 - 1
+#: Cap on the fp32 logits buffer of the flat paged decode (bytes): 256 MiB = 64 rows of a
+#: 1M-key context; a batch needing more is scored in groups of requests.
+DECODE_LOGITS_BYTES = 256 << 20
 #: Keys per program of the decode top-k's first stage (each keeps its chunk's top k in
 #: registers; the second stage selects among the n_chunks * k survivors of a row).
 TOPK_CHUNK = 16384
@@ -49,7 +53,8 @@ def _row_len(seq_lens_ptr, b, i, max_keys, NEXT_N: tl.constexpr, SEQ_2D: tl.cons
     if SEQ_2D:
         n = tl.load(seq_lens_ptr + b * NEXT_N + i)
     else:
-        n = tl.load(seq_lens_ptr + b) - NEXT_N + 1 + i
+        # Clamp before the offset: seq_len - next_n + 1 would wrap at INT32_MIN.
+        n = tl.maximum(tl.load(seq_lens_ptr + b), 0) - NEXT_N + 1 + i
     return tl.minimum(tl.maximum(n, 0), max_keys)
 
 
@@ -73,7 +78,7 @@ def _page_scores(kv8_ptr, kv32_ptr, page, page_ok, q_t, w,
     kb = tl.load(kv8_ptr + base + t[:, None] * D + d[None, :], mask=page_ok, other=0.0)
     ksc = tl.load(kv32_ptr + base // 4 + (PAGE * D) // 4 + t, mask=page_ok, other=0.0)
     acc = tl.dot(kb.to(q_t.dtype), q_t, input_precision=PREC)                 # [PAGE, NH]
-    r = tl.maximum(acc, 0.0) * w[None, :]
+    r = _relu(acc) * w[None, :]
     s = tl.sum(tl.reshape(r, [PAGE, NEXT_N, H]), axis=2)                      # [PAGE, NEXT_N]
     return s * ksc[:, None]
 
@@ -121,7 +126,8 @@ def _paged_logits_kernel(q_ptr, kv8_ptr, kv32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
             for i in tl.static_range(NEXT_N):
                 n_i = _row_len(seq_lens_ptr, b, i, max_keys, NEXT_N, SEQ_2D)
                 row = (b64 * NEXT_N + i) * stride_lg
-                sc = tl.where(page_ok, _pick(s2, nn, i), float("-inf"))
+                sc = _pick(s2, nn, i)
+                sc = tl.where(page_ok, sc, _outside_like(sc))     # a page id outside the cache
                 tl.store(logits_ptr + row + pos, sc, mask=pos < n_i)
 
 
@@ -129,14 +135,14 @@ def _paged_logits_kernel(q_ptr, kv8_ptr, kv32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
 def _chunk_topk_kernel(logits_ptr, stride_lg, ke_ptr, cval_ptr, cidx_ptr,
                        K: tl.constexpr, K_PAD: tl.constexpr, CH: tl.constexpr,
                        NC: tl.constexpr):
-    """Top-K of keys [c*CH, (c+1)*CH) of a row, in index order, -inf / -1 padded."""
+    """Top-K of keys [c*CH, (c+1)*CH) of a row, in index order, OUTSIDE / -1 padded."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     n = tl.load(ke_ptr + row)
     i = tl.arange(0, CH)
     pos = c * CH + i
-    v = tl.load(logits_ptr + row * stride_lg + pos, mask=pos < n, other=float("-inf"))
-    keys = _ordered_key(v)
+    v = tl.load(logits_ptr + row * stride_lg + pos, mask=pos < n, other=0.0)
+    keys = _masked_key(v, pos < n)
     thr = _radix_threshold(keys, K, 1)
     sel = _select_mask(keys, K, thr)
     at = tl.cumsum(sel.to(tl.int32), axis=0) - 1
@@ -146,7 +152,7 @@ def _chunk_topk_kernel(logits_ptr, stride_lg, ke_ptr, cval_ptr, cidx_ptr,
     n_sel = tl.sum(sel.to(tl.int32), axis=0)
     j = tl.arange(0, K_PAD)
     pad = (j >= n_sel) & (j < K)
-    tl.store(cval_ptr + base + j, float("-inf"), mask=pad)
+    tl.store(cval_ptr + base + j, _outside_like(j.to(tl.float32)), mask=pad)
     tl.store(cidx_ptr + base + j, -1, mask=pad)
 
 
@@ -157,8 +163,8 @@ def _merge_topk_kernel(cval_ptr, cidx_ptr, out_idx_ptr, out_val_ptr,
     """Top-K of a row's NC*K chunk survivors; ties go to the lower position (lower chunk)."""
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NCK_PAD)
-    v = tl.load(cval_ptr + row * NCK + i, mask=i < NCK, other=float("-inf"))
-    keys = _ordered_key(v)
+    v = tl.load(cval_ptr + row * NCK + i, mask=i < NCK, other=0.0)
+    keys = _masked_key(v, i < NCK)
     thr = _radix_threshold(keys, K, 1)
     sel = _select_mask(keys, K, thr)
     at = tl.cumsum(sel.to(tl.int32), axis=0) - 1
@@ -210,22 +216,38 @@ def decode_operands(q: torch.Tensor, pages: torch.Tensor) -> tuple[torch.Tensor,
     return (q.contiguous(), pages.view(FP8_DTYPE), pages.view(torch.float32), prec)
 
 
+def decode_layout(weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The layouts the decode kernels index: weights and seq_lens contiguous, block-table
+    columns unit-stride (its row stride is passed to the kernels). Free for inputs already so;
+    otherwise one copy each, captured like any kernel under a CUDA graph."""
+    if block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    return weights.contiguous(), seq_lens.contiguous(), block_table
+
+
 def paged_logits(q: torch.Tensor, pages: torch.Tensor, weights: torch.Tensor,
                  seq_lens: torch.Tensor, block_table: torch.Tensor, *,
-                 flat_max_keys: int = NO_LIMIT
+                 flat_max_keys: int = NO_LIMIT, out: torch.Tensor | None = None,
+                 ks: torch.Tensor | None = None, ke: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores of every visible key: (fp32 [rows, max_pages * 64], defined on [0, ke[row]);
     ks int32 [rows] (zeros); ke int32 [rows] row lengths, 0 for requests longer than
-    ``flat_max_keys``). Twin: :func:`hisa.ops.dsa.naive.naive_dsa_logits` on gathered keys."""
+    ``flat_max_keys``). ``out`` / ``ks`` / ``ke``: optional buffers of those shapes (``out``
+    may have more rows; its head is used). Twin: :func:`hisa.ops.dsa.naive.naive_dsa_logits`
+    on gathered keys."""
     batch, next_n, H, D = q.shape
     q, kv8, kv32, prec = decode_operands(q, pages)
+    weights, seq_lens, block_table = decode_layout(weights, seq_lens, block_table)
     max_pages = block_table.shape[1]
     rows = batch * next_n
-    logits = torch.empty(rows, max_pages * PAGE_SIZE, dtype=torch.float32, device=q.device)
-    ks = torch.empty(rows, dtype=torch.int32, device=q.device)
-    ke = torch.empty(rows, dtype=torch.int32, device=q.device)
+    if out is None:
+        out = torch.empty(rows, max_pages * PAGE_SIZE, dtype=torch.float32, device=q.device)
+    logits = out[:rows]
+    ks = torch.empty(rows, dtype=torch.int32, device=q.device) if ks is None else ks
+    ke = torch.empty(rows, dtype=torch.int32, device=q.device) if ke is None else ke
     assert page_bytes(D) % 4 == 0
-    if batch:
+    if batch and max_pages:
         grid = (batch, triton.cdiv(max_pages, PAGES_PER_PROG))
         _paged_logits_kernel[grid](
             q, kv8, kv32, weights, seq_lens, block_table, logits, ks, ke, pages.shape[0],
@@ -235,6 +257,13 @@ def paged_logits(q: torch.Tensor, pages: torch.Tensor, weights: torch.Tensor,
     return logits, ks, ke
 
 
+def logits_requests_per_launch(batch: int, next_n: int, max_pages: int) -> int:
+    """Requests scored per logits launch so that the fp32 buffer stays within
+    :data:`DECODE_LOGITS_BYTES` (at least one request). Decided from shapes alone."""
+    per_request = next_n * max_pages * PAGE_SIZE * 4
+    return max(1, min(batch, DECODE_LOGITS_BYTES // max(per_request, 1)))
+
+
 def dsa_decode(q: torch.Tensor, pages: torch.Tensor, weights: torch.Tensor,
                seq_lens: torch.Tensor, block_table: torch.Tensor, *, topk: int,
                out: torch.Tensor | None = None, need_scores: bool = False,
@@ -242,17 +271,39 @@ def dsa_decode(q: torch.Tensor, pages: torch.Tensor, weights: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat paged decode: (int32 [rows, topk] positions, -1 padded; fp32 scores or None).
 
-    Two launches (logits, top-k). ``out_scores`` receives the scores when given. With
-    ``flat_max_keys`` rows of longer requests come out as all -1 (HISA's routing fills them
-    afterwards)."""
-    logits, ks, ke = paged_logits(q, pages, weights, seq_lens, block_table,
-                                  flat_max_keys=flat_max_keys)
-    rows = logits.shape[0]
+    Two launches (logits, top-k) per group of :func:`logits_requests_per_launch` requests: the
+    fp32 logits buffer never exceeds :data:`DECODE_LOGITS_BYTES` (or one request's rows), and
+    the grouping depends on shapes only, so the call stays CUDA-graph capturable.
+    ``out_scores`` receives the scores when given. With ``flat_max_keys`` rows of longer
+    requests come out as all -1 (HISA's routing fills them afterwards). A zero-page block table
+    gives all -1 rows."""
+    batch, next_n = q.shape[:2]
+    weights, seq_lens, block_table = decode_layout(weights, seq_lens, block_table)
+    rows = batch * next_n
+    max_pages = block_table.shape[1]
     idx = out if out is not None else torch.empty(rows, topk, dtype=torch.int32,
                                                   device=q.device)
     vals = out_scores
     if vals is None and need_scores:
         vals = torch.empty(rows, topk, dtype=torch.float32, device=q.device)
-    if rows:
-        decode_topk(logits, ke, topk=topk, out_idx=idx, out_val=vals)
+    if rows == 0:
+        return idx, vals
+    if max_pages == 0:
+        idx.fill_(-1)
+        if vals is not None:
+            vals.fill_(float("-inf"))
+        return idx, vals
+    group = logits_requests_per_launch(batch, next_n, max_pages)
+    buf = torch.empty(group * next_n, max_pages * PAGE_SIZE, dtype=torch.float32,
+                      device=q.device)
+    ks = torch.empty(rows, dtype=torch.int32, device=q.device)
+    ke = torch.empty(rows, dtype=torch.int32, device=q.device)
+    for b0 in range(0, batch, group):
+        b1 = min(batch, b0 + group)
+        r = slice(b0 * next_n, b1 * next_n)
+        logits, _, ke_r = paged_logits(q[b0:b1], pages, weights[r], seq_lens[b0:b1],
+                                       block_table[b0:b1], flat_max_keys=flat_max_keys,
+                                       out=buf, ks=ks[r], ke=ke[r])
+        decode_topk(logits, ke_r, topk=topk, out_idx=idx[r],
+                    out_val=None if vals is None else vals[r])
     return idx, vals

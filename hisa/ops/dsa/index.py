@@ -45,7 +45,7 @@ def dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch
         >>> idx = hisa.dsa_index(q, k, w, ks, ke, topk=8)
     """
     T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
-    check_positive_int("topk", topk)
+    topk = check_positive_int("topk", topk)
     check_out_buffer(out, T, topk, q.device)
     check_windows(ks, ke, S)
     if resolve_backend(backend, q.device, lambda: _kernel_check(q, k)) == "torch":

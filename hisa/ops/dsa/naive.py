@@ -9,6 +9,17 @@ Written for clarity, not speed. No [T, S] matrix is ever materialised for the wh
 Tie-breaking is fixed everywhere in the references: among equal scores the lower key index wins
 (a stable descending sort). HISA's references inherit the rule, which is what makes
 "HISA equals DSA whenever every block is kept" an exact, testable statement.
+
+The selection rule for non-finite scores (README "NaN and Inf", ``hisa/ops/indexer/README.md``),
+shared bit for bit by these references and every Triton selection:
+
+* inside the window every key is selectable, ranked ``+inf > finite > -inf > NaN`` (ties, NaN
+  with NaN included, to the lower position), so a window of at most k keys comes back whole;
+* keys outside the window are never selected. Score tensors mark them with :data:`OUTSIDE_BITS`,
+  a signalling-NaN bit pattern that no arithmetic produces (every NaN an operation returns is
+  quiet), so it can never be confused with a computed score, NaN included;
+* the head sum propagates NaN: ``ReLU(NaN) = NaN`` (``clamp_min`` here, a NaN-propagating
+  maximum in the kernels).
 """
 from __future__ import annotations
 
@@ -17,6 +28,40 @@ import torch
 #: Cap on the bytes of one tile's largest temporary in the references (fp32 scores of a query
 #: tile against its key range, or gathered candidate keys in HISA's token stage).
 NAIVE_TILE_BYTES = 256 * 2**20
+
+#: fp32 bit pattern of "outside the window" in every score buffer (a signalling NaN).
+OUTSIDE_BITS = 0x7F800001
+#: Rank of a key that must be selected before any score (HISA's forced blocks).
+FORCED_RANK = 2**32 - 1
+
+
+def mark_outside(scores: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """Write :data:`OUTSIDE_BITS` where ``outside`` is true (fp32, in place; returns ``scores``).
+
+    Written through an int32 view: a float fill would quiet the signalling NaN.
+    """
+    scores.view(torch.int32).masked_fill_(outside, OUTSIDE_BITS)
+    return scores
+
+
+def is_outside(scores: torch.Tensor) -> torch.Tensor:
+    """True where an fp32 score tensor holds the outside-the-window marker."""
+    return scores.view(torch.int32) == OUTSIDE_BITS
+
+
+def selection_rank(scores: torch.Tensor) -> torch.Tensor:
+    """int64 rank of each fp32 score under the selection rule (larger is selected first).
+
+    0 outside the window (never selected), 1 NaN, then the order-preserving map of the float
+    bits (-inf maps to 0x7FFFFF, +inf to 0xFF800000); -0.0 ranks as +0.0 (the sign of a zero
+    head sum depends on the weights' signs, not on the key). The Triton twin is
+    ``hisa.ops.indexer.topk._ordered_key``; both map a score to the same number.
+    """
+    bits = scores.float().view(torch.int32).long() & 0xFFFFFFFF           # the uint32 bits
+    bits = torch.where(bits == 2**31, 0, bits)                            # -0.0 -> +0.0
+    rank = torch.where(bits >= 2**31, bits ^ 0xFFFFFFFF, bits | 2**31)
+    rank = torch.where(torch.isnan(scores), 1, rank)
+    return torch.where(bits == OUTSIDE_BITS, 0, rank)
 
 
 def naive_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
@@ -47,22 +92,32 @@ def naive_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
     return out
 
 
-def naive_topk(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``topk`` columns of each row, ties to the lower column, -inf entries never selected.
+def naive_topk(scores: torch.Tensor, topk: int, *, forced: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``topk`` columns of each row under the selection rule (:func:`selection_rank`).
+
+    Columns marked outside the window (:func:`mark_outside`) are never selected; every other
+    column is, ``+inf > finite > -inf > NaN``, ties to the lower column. ``forced`` (bool, like
+    ``scores``) columns rank above every score.
 
     Returns:
         (columns int64 [T, topk] with -1 in unused slots, scores fp32 [T, topk] with -inf there).
-        Valid entries come first, in descending score order.
+        Valid entries come first, in descending rank order.
     """
     T, n = scores.shape
-    vals, cols = torch.sort(scores, dim=1, descending=True, stable=True)
-    vals, cols = vals[:, :topk], cols[:, :topk]
+    rank = selection_rank(scores)
+    if forced is not None:
+        rank = torch.where(forced & (rank > 0), FORCED_RANK, rank)
+    rank, cols = torch.sort(rank, dim=1, descending=True, stable=True)
+    rank, cols = rank[:, :topk], cols[:, :topk]
+    vals = torch.gather(scores.float(), 1, cols)
     if n < topk:
         pad = topk - n
+        rank = torch.cat([rank, rank.new_zeros((T, pad))], dim=1)
         vals = torch.cat([vals, vals.new_full((T, pad), float("-inf"))], dim=1)
         cols = torch.cat([cols, cols.new_full((T, pad), -1)], dim=1)
-    invalid = vals == float("-inf")
-    return cols.masked_fill(invalid, -1), vals
+    unused = rank == 0
+    return cols.masked_fill(unused, -1), vals.masked_fill(unused, float("-inf"))
 
 
 def window_mask(ks: torch.Tensor, ke: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -73,10 +128,11 @@ def window_mask(ks: torch.Tensor, ke: torch.Tensor, positions: torch.Tensor) -> 
 def naive_dsa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                      ks: torch.Tensor, ke: torch.Tensor, *,
                      k_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The full logits matrix fp32 [T, S], -inf outside each query's window. Small inputs only."""
+    """The full logits matrix fp32 [T, S], marked outside each query's window
+    (:func:`mark_outside`). Small inputs only."""
     logits = naive_scores(q, k, weights, k_scale)
     pos = torch.arange(k.shape[0], device=q.device)
-    return logits.masked_fill_(~window_mask(ks, ke, pos), float("-inf"))
+    return mark_outside(logits, ~window_mask(ks, ke, pos))
 
 
 def naive_dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
@@ -104,7 +160,7 @@ def naive_dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
             logits = naive_scores(q[sl], k[lo:hi], weights[sl],
                                   None if k_scale is None else k_scale[lo:hi])
             pos = torch.arange(lo, hi, device=q.device)
-            logits.masked_fill_(~window_mask(ks[sl], ke[sl], pos), float("-inf"))
+            mark_outside(logits, ~window_mask(ks[sl], ke[sl], pos))
             cols, v = naive_topk(logits, topk)
             rel = torch.where(cols >= 0, cols + lo - ks[sl].long().unsqueeze(1), cols)
             idx[sl], vals[sl] = rel.to(torch.int32), v

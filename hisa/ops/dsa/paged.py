@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ...cache.layout import PAGE_SIZE, as_pages, gather_request_keys
+from ...cache.layout import PAGE_SIZE, as_pages, cache_head_dim, gather_request_keys
 from ...utils.backend import resolve_backend
 from ...utils.output import check_out_buffer, finish_output
 from ...utils.validate import (FLOAT_DTYPES, check_positive_int, check_same_device, check_shape,
@@ -33,6 +33,13 @@ def check_paged_inputs(q, kv_cache, weights, seq_lens, block_table
     batch, next_n, H, D = q.shape
     if next_n not in NEXT_N_SUPPORTED:
         raise ValueError(f"q: expected next_n (dim 1) in {NEXT_N_SUPPORTED}, got {next_n}")
+    if H < 1:
+        raise ValueError(f"q: expected at least one head, got shape {list(q.shape)} "
+                         f"[batch, next_n, H, D]")
+    cache_d = cache_head_dim(kv_cache)
+    if D != cache_d:
+        raise ValueError(f"q: expected head_dim {cache_d} (that of kv_cache, shape "
+                         f"{list(kv_cache.shape)}), got shape {list(q.shape)}")
     pages = as_pages(kv_cache, D)
     check_tensor("weights", weights, dtypes=(torch.float32,), ndim=2)
     check_shape("weights", weights, (batch * next_n, H))
@@ -153,7 +160,7 @@ def dsa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tens
         >>> idx = hisa.dsa_index_paged(q, cache.kv_cache, w, seq_lens, block_table, topk=2048)
     """
     batch, next_n, _, _, pages = check_paged_inputs(q, kv_cache, weights, seq_lens, block_table)
-    check_positive_int("topk", topk)
+    topk = check_positive_int("topk", topk)
     check_out_buffer(out, batch * next_n, topk, q.device)
     if resolve_backend(backend, q.device, lambda: _kernel_check(q, pages)) == "torch":
         check_paged_values(seq_lens, block_table, pages.shape[0])

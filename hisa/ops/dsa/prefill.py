@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...utils.validate import FP8_DTYPE
-from ..indexer.topk import TOPK_SCRATCH, persistent_programs, topk_rows
+from ..indexer.topk import TOPK_SCRATCH, _relu, persistent_programs, topk_rows
 
 #: Cap on the fp32 logits tile of the flat path (bytes): 1 GiB = 4,096 rows of a 64K context.
 FLAT_LOGITS_BYTES = 1 << 30
@@ -83,8 +83,9 @@ def _dsa_logits_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr
         smask = (offs_s < S) & (offs_s < lo + W)
         d = tl.arange(0, D)
         h = tl.arange(0, H)
-        k_blk = tl.load(k_ptr + offs_s[:, None] * D + d[None, :], mask=smask[:, None],
-                        other=0.0)                                              # [BS, D]
+        # int64: offs_s * D passes 2**31 from 16,777,216 keys at D = 128.
+        k_blk = tl.load(k_ptr + offs_s[:, None].to(tl.int64) * D + d[None, :],
+                        mask=smask[:, None], other=0.0)                          # [BS, D]
         if HAS_SCALE:
             scale = tl.load(k_scale_ptr + offs_s, mask=smask, other=0.0)
         for i in range(BQ):
@@ -96,7 +97,7 @@ def _dsa_logits_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr
             q_t = tl.load(q_ptr + t * (H * D) + h[None, :] * D + d[:, None])       # [D, H]
             w_t = tl.load(w_ptr + t * H + h)                                     # [H]
             acc = tl.dot(k_blk, q_t, input_precision=PREC)                       # [BS, H]
-            logit = tl.sum(tl.maximum(acc, 0.0) * w_t[None, :], axis=1)          # [BS]
+            logit = tl.sum(_relu(acc) * w_t[None, :], axis=1)                    # [BS]
             if HAS_SCALE:
                 logit = logit * scale
             wmask = smask & (offs_s >= s0) & (offs_s < s1) & r_ok
@@ -170,6 +171,7 @@ def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks
     q, k, prec = prepare_operands(q, k)
     weights = weights.contiguous()
     ks, ke = ks.contiguous(), ke.contiguous()
+    k_scale = None if k_scale is None else k_scale.contiguous()
     T = q.shape[0]
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)
     vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None

@@ -3,7 +3,8 @@ with the top-m block selection.
 
     J[t, b] = pooled_scale[b] * sum_h w[t, h] * ReLU(q[t, h] . kbar[b]),  b in [ks//B, ceil(ke/B))
 
-The first and last eligible block score +inf (always kept), every other block -inf.
+The first and last eligible block score +inf (and the selection forces them), blocks outside the
+eligible range are marked outside (never selected; ``hisa.ops.dsa.naive.OUTSIDE_BITS``).
 One persistent program per query at a time; ``dot(kbar[BN, D], q_t^T[D, H])`` puts blocks on
 the MMA rows and heads on the columns. With ``SELECT`` the scores of the eligible range go to a
 per-program scratch row (L2-resident) and the program selects the top m in registers, writing
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .select import SELECT_MAX_ROW, _select_block_row, select_warps
-from .topk import persistent_programs
+from .topk import _outside_like, _relu, persistent_programs
 
 #: Blocks scored per MMA (rows of the dot).
 BLOCK_BN = 64
@@ -49,13 +50,15 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
             row = scores_ptr + t64 * stride_s
             for c0 in range(0, NB, BN):
                 c = c0 + cb
-                tl.store(row + c, float("-inf"), mask=(c < NB) & ((c < first) | (c >= end)))
+                tl.store(row + c, _outside_like(c.to(tl.float32)),
+                         mask=(c < NB) & ((c < first) | (c >= end)))
         for c0 in range(first, end, BN):
             c = c0 + cb
             m = c < end
-            kb = tl.load(p_ptr + c[:, None] * D + d[None, :], mask=m[:, None], other=0.0)
+            kb = tl.load(p_ptr + c[:, None].to(tl.int64) * D + d[None, :], mask=m[:, None],
+                         other=0.0)                                                 # [BN, D]
             acc = tl.dot(kb, q_t, input_precision=PREC)                             # [BN, H]
-            sc = tl.sum(tl.maximum(acc, 0.0) * w_t[None, :], axis=1)                 # [BN]
+            sc = tl.sum(_relu(acc) * w_t[None, :], axis=1)                           # [BN]
             if HAS_SCALE:
                 sc = sc * tl.load(p_scale_ptr + c, mask=m, other=0.0)
             sc = tl.where((c == first) | (c == end - 1), float("inf"), sc)
@@ -67,10 +70,10 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
 
 
 def _launch(q, pooled, weights, ks, ke, pooled_scale, scores, ids, *, block_size, block_topk,
-            select, prec, grid):
+            select, prec, grid, row_blocks):
     T, H, D = q.shape
     NB = pooled.shape[0]
-    n_pad = max(16, triton.next_power_of_2(max(NB, 1)))
+    n_pad = max(16, triton.next_power_of_2(max(row_blocks, 1)))
     _block_scores_kernel[(grid,)](
         q, pooled, pooled_scale if pooled_scale is not None else weights, weights, ks, ke,
         scores, scores.stride(0), ids, T, NB, H=H, D=D, B=block_size, BN=BLOCK_BN,
@@ -82,7 +85,7 @@ def _launch(q, pooled, weights, ks, ke, pooled_scale, scores, ids, *, block_size
 def block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                  ke: torch.Tensor, *, block_size: int, pooled_scale: torch.Tensor | None = None,
                  prec: str = "tf32") -> torch.Tensor:
-    """fp32 [T, NB] block scores, +inf on the forced blocks, -inf outside the eligible range
+    """fp32 [T, NB] block scores, +inf on the forced blocks, marked outside the eligible range
     (twin: ``naive_block_scores``). q and pooled share a dtype (prepared operands)."""
     T = q.shape[0]
     NB = pooled.shape[0]
@@ -90,25 +93,50 @@ def block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, k
     if T and NB:
         _launch(q, pooled, weights, ks, ke, pooled_scale, scores, scores, block_size=block_size,
                 block_topk=2, select=False, prec=prec,
-                grid=persistent_programs(T, q.device, 16))
+                grid=persistent_programs(T, q.device, 16), row_blocks=NB)
     return scores
+
+
+def window_blocks(ks: torch.Tensor, ke: torch.Tensor, block_size: int) -> tuple[int, int]:
+    """(smallest first eligible block, largest eligible block count) over the queries, read
+    with one host synchronisation. Blocks before the first are never scored (nor pooled); the
+    count bounds the register row of the block selection."""
+    if ks.numel() == 0:
+        return 0, 0
+    first = ks.long() // block_size
+    end = torch.where(ke > ks, (ke.long() + block_size - 1) // block_size, first)
+    lo, most = torch.stack([first.min(), (end - first).max()]).tolist()
+    return int(lo), int(most)
+
+
+def check_window_blocks(max_blocks: int, block_size: int) -> None:
+    """ValueError when a query's window spans more blocks than the register selection holds."""
+    if max(16, triton.next_power_of_2(max(max_blocks, 1))) > SELECT_MAX_ROW:
+        raise ValueError(f"ks/ke: expected windows of at most {SELECT_MAX_ROW} blocks "
+                         f"({SELECT_MAX_ROW * block_size} keys at block_size={block_size}) for "
+                         f"the Triton block selection, got a window of {max_blocks} blocks")
 
 
 def block_select(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                  ke: torch.Tensor, *, block_size: int, block_topk: int,
                  pooled_scale: torch.Tensor | None = None, prec: str = "tf32",
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused stage 1 + top-m: int32 [T, m] ascending kept block ids, -1 padded."""
+                 out: torch.Tensor | None = None, max_blocks: int | None = None
+                 ) -> torch.Tensor:
+    """Fused stage 1 + top-m: int32 [T, m] ascending kept block ids, -1 padded.
+
+    ``max_blocks``: the largest eligible block count of any query (:func:`window_blocks`; by
+    default every block, NB). It sizes the register row and the per-program scratch, so a
+    packed batch of many sequences is bounded by its longest window, not by its total length.
+    """
     T = q.shape[0]
     NB = pooled.shape[0]
-    if triton.next_power_of_2(max(NB, 1)) > SELECT_MAX_ROW:
-        raise ValueError(f"k: expected at most {SELECT_MAX_ROW * block_size} keys for the fused "
-                         f"block selection at block_size={block_size}, got {NB} blocks")
+    max_blocks = NB if max_blocks is None else max_blocks
+    check_window_blocks(max_blocks, block_size)
     ids = out if out is not None else torch.empty(T, block_topk, dtype=torch.int32,
                                                   device=q.device)
     if T:
         grid = persistent_programs(T, q.device, 4)
-        scratch = torch.empty(grid, max(NB, 1), dtype=torch.float32, device=q.device)
+        scratch = torch.empty(grid, max(max_blocks, 1), dtype=torch.float32, device=q.device)
         _launch(q, pooled, weights, ks, ke, pooled_scale, scratch, ids, block_size=block_size,
-                block_topk=block_topk, select=True, prec=prec, grid=grid)
+                block_topk=block_topk, select=True, prec=prec, grid=grid, row_blocks=max_blocks)
     return ids

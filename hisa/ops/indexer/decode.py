@@ -71,6 +71,20 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
     """HISA selection for decode over the paged FP8 key cache and its pooled-block cache
     (and, for three levels, its super-block cache).
 
+    **The raw-tensor contract.** ``pooled_cache`` carries no record of how it was built, so this
+    function trusts its caller on two things it cannot check, and a violation gives a silently
+    different selection, not an error:
+
+    * every pooled row it reads was written by appends with this same ``block_size`` (a row
+      pooled for B = 128 describes 128 tokens; read with B = 256 it is taken for the mean of
+      256);
+    * every complete block of every request was appended with pooling on (a row never written
+      holds whatever the tensor was created with; a :class:`hisa.PagedIndexerCache` starts
+      with the unknown sentinel, which ranks last, but a ``torch.zeros`` engine tensor scores 0).
+
+    :meth:`hisa.PagedIndexerCache.hisa_index` passes the cache's own tensors and block size
+    and refuses a cache built without pooling: prefer it.
+
     Args:
         q, kv_cache, weights, seq_lens, block_table, topk, return_scores, out: as in
             :func:`hisa.dsa_index_paged`.
@@ -106,7 +120,8 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
     batch, next_n, _, D, pages = check_paged_inputs(q, kv_cache, weights, seq_lens,
                                                     block_table)
     check_pooled_cache(pooled_cache, D, pages.shape[0])
-    check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
+    topk, block_size, block_topk = check_hisa_params(topk=topk, block_size=block_size,
+                                                     block_topk=block_topk)
     check_block_size(block_size)
     three = check_super_params(block_topk=block_topk, super_size=super_size,
                                super_topk=super_topk)

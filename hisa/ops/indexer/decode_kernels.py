@@ -30,9 +30,10 @@ import triton.language as tl
 
 from ...cache.layout import PAGE_SIZE
 from ..dsa.decode_kernels import (NO_LIMIT, _page_scores, _pick, _request_len, _row_len,
-                                  decode_operands, dsa_decode)
+                                  decode_layout, decode_operands, dsa_decode)
 from .decode_select import _select_row, _select_token_row_fast
 from .select import SELECT_MAX_ROW, select_warps
+from .topk import _force_key, _masked_key, _outside_like, _relu
 
 #: Crossover of ``backend="auto"``: requests with at most this many keys take the flat path;
 #: 0 means HISA for every request. Measured on an H100 (benchmarks/decode_probe.py, CUDA
@@ -88,8 +89,8 @@ def _block_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
         kb = tl.load(pl8_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         sc = tl.load(pl32_ptr + base // 4 + D // 4, mask=ok, other=0.0)
         acc = tl.dot(kb.to(q_t.dtype), q_t, input_precision=PREC)                   # [TILE, H]
-        s = tl.sum(tl.maximum(acc, 0.0) * w[None, :], axis=1) * sc
-        s = tl.where(ok, s, float("-inf"))
+        s = tl.sum(_relu(acc) * w[None, :], axis=1) * sc
+        s = tl.where(ok, s, _outside_like(s))             # a page id outside the cache
         s = tl.where((j == 0) | (j == nb - 1), float("inf"), s)
         tl.store(scratch_ptr + r64 * NB_PAD + j, s, mask=j < nb)
 
@@ -98,11 +99,11 @@ def _block_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
 def _row_blocks(scratch_ptr, r64, nb, M: tl.constexpr, NB_PAD: tl.constexpr,
                 RADIX: tl.constexpr):
     """(block ids [NB_PAD], selection mask, slot of each selected block, count) of a row's
-    top-M blocks from its scores in the scratch."""
+    top-M blocks from its scores in the scratch; the first and last block are forced."""
     bi = tl.arange(0, NB_PAD)
-    v = tl.load(scratch_ptr + r64 * NB_PAD + bi, mask=bi < nb, other=float("-inf"),
-                cache_modifier=".cg")
-    sel, pos, n_sel = _select_row(v, M, RADIX)
+    v = tl.load(scratch_ptr + r64 * NB_PAD + bi, mask=bi < nb, other=0.0, cache_modifier=".cg")
+    keys = _force_key(_masked_key(v, bi < nb), (bi == 0) | (bi == nb - 1))
+    sel, pos, n_sel = _select_row(keys, M, RADIX)
     return bi, sel, pos, n_sel
 
 
@@ -167,13 +168,16 @@ def _token_scores_kernel(q_ptr, kv8_ptr, kv32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
                 blk = tl.load(ids_ptr + r64 * M + j, mask=j < M, other=-1)
             for p in tl.static_range(PPB):
                 col = blk * PPB + p
-                page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + col, mask=blk >= 0,
-                               other=-1)
+                # col < max_pages: the tail block of a table whose width is not a multiple of
+                # B / 64 ends inside the row.
+                page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + col,
+                               mask=(blk >= 0) & (col < max_pages), other=-1)
                 pos_t = col * PAGE + t
                 page_ok = (blk >= 0) & (page >= 0) & (page < num_pages)
                 s2 = _page_scores(kv8_ptr, kv32_ptr, tl.where(page_ok, page, 0), page_ok, q_t,
                                   w, H, 1, H, D, PAGE, PREC)
-                sc = tl.where(page_ok & (pos_t < n), _pick(s2, one, 0), float("-inf"))
+                sc = _pick(s2, one, 0)
+                sc = tl.where(page_ok & (pos_t < n), sc, _outside_like(sc))
                 tl.store(cand_ptr + r64 * (M * B) + j * B + p * PAGE + t, sc, mask=j < M)
 
 
@@ -312,6 +316,7 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     (:mod:`.decode_super`, 4 launches in place of the block stage's 2)."""
     batch, next_n, H, D = q.shape
     check_decode_params(block_size, block_topk, block_table.shape[1])
+    weights, seq_lens, block_table = decode_layout(weights, seq_lens, block_table)
     max_keys = block_table.shape[1] * PAGE_SIZE
     if not route_short_to_flat:
         thr = 0
@@ -319,7 +324,7 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
         thr = HISA_MIN_KEYS if hisa_min_keys is None else hisa_min_keys
     thr = thr if thr > 0 else -1           # -1: HISA takes every request, empty ones included
     rows = batch * next_n
-    if thr >= max_keys:                    # no request can be long enough for HISA
+    if thr >= max_keys or max_keys == 0:   # no request can be long enough for HISA; no page
         return dsa_decode(q, pages, weights, seq_lens, block_table, topk=topk, out=out,
                           need_scores=need_scores)
     idx = out if out is not None else torch.empty(rows, topk, dtype=torch.int32,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .topk import PACK_BITS, _ordered_key, _radix_threshold, _select_mask
+from .topk import PACK_BITS, _masked_key, _radix_threshold, _select_mask
+
 
 @triton.jit
-def _select_row(v, need, RADIX: tl.constexpr):
+def _select_row(keys, need, RADIX: tl.constexpr):
     """(selection mask, output slot of each selected entry, number selected) of the top
-    ``need`` of fp32 scores ``v`` (-inf never selected; ties to the lower index)."""
-    keys = _ordered_key(v)
+    ``need`` of selection keys (``topk._ordered_key``: key 0 never selected; ties to the lower
+    index)."""
     sel = _select_mask(keys, need, _radix_threshold(keys, need, RADIX))
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     return sel, pos, tl.sum(sel.to(tl.int32), axis=0)
@@ -31,8 +32,8 @@ def _select_token_row_fast(src_ptr, ids_ptr, out_idx_ptr, out_val_ptr, B: tl.con
     """Top-K of the MB candidate scores src[0:MB] (candidate c = token c % B of block
     ids[c // B]) as request positions (and scores), -1 / -inf padded."""
     i = tl.arange(0, MB_PAD)
-    v = tl.load(src_ptr + i, mask=i < MB, other=float("-inf"), cache_modifier=".cg")
-    sel, pos, n_sel = _select_row(v, K, RADIX)
+    v = tl.load(src_ptr + i, mask=i < MB, other=0.0, cache_modifier=".cg")
+    sel, pos, n_sel = _select_row(_masked_key(v, i < MB), K, RADIX)
     blk = tl.load(ids_ptr + i // B, mask=sel, other=0)
     tl.store(out_idx_ptr + pos, blk * B + (i % B), mask=sel)
     if WRITE_VALS:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ..dsa.naive import NAIVE_TILE_BYTES, naive_scores, naive_topk, window_mask
+from ..dsa.naive import (NAIVE_TILE_BYTES, is_outside, mark_outside, naive_scores, naive_topk,
+                         window_mask)
 
 
 def eligible_blocks(ks: torch.Tensor, ke: torch.Tensor, block_size: int
@@ -57,7 +58,8 @@ def naive_block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Ten
                        pooled_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Stage 1: J[t, b] = sum_h w[t, h] ReLU(q[t, h] . kbar[b]) over eligible blocks.
 
-    Ineligible blocks get -inf; the first and last eligible block get +inf (always kept).
+    Ineligible blocks are marked outside (:func:`~hisa.ops.dsa.naive.mark_outside`); the first
+    and last eligible block get +inf (and :func:`naive_select_blocks` forces them).
 
     Returns:
         fp32 [T, NB].
@@ -65,7 +67,7 @@ def naive_block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Ten
     scores = naive_scores(q, pooled, weights, pooled_scale)
     first, end = eligible_blocks(ks, ke, block_size)
     b = torch.arange(pooled.shape[0], device=q.device)
-    scores.masked_fill_(~window_mask(first, end, b), float("-inf"))
+    mark_outside(scores, ~window_mask(first, end, b))
     has = end > first
     rows = torch.nonzero(has).squeeze(1)
     scores[rows, first[rows]] = float("inf")
@@ -74,8 +76,16 @@ def naive_block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Ten
 
 
 def naive_select_blocks(block_scores: torch.Tensor, block_topk: int) -> torch.Tensor:
-    """Top-m blocks per query, as ascending block ids followed by -1 padding. int32 [T, m]."""
-    cols, _ = naive_topk(block_scores, block_topk)
+    """Top-m blocks per query, as ascending block ids followed by -1 padding. int32 [T, m].
+
+    The first and last eligible (not outside) block of a row are kept whatever their score.
+    """
+    NB = block_scores.shape[1]
+    inside = ~is_outside(block_scores)
+    col = torch.arange(NB, device=block_scores.device)
+    first = torch.where(inside, col, NB).amin(1, keepdim=True) if NB else col[None]
+    last = torch.where(inside, col, -1).amax(1, keepdim=True) if NB else col[None]
+    cols, _ = naive_topk(block_scores, block_topk, forced=(col == first) | (col == last))
     # Ascending ids (padding last) so candidate tokens come out in position order.
     key = torch.where(cols >= 0, cols, torch.iinfo(torch.int64).max)
     ids = torch.sort(key, dim=1).values
@@ -97,17 +107,18 @@ def naive_token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     """Stage 2: exact indexer scores of every token of the kept blocks.
 
     Returns:
-        (scores fp32 [T, m*B], -inf for tokens outside [ks, ke) or padding;
+        (scores fp32 [T, m*B], marked outside for tokens outside [ks, ke) or padding;
          positions int64 [T, m*B], absolute, -1 for padding).
     """
     pos = candidate_positions(block_ids, block_size, k.shape[0])
     if k.shape[0] == 0:                      # no keys at all: every candidate is padding
-        return torch.full(pos.shape, float("-inf"), device=q.device), pos
+        return mark_outside(torch.empty(pos.shape, device=q.device),
+                            torch.ones_like(pos, dtype=torch.bool)), pos
     safe = pos.clamp_min(0)
     scale = None if k_scale is None else k_scale[safe]
     scores = naive_scores(q, k[safe], weights, scale)                         # [T, m*B]
     valid = (pos >= 0) & window_mask(ks, ke, pos)
-    return scores.masked_fill_(~valid, float("-inf")), pos
+    return mark_outside(scores, ~valid), pos
 
 
 def naive_select_tokens(scores: torch.Tensor, positions: torch.Tensor, topk: int

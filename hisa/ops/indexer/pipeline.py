@@ -31,7 +31,7 @@ import torch
 from ...utils.quant import quantize_fp8
 from ...utils.validate import FP8_DTYPE
 from ..dsa.prefill import check_kernel_shapes, prepare_operands
-from .block_scores import block_select
+from .block_scores import block_select, check_window_blocks, window_blocks
 from .pool import check_block_size, pool_blocks
 from .select import select_tokens
 from .super_blocks import (candidate_block_select, check_super_kernel_params, pool_supers,
@@ -47,6 +47,7 @@ def _prepare(q, k, weights, ks, ke, k_scale, block_size):
     check_kernel_shapes(q, k)
     check_block_size(block_size)
     q, k, prec = prepare_operands(q, k)
+    k_scale = None if k_scale is None else k_scale.contiguous()
     return q, k, weights.contiguous(), ks.contiguous(), ke.contiguous(), k_scale, prec
 
 
@@ -125,6 +126,11 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
         ...     fn()
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
+    first_block, max_blocks = window_blocks(ks, ke, block_size)
+    if super_size is None:
+        check_window_blocks(max_blocks, block_size)
+    else:
+        first_block -= first_block % super_size      # a super-block pools all its block rows
     T = q.shape[0]
     state: dict = {
         "ids": torch.empty(T, block_topk, dtype=torch.int32, device=q.device),
@@ -132,13 +138,14 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     }
 
     def pool():
-        state["pooled"], state["pooled_scale"] = pool_blocks(k, k_scale, block_size=block_size)
+        state["pooled"], state["pooled_scale"] = pool_blocks(k, k_scale, block_size=block_size,
+                                                             first_block=first_block)
         return state
 
     def blocks():
         block_select(q, state["pooled"], weights, ks, ke, block_size=block_size,
                      block_topk=block_topk, pooled_scale=state["pooled_scale"], prec=prec,
-                     out=state["ids"])
+                     out=state["ids"], max_blocks=max_blocks)
         return state
 
     def supers_pool():
@@ -212,13 +219,23 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
          fp32 [T, topk] aligned scores, -inf padded, or None unless ``need_scores``).
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
+    # Every check that can fail runs before the first launch (one host sync for the windows).
+    first_block, max_blocks = window_blocks(ks, ke, block_size)
+    if super_size is None:
+        check_window_blocks(max_blocks, block_size)
+    else:
+        check_super_kernel_params(k.shape[0], block_size=block_size, super_size=super_size,
+                                  super_topk=super_topk)
+        first_block -= first_block % super_size      # a super-block pools all its block rows
     if pooled is None:
-        pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size)
+        pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
+                                           first_block=first_block)
     else:
         pooled, pooled_scale = given_pooled(pooled, k)
     if super_size is None:
         ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
-                           block_topk=block_topk, pooled_scale=pooled_scale, prec=prec)
+                           block_topk=block_topk, pooled_scale=pooled_scale, prec=prec,
+                           max_blocks=max_blocks)
     else:
         ids = three_level_block_ids(q, k, weights, ks, ke, pooled, pooled_scale,
                                     block_size=block_size, block_topk=block_topk,

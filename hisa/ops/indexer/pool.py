@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...cache.append import _clamp_e4m3, _nan_amax
 from ...utils.quant import AMAX_FLOOR, FP8_MAX
 from ...utils.validate import FP8_DTYPE
 
@@ -26,11 +27,11 @@ def check_block_size(block_size: int) -> None:
 
 
 @triton.jit
-def _pool_blocks_kernel(k_ptr, k_scale_ptr, out_ptr, out_scale_ptr, S,
+def _pool_blocks_kernel(k_ptr, k_scale_ptr, out_ptr, out_scale_ptr, S, first_block,
                         B: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                         HAS_SCALE: tl.constexpr, QUANT: tl.constexpr,
                         AMAX_MIN: tl.constexpr, QMAX: tl.constexpr):
-    b = tl.program_id(0)
+    b = (first_block + tl.program_id(0)).to(tl.int64)   # int64: b * B * D passes 2**31
     d = tl.arange(0, D)
     acc = tl.zeros([D], dtype=tl.float32)
     for c in tl.static_range(0, B, CHUNK):
@@ -44,8 +45,8 @@ def _pool_blocks_kernel(k_ptr, k_scale_ptr, out_ptr, out_scale_ptr, S,
     count = tl.minimum(S - b * B, B).to(tl.float32)
     mean = acc / count                                                            # [D]
     if QUANT:
-        scale = tl.maximum(tl.max(tl.abs(mean), axis=0), AMAX_MIN) / QMAX
-        v = tl.minimum(tl.maximum(mean / scale, -QMAX), QMAX)
+        scale = tl.maximum(_nan_amax(mean, 0), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL) / QMAX
+        v = _clamp_e4m3(mean / scale)
         tl.store(out_ptr + b * D + d, v.to(out_ptr.dtype.element_ty))
         tl.store(out_scale_ptr + b, scale)
     else:
@@ -53,7 +54,7 @@ def _pool_blocks_kernel(k_ptr, k_scale_ptr, out_ptr, out_scale_ptr, S,
 
 
 def pool_blocks(k: torch.Tensor, k_scale: torch.Tensor | None, *, block_size: int,
-                out_dtype: torch.dtype | None = None
+                out_dtype: torch.dtype | None = None, first_block: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block representatives of the key buffer.
 
@@ -61,6 +62,8 @@ def pool_blocks(k: torch.Tensor, k_scale: torch.Tensor | None, *, block_size: in
         k: [S, D] float8_e4m3fn (with ``k_scale`` fp32 [S]), bf16 or fp32; contiguous.
         out_dtype: dtype of the representatives, k's dtype by default; float8_e4m3fn
             re-quantizes each block with its own scale, anything else stores the plain mean.
+        first_block: pool only blocks [first_block, NB); the rows before are left unset (the
+            prefill pipeline passes min(ks) // B: no query's eligible range starts earlier).
 
     Returns:
         (pooled [NB, D], pooled_scale fp32 [NB] for FP8 output else None),
@@ -73,10 +76,10 @@ def pool_blocks(k: torch.Tensor, k_scale: torch.Tensor | None, *, block_size: in
     quant = out_dtype == FP8_DTYPE
     pooled = torch.empty(nb, D, dtype=out_dtype, device=k.device)
     pscale = torch.empty(nb, dtype=torch.float32, device=k.device) if quant else None
-    if nb:
-        _pool_blocks_kernel[(nb,)](
+    if nb > first_block:
+        _pool_blocks_kernel[(nb - first_block,)](
             k, k_scale if k_scale is not None else pooled, pooled,
-            pscale if quant else pooled, S, B=block_size, D=D,
+            pscale if quant else pooled, S, first_block, B=block_size, D=D,
             CHUNK=min(POOL_CHUNK, block_size), HAS_SCALE=k_scale is not None, QUANT=quant,
             AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, num_warps=4)
     return pooled, pscale

@@ -53,16 +53,23 @@ def check_pooled(pooled: torch.Tensor, k: torch.Tensor, block_size: int) -> None
     check_same_device(k=k, pooled=pooled)
 
 
-def _kernel_check(q: torch.Tensor, k: torch.Tensor, block_size: int, block_topk: int,
-                  super_size: int | None = None, super_topk: int | None = None) -> None:
+def _kernel_check(q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
+                  block_size: int, block_topk: int, super_size: int | None = None,
+                  super_topk: int | None = None) -> None:
+    """Every limit of the Triton pipeline (``backend="auto"`` falls back to the reference when
+    one is exceeded); it reads the windows (a host sync, as :func:`check_windows` does)."""
     from ..dsa.prefill import check_kernel_shapes
+    from .block_scores import check_window_blocks, window_blocks
     from .pool import check_block_size
     from .select import SELECT_MAX_ROW
     check_kernel_shapes(q, k)
     check_block_size(block_size)
     if block_size * block_topk > SELECT_MAX_ROW:
-        raise ValueError(f"block_topk * block_size: at most {SELECT_MAX_ROW} for the kernels")
-    if super_size is not None:
+        raise ValueError(f"block_topk * block_size: expected at most {SELECT_MAX_ROW} candidates "
+                         f"for the Triton token selection, got {block_size * block_topk}")
+    if super_size is None:
+        check_window_blocks(window_blocks(ks, ke, block_size)[1], block_size)
+    else:
         from .super_blocks import check_super_kernel_params
         check_super_kernel_params(k.shape[0], block_size=block_size, super_size=super_size,
                                   super_topk=super_topk)
@@ -111,7 +118,8 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         >>> idx = hisa.hisa_index(q, k, w, ks, ke, super_size=2, super_topk=128)  # 1M keys
     """
     T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
-    check_hisa_params(topk=topk, block_size=block_size, block_topk=block_topk)
+    topk, block_size, block_topk = check_hisa_params(topk=topk, block_size=block_size,
+                                                     block_topk=block_topk)
     three = check_super_params(block_topk=block_topk, super_size=super_size,
                                super_topk=super_topk)
     check_out_buffer(out, T, topk, q.device)
@@ -120,7 +128,8 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         check_pooled(pooled, k, block_size)
     sup = dict(super_size=super_size, super_topk=super_topk) if three else {}
     if resolve_backend(backend, q.device,
-                       lambda: _kernel_check(q, k, block_size, block_topk, **sup)) == "torch":
+                       lambda: _kernel_check(q, k, ks, ke, block_size, block_topk, **sup)
+                       ) == "torch":
         reference = naive_hisa_index_super if three else naive_hisa_index
         idx, scores = reference(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                 block_size=block_size, block_topk=block_topk, pooled=pooled,

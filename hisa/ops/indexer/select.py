@@ -4,9 +4,10 @@ The row helpers are shared by the standalone kernels here (twins:
 :func:`~hisa.ops.indexer.naive.naive_select_blocks`, and
 :func:`~hisa.ops.indexer.naive.naive_select_tokens` followed by
 :func:`~hisa.ops.indexer.naive.naive_to_offsets`) and by the fused score+select kernels of
-``block_scores.py`` and ``token_scores.py``. Selection is the radix threshold search of ``topk.py``: ties go
-to the lower index, -inf is never selected, valid entries come first in index order (so block
-ids come out ascending), then -1.
+``block_scores.py`` and ``token_scores.py``. Selection is the radix threshold search of ``topk.py``
+under the selection rule (ties to the lower index, ``+inf > finite > -inf > NaN``, entries
+marked outside the window never selected; the first and last eligible block of a row are
+forced), valid entries come first in index order (so block ids come out ascending), then -1.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import _ordered_key, _radix_threshold, _select_mask
+from .topk import _force_key, _masked_key, _radix_threshold, _select_mask
 
 #: Widest row a register selection handles (blocks of a query, or m*B candidates).
 SELECT_MAX_ROW = 32768
@@ -23,10 +24,11 @@ SELECT_MAX_ROW = 32768
 @triton.jit
 def _select_block_row(src_ptr, n, first, ids_ptr, M: tl.constexpr, M_PAD: tl.constexpr,
                       N_PAD: tl.constexpr):
-    """ids_ptr[0:M] = ascending ids first + i of the top-M of src[0:n], -1 padded."""
+    """ids_ptr[0:M] = ascending ids first + i of the top-M of src[0:n], -1 padded; src[0] and
+    src[n - 1] (the first and last eligible block) are forced."""
     i = tl.arange(0, N_PAD)
-    v = tl.load(src_ptr + i, mask=i < n, other=float("-inf"), cache_modifier=".cg")
-    keys = _ordered_key(v)
+    v = tl.load(src_ptr + i, mask=i < n, other=0.0, cache_modifier=".cg")
+    keys = _force_key(_masked_key(v, i < n), (i == 0) | (i == n - 1))
     thr = _radix_threshold(keys, M, 1)
     sel = _select_mask(keys, M, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
@@ -43,8 +45,8 @@ def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
     """Top-K of the MB candidate scores src[0:MB] (candidate c = token c % B of block
     ids[c // B]); writes offsets relative to s0 (and scores), -1 / -inf padded."""
     i = tl.arange(0, MB_PAD)
-    v = tl.load(src_ptr + i, mask=i < MB, other=float("-inf"), cache_modifier=".cg")
-    keys = _ordered_key(v)
+    v = tl.load(src_ptr + i, mask=i < MB, other=0.0, cache_modifier=".cg")
+    keys = _masked_key(v, i < MB)
     thr = _radix_threshold(keys, K, 1)
     sel = _select_mask(keys, K, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1

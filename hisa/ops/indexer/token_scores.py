@@ -3,7 +3,7 @@ fused with the token top-k and the mapping to offsets.
 
     I[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(q[t, h] . k[s]),   s in the m kept blocks
 
-Tokens outside [ks, ke) and padding blocks (id -1) score -inf. One persistent program per
+Tokens outside [ks, ke) and padding blocks (id -1) are marked outside (never selected). One persistent program per
 query at a time loops over its m blocks: ``dot(k_blk[B, D], q_t^T[D, H])``, tokens on the MMA
 rows and heads on the columns, the ReLU-weighted head sum inside a row. q_t^T and w_t are
 loaded once per query. With ``SELECT`` the m*B scores go to a per-program scratch row that
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .select import SELECT_MAX_ROW, _select_token_row
-from .topk import persistent_programs
+from .topk import _outside_like, _relu, persistent_programs
 
 #: Persistent programs per SM of the token stage (fused and unfused).
 TOKEN_PROGRAMS_PER_SM = 8
@@ -56,10 +56,10 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
             kb = tl.load(k_ptr + pos[:, None].to(tl.int64) * D + d[None, :],
                          mask=valid[:, None], other=0.0)                            # [B, D]
             acc = tl.dot(kb, q_t, input_precision=PREC)                             # [B, H]
-            sc = tl.sum(tl.maximum(acc, 0.0) * w_t[None, :], axis=1)                 # [B]
+            sc = tl.sum(_relu(acc) * w_t[None, :], axis=1)                           # [B]
             if HAS_SCALE:
                 sc = sc * tl.load(k_scale_ptr + pos, mask=valid, other=0.0)
-            tl.store(row + j * B + tok, tl.where(valid, sc, float("-inf")))
+            tl.store(row + j * B + tok, tl.where(valid, sc, _outside_like(sc)))
         if SELECT:
             tl.debug_barrier()
             _select_token_row(row, ids_ptr + t64 * M, s0, out_idx_ptr + t64 * K,
@@ -82,7 +82,7 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: to
                  ke: torch.Tensor, block_ids: torch.Tensor, *, block_size: int,
                  k_scale: torch.Tensor | None = None, prec: str = "tf32",
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 [T, m*B] candidate scores, -inf outside the window and for padding blocks
+    """fp32 [T, m*B] candidate scores, marked outside the window and for padding blocks
     (twin: ``naive_token_scores``, whose positions are ``candidate_positions(block_ids)``).
 
     ``out``: optional fp32 buffer of at least T * m*B elements (its head is used)."""

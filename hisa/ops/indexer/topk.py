@@ -1,7 +1,10 @@
 """Top-k selection shared by the flat DSA path and the HISA stages (Triton).
 
-Scores are fp32. Each is mapped to an order-preserving uint32 key (``_ordered_key``; -inf and
-NaN map to 0 and are never selected), so "the k largest scores" becomes "the k largest keys".
+Scores are fp32. Each is mapped to a uint32 key (``_ordered_key``) that encodes the selection
+rule of :mod:`hisa.ops.dsa.naive` (the twin ``selection_rank`` gives the same numbers): 0 for the
+outside-the-window marker ``OUTSIDE`` (never selected), 1 for NaN, then the order-preserving map
+of the float (-inf < finite < +inf), and ``FORCED_KEY`` above every score for HISA's forced
+blocks. "The k largest scores" becomes "the k largest keys", keys > 0 only.
 
 * ``_bisect_threshold`` finds, bit by bit, the largest key ``thr`` with at least ``need`` keys
   ``>= thr``: one ``tl.sum`` per bit over a register-resident row, no sort.
@@ -22,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dsa.naive import FORCED_RANK, OUTSIDE_BITS
+
 #: Keys of the threshold bin kept in registers by :func:`topk_rows` (else the slow fallback).
 TOPK_SCRATCH = 8192
 #: Top key bits histogrammed by the first pass of :func:`topk_rows` (4,096 bins).
@@ -32,17 +37,52 @@ TOPK_CHUNK = 2048
 TOPK_SAMPLE = 4096
 
 
+#: fp32 bits of the outside-the-window marker in score buffers (a signalling NaN).
+OUTSIDE = tl.constexpr(OUTSIDE_BITS)
+#: Key of a forced entry: above every score's key.
+FORCED_KEY = tl.constexpr(FORCED_RANK)
+
+
 @triton.jit
 def _ordered_key(v):
-    """fp32 -> uint32 with the same order; -inf and NaN -> 0 (below every finite score)."""
+    """fp32 -> uint32 selection key: OUTSIDE -> 0, NaN -> 1, else order-preserving
+    (-inf -> 0x7FFFFF, +inf -> 0xFF800000; -0.0 as +0.0). Integer ops only (a float compare
+    would see the marker as a NaN)."""
     bits = v.to(tl.uint32, bitcast=True)
+    bits = tl.where(bits == 0x80000000, tl.zeros_like(bits), bits)
     key = tl.where((bits >> 31) != 0, bits ^ 0xFFFFFFFF, bits | 0x80000000)
-    return tl.where(v > float("-inf"), key, tl.zeros_like(key))
+    key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, tl.full(key.shape, 1, tl.uint32), key)
+    return tl.where(bits == OUTSIDE, tl.zeros_like(key), key)
+
+
+@triton.jit
+def _masked_key(v, inside):
+    """``_ordered_key`` where ``inside``, 0 (never selected) elsewhere."""
+    key = _ordered_key(v)
+    return tl.where(inside, key, tl.zeros_like(key))
+
+
+@triton.jit
+def _force_key(key, forced):
+    """Keys of ``forced`` entries (that are selectable at all) raised above every score."""
+    return tl.where(forced & (key > 0), tl.full(key.shape, FORCED_KEY, tl.uint32), key)
+
+
+@triton.jit
+def _outside_like(v):
+    """The OUTSIDE marker as fp32, shaped like ``v``."""
+    return tl.full(v.shape, OUTSIDE, tl.uint32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _relu(x):
+    """ReLU that keeps NaN (the references' ``clamp_min``); a plain maximum drops it on GPUs."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def _key_to_float(key):
-    """Inverse of ``_ordered_key`` for keys > 0."""
+    """Inverse of ``_ordered_key`` for keys > 0 (key 1 gives a NaN)."""
     bits = tl.where(key >= 0x80000000, key ^ 0x80000000, key ^ 0xFFFFFFFF)
     return bits.to(tl.float32, bitcast=True)
 
@@ -131,11 +171,9 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                       WRITE_VALS: tl.constexpr):
     # Row r of x holds key positions [lo, lo + stride_x); query t0 + r reads [ks, ke) of it and
     # its output row t0 + r gets offsets relative to ks.
-    NBINS: tl.constexpr = 1 << HBITS
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, CHUNK)
-    bins = tl.arange(0, NBINS)
     kk = tl.arange(0, K_PAD)
     scr_key = scr_key_ptr + pid.to(tl.int64) * CAP
     scr_col = scr_col_ptr + pid.to(tl.int64) * CAP
@@ -151,8 +189,7 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
         n_c = n
         if done:
             # The whole window fits in registers: one exact selection.
-            v = tl.load(row + ci, mask=ci < n, other=float("-inf"))
-            key = _ordered_key(v)
+            key = _masked_key(tl.load(row + ci, mask=ci < n, other=0.0), ci < n)
             col = ci
         else:
             # Sample NS evenly spaced scores, take the threshold at a rank safely above the
@@ -167,8 +204,8 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
             n_c = tl.zeros([], dtype=tl.int32)
             for c in range(0, n, CHUNK):
                 m = c + offs < n
-                kc = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
-                keep = m & (kc >= thr_s) & (kc > 0)
+                kc = _masked_key(tl.load(row + c + offs, mask=m, other=0.0), m)
+                keep = (kc >= thr_s) & (kc > 0)
                 pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
                 tl.store(scr_key + pk, kc, mask=keep & (pk < CAP))
                 tl.store(scr_col + pk, c + offs, mask=keep & (pk < CAP))
@@ -189,27 +226,28 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
             if WRITE_VALS:
                 tl.store(out_val + kk, float("-inf"), mask=(kk >= n_sel) & (kk < K))
         else:
-            _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, bins, kk, K,
+            _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, kk, K,
                                 CHUNK, HBITS, CAP, WRITE_VALS)
 
 
 @triton.jit
-def _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, bins, kk,
+def _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, kk,
                         K: tl.constexpr, CHUNK: tl.constexpr, HBITS: tl.constexpr,
                         CAP: tl.constexpr, WRITE_VALS: tl.constexpr):
     """The general path of one wide row (histogram, filter, bisection; see module doc)."""
     SHIFT: tl.constexpr = 32 - HBITS
     NBINS: tl.constexpr = 1 << HBITS
-    # Pass 1: histogram of the top HBITS key bits; bin 0 holds -inf / masked entries.
+    # Pass 1: histogram of the top HBITS key bits of the selectable keys (key > 0); bin 0 holds
+    # the NaN scores (key 1), the lowest selectable ones.
     hist = tl.zeros([NBINS], dtype=tl.int32)
     for c in range(0, n, CHUNK):
         m = c + offs < n
-        v = tl.load(row + c + offs, mask=m, other=float("-inf"))
-        hist += tl.histogram((_ordered_key(v) >> SHIFT).to(tl.int32), NBINS, mask=m)
-    hist = tl.where(bins == 0, 0, hist)
+        key = _masked_key(tl.load(row + c + offs, mask=m, other=0.0), m)
+        hist += tl.histogram((key >> SHIFT).to(tl.int32), NBINS, mask=key > 0)
     suffix = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist   # #keys in bins >= b
+    # The threshold bin: the highest bin with at least K keys at or above it; bin 0 when the
+    # row has fewer than K selectable keys (then every one of them is selected).
     tb = tl.maximum(tl.sum((suffix >= K).to(tl.int32), axis=0) - 1, 0)
-    # tb == 0: fewer than K finite scores, every one of them is selected in pass 2.
     tbu = tb.to(tl.uint32)
     # Pass 2: bins above tb go to the output, the threshold bin to the scratch.
     tl.debug_barrier()  # the previous row's scratch reads are done
@@ -217,11 +255,11 @@ def _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, bins, 
     n_eq = tl.zeros([], dtype=tl.int32)
     for c in range(0, n, CHUNK):
         m = c + offs < n
-        v = tl.load(row + c + offs, mask=m, other=float("-inf"))
-        key = _ordered_key(v)
+        v = tl.load(row + c + offs, mask=m, other=0.0)
+        key = _masked_key(v, m)
         b = key >> SHIFT
-        above = m & (b > tbu) & (key > 0)
-        eq = m & (b == tbu) & (tb > 0)
+        above = (b > tbu) & (key > 0)
+        eq = (b == tbu) & (key > 0)
         pa = n_out + tl.cumsum(above.to(tl.int32), axis=0) - 1
         tl.store(out_idx + pa, c + offs, mask=above)
         if WRITE_VALS:
@@ -232,54 +270,54 @@ def _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, bins, 
         n_out += tl.sum(above.to(tl.int32), axis=0)
         n_eq += tl.sum(eq.to(tl.int32), axis=0)
     need = K - n_out
-    if tb > 0:
-        thr0 = tbu << SHIFT
-        if n_eq <= CAP:
-            # Pass 3: bisect the low bits over the threshold bin, in registers.
-            tl.debug_barrier()
-            ci = tl.arange(0, CAP)
-            ck = tl.load(scr_key + ci, mask=ci < n_eq, other=0, cache_modifier=".cg")
-            thr = _bisect_threshold(ck, need, thr0, SHIFT)
-            sel = _select_mask(ck, need, thr)
-            cols = tl.load(scr_col + ci, mask=sel, other=0, cache_modifier=".cg")
+    thr0 = tbu << SHIFT
+    if n_eq <= CAP:
+        # Pass 3: bisect the low bits over the threshold bin, in registers. With fewer than
+        # `need` keys in the bin the threshold stays thr0 and every key of the bin is taken.
+        tl.debug_barrier()
+        ci = tl.arange(0, CAP)
+        ck = tl.load(scr_key + ci, mask=ci < n_eq, other=0, cache_modifier=".cg")
+        thr = _bisect_threshold(ck, need, thr0, SHIFT)
+        sel = _select_mask(ck, need, thr)
+        cols = tl.load(scr_col + ci, mask=sel, other=0, cache_modifier=".cg")
+        ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        tl.store(out_idx + ps, cols, mask=sel)
+        if WRITE_VALS:
+            tl.store(out_val + ps, _key_to_float(ck), mask=sel)
+        n_out += tl.sum(sel.to(tl.int32), axis=0)
+    else:
+        # Fallback for huge ties: the same bisection, one pass over the row per bit.
+        thr = thr0
+        for i in range(SHIFT):
+            cand = thr | (tl.full([], 1, tl.uint32) << tl.cast(SHIFT - 1 - i, tl.uint32))
+            cnt = tl.zeros([], dtype=tl.int32)
+            for c in range(0, n, CHUNK):
+                m = c + offs < n
+                key = _masked_key(tl.load(row + c + offs, mask=m, other=0.0), m)
+                cnt += tl.sum((((key >> SHIFT) == tbu) & (key >= cand) & (key > 0)).to(tl.int32),
+                              axis=0)
+            thr = tl.where(cnt >= need, cand, thr)
+        n_gt = tl.zeros([], dtype=tl.int32)
+        for c in range(0, n, CHUNK):
+            m = c + offs < n
+            key = _masked_key(tl.load(row + c + offs, mask=m, other=0.0), m)
+            n_gt += tl.sum((((key >> SHIFT) == tbu) & (key > thr) & (key > 0)).to(tl.int32),
+                           axis=0)
+        n_tie = need - n_gt
+        for c in range(0, n, CHUNK):
+            m = c + offs < n
+            v = tl.load(row + c + offs, mask=m, other=0.0)
+            key = _masked_key(v, m)
+            inb = ((key >> SHIFT) == tbu) & (key > 0)
+            tie = inb & (key == thr)
+            sel = (inb & (key > thr)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0)
+                                                <= n_tie))
             ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-            tl.store(out_idx + ps, cols, mask=sel)
+            tl.store(out_idx + ps, c + offs, mask=sel)
             if WRITE_VALS:
-                tl.store(out_val + ps, _key_to_float(ck), mask=sel)
-        else:
-            # Fallback for huge ties: the same bisection, one pass over the row per bit.
-            thr = thr0
-            for i in range(SHIFT):
-                cand = thr | (tl.full([], 1, tl.uint32) << tl.cast(SHIFT - 1 - i, tl.uint32))
-                cnt = tl.zeros([], dtype=tl.int32)
-                for c in range(0, n, CHUNK):
-                    m = c + offs < n
-                    key = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
-                    cnt += tl.sum((m & ((key >> SHIFT) == tbu) & (key >= cand)).to(tl.int32),
-                                  axis=0)
-                thr = tl.where(cnt >= need, cand, thr)
-            n_gt = tl.zeros([], dtype=tl.int32)
-            for c in range(0, n, CHUNK):
-                m = c + offs < n
-                key = _ordered_key(tl.load(row + c + offs, mask=m, other=float("-inf")))
-                n_gt += tl.sum((m & ((key >> SHIFT) == tbu) & (key > thr)).to(tl.int32),
-                               axis=0)
-            n_tie = need - n_gt
-            for c in range(0, n, CHUNK):
-                m = c + offs < n
-                v = tl.load(row + c + offs, mask=m, other=float("-inf"))
-                key = _ordered_key(v)
-                inb = m & ((key >> SHIFT) == tbu)
-                tie = inb & (key == thr)
-                sel = (inb & (key > thr)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0)
-                                                    <= n_tie))
-                ps = n_out + tl.cumsum(sel.to(tl.int32), axis=0) - 1
-                tl.store(out_idx + ps, c + offs, mask=sel)
-                if WRITE_VALS:
-                    tl.store(out_val + ps, v, mask=sel)
-                n_out += tl.sum(sel.to(tl.int32), axis=0)
-                n_tie -= tl.sum(tie.to(tl.int32), axis=0)
-        n_out = tl.full([], K, tl.int32)
+                tl.store(out_val + ps, v, mask=sel)
+            n_out += tl.sum(sel.to(tl.int32), axis=0)
+            n_tie -= tl.sum(tie.to(tl.int32), axis=0)
     tl.store(out_idx + kk, -1, mask=(kk >= n_out) & (kk < K))
     if WRITE_VALS:
         tl.store(out_val + kk, float("-inf"), mask=(kk >= n_out) & (kk < K))

@@ -6,6 +6,7 @@ import math
 import torch
 
 from ...utils.validate import check_shape, check_tensor
+from ..dsa.naive import NAIVE_TILE_BYTES
 
 
 def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -22,6 +23,9 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     Returns:
         fp32 [T, Hq, Dv]; a row with no valid index gives zeros (never NaN).
+
+    Queries are processed in tiles whose gathered keys and values, fp32 [tile, K, Dk + Dv],
+    and logits [tile, Hq, K] stay within :data:`hisa.ops.dsa.naive.NAIVE_TILE_BYTES`.
 
     Example:
         >>> o = hisa.sparse_attention_reference(q, k, v, hisa.dsa_index(qi, ki, w, ks, ke), ks)
@@ -41,8 +45,20 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     pos = (indices.long() + ks.long().unsqueeze(1)).masked_fill(~valid, 0)
     if bool(((pos >= k.shape[0]) & valid).any()) or bool((pos < 0).any()):
         raise ValueError("indices: expected offsets that land inside k once ks is added")
-    kg, vg = k.float()[pos], v.float()[pos]                          # [T, K, Dk], [T, K, Dv]
+    Hq, K, Dv = q.shape[1], indices.shape[1], v.shape[1]
+    out = torch.empty(T, Hq, Dv, dtype=torch.float32, device=q.device)
+    tile = max(1, NAIVE_TILE_BYTES // (4 * max(K, 1) * (Dk + Dv + Hq)))
+    for t0 in range(0, T, tile):
+        sl = slice(t0, min(T, t0 + tile))
+        out[sl] = _attend_tile(q[sl], k, v, pos[sl], valid[sl], scale)
+    return out
+
+
+def _attend_tile(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                 valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of a query tile over its gathered keys: fp32 [tile, Hq, Dv]."""
+    kg, vg = k.float()[pos], v.float()[pos]                    # [tile, K, Dk], [tile, K, Dv]
     logits = torch.einsum("thd,tkd->thk", q.float(), kg) * scale
     logits = logits.masked_fill(~valid.unsqueeze(1), float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)            # empty rows -> zeros
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)      # empty rows -> zeros
     return torch.einsum("thk,tkd->thd", probs, vg)

@@ -1,0 +1,43 @@
+"""The interpreter shims of this folder's conftest do what they claim: out-of-bounds loads and
+stores fail, e4m3 NaN survives conversions and ``tl.dot``, saturation matches the hardware."""
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, OFFSET: tl.constexpr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(y_ptr + i, tl.load(x_ptr + i + OFFSET, mask=i < n), mask=i < n)
+
+
+@triton.jit
+def _convert_kernel(x_ptr, x8_ptr, y_ptr, z_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(x8_ptr + i, tl.load(x_ptr + i).to(tl.float8e4nv))
+    tl.store(y_ptr + i, tl.load(x8_ptr + i).to(tl.float32))
+    a = tl.load(x8_ptr + i[:, None] * 0 + i[None, :])                 # [N, N], rows equal
+    ones = tl.full([N, N], 1.0, tl.float32).to(tl.float8e4nv)
+    tl.store(z_ptr + i, tl.sum(tl.dot(a, ones), axis=1))
+
+
+def test_memcheck_catches_out_of_bounds_load_and_store():
+    x, y = torch.zeros(16), torch.zeros(16)
+    _copy_kernel[(1,)](x, y, 16, OFFSET=0, N=16)                     # in bounds: fine
+    with pytest.raises(Exception, match="interpreter memcheck: load"):
+        _copy_kernel[(1,)](x, y, 16, OFFSET=1, N=16)                 # reads x[16]
+    with pytest.raises(Exception, match="interpreter memcheck: store"):
+        _copy_kernel[(1,)](x, y[:15], 16, OFFSET=0, N=16)            # writes past the view
+    _copy_kernel[(1,)](x, y, 15, OFFSET=1, N=16)                     # masked: fine
+
+
+def test_e4m3_nan_and_saturation_like_hardware():
+    x = torch.tensor([float("nan"), 1.0, float("inf"), -500.0, 448.0, -0.5, 0.0, 3.0] * 2)
+    x8 = torch.empty(16, dtype=torch.float8_e4m3fn)
+    y, z = torch.empty(16), torch.empty(16)
+    _convert_kernel[(1,)](x, x8, y, z, N=16)
+    want = x.clamp(-448, 448).to(torch.float8_e4m3fn)                 # torch saturates too
+    assert torch.equal(x8.view(torch.uint8) & 0x7F, want.view(torch.uint8) & 0x7F)
+    assert torch.isnan(y[0]) and torch.equal(y[1:8], want.float()[1:8])
+    assert bool(torch.isnan(z).all())                                 # NaN in the dot row

@@ -102,7 +102,10 @@ def test_vllm_decode_under_cuda_graph():
     for step in range(4):
         for r in reqs:
             r.grow(sim.alloc, r.done + 1)
-        md = to_device(vllm_step_metadata(Step([(r, 1) for r in reqs], [])), "cuda")
+        # a fixed table width: the captured graph replays on tensors of the same shapes
+        width = max(r.keys.shape[0] for r in reqs) // 64 + 2
+        md = to_device(vllm_step_metadata(Step([(r, 1) for r in reqs], [], width=width)),
+                       "cuda")
         keys = torch.cat([r.keys[r.done:r.done + 1] for r in reqs]).cuda()
         engine_quant_and_cache(sim.kv, keys, md.slot_mapping)
         q, w = (x.cuda() for x in random_queries(len(reqs), H, 100 + step))

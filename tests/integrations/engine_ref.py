@@ -151,7 +151,11 @@ class Step:
 
     decodes: list            # [(Req, new_tokens)]
     prefills: list           # [(Req, new_tokens)]
-    width: int = 16
+    width: int | None = None   # block-table columns; default: the widest request, at least 16
+
+    def __post_init__(self):
+        if self.width is None:
+            self.width = max([16] + [len(r.pages) for r, _ in self.decodes + self.prefills])
 
 
 def to_device(obj, device):

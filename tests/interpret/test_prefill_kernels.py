@@ -92,16 +92,19 @@ def test_topk_rows_matches_naive_and_handles_ties(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dsa_logits_match_naive(dtype):
+@pytest.mark.parametrize("qpd", [1, 2, 4])
+def test_dsa_logits_match_naive(dtype, qpd):
+    # 107 queries: the last query tile is partial and, for qpd > 1, so is its last dot group.
     inp = _inputs([37, 0, 70], dtype, seed=1)
     q, k, prec = prepare_operands(inp.q, inp.k)
     T, S = q.shape[0], k.shape[0]
     out = torch.full((T, S), float("nan"))
     dsa_logits(q, k, inp.weights, inp.ks, inp.ke, k_scale=inp.k_scale, t0=0, n_rows=T, lo=0,
-               out=out, prec=prec)
+               out=out, prec=prec, queries_per_dot=qpd)
     ref = naive_dsa_logits(*inp.args(), k_scale=inp.k_scale)
     inwin = torch.isfinite(ref)
     torch.testing.assert_close(out[inwin], ref[inwin], rtol=SCORE_RTOL, atol=SCORE_ATOL)
+    assert bool(torch.isnan(out[~inwin]).all())          # nothing written outside the window
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -28,6 +28,10 @@ FLAT_LOGITS_BYTES = 1 << 30
 FLAT_BQ = 64
 #: Key tokens per logits program (the MMA's M dimension).
 FLAT_BS = 128
+#: Queries per MMA of the logits kernel (N = FLAT_QPD * H). 1 is the layout measured at
+#: 565 TFLOP/s (64K, H200, commit 21362b1f9e05); wider N is probed by
+#: benchmarks/flat_probe.py before it becomes the default.
+FLAT_QPD = 1
 #: Warps per top-k program. H200, 4,096 rows of 32K-64K keys (benchmarks/select_probe.py):
 #: 4 warps 1.82 ms, 8 warps 2.15, 16 warps 2.43 (reduction-latency bound).
 FLAT_TOPK_WARPS = 4
@@ -67,8 +71,10 @@ def prepare_operands(q: torch.Tensor, k: torch.Tensor
 def _dsa_logits_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                        t0, n_rows, lo, W, S,
                        H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                       HAS_SCALE: tl.constexpr, PREC: tl.constexpr):
+                       QPD: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr):
     # out: fp32 [n_rows, W]; entry (r, c) = I[t0 + r, lo + c], written inside the window only.
+    # QPD queries share one dot: q^T [D, QPD * H] (their rows are contiguous in q), so the
+    # MMA's N is QPD * H; the head sum then runs per query on the [BS, QPD, H] view.
     pid_s = tl.program_id(0)
     pid_q = tl.program_id(1)
     s_start = lo + pid_s * BS
@@ -82,36 +88,49 @@ def _dsa_logits_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr
         offs_s = s_start + tl.arange(0, BS)
         smask = (offs_s < S) & (offs_s < lo + W)
         d = tl.arange(0, D)
-        h = tl.arange(0, H)
+        qq = tl.arange(0, QPD)
+        c = tl.arange(0, QPD * H)                    # column c: query c // H, head c % H
         # int64: offs_s * D passes 2**31 from 16,777,216 keys at D = 128.
         k_blk = tl.load(k_ptr + offs_s[:, None].to(tl.int64) * D + d[None, :],
                         mask=smask[:, None], other=0.0)                          # [BS, D]
         if HAS_SCALE:
             scale = tl.load(k_scale_ptr + offs_s, mask=smask, other=0.0)
-        for i in range(BQ):
-            r = pid_q * BQ + i
+        for i in range(0, BQ, QPD):
+            r = pid_q * BQ + i + qq                                              # [QPD]
             r_ok = r < n_rows
-            t = tl.minimum(t0 + r, t0 + n_rows - 1).to(tl.int64)
-            s0 = tl.load(ks_ptr + t)
-            s1 = tl.load(ke_ptr + t)
-            q_t = tl.load(q_ptr + t * (H * D) + h[None, :] * D + d[:, None])       # [D, H]
-            w_t = tl.load(w_ptr + t * H + h)                                     # [H]
-            acc = tl.dot(k_blk, q_t, input_precision=PREC)                       # [BS, H]
-            logit = tl.sum(_relu(acc) * w_t[None, :], axis=1)                    # [BS]
+            t = (t0 + r).to(tl.int64)
+            s0 = tl.load(ks_ptr + t, mask=r_ok, other=0)
+            s1 = tl.load(ke_ptr + t, mask=r_ok, other=0)
+            base = (t0 + pid_q * BQ + i).to(tl.int64)
+            c_ok = (pid_q * BQ + i + c // H) < n_rows                            # [QPD * H]
+            q_t = tl.load(q_ptr + base * (H * D) + c[None, :].to(tl.int64) * D + d[:, None],
+                          mask=c_ok[None, :], other=0.0)                         # [D, QPD*H]
+            w_t = tl.load(w_ptr + base * H + c, mask=c_ok, other=0.0)            # [QPD*H]
+            acc = tl.dot(k_blk, q_t, input_precision=PREC)                       # [BS, QPD*H]
+            if QPD == 1:
+                logit = tl.sum(_relu(acc) * w_t[None, :], axis=1)[:, None]       # [BS, 1]
+            else:
+                logit = tl.sum(tl.reshape(_relu(acc) * w_t[None, :], [BS, QPD, H]),
+                               axis=2)                                           # [BS, QPD]
             if HAS_SCALE:
-                logit = logit * scale
-            wmask = smask & (offs_s >= s0) & (offs_s < s1) & r_ok
-            tl.store(out_ptr + tl.cast(r, tl.int64) * W + (offs_s - lo), logit, mask=wmask)
+                logit = logit * scale[:, None]
+            wmask = (smask[:, None] & (offs_s[:, None] >= s0[None, :])
+                     & (offs_s[:, None] < s1[None, :]) & r_ok[None, :])
+            tl.store(out_ptr + r[None, :].to(tl.int64) * W + (offs_s - lo)[:, None], logit,
+                     mask=wmask)
 
 
 def dsa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                ke: torch.Tensor, *, k_scale: torch.Tensor | None, t0: int, n_rows: int,
-               lo: int, out: torch.Tensor, prec: str = "tf32") -> torch.Tensor:
+               lo: int, out: torch.Tensor, prec: str = "tf32",
+               queries_per_dot: int | None = None) -> torch.Tensor:
     """Logits of queries [t0, t0 + n_rows) against key positions [lo, lo + W) into ``out``.
 
     Args:
         q, k: prepared operands (:func:`prepare_operands`); weights fp32 [T, H].
         out: fp32 [>= n_rows, W] (row stride W); only in-window entries are written.
+        queries_per_dot: queries sharing one MMA (its N = queries_per_dot * H); default
+            :data:`FLAT_QPD`. A power of two dividing :data:`FLAT_BQ`.
     """
     T, H, D = q.shape
     S = k.shape[0]
@@ -122,6 +141,7 @@ def dsa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     _dsa_logits_kernel[grid](
         q, k, k_scale if k_scale is not None else weights, weights, ks, ke, out,
         t0, n_rows, lo, W, S, H=H, D=D, BQ=FLAT_BQ, BS=FLAT_BS,
+        QPD=FLAT_QPD if queries_per_dot is None else queries_per_dot,
         HAS_SCALE=k_scale is not None, PREC=prec, num_warps=4, num_stages=2)
     return out
 

@@ -201,7 +201,8 @@ def test_workspace_model_is_what_the_pipeline_allocates(monkeypatch, levels):
     T = inp.num_queries
     model = pl.prefill_workspace_bytes(T, inp.k.shape[0], head_dim=D, key_bytes=4,
                                        block_size=B, block_topk=M,
-                                       programs=persistent_programs(T, inp.q.device, 4), **sup)
+                                       programs=persistent_programs(T, inp.q.device, 4),
+                                       windows=(inp.ks, inp.ke), **sup)
     assert sorted(sizes) == sorted(list(model.values()) + [4 * T * K])   # + the output
 
 

@@ -17,6 +17,7 @@ from hisa.ops.indexer.naive_super import (naive_candidate_block_scores,
 from hisa.testing.compare import assert_same_selection, check_index_format
 
 from test_decode_kernels import POOL_RTOL, full_logits
+from test_nan_rule_kernels import canon
 from test_paged_cache import Allocator, Request, append_interleaved
 
 H, D = 16, 64
@@ -244,3 +245,25 @@ def test_triton_super_pooling_follows_the_duplicate_slot_rule():
     assert torch.equal(got.pooled_cache, want.pooled_cache)
     assert torch.equal(got.super_cache, want.super_cache)
     assert torch.equal(got.super_cache[1], _sentinel(D))     # never pooled
+
+
+def test_three_level_decode_has_no_per_request_block_limit():
+    """The two-level block selection holds at most 32,768 blocks a request (the table's width
+    decides); three levels score only the candidates of the kept super-blocks, so only the
+    super-block count is limited. Both are checked before any launch."""
+    inp = make_paged_inputs([600, 130], heads=H, head_dim=D, block_size=B, super_size=BS,
+                            q_dtype=torch.float32, exact=True, seed=6)
+    pad = torch.full((2, 32769 - inp.block_table.shape[1]), -1, dtype=torch.int32)
+    inp.block_table = torch.cat([inp.block_table, pad], 1)     # 32,769 blocks of 64 a row
+    kw = dict(topk=TOPK, block_size=B, block_topk=3)
+    with pytest.raises(ValueError, match="block_table: at most 32768 blocks"):
+        hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **kw)
+    got = hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **inp.super_kwargs(2),
+                                **kw)
+    want = hisa.hisa_index_paged(*inp.hisa_args(), backend="torch", **inp.super_kwargs(2),
+                                 **kw)
+    assert torch.equal(canon(got), canon(want))
+    pad = torch.full((2, 32768), -1, dtype=torch.int32)
+    inp.block_table = torch.cat([inp.block_table, pad], 1)     # 32,769 super-blocks of 128
+    with pytest.raises(ValueError, match="block_table: at most 32768 super-blocks"):
+        hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **inp.super_kwargs(2), **kw)

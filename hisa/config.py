@@ -42,8 +42,10 @@ class HisaConfig:
         object.__setattr__(self, "topk", topk)
         object.__setattr__(self, "block_size", block_size)
         object.__setattr__(self, "block_topk", block_topk)
-        check_super_params(block_topk=self.block_topk, super_size=self.super_size,
-                           super_topk=self.super_topk)
+        sup = check_super_params(block_topk=self.block_topk, super_size=self.super_size,
+                                 super_topk=self.super_topk)
+        for name, value in sup.items():
+            object.__setattr__(self, name, value)
 
     @property
     def candidates(self) -> int:

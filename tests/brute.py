@@ -26,13 +26,19 @@ def score(qt, w, key):
     return float((w.double() * (qt.double() @ key).clamp_min(0)).sum())
 
 
+def token_score(qt, w, k, k_scale, s):
+    """The contract's I[t, s] = k_scale[s] * sum_h w[h] relu(q[h] . k[s]) (the scale applied
+    after the head sum, which matters for an infinite or NaN scale)."""
+    if k_scale is None:
+        return score(qt, w, k[s].double())
+    return score(qt, w, k[s].double()) * float(k_scale[s])
+
+
 def brute_dsa(q, k, w, ks, ke, k_scale, topk):
-    kf = dequant(k, k_scale)
     rows = []
     for t in range(q.shape[0]):
         a, b = int(ks[t]), int(ke[t])
-        sc = [(score(q[t], w[t], kf[s] if k_scale is None else k[s].double()) *
-               (1.0 if k_scale is None else float(k_scale[s])), s) for s in range(a, b)]
+        sc = [(token_score(q[t], w[t], k, k_scale, s), s) for s in range(a, b)]
         sc.sort(key=rule_order)
         rows.append([s - a for _, s in sc[:topk]])
     return rows
@@ -50,7 +56,7 @@ def brute_hisa(q, k, w, ks, ke, k_scale, topk, block_size, block_topk):
             rows.append([])
             continue
         if e - a <= topk:  # a window of at most topk keys comes back whole
-            sc = sorted(((score(q[t], w[t], kf[s]), s) for s in range(a, e)),
+            sc = sorted(((token_score(q[t], w[t], k, k_scale, s), s) for s in range(a, e)),
                         key=rule_order)
             rows.append([s - a for _, s in sc])
             continue
@@ -62,7 +68,7 @@ def brute_hisa(q, k, w, ks, ke, k_scale, topk, block_size, block_topk):
         chosen = forced + [b for _, b in others[:max(0, block_topk - len(forced))]]
         cand = [s for b in chosen for s in range(b * block_size, min(S, (b + 1) * block_size))
                 if a <= s < e]
-        sc = [(score(q[t], w[t], kf[s]), s) for s in cand]
+        sc = [(token_score(q[t], w[t], k, k_scale, s), s) for s in cand]
         sc.sort(key=rule_order)
         rows.append([s - a for _, s in sc[:topk]])
     return rows
@@ -73,8 +79,9 @@ def as_rows(idx):
 
 
 def _top_with_forced(scored, forced, budget):
-    """forced ids, then the best others (score descending, lower id on ties) up to budget."""
-    others = sorted(((s, i) for s, i in scored if i not in forced), key=lambda x: (-x[0], x[1]))
+    """forced ids, then the best others under the rule (NaN last, lower id on ties) up to
+    budget."""
+    others = sorted(((s, i) for s, i in scored if i not in forced), key=rule_order)
     return sorted(forced) + [i for _, i in others[:max(0, budget - len(forced))]]
 
 
@@ -93,8 +100,8 @@ def brute_hisa_super(q, k, w, ks, ke, k_scale, topk, block_size, block_topk, sup
             rows.append([])
             continue
         if e - a <= topk:  # a window of at most topk keys comes back whole
-            sc = sorted(((score(q[t], w[t], kf[s]), s) for s in range(a, e)),
-                        key=lambda x: (-x[0], x[1]))
+            sc = sorted(((token_score(q[t], w[t], k, k_scale, s), s) for s in range(a, e)),
+                        key=rule_order)
             rows.append([s - a for _, s in sc])
             continue
         fs, ls = a // span, math.ceil(e / span) - 1
@@ -105,6 +112,7 @@ def brute_hisa_super(q, k, w, ks, ke, k_scale, topk, block_size, block_topk, sup
         chosen = _top_with_forced([(score(q[t], w[t], means[b]), b) for b in cand],
                                   {first, last}, block_topk)
         toks = [s for b in chosen for s in range(b * B, min(S, (b + 1) * B)) if a <= s < e]
-        sc = sorted(((score(q[t], w[t], kf[s]), s) for s in toks), key=lambda x: (-x[0], x[1]))
+        sc = sorted(((token_score(q[t], w[t], k, k_scale, s), s) for s in toks),
+                    key=rule_order)
         rows.append([s - a for _, s in sc[:topk]])
     return rows

@@ -42,10 +42,13 @@ def test_super_scores_mask_and_force():
     ks = torch.tensor([0, 9, 30], dtype=torch.int32)
     ke = torch.tensor([31, 25, 30], dtype=torch.int32)     # B = 2, Bs = 4: spans of 8 tokens
     j = hs.naive_super_scores(q, sup, w, ks, ke, block_size=2, super_size=4)
+    outside = dsa_naive.is_outside(j)
     assert j[0, 0] == float("inf") and j[0, 3] == float("inf") and torch.isfinite(j[0, 1:3]).all()
-    assert j[1, 0] == float("-inf") and j[1, 1] == float("inf") and j[1, 3] == float("inf")
+    assert bool(outside[1, 0]) and j[1, 1] == float("inf") and j[1, 3] == float("inf")
     assert torch.isfinite(j[1, 2])
-    assert bool((j[2] == float("-inf")).all())               # empty window
+    assert bool(outside[2].all())                            # empty window
+    assert outside.sum() == 1 + 4                            # nothing else is marked outside
+    assert hs.naive_select_supers(j, 2).tolist() == [[0, 3], [1, 3], [-1, -1]]
 
 
 def test_candidate_blocks_score_as_in_two_levels():
@@ -58,8 +61,9 @@ def test_candidate_blocks_score_as_in_two_levels():
     assert blk[0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 20, 21, 22, 23, -1, -1, -1, -1]
     two = hn.naive_block_scores(inp.q, pooled, inp.weights, inp.ks, inp.ke, block_size=4)
     inside = (blk >= 0) & (blk < 23)
-    assert torch.equal(sc[inside], torch.gather(two, 1, blk.clamp(0, 22))[inside])
-    assert bool((sc[~inside] == float("-inf")).all())
+    gathered = torch.gather(two, 1, blk.clamp(0, 22))
+    assert torch.equal(sc[inside].view(torch.int32), gathered[inside].view(torch.int32))
+    assert bool(dsa_naive.is_outside(sc[~inside]).all())
     assert sc[89, 8 + 2] == float("inf")        # query 89 (key 89) sits in block 22, its own
     ids = hs.naive_select_candidate_blocks(sc, blk, 3)
     assert ids[89].tolist()[0] == 0 and 22 in ids[89].tolist()

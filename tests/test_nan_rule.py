@@ -17,7 +17,7 @@ from hisa.ops.dsa.naive import (OUTSIDE_BITS, is_outside, mark_outside, naive_ds
 from hisa.testing.compare import check_index_format
 from hisa.testing.inputs import make_exact_indexer_inputs
 
-from brute import as_rows, brute_dsa, brute_hisa
+from brute import as_rows, brute_dsa, brute_hisa, brute_hisa_super
 from fuzz_cases import check_topk_reference
 
 NAN, INF = float("nan"), float("inf")
@@ -138,11 +138,55 @@ def test_hisa_reference_follows_the_rule(where, value, dtype):
     assert [sorted(r) for r in as_rows(pruned)] == [sorted(r) for r in expect]
 
 
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """fp32 bit patterns (NaN-aware equality of score tensors)."""
+    return x.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("where,value,dtype", CASES, ids=IDS)
+def test_three_level_reference_follows_the_rule(where, value, dtype):
+    inp = inject(make_exact_indexer_inputs([40, 13, 70], heads=4, head_dim=16, dtype=dtype,
+                                           seed=5), where, value, seed=6)
+    kw = dict(k_scale=inp.k_scale, topk=24, return_scores=True, backend="torch")
+    # Every super-block kept (a window of <= 70 keys spans <= 6 super-blocks of 16): three
+    # levels equal two entry for entry, indices and scores, non-finite ones included.
+    two, s2 = hisa.hisa_index(*inp.args(), block_size=8, block_topk=3, **kw)
+    three, s3 = hisa.hisa_index(*inp.args(), block_size=8, block_topk=3, super_size=2,
+                                super_topk=6, **kw)
+    assert torch.equal(two, three) and torch.equal(bits(s2), bits(s3))
+    # Pruning at both levels: the float64 oracle (NaN super-block and block means rank last
+    # among the non-forced ones).
+    pruned, _ = hisa.hisa_index(*inp.args(), block_size=4, block_topk=6, super_size=2,
+                                super_topk=3, **kw)
+    check_index_format(pruned, inp.ks, inp.ke, 24, exact_count=False)
+    expect = brute_hisa_super(*inp.args(), inp.k_scale, 24, 4, 6, 2, 3)
+    assert [sorted(r) for r in as_rows(pruned)] == [sorted(r) for r in expect]
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_forced_blocks_win_over_infinite_scores(levels):
+    """A block (and its super-block) whose mean scores +inf never displaces the forced first
+    and last: forcing is by position, not by a +inf score that another block can tie."""
+    inp = make_exact_indexer_inputs([64], heads=2, head_dim=8, seed=7)
+    inp.q = inp.q.abs() + 1                                      # q > 0 in every dimension
+    inp.weights = inp.weights.abs()
+    inp.k[20, 0] = INF                                           # block 5, super-block 2
+    # three levels: super-blocks 0, 7 forced, 2 (+inf) kept, so block 5 is a candidate
+    sup = dict(super_size=2, super_topk=3) if levels == 3 else {}
+    kw = dict(block_size=4, backend="torch", **sup)
+    idx = hisa.hisa_index(*inp.args(), topk=8, block_topk=2, **kw)
+    assert sorted((idx[63] // 4).tolist()) == [0] * 4 + [15] * 4   # the sink and its own block
+    idx = hisa.hisa_index(*inp.args(), topk=12, block_topk=3, **kw)
+    assert sorted(set((idx[63] // 4).tolist())) == [0, 5, 15]
+
+
 def test_window_of_nan_scores_comes_back_whole():
     inp = make_exact_indexer_inputs([30], heads=2, head_dim=8, seed=5)
     inp.weights[:] = NAN
     for op in (hisa.dsa_index, lambda *a, **k: hisa.hisa_index(*a, block_size=8, block_topk=4,
-                                                                 **k)):
+                                                                 **k),
+               lambda *a, **k: hisa.hisa_index(*a, block_size=4, block_topk=8, super_size=2,
+                                               super_topk=4, **k)):
         idx = op(*inp.args(), topk=16, backend="torch")
         check_index_format(idx, inp.ks, inp.ke, 16)
         for t in range(30):                         # all ties: the lowest positions win
@@ -166,3 +210,23 @@ def test_decode_reference_follows_the_rule():
     expect = sorted(range(199), key=lambda p: (1, 0.0, p) if math.isnan(sc[p]) else
                     (0, -float(sc[p]), p))[:64]
     assert sorted(idx[2][idx[2] >= 0].tolist()) == sorted(expect)
+
+
+def test_three_level_decode_reference_follows_the_rule():
+    from hisa.cache.factory import make_paged_inputs
+    inp = make_paged_inputs([700, 200], next_n=2, heads=4, head_dim=16, block_size=64,
+                            super_size=2, q_dtype=torch.float32, exact=True)
+    inp.weights[1] = NAN                      # request 0, row 1 (700 keys): every score NaN
+    inp.q[1, 0, 0, 3] = INF
+    kw = dict(topk=192, block_size=64, block_topk=3, return_scores=True, backend="torch")
+    lens = inp.row_lengths()
+    two, s2 = hisa.hisa_index_paged(*inp.hisa_args(), **kw)
+    # 700 keys are 6 super-blocks of 128: with super_topk = 6 all are kept, exactly two levels
+    three, s3 = hisa.hisa_index_paged(*inp.hisa_args(), **inp.super_kwargs(6), **kw)
+    assert torch.equal(two, three) and torch.equal(bits(s2), bits(s3))
+    pruned, _ = hisa.hisa_index_paged(*inp.hisa_args(), **inp.super_kwargs(3), **kw)
+    check_index_format(pruned, torch.zeros_like(lens), lens, 192, exact_count=False)
+    # The all-NaN row: super-blocks 0 and 5 forced, NaN ties to the lowest (1); blocks 0 and 10
+    # (the last eligible) forced, then the lowest NaN block of the candidates (1); all 188 of
+    # their tokens fit the budget.
+    assert sorted(pruned[1][pruned[1] >= 0].tolist()) == list(range(128)) + list(range(640, 700))

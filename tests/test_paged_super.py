@@ -222,3 +222,43 @@ def test_build_super_cache_pools_what_the_appends_pooled():
         got_v, got_s = hisa.cache.gather_request_pooled(other, inp.block_table[b], full, 128, D)
         want_v, want_s = scratch_super(k, s, 64, 2)
         assert torch.equal(got_v.view(torch.uint8), want_v) and torch.equal(got_s, want_s)
+
+
+def _unknown_row():
+    return mark_pooled_unknown(torch.zeros(1, D + 4, dtype=torch.uint8))[0]
+
+
+def test_super_row_is_unknown_when_a_block_row_is():
+    """A block row with a non-finite scale (a NaN key's block, or a row an engine marked
+    unknown) gives its super-block the unknown sentinel, not a mean of NaNs."""
+    cache = PagedIndexerCache(6, head_dim=D, block_size=64, super_size=2)
+    bt = torch.tensor([[4, 2, 0, 5, 1, 3]], dtype=torch.int32)
+    k = torch.randn(384, D)
+    k[70, 5] = float("nan")                                  # block 1: super-block 0
+    pos = torch.arange(384)
+    slots = bt[0, pos // 64].long() * 64 + pos % 64
+    req = torch.zeros(384, dtype=torch.int32)
+    cache.append(k[:320], slots[:320], pos[:320], block_table=bt, req_indices=req[:320],
+                 backend="torch")
+    assert torch.isnan(cache.request_pooled(bt[0], 2)[1][1])  # the NaN key's block row
+    assert torch.equal(cache.super_cache[2], _unknown_row())  # super-block 0: page 2
+    assert torch.isfinite(cache.request_super(bt[0], 2)[1][1])  # super-block 1 is real
+    # An engine marks block 4's row (page 1) unknown before super-block 2 completes.
+    mark_pooled_unknown(cache.pooled_cache, bt[0, 4:5])
+    cache.append(k[320:], slots[320:], pos[320:], block_table=bt, req_indices=req[320:],
+                 backend="torch")
+    assert torch.equal(cache.super_cache[3], _unknown_row())  # super-block 2: page 3
+
+
+def test_torch_append_refuses_a_super_block_it_cannot_read():
+    cache = PagedIndexerCache(4, head_dim=D, block_size=64, super_size=2)
+    right = torch.tensor([[2, 1]], dtype=torch.int32)
+    pos = torch.arange(128)
+    slots = right[0, pos // 64].long() * 64 + pos % 64
+    req = torch.zeros(128, dtype=torch.int32)
+    for col, page, match in ((0, -1, "outside"), (1, 3, "holds page")):
+        wrong = right.clone()
+        wrong[0, col] = page
+        with pytest.raises(ValueError, match=match):
+            cache.append(torch.randn(128, D), slots, pos, block_table=wrong, req_indices=req,
+                         backend="torch")

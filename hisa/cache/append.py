@@ -1,6 +1,7 @@
 """Cache append in Triton: quantize + write through the slot mapping, then pool completed blocks.
 
-Two launches (the second reads keys the first wrote, possibly from other programs):
+Two launches (the second reads keys the first wrote, possibly from other programs), and a third
+for the super-block level (:mod:`hisa.cache.append_super`, which follows the same rules):
 
 * ``_append_kernel``, one program per TOKENS tokens: DeepSeek FP8 quantization of each key
   (scale = max(amax, 1e-4) / 448, ue8m0 rounding by exponent bits, values cast with
@@ -189,8 +190,11 @@ def later_duplicates(slots: torch.Tensor) -> torch.Tensor:
 def cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None, k: torch.Tensor,
                  slot_mapping: torch.Tensor, positions: torch.Tensor, *,
                  k_scale: torch.Tensor | None, block_table: torch.Tensor | None,
-                 req_indices: torch.Tensor | None, block_size: int, ue8m0: bool) -> None:
-    """Triton twin of :func:`hisa.cache.paged.naive_cache_append` (validated inputs)."""
+                 req_indices: torch.Tensor | None, block_size: int, ue8m0: bool,
+                 super_cache: torch.Tensor | None = None, super_size: int | None = None
+                 ) -> None:
+    """Triton twin of :func:`hisa.cache.paged.naive_cache_append` (validated inputs): two
+    launches, a third (:mod:`hisa.cache.append_super`) with the super-block level."""
     T, D = k.shape
     if T == 0:
         return
@@ -217,3 +221,8 @@ def cache_append(pages: torch.Tensor, pooled_cache: torch.Tensor | None, k: torc
         pages.shape[0], bt.stride(0) if has_table else 0, bt.shape[0] if has_table else 0,
         bt.shape[1] if has_table else 0, D=D, B=block_size, PAGE=PAGE_SIZE,
         HAS_TABLE=has_table, num_warps=4)
+    if super_cache is not None:
+        from .append_super import pool_super_rows
+        pool_super_rows(pooled_cache, super_cache, slots, positions, block_table, req_indices,
+                        num_pages=pages.shape[0], block_size=block_size, super_size=super_size,
+                        written=written)

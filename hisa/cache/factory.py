@@ -152,7 +152,9 @@ def build_super_cache(inp: PagedInputs, super_size: int, *, backend: str = "torc
                                super_size=super_size)
     else:
         from .append_super import pool_super_rows
+        # one completing token per super-block, each on its own slot: every valid one wins
+        written = ((slots >= 0) & (slots < cache.num_pages * PAGE_SIZE)).to(torch.int8)
         pool_super_rows(cache.pooled_cache, sup, slots, pos, inp.block_table, req,
                         num_pages=cache.num_pages, block_size=cache.block_size,
-                        super_size=super_size)
+                        super_size=super_size, written=written)
     return sup

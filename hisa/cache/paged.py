@@ -23,12 +23,16 @@ With the super-block level (``super_cache`` and ``super_size``), a token with
 ``p // (super_size * block_size)``: once its last block is pooled, the mean of the super-block's
 ``super_size`` dequantized block rows is quantized the same way and written to the row of the
 completing token's page in ``super_cache`` (the layout and why, :mod:`hisa.cache.layout`).
+When any of those block rows has a non-finite scale (the unknown sentinel, or a block holding
+a NaN or infinite key, whose row scores NaN) the super row gets the unknown sentinel instead of
+a mean: a super-block is never described by a mean of rows that do not describe its blocks.
 
 Inconsistent inputs: the torch path raises ValueError (duplicate valid slots in one call, a slot
 whose offset is not its position's, a block-table row or page it cannot read); the Triton path
 never synchronises, so it follows fixed rules instead: duplicates resolve to the last token of
-the call, and an unreadable block's pooled row gets the unknown sentinel
-(:mod:`hisa.cache.append`, :mod:`hisa.cache.layout`).
+the call, and an unreadable block's pooled row, or an unreadable super-block's row, gets the
+unknown sentinel (:mod:`hisa.cache.append`, :mod:`hisa.cache.append_super`,
+:mod:`hisa.cache.layout`).
 """
 from __future__ import annotations
 
@@ -57,8 +61,7 @@ def check_block_size(block_size) -> int:
 
 
 def check_super_size(super_size) -> int:
-    check_positive_int("super_size", super_size, minimum=2)
-    return super_size
+    return check_positive_int("super_size", super_size, minimum=2)
 
 
 def check_append_inputs(kv_cache, pooled_cache, k, slot_mapping, positions, k_scale,
@@ -224,11 +227,17 @@ def _naive_pool_super_rows(pooled_cache, super_cache, page, pos, valid, block_ta
         if bool(((rows < 0) | (rows >= P)).any()):
             raise ValueError(f"block_table: row {int(req_indices[t])} names pages "
                              f"{rows.tolist()} outside [0, {P})")
+        last = int(page[t])
+        if not bool(torch.isfinite(pool_scale[rows]).all()):
+            # A block row that is unknown (or pooled from a NaN or infinite key, which
+            # scores NaN itself): no mean describes the super-block, so its row is unknown
+            # too (the Triton append's rule as well).
+            mark_pooled_unknown(super_cache, page[t:t + 1])
+            continue
         reps = pool_val[rows].contiguous().view(FP8_DTYPE)
         mean = naive_pool_supers(reps, span, block_size=block_size, super_size=super_size,
                                  pooled_scale=pool_scale[rows])      # [1, D] fp32
         sv, ss = quantize_fp8(mean, group_size=D)
-        last = int(page[t])
         sup_val[last] = sv[0].view(torch.uint8)
         sup_scale[last] = ss[0]
 
@@ -262,8 +271,8 @@ def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None
         backend: "auto" (Triton on CUDA), "triton" or "torch". The Triton path never
             synchronises with the host and skips (never reads out of bounds for) inconsistent
             slots or block-table entries: duplicate slots resolve to the call's last token, a
-            block it cannot read gets the unknown pooled row (:mod:`hisa.cache.layout`). The
-            torch path raises ValueError for all of these.
+            block (or super-block) it cannot read gets the unknown row
+            (:mod:`hisa.cache.layout`). The torch path raises ValueError for all of these.
 
     Example:
         >>> paged_cache_append(kv, pooled, k_new, slots, pos, block_table=bt, req_indices=r)
@@ -279,12 +288,7 @@ def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None
         from .append import cache_append
         cache_append(pages, pooled_cache, k, slot_mapping, positions, k_scale=k_scale,
                      block_table=block_table, req_indices=req_indices, block_size=block_size,
-                     ue8m0=ue8m0)
-        if super_cache is not None and k.shape[0]:
-            from .append_super import pool_super_rows
-            pool_super_rows(pooled_cache, super_cache, slot_mapping, positions, block_table,
-                            req_indices, num_pages=pages.shape[0], block_size=block_size,
-                            super_size=super_size)
+                     ue8m0=ue8m0, super_cache=super_cache, super_size=super_size)
 
 
 class PagedIndexerCache:
@@ -343,9 +347,10 @@ class PagedIndexerCache:
                      ue8m0: bool = False) -> "PagedIndexerCache":
         """Wrap engine-owned tensors (no copy); ``pooled_cache=None`` for a flat-only cache.
 
-        Rows of an engine-allocated ``pooled_cache`` that no append of this block size has
-        written must hold the unknown sentinel (:func:`hisa.cache.layout.mark_pooled_unknown`),
-        not zeros: a zero row scores 0 and can displace real blocks.
+        Rows of an engine-allocated ``pooled_cache`` (and ``super_cache``) that no append of
+        this block size (and super size) has written must hold the unknown sentinel
+        (:func:`hisa.cache.layout.mark_pooled_unknown`), not zeros: a zero row scores 0 and can
+        displace real blocks (or super-blocks).
         """
         pages = as_pages(kv_cache, head_dim)
         if pooled_cache is not None:

@@ -100,10 +100,12 @@ def check_hisa_params(*, topk: int, block_size: int, block_topk: int) -> tuple[i
     return topk, block_size, block_topk
 
 
-def check_super_params(*, block_topk: int, super_size, super_topk) -> bool:
+def check_super_params(*, block_topk: int, super_size, super_topk) -> dict:
     """The optional third level: both of ``super_size`` / ``super_topk`` or neither.
 
-    Returns True when the super-block level is on. The rules and why each is needed:
+    Returns the level's keywords with Python ints (``{"super_size": ..., "super_topk": ...}``,
+    integral numpy scalars accepted) when it is on, ``{}`` for two levels. The rules and why
+    each is needed:
 
     * ``super_size >= 2``: a super-block of one block scores the same rows as the block stage,
       so the level would cost a pass and decide nothing.
@@ -115,17 +117,17 @@ def check_super_params(*, block_topk: int, super_size, super_topk) -> bool:
       silently changing what ``block_topk`` and ``topk`` mean.
     """
     if super_size is None and super_topk is None:
-        return False
+        return {}
     if super_size is None or super_topk is None:
         raise ValueError(f"super_size/super_topk: expected both (three levels) or neither (two "
                          f"levels), got super_size={super_size!r}, super_topk={super_topk!r}")
-    check_positive_int("super_size", super_size, minimum=2)
-    check_positive_int("super_topk", super_topk, minimum=2)
+    super_size = check_positive_int("super_size", super_size, minimum=2)
+    super_topk = check_positive_int("super_topk", super_topk, minimum=2)
     if super_topk * super_size < block_topk:
         raise ValueError(f"super_topk * super_size must be >= block_topk (the kept super-blocks "
                          f"must hold the block budget): got {super_topk} * {super_size} = "
                          f"{super_topk * super_size} < block_topk = {block_topk}")
-    return True
+    return {"super_size": super_size, "super_topk": super_topk}
 
 
 def check_indexer_inputs(q, k, weights, ks, ke, k_scale) -> tuple[int, int, int, int]:

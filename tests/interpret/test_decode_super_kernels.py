@@ -8,7 +8,7 @@ import torch
 import hisa
 from hisa.cache import PagedIndexerCache, pooled_views
 from hisa.cache.factory import make_paged_inputs
-from hisa.cache.layout import block_last_pages
+from hisa.cache.layout import block_last_pages, mark_pooled_unknown
 from hisa.ops.indexer.decode_kernels import block_select, hisa_decode
 from hisa.ops.indexer.decode_super import candidate_scores_paged, super_block_select
 from hisa.ops.indexer.naive_super import (naive_candidate_block_scores,
@@ -17,6 +17,7 @@ from hisa.ops.indexer.naive_super import (naive_candidate_block_scores,
 from hisa.testing.compare import assert_same_selection, check_index_format
 
 from test_decode_kernels import POOL_RTOL, full_logits
+from test_nan_rule_kernels import canon
 from test_paged_cache import Allocator, Request, append_interleaved
 
 H, D = 16, 64
@@ -49,9 +50,11 @@ def test_append_super_pooling_matches_twin():
     fb = vb.contiguous().view(torch.float8_e4m3fn).float() * sb[:, None]
     assert int((sb > 0).sum()) >= 5                           # several super-blocks completed
     # The block rows feeding the super rows may already differ by one FP8 step (POOL_RTOL).
-    torch.testing.assert_close(sa, sb, rtol=POOL_RTOL, atol=0)
-    torch.testing.assert_close(fa, fb, rtol=POOL_RTOL, atol=float(sb.max()) * 2 ** -8)
-    assert torch.equal(sa == 0, sb == 0)                      # the same rows were written
+    # Rows no append wrote hold the unknown sentinel (NaN scale) in both caches.
+    assert torch.equal(torch.isnan(sa), torch.isnan(sb))      # the same rows were written
+    torch.testing.assert_close(sa, sb, rtol=POOL_RTOL, atol=0, equal_nan=True)
+    ok = ~torch.isnan(sb)
+    torch.testing.assert_close(fa[ok], fb[ok], rtol=POOL_RTOL, atol=float(sb[ok].max()) * 2 ** -8)
 
 
 def test_candidate_kernels_match_twins():
@@ -147,8 +150,120 @@ def test_build_super_cache_on_the_kernel_matches_the_appends():
     inp = make_paged_inputs([700, 0, 300], heads=H, head_dim=D, block_size=B, super_size=BS)
     got = build_super_cache(inp, BS, backend="triton")
     (va, sa), (vb, sb) = pooled_views(got, D), pooled_views(inp.cache.super_cache, D)
-    assert torch.equal(sa == 0, sb == 0) and int((sb > 0).sum()) == 5 + 2
-    torch.testing.assert_close(sa, sb, rtol=1e-6, atol=0)
+    assert torch.equal(torch.isnan(sa), torch.isnan(sb)) and int((sb > 0).sum()) == 5 + 2
+    torch.testing.assert_close(sa, sb, rtol=1e-6, atol=0, equal_nan=True)
     fa = va.contiguous().view(torch.float8_e4m3fn).float() * sa[:, None]
     fb = vb.contiguous().view(torch.float8_e4m3fn).float() * sb[:, None]
-    torch.testing.assert_close(fa, fb, rtol=POOL_RTOL, atol=float(sb.max()) * 2 ** -9)
+    ok = ~torch.isnan(sb)
+    torch.testing.assert_close(fa[ok], fb[ok], rtol=POOL_RTOL, atol=float(sb[ok].max()) * 2 ** -9)
+
+
+def _sentinel(d):
+    return mark_pooled_unknown(torch.zeros(1, d + 4, dtype=torch.uint8))[0]
+
+
+def test_triton_super_rows_of_nan_key_blocks_equal_the_twin():
+    """A NaN key's block row has a NaN scale, so its super row is the unknown sentinel, in
+    both backends byte for byte (ue8m0 keys: exact block sums, identical block rows)."""
+    bt = torch.tensor([[4, 2, 0, 5, 1, 3]], dtype=torch.int32)
+    k = torch.randint(-4, 5, (384, D)).float()
+    k[70, 5] = float("nan")                                  # block 1: super-block 0
+    pos = torch.arange(384)
+    slots = bt[0, pos // 64].long() * 64 + pos % 64
+    caches = []
+    for backend in ("triton", "torch"):
+        cache = PagedIndexerCache(6, head_dim=D, block_size=B, super_size=BS, ue8m0=True)
+        cache.append(k, slots, pos, block_table=bt,
+                     req_indices=torch.zeros(384, dtype=torch.int32), backend=backend)
+        caches.append(cache)
+    a, b = caches
+    assert torch.equal(a.kv_cache, b.kv_cache) and torch.equal(a.pooled_cache, b.pooled_cache)
+    assert torch.equal(a.super_cache, b.super_cache)
+    assert torch.equal(a.super_cache[2], _sentinel(D))       # super-block 0
+    assert bool(torch.isfinite(pooled_views(a.super_cache, D)[1][[5, 3]]).all())
+
+
+def test_triton_super_row_never_keeps_a_previous_owner_row():
+    """Page 1 held a previous request's super row. The new owner's super-block 0 (pages 2, 1)
+    is appended with a table the append cannot read consistently: its row becomes the unknown
+    sentinel, never the stale row (the torch append refuses such tables)."""
+    def fresh():
+        cache = PagedIndexerCache(4, head_dim=D, block_size=B, super_size=BS)
+        cache.super_cache[1] = torch.arange(D + 4, dtype=torch.uint8)   # the previous owner's
+        return cache
+
+    right = torch.tensor([[2, 1]], dtype=torch.int32)
+    pos = torch.arange(128)
+    slots = right[0, pos // 64].long() * 64 + pos % 64
+    req = torch.zeros(128, dtype=torch.int32)
+    k = torch.randn(128, D)
+    for col, page in ((0, -1), (0, 7), (1, 3)):   # missing, outside the cache, stale last page
+        wrong = right.clone()
+        wrong[0, col] = page
+        cache = fresh()
+        cache.append(k, slots, pos, block_table=wrong, req_indices=req, backend="triton")
+        assert torch.equal(cache.super_cache[1], _sentinel(D)), (col, page)
+    # A block row made unknown by an earlier append (a stale table when block 0 completed):
+    # the super-block completed later, with the right table, is unknown too.
+    wrong = right.clone()
+    wrong[0, 0] = 3
+    cache = fresh()
+    cache.append(k[:64], slots[:64], pos[:64], block_table=wrong, req_indices=req[:64],
+                 backend="triton")
+    assert bool(torch.isnan(pooled_views(cache.pooled_cache, D)[1][2]))
+    cache.append(k[64:], slots[64:], pos[64:], block_table=right, req_indices=req[64:],
+                 backend="triton")
+    assert torch.isfinite(pooled_views(cache.pooled_cache, D)[1][1])
+    assert torch.equal(cache.super_cache[1], _sentinel(D))
+    # The same appends with the right table give a real super row.
+    cache = fresh()
+    cache.append(k, slots, pos, block_table=right, req_indices=req, backend="triton")
+    assert torch.isfinite(pooled_views(cache.super_cache, D)[1][1])
+
+
+def test_triton_super_pooling_follows_the_duplicate_slot_rule():
+    """Token 0 (request 0, position 127) would complete super-block 0 on pages (0, 1); token 1
+    (request 1, position 63) names the same slot later in the call and wins: token 0 neither
+    writes its key nor pools a block or a super-block row. Equal to the torch append of the
+    call without the loser."""
+    g = torch.Generator().manual_seed(4)
+    k = torch.randint(-4, 5, (129, D), generator=g).float()
+    slots = torch.cat([torch.tensor([127, 127]), torch.arange(127)])
+    pos = torch.cat([torch.tensor([127, 63]), torch.arange(127)])
+    req = torch.cat([torch.tensor([0, 1]), torch.zeros(127, dtype=torch.long)]).to(torch.int32)
+    bt = torch.tensor([[0, 1], [1, 2]], dtype=torch.int32)
+
+    def cache():
+        return PagedIndexerCache(3, head_dim=D, block_size=B, super_size=BS, ue8m0=True)
+
+    got = cache()
+    got.append(k, slots, pos, block_table=bt, req_indices=req, backend="triton")
+    want = cache()
+    want.append(k[1:], slots[1:], pos[1:], block_table=bt, req_indices=req[1:],
+                backend="torch")
+    assert torch.equal(got.kv_cache, want.kv_cache)
+    assert torch.equal(got.pooled_cache, want.pooled_cache)
+    assert torch.equal(got.super_cache, want.super_cache)
+    assert torch.equal(got.super_cache[1], _sentinel(D))     # never pooled
+
+
+def test_three_level_decode_has_no_per_request_block_limit():
+    """The two-level block selection holds at most 32,768 blocks a request (the table's width
+    decides); three levels score only the candidates of the kept super-blocks, so only the
+    super-block count is limited. Both are checked before any launch."""
+    inp = make_paged_inputs([600, 130], heads=H, head_dim=D, block_size=B, super_size=BS,
+                            q_dtype=torch.float32, exact=True, seed=6)
+    pad = torch.full((2, 32769 - inp.block_table.shape[1]), -1, dtype=torch.int32)
+    inp.block_table = torch.cat([inp.block_table, pad], 1)     # 32,769 blocks of 64 a row
+    kw = dict(topk=TOPK, block_size=B, block_topk=3)
+    with pytest.raises(ValueError, match="block_table: at most 32768 blocks"):
+        hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **kw)
+    got = hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **inp.super_kwargs(2),
+                                **kw)
+    want = hisa.hisa_index_paged(*inp.hisa_args(), backend="torch", **inp.super_kwargs(2),
+                                 **kw)
+    assert torch.equal(canon(got), canon(want))
+    pad = torch.full((2, 32768), -1, dtype=torch.int32)
+    inp.block_table = torch.cat([inp.block_table, pad], 1)     # 32,769 super-blocks of 128
+    with pytest.raises(ValueError, match="block_table: at most 32768 super-blocks"):
+        hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **inp.super_kwargs(2), **kw)

@@ -12,6 +12,7 @@ import hisa
 import hisa.ops.dsa.decode_kernels as dk
 from hisa.cache import page_views
 from hisa.cache.factory import make_paged_inputs
+from hisa.cache.layout import mark_pooled_unknown
 from hisa.ops.dsa.naive import mark_outside, naive_topk
 from hisa.ops.indexer import topk as topk_mod
 from hisa.testing.compare import check_index_format
@@ -62,12 +63,32 @@ def test_prefill_kernels_follow_the_rule(where, value, dtype):
                                                              **kw)))
 
 
+@pytest.mark.parametrize("where,value,dtype", KERNEL_CASES,
+                         ids=[IDS[CASES.index(c)] for c in KERNEL_CASES])
+def test_three_level_prefill_kernels_follow_the_rule(where, value, dtype):
+    inp = inject(make_exact_indexer_inputs([40, 13, 70], heads=16, head_dim=64, dtype=dtype,
+                                           query_lens=[6, 3, 9], seed=1), where, value, seed=2)
+    kw = dict(k_scale=inp.k_scale, topk=24)
+    want = hisa.dsa_index(*inp.args(), backend="torch", **kw)
+    # every block and super-block kept (<= 70 keys: <= 6 blocks of 16, <= 4 super-blocks of
+    # 32): the three-level kernels give the flat set
+    got = run(hisa.hisa_index, *inp.args(), backend="triton", block_size=16, block_topk=8,
+              super_size=2, super_topk=4, **kw)
+    assert torch.equal(canon(got), canon(want))
+    if dtype == torch.float32:      # exact fp32 means: pruning at both levels agrees too
+        kw.update(block_size=16, block_topk=2, super_size=2, super_topk=2)
+        got = run(hisa.hisa_index, *inp.args(), backend="triton", **kw)
+        check_index_format(got, inp.ks, inp.ke, 24, exact_count=False)
+        assert torch.equal(canon(got), canon(hisa.hisa_index(*inp.args(), backend="torch",
+                                                             **kw)))
+
+
 DECODE_CASES = ["q_nan", "w_inf", "w_neg_inf", "key_nan", "scale_nan", "scale_zero"]
 
 
-def decode_inputs(case):
-    inp = make_paged_inputs([300, 1, 64, 129], next_n=2, heads=16, head_dim=64, block_size=64,
-                            exact=True, q_dtype=torch.float32, seed=3)
+def decode_inputs(case, lengths=(300, 1, 64, 129), super_size=None):
+    inp = make_paged_inputs(list(lengths), next_n=2, heads=16, head_dim=64, block_size=64,
+                            super_size=super_size, exact=True, q_dtype=torch.float32, seed=3)
     values, scales = page_views(inp.cache.kv_cache, 64)
     page = int(inp.block_table[0, 2])                        # tokens 128..191 of request 0
     if case == "q_nan":
@@ -78,6 +99,10 @@ def decode_inputs(case):
         inp.weights[[0, 2, 5], [1, 4, 9]] = {"w_nan": NAN, "w_inf": INF, "w_neg_inf": -INF}[case]
     elif case == "key_nan":
         values[page, [3, 40]] = 0x7F                          # two all-NaN FP8 keys
+    elif case == "super_unknown":                             # request 0's super-block 1
+        mark_pooled_unknown(inp.cache.super_cache, inp.block_table[0, 3:4])
+    elif case == "block_unknown":                             # request 0's block 3
+        mark_pooled_unknown(inp.cache.pooled_cache, inp.block_table[0, 3:4])
     else:
         scales[page, [5, 6, 7]] = {"scale_nan": NAN, "scale_inf": INF, "scale_zero": 0.0}[case]
     return inp
@@ -95,6 +120,29 @@ def test_decode_kernels_follow_the_rule(case):
     got = run(hisa.hisa_index_paged, *inp.hisa_args(), topk=40, block_size=64, block_topk=8,
               backend="triton")
     assert torch.equal(canon(got), canon(want))
+
+
+@pytest.mark.parametrize("case", ["q_nan", "w_inf", "key_nan", "scale_nan", "super_unknown",
+                                  "block_unknown"])
+def test_three_level_decode_kernels_follow_the_rule(case):
+    # Request 0: 700 keys, 11 blocks of 64, 6 super-blocks of 128.
+    inp = decode_inputs(case, lengths=(700, 1, 64, 300), super_size=2)
+    lens = inp.row_lengths()
+    want = hisa.dsa_index_paged(*inp.args(), topk=40, backend="torch")
+    # m = 11 blocks, ms = 6 super-blocks: everything kept, the flat set
+    got = run(hisa.hisa_index_paged, *inp.hisa_args(), topk=40, block_size=64, block_topk=11,
+              backend="triton", **inp.super_kwargs(6))
+    assert torch.equal(canon(got), canon(want))
+    # Pruning at both levels: the kernels read the same cached rows as the reference
+    # (exact inputs: bit-identical scores), so the selections are identical.
+    kw = dict(topk=40, block_size=64, block_topk=3, **inp.super_kwargs(3))
+    got = run(hisa.hisa_index_paged, *inp.hisa_args(), backend="triton", **kw)
+    check_index_format(got, torch.zeros_like(lens), lens, 40, exact_count=False)
+    assert torch.equal(canon(got), canon(hisa.hisa_index_paged(*inp.hisa_args(),
+                                                               backend="torch", **kw)))
+    unknown = {"super_unknown": range(128, 256), "block_unknown": range(192, 256)}.get(case)
+    if unknown is not None:         # an unknown row ranks below every real one: never kept
+        assert not set(got[:2].flatten().tolist()) & set(unknown)
 
 
 def test_topk_rows_paths_follow_the_rule(monkeypatch):

@@ -201,7 +201,8 @@ def test_workspace_model_is_what_the_pipeline_allocates(monkeypatch, levels):
     T = inp.num_queries
     model = pl.prefill_workspace_bytes(T, inp.k.shape[0], head_dim=D, key_bytes=4,
                                        block_size=B, block_topk=M,
-                                       programs=persistent_programs(T, inp.q.device, 4), **sup)
+                                       programs=persistent_programs(T, inp.q.device, 4),
+                                       windows=(inp.ks, inp.ke), **sup)
     assert sorted(sizes) == sorted(list(model.values()) + [4 * T * K])   # + the output
 
 
@@ -219,3 +220,55 @@ def test_flat_tiling_under_a_small_cap_is_exact_and_allocates_the_model(monkeypa
     assert model["logits"] <= fp.FLAT_LOGITS_BYTES
     half = model["topk_scratch"] // 2                     # keys and columns, one buffer each
     assert sorted(sizes) == sorted([model["logits"], half, half, 4 * 70 * K])  # + the output
+
+
+def test_three_level_pipeline_pools_super_blocks_only_from_pooled_rows(monkeypatch):
+    """Pooling starts at min(ks) // B = 9, aligned down to the first eligible super-block's
+    first block (8); the super pooling starts at that super-block (4) and so reads only rows
+    the block pooling wrote (rows before are poisoned here)."""
+    import hisa.ops.indexer.pipeline as pl
+    import hisa.ops.indexer.super_blocks as sb
+    calls = {}
+    real_pool, real_sup = pl.pool_blocks, sb.pool_supers
+
+    def pool(k, k_scale, *, block_size, first_block=0, **kw):
+        pooled, scale = real_pool(k, k_scale, block_size=block_size, first_block=first_block,
+                                  **kw)
+        pooled[:first_block] = float("nan")            # rows no query can see: never pooled
+        calls["first_block"] = first_block
+        return pooled, scale
+
+    def pool_supers(pooled, scale, num_keys, *, first_super=0, **kw):
+        calls["first_super"] = first_super
+        sup, sscale = real_sup(pooled, scale, num_keys, first_super=first_super, **kw)
+        assert bool(torch.isfinite(sup[first_super:]).all()), "read a row that was not pooled"
+        return sup, sscale
+
+    monkeypatch.setattr(pl, "pool_blocks", pool)
+    monkeypatch.setattr(sb, "pool_supers", pool_supers)
+    inp = _inputs([150, 120], torch.float32, seed=11, query_lens=[0, 12])   # ks = 150
+    kw = dict(topk=K, block_size=B, block_topk=M, super_size=BS, super_topk=MS)
+    idx, _ = hisa_index_triton(*inp.args(), k_scale=None, **kw)
+    assert calls == {"first_block": 8, "first_super": 4}
+    ref, _ = NS.naive_hisa_index_super(*inp.args(), **kw)
+    assert_same_selection(idx, ref, inp.ks, naive_dsa_logits(*inp.args()))
+
+
+def test_three_level_limits_are_per_window(monkeypatch):
+    """The three-level path has no per-window block limit (its block stage scores the ms * Bs
+    candidates), and its super-block limit counts a window's super-blocks, not the buffer's."""
+    import hisa.ops.indexer.super_blocks as sb
+    from hisa.ops.indexer.prefill import _kernel_check
+    S = 32768 * 16 + 16                       # one window of 32,769 blocks of 16
+    q = torch.zeros(2, H, D)
+    k = torch.zeros(S, D)
+    ks = torch.tensor([0, S - 10], dtype=torch.int32)
+    ke = torch.tensor([S, S], dtype=torch.int32)
+    with pytest.raises(ValueError, match="ks/ke: expected windows of at most 32768 blocks"):
+        _kernel_check(q, k, ks, ke, 16, 4)
+    _kernel_check(q, k, ks, ke, 16, 4, super_size=2, super_topk=4)
+    monkeypatch.setattr(sb, "SELECT_MAX_ROW", 64)            # 64 super-blocks of 32 keys
+    with pytest.raises(ValueError, match="ks/ke: expected windows of at most 64 super-blocks"):
+        _kernel_check(q, k, ks, ke, 16, 4, super_size=2, super_topk=4)
+    short = torch.tensor([S - 62 * 32, S - 10], dtype=torch.int32)   # 63 super-blocks at most
+    _kernel_check(q, k, short, ke, 16, 4, super_size=2, super_topk=4)

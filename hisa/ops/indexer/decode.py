@@ -56,7 +56,8 @@ def _kernel_check(q, pages, block_table, block_size: int, block_topk: int,
     from ..dsa.decode_kernels import decode_operands
     from .decode_kernels import check_decode_params
     decode_operands(q, pages)
-    check_decode_params(block_size, block_topk, block_table.shape[1])
+    check_decode_params(block_size, block_topk, block_table.shape[1],
+                        block_rows=super_size is None)
     if super_size is not None:
         from .decode_super import check_decode_super_params
         check_decode_super_params(block_size, super_size, super_topk, block_table.shape[1])
@@ -123,8 +124,9 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
     topk, block_size, block_topk = check_hisa_params(topk=topk, block_size=block_size,
                                                      block_topk=block_topk)
     check_block_size(block_size)
-    three = check_super_params(block_topk=block_topk, super_size=super_size,
-                               super_topk=super_topk)
+    sup = check_super_params(block_topk=block_topk, super_size=super_size,
+                             super_topk=super_topk)
+    three = bool(sup)
     if three != (super_cache is not None):
         raise ValueError(f"super_cache: expected a tensor exactly when super_size/super_topk "
                          f"are given, got super_cache={type(super_cache).__name__} with "
@@ -133,7 +135,6 @@ def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torc
         check_pooled_cache(super_cache, D, pages.shape[0], name="super_cache")
         check_same_device(q=q, super_cache=super_cache)
     check_out_buffer(out, batch * next_n, topk, q.device)
-    sup = dict(super_size=super_size, super_topk=super_topk) if three else {}
     if resolve_backend(backend, q.device, lambda: _kernel_check(q, pages, block_table,
                                                                 block_size, block_topk,
                                                                 **sup)) == "torch":

@@ -196,10 +196,13 @@ def _token_select_kernel(cand_ptr, ids_ptr, seq_lens_ptr, out_idx_ptr, out_val_p
                                K, K_PAD, WRITE_VALS, RADIX)
 
 
-def check_decode_params(block_size: int, block_topk: int, max_pages: int) -> None:
-    """What the Triton HISA decode supports beyond the public contract."""
+def check_decode_params(block_size: int, block_topk: int, max_pages: int, *,
+                        block_rows: bool = True) -> None:
+    """What the Triton HISA decode supports beyond the public contract. ``block_rows=False``
+    for three levels, whose block stage scores only the kept super-blocks' candidates (their
+    limits: ``decode_super.check_decode_super_params``)."""
     nb_pad = triton.next_power_of_2(max(1, -(-max_pages * PAGE_SIZE // block_size)))
-    if nb_pad > SELECT_MAX_ROW:
+    if block_rows and nb_pad > SELECT_MAX_ROW:
         raise ValueError(f"block_table: at most {SELECT_MAX_ROW} blocks per request for the "
                          f"Triton block selection, got {max_pages} pages of block_size "
                          f"{block_size}")
@@ -315,7 +318,11 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     ``super_size`` / ``super_topk`` the block ids come through the super-block level
     (:mod:`.decode_super`, 4 launches in place of the block stage's 2)."""
     batch, next_n, H, D = q.shape
-    check_decode_params(block_size, block_topk, block_table.shape[1])
+    check_decode_params(block_size, block_topk, block_table.shape[1],
+                        block_rows=super_cache is None)
+    if super_cache is not None:
+        from .decode_super import check_decode_super_params
+        check_decode_super_params(block_size, super_size, super_topk, block_table.shape[1])
     weights, seq_lens, block_table = decode_layout(weights, seq_lens, block_table)
     max_keys = block_table.shape[1] * PAGE_SIZE
     if not route_short_to_flat:

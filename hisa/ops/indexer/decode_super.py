@@ -15,11 +15,14 @@ _candidate_select_kernel    top-m candidates -> ascending block ids         one 
 ==========================  ==============================================  ===================
 
 Candidate c is block ``super_ids[c // Bs] * Bs + c % Bs``; only complete blocks other than the
-first (``1 <= j < nb - 1``) read a pooled row, the first and last eligible block score +inf, so
-neither the tail block nor the tail super-block ever needs a row. The token stage that follows
-is the two-level one (:mod:`.decode_kernels`). Twins: ``naive_super_scores`` +
-``naive_select_supers`` and ``naive_candidate_block_scores`` + ``naive_select_candidate_blocks``
-of :mod:`.naive_super`, on the request's cached rows.
+first (``1 <= j < nb - 1``) read a pooled row, the first and last eligible block score +inf and
+are forced by position (the first and last candidates not marked outside), so neither the tail
+block nor the tail super-block ever needs a row. Padding, blocks past the row and blocks whose
+page id is outside the cache are marked outside (``OUTSIDE_BITS``, never selected); an unknown
+pooled or super row scores NaN and ranks last (the rule of :mod:`hisa.ops.dsa.naive`). The
+token stage that follows is the two-level one (:mod:`.decode_kernels`). Twins:
+``naive_super_scores`` + ``naive_select_supers`` and ``naive_candidate_block_scores`` +
+``naive_select_candidate_blocks`` of :mod:`.naive_super`, on the request's cached rows.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from ..dsa.decode_kernels import _request_len, _row_len
 from .decode_kernels import BLOCK_TILE, SCORE_WARPS, SELECT_RADIX, _nb_pad, block_select
 from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
+from .topk import _force_ends, _masked_key, _outside_like, _relu
 
 
 def check_decode_super_params(block_size: int, super_size: int, super_topk: int,
@@ -80,8 +84,8 @@ def _candidate_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_p
         kb = tl.load(pl8_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         sc = tl.load(pl32_ptr + base // 4 + D // 4, mask=ok, other=0.0)
         acc = tl.dot(kb.to(q_t.dtype), q_t, input_precision=PREC)                   # [TILE, H]
-        s = tl.sum(tl.maximum(acc, 0.0) * w[None, :], axis=1) * sc
-        s = tl.where(ok, s, float("-inf"))
+        s = tl.sum(_relu(acc) * w[None, :], axis=1) * sc
+        s = tl.where(ok, s, _outside_like(s))   # padding, past the row, a page outside the cache
         s = tl.where(valid & ((blk == 0) | (blk == nb - 1)), float("inf"), s)
         tl.store(scratch_ptr + r64 * C_PAD + c, s, mask=cm)
 
@@ -98,9 +102,10 @@ def _candidate_select_kernel(scratch_ptr, seq_lens_ptr, sup_ptr, ids_ptr, max_pa
     if _request_len(seq_lens_ptr, b, max_pages * PAGE, NEXT_N, SEQ_2D) > hisa_min_keys:
         r64 = row.to(tl.int64)
         i = tl.arange(0, C_PAD)
-        v = tl.load(scratch_ptr + r64 * C_PAD + i, mask=i < C, other=float("-inf"),
-                    cache_modifier=".cg")
-        sel, pos, n_sel = _select_row(v, M, RADIX)
+        v = tl.load(scratch_ptr + r64 * C_PAD + i, mask=i < C, other=0.0, cache_modifier=".cg")
+        # forced by position: the first and last candidates inside the row (blocks 0, nb - 1)
+        keys = _force_ends(_masked_key(v, i < C), i, C_PAD)
+        sel, pos, n_sel = _select_row(keys, M, RADIX)
         g = tl.load(sup_ptr + r64 * MS + i // BS, mask=sel, other=0)
         tl.store(ids_ptr + r64 * M + pos, g * BS + i % BS, mask=sel)
         j = tl.arange(0, M_PAD)
@@ -111,8 +116,9 @@ def candidate_scores_paged(q, pooled_cache, weights, seq_lens, block_table, supe
                            block_size, super_size, hisa_min_keys=-1, prec="tf32",
                            num_pages=None):
     """fp32 [rows, C_PAD] scores of the kept super-blocks' blocks in candidate order (C =
-    ms * Bs valid columns): +inf on the forced first and last block, -inf for padding and
-    blocks past the row. Twin: ``naive_candidate_block_scores`` on the request's rows."""
+    ms * Bs valid columns): +inf on the forced first and last block, marked outside
+    (``OUTSIDE_BITS``) for padding, blocks past the row and pages outside the cache. Twin:
+    ``naive_candidate_block_scores`` on the request's rows."""
     batch, next_n, H, D = q.shape
     rows, ms = super_ids.shape
     c_pad = max(16, triton.next_power_of_2(ms * super_size))

@@ -75,17 +75,23 @@ def naive_block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Ten
     return scores
 
 
+def first_and_last_inside(scores: torch.Tensor) -> torch.Tensor:
+    """bool [T, N]: the first and the last column of each row not marked outside (a row's
+    forced entries; none in a row that is all outside)."""
+    N = scores.shape[1]
+    inside = ~is_outside(scores)
+    col = torch.arange(N, device=scores.device)
+    first = torch.where(inside, col, N).amin(1, keepdim=True) if N else col[None]
+    last = torch.where(inside, col, -1).amax(1, keepdim=True) if N else col[None]
+    return (col == first) | (col == last)
+
+
 def naive_select_blocks(block_scores: torch.Tensor, block_topk: int) -> torch.Tensor:
     """Top-m blocks per query, as ascending block ids followed by -1 padding. int32 [T, m].
 
     The first and last eligible (not outside) block of a row are kept whatever their score.
     """
-    NB = block_scores.shape[1]
-    inside = ~is_outside(block_scores)
-    col = torch.arange(NB, device=block_scores.device)
-    first = torch.where(inside, col, NB).amin(1, keepdim=True) if NB else col[None]
-    last = torch.where(inside, col, -1).amax(1, keepdim=True) if NB else col[None]
-    cols, _ = naive_topk(block_scores, block_topk, forced=(col == first) | (col == last))
+    cols, _ = naive_topk(block_scores, block_topk, forced=first_and_last_inside(block_scores))
     # Ascending ids (padding last) so candidate tokens come out in position order.
     key = torch.where(cols >= 0, cols, torch.iinfo(torch.int64).max)
     ids = torch.sort(key, dim=1).values

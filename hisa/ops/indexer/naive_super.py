@@ -17,11 +17,20 @@ select_candidate_blocks  top-m candidate blocks (ascending ids, -1 padded)      
 then :func:`~.naive.naive_token_scores`, :func:`~.naive.naive_select_tokens` and
 :func:`~.naive.naive_to_offsets` exactly as in two levels.
 
+Every selection follows the rule of :mod:`hisa.ops.dsa.naive` (``+inf > finite > -inf > NaN``,
+ties to the lower position, entries marked outside the window never selected). Super-blocks and
+candidate blocks outside a query's eligible range are marked outside
+(:func:`~hisa.ops.dsa.naive.mark_outside`); the forced ones are forced by position, not by
+their +inf score alone: the first and last eligible super-block, and the first and last eligible
+block, which are the first and last candidates not marked outside (they lie in the two forced
+super-blocks, and candidates are ascending).
+
 Candidate blocks come in ascending block order (kept super-blocks ascending, blocks inside each
 ascending), and their scores are the two-level stage-1 scores of those blocks, so ties break as
 in two levels (lower block wins). When every eligible super-block of a query is kept, its
-candidates are all its eligible blocks and the selection equals the two-level one entry for
-entry.
+candidates are all its eligible blocks, in two-level order, with two-level scores and the same
+two forced, so the selection equals the two-level one entry for entry, NaN and infinite scores
+included.
 """
 from __future__ import annotations
 
@@ -29,10 +38,11 @@ import torch
 
 from ...cache.layout import gather_request_keys, gather_request_pooled
 from ...utils.validate import FP8_DTYPE
-from ..dsa.naive import NAIVE_TILE_BYTES, naive_topk
+from ..dsa.naive import NAIVE_TILE_BYTES, mark_outside, naive_topk
 from ..dsa.paged import per_request_reference
-from .naive import (eligible_blocks, naive_block_scores, naive_pool_blocks, naive_select_blocks,
-                    naive_select_tokens, naive_to_offsets, naive_token_scores)
+from .naive import (eligible_blocks, first_and_last_inside, naive_block_scores,
+                    naive_pool_blocks, naive_select_blocks, naive_select_tokens,
+                    naive_to_offsets, naive_token_scores)
 
 
 def eligible_supers(ks: torch.Tensor, ke: torch.Tensor, block_size: int, super_size: int
@@ -48,7 +58,9 @@ def naive_pool_supers(pooled: torch.Tensor, num_keys: int, *, block_size: int, s
     With fp32 block means (:func:`~.naive.naive_pool_blocks`) this is the mean of the
     super-block's keys up to fp32 rounding; with FP8 block reps (``pooled_scale`` given) it is
     the mean of what the block stage itself scores. A tail super-block (and its tail block)
-    counts only the tokens it holds.
+    counts only the tokens it holds. A NaN in a block rep (a NaN key, or a NaN scale such as
+    the paged cache's unknown row) makes its super-block's rep NaN: it then scores NaN and
+    ranks last.
 
     Args:
         pooled: [NB, D] block representatives (any float dtype); pooled_scale: fp32 [NB] or None.
@@ -76,16 +88,18 @@ def naive_super_scores(q: torch.Tensor, super_pooled: torch.Tensor, weights: tor
                        super_scale: torch.Tensor | None = None) -> torch.Tensor:
     """J over super-blocks: the block-stage formula at block size Bs * B. fp32 [T, NS].
 
-    Ineligible super-blocks get -inf; the first and last eligible (the sink and the query's own)
-    get +inf. A super-block that straddles two packed sequences or holds future tokens is
-    always one of those two, so its contaminated mean never ranks anything.
+    Ineligible super-blocks are marked outside (never selected); the first and last eligible
+    (the sink and the query's own) get +inf, and :func:`naive_select_supers` forces them. A
+    super-block that straddles two packed sequences or holds future tokens is always one of
+    those two, so its contaminated mean never ranks anything.
     """
     return naive_block_scores(q, super_pooled, weights, ks, ke,
                               block_size=block_size * super_size, pooled_scale=super_scale)
 
 
 def naive_select_supers(super_scores: torch.Tensor, super_topk: int) -> torch.Tensor:
-    """Top-ms super-blocks per query, ascending ids then -1. int32 [T, ms]."""
+    """Top-ms super-blocks per query, ascending ids then -1. int32 [T, ms]; the first and last
+    eligible super-block are kept whatever their score (:func:`~.naive.naive_select_blocks`)."""
     return naive_select_blocks(super_scores, super_topk)
 
 
@@ -105,26 +119,33 @@ def naive_candidate_block_scores(q: torch.Tensor, pooled: torch.Tensor, weights:
     """Stage-1 scores of the blocks of the kept super-blocks, in candidate order.
 
     The scores are the two-level ones (:func:`~.naive.naive_block_scores`, gathered), so a kept
-    block scores exactly as it would in two levels: -inf outside the eligible range, +inf on
-    the first and last eligible block (they lie in the forced super-blocks).
+    block scores exactly as it would in two levels: marked outside beyond the eligible range
+    (and for padding or blocks past the buffer), +inf on the first and last eligible block
+    (they lie in the forced super-blocks).
 
     Returns:
         (scores fp32 [T, ms * Bs]; block ids int64 [T, ms * Bs], -1 for padding).
     """
     blk = candidate_blocks(super_ids, super_size)
     if pooled.shape[0] == 0:
-        return torch.full(blk.shape, float("-inf"), device=q.device), blk
+        return mark_outside(torch.empty(blk.shape, device=q.device),
+                            torch.ones_like(blk, dtype=torch.bool)), blk
     full = naive_block_scores(q, pooled, weights, ks, ke, block_size=block_size,
                               pooled_scale=pooled_scale)                      # [T, NB]
     inside = (blk >= 0) & (blk < pooled.shape[0])
     scores = torch.gather(full, 1, blk.clamp(0, pooled.shape[0] - 1))
-    return scores.masked_fill_(~inside, float("-inf")), blk
+    return mark_outside(scores, ~inside), blk
 
 
 def naive_select_candidate_blocks(scores: torch.Tensor, block_ids: torch.Tensor, block_topk: int
                                   ) -> torch.Tensor:
-    """Top-m candidate blocks per query as ascending block ids, then -1. int32 [T, m]."""
-    cols, _ = naive_topk(scores, block_topk)
+    """Top-m candidate blocks per query as ascending block ids, then -1. int32 [T, m].
+
+    The first and last candidates not marked outside are forced: candidates ascend, and the
+    query's first and last eligible block lie in its two forced super-blocks, so these are
+    exactly the blocks two levels force (whatever the scores, +inf or NaN ones included).
+    """
+    cols, _ = naive_topk(scores, block_topk, forced=first_and_last_inside(scores))
     ids = torch.gather(block_ids, 1, cols.clamp_min(0))
     big = torch.iinfo(torch.int64).max
     ids = torch.sort(torch.where(cols >= 0, ids, big), dim=1).values

@@ -51,6 +51,24 @@ def _prepare(q, k, weights, ks, ke, k_scale, block_size):
     return q, k, weights.contiguous(), ks.contiguous(), ke.contiguous(), k_scale, prec
 
 
+def _window_plan(ks, ke, *, block_size, super_size, super_topk) -> tuple[int, int, int, int]:
+    """(first block to pool, largest eligible block count, first super-block to pool, largest
+    eligible super-block count) of the queries' windows, after every window limit of the path
+    (two levels: the block selection row; three: the candidate row and the super-block row).
+
+    With three levels pooling starts at the first super-block's first block, so every block row
+    a super-block is pooled from is set (pool_supers reads rows from ``first_super * Bs`` on);
+    the super-level counts are 0 with two levels.
+    """
+    if super_size is None:
+        first_block, max_blocks = window_blocks(ks, ke, block_size)
+        check_window_blocks(max_blocks, block_size)
+        return first_block, max_blocks, 0, 0
+    first_super, max_supers = check_super_kernel_params(
+        ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk)
+    return first_super * super_size, 0, first_super, max_supers
+
+
 def given_pooled(pooled: torch.Tensor, k: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Caller-supplied representatives stored as :func:`pool_blocks` would store them for the
@@ -83,13 +101,16 @@ def _token_buffer(T, mb, device):
 
 def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, key_bytes: int,
                             block_size: int, block_topk: int, programs: int,
-                            super_size: int | None = None, super_topk: int | None = None
+                            super_size: int | None = None, super_topk: int | None = None,
+                            windows: tuple[torch.Tensor, torch.Tensor] | None = None
                             ) -> dict[str, int]:
     """Bytes of every temporary :func:`hisa_index_triton` allocates (outputs excluded).
 
     ``key_bytes``: 1 for FP8 keys (the reps then carry a 4-byte scale), 2 for bf16, 4 for
     fp32. ``programs``: the persistent grid of the selection stages
-    (``persistent_programs(T, device, 4)``: 4 per SM, at most T). Nothing here grows as
+    (``persistent_programs(T, device, 4)``: 4 per SM, at most T). ``windows``: the queries'
+    (ks, ke), whose longest window sizes the selection scratch rows; by default one window of
+    all ``num_keys`` keys (a chunk's last query, or a causal prefill's). Nothing here grows as
     T * S: the largest entry is the token stage's candidate buffer, capped at
     :data:`TOKEN_TILE_BYTES`; the block and super-block scratch rows are per program.
     """
@@ -97,14 +118,18 @@ def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, k
     rep = D * key_bytes + (4 if key_bytes == 1 else 0)
     nb = -(-S // B)
     grid = max(1, min(T, programs))
+
+    def longest(span):
+        return window_blocks(*windows, span)[1] if windows is not None else -(-S // span)
+
     ws = {"pooled": nb * rep, "block_ids": 4 * T * m,
           "token_scores": 4 * B * m * max(1, min(T, TOKEN_TILE_BYTES // (4 * B * m)))}
     if super_size is None:
-        ws["block_scratch"] = 4 * grid * max(nb, 1)
+        ws["block_scratch"] = 4 * grid * max(longest(B), 1)
     else:
         ns = -(-nb // super_size)
         ws.update(super_pooled=ns * rep, super_ids=4 * T * super_topk,
-                  super_scratch=4 * grid * max(ns, 1),
+                  super_scratch=4 * grid * max(longest(B * super_size), 1),
                   candidate_scratch=4 * grid * super_topk * super_size)
     return ws
 
@@ -126,11 +151,8 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
         ...     fn()
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
-    first_block, max_blocks = window_blocks(ks, ke, block_size)
-    if super_size is None:
-        check_window_blocks(max_blocks, block_size)
-    else:
-        first_block -= first_block % super_size      # a super-block pools all its block rows
+    first_block, max_blocks, first_super, max_supers = _window_plan(
+        ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk)
     T = q.shape[0]
     state: dict = {
         "ids": torch.empty(T, block_topk, dtype=torch.int32, device=q.device),
@@ -151,14 +173,15 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     def supers_pool():
         state["super"], state["super_scale"] = pool_supers(
             state["pooled"], state["pooled_scale"], k.shape[0], block_size=block_size,
-            super_size=super_size)
+            super_size=super_size, first_super=first_super)
         return state
 
     def supers_select():
         state["super_ids"] = super_select(q, state["super"], weights, ks, ke,
                                           block_size=block_size, super_size=super_size,
                                           super_topk=super_topk,
-                                          super_scale=state["super_scale"], prec=prec)
+                                          super_scale=state["super_scale"], prec=prec,
+                                          max_supers=max_supers)
         return state
 
     def blocks_in_supers():
@@ -171,8 +194,6 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     if super_size is None:
         selection = [("pool", pool), ("block_select", blocks)]
     else:
-        check_super_kernel_params(k.shape[0], block_size=block_size, super_size=super_size,
-                                  super_topk=super_topk)
         selection = [("pool", pool), ("pool_supers", supers_pool),
                      ("super_select", supers_select), ("block_select", blocks_in_supers)]
 
@@ -220,13 +241,8 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
     # Every check that can fail runs before the first launch (one host sync for the windows).
-    first_block, max_blocks = window_blocks(ks, ke, block_size)
-    if super_size is None:
-        check_window_blocks(max_blocks, block_size)
-    else:
-        check_super_kernel_params(k.shape[0], block_size=block_size, super_size=super_size,
-                                  super_topk=super_topk)
-        first_block -= first_block % super_size      # a super-block pools all its block rows
+    first_block, max_blocks, first_super, max_supers = _window_plan(
+        ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk)
     if pooled is None:
         pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
                                            first_block=first_block)
@@ -239,7 +255,8 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     else:
         ids = three_level_block_ids(q, k, weights, ks, ke, pooled, pooled_scale,
                                     block_size=block_size, block_topk=block_topk,
-                                    super_size=super_size, super_topk=super_topk, prec=prec)
+                                    super_size=super_size, super_topk=super_topk, prec=prec,
+                                    first_super=first_super, max_supers=max_supers)
     T = q.shape[0]
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)
     vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None

@@ -69,9 +69,9 @@ def _kernel_check(q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, ke: torch.
                          f"for the Triton token selection, got {block_size * block_topk}")
     if super_size is None:
         check_window_blocks(window_blocks(ks, ke, block_size)[1], block_size)
-    else:
+    else:           # no per-window block limit: the block stage scores ms * Bs candidates
         from .super_blocks import check_super_kernel_params
-        check_super_kernel_params(k.shape[0], block_size=block_size, super_size=super_size,
+        check_super_kernel_params(ks, ke, block_size=block_size, super_size=super_size,
                                   super_topk=super_topk)
 
 
@@ -106,7 +106,9 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             passes them here instead of having every call re-pool the whole key buffer. A row
             is read only for a block that is eligible but neither first nor last for some
             query; an incomplete tail block never is (it is forced for every query that can
-            see it), so its row may hold any finite placeholder.
+            see it), so its row may hold any finite placeholder. With the super-block level a
+            row also enters its super-block's mean, which is read under the same condition
+            (a super-block neither first nor last for a query holds no first or last block).
             The Triton path stores them like its own pooling does (FP8 with a per-block scale
             for FP8 keys, else k's dtype).
 
@@ -120,17 +122,16 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
     topk, block_size, block_topk = check_hisa_params(topk=topk, block_size=block_size,
                                                      block_topk=block_topk)
-    three = check_super_params(block_topk=block_topk, super_size=super_size,
-                               super_topk=super_topk)
+    sup = check_super_params(block_topk=block_topk, super_size=super_size,
+                             super_topk=super_topk)
     check_out_buffer(out, T, topk, q.device)
     check_windows(ks, ke, S)
     if pooled is not None:
         check_pooled(pooled, k, block_size)
-    sup = dict(super_size=super_size, super_topk=super_topk) if three else {}
     if resolve_backend(backend, q.device,
                        lambda: _kernel_check(q, k, ks, ke, block_size, block_topk, **sup)
                        ) == "torch":
-        reference = naive_hisa_index_super if three else naive_hisa_index
+        reference = naive_hisa_index_super if sup else naive_hisa_index
         idx, scores = reference(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                 block_size=block_size, block_topk=block_topk, pooled=pooled,
                                 **sup)

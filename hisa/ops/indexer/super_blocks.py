@@ -17,11 +17,16 @@ candidate_block_scores    ``_candidate_blocks_kernel``: the blocks of the   ``na
 
 Candidate c of a query is block ``super_ids[c // Bs] * Bs + c % Bs``: kept super-blocks are
 ascending, so candidates are ascending block ids and the register selection (ties to the lower
-index) breaks ties as two levels do. Offsets are int64 throughout (block ids times D, query
-rows times H * D, per-program scratch rows), so 1M-token buffers and beyond stay in range.
+index) breaks ties as two levels do. Selection follows the rule of :mod:`hisa.ops.dsa.naive`
+through ``topk._ordered_key``: candidates outside the eligible range (or padding) are marked
+outside (``OUTSIDE_BITS``, never selected), the first and last candidates not marked outside
+(the query's first and last eligible block) are forced by position, ReLU keeps NaN. Offsets
+are int64 throughout (block ids times D, query rows times H * D, per-program scratch rows), so
+1M-token buffers and beyond stay in range.
 
-Temporaries: the super reps [NS, D], int32 [T, ms] super ids, and one fp32 scratch row of
-ms * Bs candidates per persistent program.
+Temporaries: the super reps [NS, D], int32 [T, ms] super ids, one fp32 scratch row of the
+longest window's super-blocks per persistent program (the super selection), and one of
+ms * Bs candidates (the block selection).
 """
 from __future__ import annotations
 
@@ -29,36 +34,50 @@ import torch
 import triton
 import triton.language as tl
 
+from ...cache.append import _clamp_e4m3, _nan_amax
 from ...utils.quant import AMAX_FLOOR, FP8_MAX
 from ...utils.validate import FP8_DTYPE
-from .block_scores import BLOCK_BN, block_select
+from .block_scores import BLOCK_BN, block_select, window_blocks
 from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
-from .topk import persistent_programs
+from .topk import _force_ends, _masked_key, _outside_like, _relu, persistent_programs
 
 #: Block reps summed per iteration of the super-block pooling loop.
 POOL_SUPER_CHUNK = 16
 
 
-def check_super_kernel_params(num_keys: int, *, block_size: int, super_size: int,
-                              super_topk: int) -> None:
-    """What the Triton super-block level supports beyond the public contract."""
+def check_super_kernel_params(ks: torch.Tensor, ke: torch.Tensor, *, block_size: int,
+                              super_size: int, super_topk: int) -> tuple[int, int]:
+    """Every limit of the Triton super-block level beyond the public contract; reads the
+    windows (one host synchronisation, as :func:`.block_scores.window_blocks`).
+
+    The three-level path has no per-window block limit (the block stage scores only the
+    ms * Bs candidates); its limits are the candidate row and each window's super-blocks.
+
+    Returns:
+        (smallest first eligible super-block, largest eligible super-block count) over the
+        queries: super-blocks before the first are never pooled nor scored, and the count
+        sizes the super selection's register row.
+    """
     if triton.next_power_of_2(super_size * super_topk) > SELECT_MAX_ROW:
         raise ValueError(f"super_topk * super_size: expected at most {SELECT_MAX_ROW} candidate "
                          f"blocks for the Triton block selection, got {super_size * super_topk}")
-    ns = -(-num_keys // (block_size * super_size))
-    if triton.next_power_of_2(max(ns, 1)) > SELECT_MAX_ROW:
-        raise ValueError(f"k: expected at most {SELECT_MAX_ROW * block_size * super_size} keys "
-                         f"for the Triton super-block selection at block_size={block_size}, "
-                         f"super_size={super_size}, got {num_keys}")
+    span = block_size * super_size
+    first_super, max_supers = window_blocks(ks, ke, span)
+    if max(16, triton.next_power_of_2(max(max_supers, 1))) > SELECT_MAX_ROW:
+        raise ValueError(f"ks/ke: expected windows of at most {SELECT_MAX_ROW} super-blocks "
+                         f"({SELECT_MAX_ROW * span} keys at block_size={block_size}, "
+                         f"super_size={super_size}) for the Triton super-block selection, got "
+                         f"a window of {max_supers} super-blocks")
+    return first_super, max_supers
 
 
 @triton.jit
-def _pool_supers_kernel(p_ptr, p_scale_ptr, out_ptr, out_scale_ptr, NB, S,
+def _pool_supers_kernel(p_ptr, p_scale_ptr, out_ptr, out_scale_ptr, NB, S, first_super,
                         B: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                         HAS_SCALE: tl.constexpr, QUANT: tl.constexpr,
                         AMAX_MIN: tl.constexpr, QMAX: tl.constexpr):
-    g = tl.program_id(0).to(tl.int64)
+    g = (first_super + tl.program_id(0)).to(tl.int64)
     d = tl.arange(0, D)
     acc = tl.zeros([D], dtype=tl.float32)
     total = tl.zeros([], dtype=tl.float32)
@@ -75,8 +94,10 @@ def _pool_supers_kernel(p_ptr, p_scale_ptr, out_ptr, out_scale_ptr, NB, S,
         total += tl.sum(cnt, axis=0)
     mean = acc / tl.maximum(total, 1.0)                                           # [D]
     if QUANT:
-        scale = tl.maximum(tl.max(tl.abs(mean), axis=0), AMAX_MIN) / QMAX
-        v = tl.minimum(tl.maximum(mean / scale, -QMAX), QMAX)
+        # NaN-propagating, as pool.py: a NaN block rep gives the super rep a NaN scale
+        scale = tl.maximum(_nan_amax(mean, 0), AMAX_MIN,
+                           propagate_nan=tl.PropagateNan.ALL) / QMAX
+        v = _clamp_e4m3(mean / scale)
         tl.store(out_ptr + g * D + d, v.to(out_ptr.dtype.element_ty))
         tl.store(out_scale_ptr + g, scale)
     else:
@@ -84,8 +105,8 @@ def _pool_supers_kernel(p_ptr, p_scale_ptr, out_ptr, out_scale_ptr, NB, S,
 
 
 def pool_supers(pooled: torch.Tensor, pooled_scale: torch.Tensor | None, num_keys: int, *,
-                block_size: int, super_size: int, out_dtype: torch.dtype | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                block_size: int, super_size: int, out_dtype: torch.dtype | None = None,
+                first_super: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Super-block representatives from the block representatives.
 
     Args:
@@ -94,6 +115,9 @@ def pool_supers(pooled: torch.Tensor, pooled_scale: torch.Tensor | None, num_key
         num_keys: S, the keys the blocks were pooled from.
         out_dtype: dtype of the result, that of ``pooled`` by default; float8_e4m3fn
             re-quantizes each super-block with its own scale.
+        first_super: pool only super-blocks [first_super, NS), reading only block rows from
+            ``first_super * super_size`` on; the rows before are left unset (the prefill
+            pipeline passes min(ks) // (Bs B), and pools blocks from ``first_super * Bs``).
 
     Returns:
         (super reps [NS, D], fp32 [NS] scales for FP8 output else None), NS = ceil(NB / Bs).
@@ -104,10 +128,11 @@ def pool_supers(pooled: torch.Tensor, pooled_scale: torch.Tensor | None, num_key
     quant = out_dtype == FP8_DTYPE
     sup = torch.empty(ns, D, dtype=out_dtype, device=pooled.device)
     sscale = torch.empty(ns, dtype=torch.float32, device=pooled.device) if quant else None
-    if ns:
-        _pool_supers_kernel[(ns,)](
+    if ns > first_super:
+        _pool_supers_kernel[(ns - first_super,)](
             pooled, pooled_scale if pooled_scale is not None else sup, sup,
-            sscale if quant else sup, nb, num_keys, B=block_size, BS=super_size, D=D,
+            sscale if quant else sup, nb, num_keys, first_super, B=block_size, BS=super_size,
+            D=D,
             CHUNK=min(POOL_SUPER_CHUNK, triton.next_power_of_2(super_size)),
             HAS_SCALE=pooled_scale is not None, QUANT=quant, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
             num_warps=4)
@@ -117,11 +142,16 @@ def pool_supers(pooled: torch.Tensor, pooled_scale: torch.Tensor | None, num_key
 def super_select(q: torch.Tensor, super_pooled: torch.Tensor, weights: torch.Tensor,
                  ks: torch.Tensor, ke: torch.Tensor, *, block_size: int, super_size: int,
                  super_topk: int, super_scale: torch.Tensor | None = None, prec: str = "tf32",
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, max_supers: int | None = None
+                 ) -> torch.Tensor:
     """int32 [T, ms] ascending kept super-block ids, -1 padded: the fused block stage run on
-    super-blocks (block size Bs * B). q and super_pooled share a dtype (prepared operands)."""
+    super-blocks (block size Bs * B), the first and last eligible forced, the others marked
+    outside. q and super_pooled share a dtype (prepared operands). ``max_supers``: the largest
+    eligible super-block count of any query (:func:`check_super_kernel_params`; NS by
+    default), which sizes the register row and the scratch."""
     return block_select(q, super_pooled, weights, ks, ke, block_size=block_size * super_size,
-                        block_topk=super_topk, pooled_scale=super_scale, prec=prec, out=out)
+                        block_topk=super_topk, pooled_scale=super_scale, prec=prec, out=out,
+                        max_blocks=max_supers)
 
 
 @triton.jit
@@ -160,17 +190,19 @@ def _candidate_blocks_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, s
             kb = tl.load(p_ptr + blk[:, None] * D + d[None, :], mask=valid[:, None],
                          other=0.0)                                                # [BN, D]
             acc = tl.dot(kb, q_t, input_precision=PREC)                             # [BN, H]
-            sc = tl.sum(tl.maximum(acc, 0.0) * w_t[None, :], axis=1)                 # [BN]
+            sc = tl.sum(_relu(acc) * w_t[None, :], axis=1)                           # [BN]
             if HAS_SCALE:
                 sc = sc * tl.load(p_scale_ptr + blk, mask=valid, other=0.0)
-            sc = tl.where(valid, sc, float("-inf"))
+            sc = tl.where(valid, sc, _outside_like(sc))
             sc = tl.where(valid & ((blk == first) | (blk == end - 1)), float("inf"), sc)
             tl.store(row + c, sc, mask=cm)
         if SELECT:
             tl.debug_barrier()
             i = tl.arange(0, C_PAD)
-            v = tl.load(row + i, mask=i < C, other=float("-inf"), cache_modifier=".cg")
-            sel, pos, n_sel = _select_row(v, M, 1)
+            v = tl.load(row + i, mask=i < C, other=0.0, cache_modifier=".cg")
+            # forced by position: the first and last candidates inside the eligible range
+            keys = _force_ends(_masked_key(v, i < C), i, C_PAD)
+            sel, pos, n_sel = _select_row(keys, M, 1)
             g = tl.load(sup_ptr + t64 * MS + i // BS, mask=sel, other=0)
             tl.store(ids_ptr + t64 * M + pos, (g * BS + i % BS).to(tl.int32), mask=sel)
             j = tl.arange(0, M_PAD)
@@ -196,8 +228,9 @@ def candidate_block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch
                            pooled_scale: torch.Tensor | None = None, prec: str = "tf32"
                            ) -> torch.Tensor:
     """fp32 [T, ms * Bs] stage-1 scores of the kept super-blocks' blocks, in candidate order:
-    +inf on the first and last eligible block, -inf for blocks outside the window or past the
-    buffer and for padding super-blocks (twin: ``naive_candidate_block_scores``)."""
+    +inf on the first and last eligible block, marked outside (``OUTSIDE_BITS``) for blocks
+    outside the window or past the buffer and for padding super-blocks (twin:
+    ``naive_candidate_block_scores``)."""
     T = q.shape[0]
     scores = torch.empty(T, super_ids.shape[1] * super_size, dtype=torch.float32,
                          device=q.device)
@@ -213,8 +246,9 @@ def candidate_block_select(q: torch.Tensor, pooled: torch.Tensor, weights: torch
                            block_size: int, super_size: int, block_topk: int,
                            pooled_scale: torch.Tensor | None = None, prec: str = "tf32",
                            out: torch.Tensor | None = None) -> torch.Tensor:
-    """Fused candidate scores + top-m: int32 [T, m] ascending block ids, -1 padded (twin:
-    ``naive_select_candidate_blocks`` of ``naive_candidate_block_scores``)."""
+    """Fused candidate scores + top-m: int32 [T, m] ascending block ids, -1 padded, the first
+    and last eligible block forced (twin: ``naive_select_candidate_blocks`` of
+    ``naive_candidate_block_scores``)."""
     T = q.shape[0]
     ids = out if out is not None else torch.empty(T, block_topk, dtype=torch.int32,
                                                   device=q.device)
@@ -231,17 +265,18 @@ def candidate_block_select(q: torch.Tensor, pooled: torch.Tensor, weights: torch
 def three_level_block_ids(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                           ks: torch.Tensor, ke: torch.Tensor, pooled: torch.Tensor,
                           pooled_scale: torch.Tensor | None, *, block_size: int,
-                          block_topk: int, super_size: int, super_topk: int, prec: str
-                          ) -> torch.Tensor:
-    """The block ids the token stage reads, through the super-block level (prepared operands).
+                          block_topk: int, super_size: int, super_topk: int, prec: str,
+                          first_super: int, max_supers: int) -> torch.Tensor:
+    """The block ids the token stage reads, through the super-block level (prepared operands;
+    ``first_super`` / ``max_supers`` from :func:`check_super_kernel_params`, and ``pooled``
+    set from block ``first_super * super_size`` on).
 
     Returns int32 [T, m] ascending, -1 padded."""
-    check_super_kernel_params(k.shape[0], block_size=block_size, super_size=super_size,
-                              super_topk=super_topk)
     sup, sscale = pool_supers(pooled, pooled_scale, k.shape[0], block_size=block_size,
-                              super_size=super_size)
+                              super_size=super_size, first_super=first_super)
     sids = super_select(q, sup, weights, ks, ke, block_size=block_size, super_size=super_size,
-                        super_topk=super_topk, super_scale=sscale, prec=prec)
+                        super_topk=super_topk, super_scale=sscale, prec=prec,
+                        max_supers=max_supers)
     return candidate_block_select(q, pooled, weights, ks, ke, sids, block_size=block_size,
                                   super_size=super_size, block_topk=block_topk,
                                   pooled_scale=pooled_scale, prec=prec)

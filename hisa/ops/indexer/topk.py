@@ -69,6 +69,17 @@ def _force_key(key, forced):
 
 
 @triton.jit
+def _force_ends(key, idx, N_PAD: tl.constexpr):
+    """Keys of the first and the last selectable entry of a row (key > 0, in ``idx`` order)
+    raised above every score: a row's forced pair when its eligible range is not contiguous
+    from 0 (the candidate blocks of the three-level path, where padding and blocks outside the
+    window sit between and around them)."""
+    lo = tl.min(tl.where(key > 0, idx, N_PAD), axis=0)
+    hi = tl.max(tl.where(key > 0, idx, -1), axis=0)
+    return _force_key(key, (idx == lo) | (idx == hi))
+
+
+@triton.jit
 def _outside_like(v):
     """The OUTSIDE marker as fp32, shaped like ``v``."""
     return tl.full(v.shape, OUTSIDE, tl.uint32).to(tl.float32, bitcast=True)

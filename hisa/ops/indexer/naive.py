@@ -90,6 +90,64 @@ def candidate_positions(block_ids: torch.Tensor, block_size: int, num_keys: int)
     return pos.flatten(1)
 
 
+def score_kept_blocks(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
+                      block_ids: torch.Tensor, *, block_size: int,
+                      k_scale: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Indexer scores of every token of every kept block, written into ``out`` [T, m, B].
+
+    Candidates are whole blocks, so the work is grouped by block instead of by query: for each
+    block kept by some query, the rows of the queries that keep it are gathered and all their
+    heads are scored against the block's B keys in one product, [n * H, D] x [D, B]; the ReLU'd
+    dots are folded into the head sum by one batched product with the gates. A handful of
+    large operations per block replaces a per-query gather of m * B keys and H passes over it.
+
+    The math is :func:`hisa.ops.dsa.naive.naive_scores` (fp32 accumulation, ReLU per head, the
+    key scale applied after the head sum), but the head sum runs in a different order, so a
+    score can differ from the flat reference's by fp32 rounding; with exact arithmetic (and
+    in ranking, up to such near-ties) the two agree. Padding slots (-1) and the part of a tail
+    block beyond the buffer are left untouched.
+
+    Args:
+        q: [T, H, D] (fp32 saves a conversion); weights fp32 [T, H].
+        k: [S, D], S > 0; k_scale: fp32 [S] or None.
+        block_ids: int [T, m] kept block ids, -1 padded, unique per row.
+        out: fp32 [T, m, B], written in place.
+    """
+    T, m = block_ids.shape
+    S = k.shape[0]
+    flat = block_ids.reshape(-1).long()                                      # [T*m]
+    pairs = (flat >= 0).nonzero().squeeze(1)                                 # (query, slot)
+    if pairs.numel() == 0:
+        return
+    # Stable: within a block the queries stay in ascending order.
+    blocks, perm = torch.sort(flat[pairs], stable=True)
+    pairs = pairs[perm]
+    rows_all, slots_all = pairs // m, pairs % m
+    ids, counts = torch.unique_consecutive(blocks, return_counts=True)
+    qf, w = q.float(), weights.float()
+    H, D = qf.shape[1:]
+    # Buffers reused by every block: a fresh allocation of this size per block would be
+    # returned to the OS and page-faulted back each time. n_max <= T queries.
+    n_max = int(counts.max())
+    rows_buf = qf.new_empty(n_max, H, D)
+    dots_buf = qf.new_empty(n_max * H * block_size)
+    start = 0
+    for b, n in zip(ids.tolist(), counts.tolist()):
+        rows, slots = rows_all[start:start + n], slots_all[start:start + n]
+        start += n
+        lo, hi = b * block_size, min(S, (b + 1) * block_size)
+        if lo >= S:                          # a block past the buffer has only padding
+            continue
+        qb = torch.index_select(qf, 0, rows, out=rows_buf[:n])                 # [n, H, D]
+        dots = dots_buf[:n * H * (hi - lo)].view(n * H, hi - lo)
+        torch.mm(qb.view(n * H, D), k[lo:hi].float().T, out=dots)
+        dots = dots.view(n, H, hi - lo).clamp_min_(0)
+        scores = torch.bmm(w[rows].unsqueeze(1), dots).squeeze(1)            # [n, hi - lo]
+        if k_scale is not None:
+            scores *= k_scale[lo:hi].float()
+        out[rows, slots, :hi - lo] = scores
+
+
 def naive_token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                        ks: torch.Tensor, ke: torch.Tensor, block_ids: torch.Tensor, *,
                        block_size: int, k_scale: torch.Tensor | None = None
@@ -101,11 +159,11 @@ def naive_token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
          positions int64 [T, m*B], absolute, -1 for padding).
     """
     pos = candidate_positions(block_ids, block_size, k.shape[0])
+    scores = torch.full(pos.shape, float("-inf"), device=q.device)
     if k.shape[0] == 0:                      # no keys at all: every candidate is padding
-        return torch.full(pos.shape, float("-inf"), device=q.device), pos
-    safe = pos.clamp_min(0)
-    scale = None if k_scale is None else k_scale[safe]
-    scores = naive_scores(q, k[safe], weights, scale)                         # [T, m*B]
+        return scores, pos
+    score_kept_blocks(q, k, weights, block_ids, block_size=block_size, k_scale=k_scale,
+                      out=scores.view(block_ids.shape[0], block_ids.shape[1], block_size))
     valid = (pos >= 0) & window_mask(ks, ke, pos)
     return scores.masked_fill_(~valid, float("-inf")), pos
 
@@ -130,7 +188,7 @@ def naive_hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                      pooled: torch.Tensor | None = None,
                      pooled_scale: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole HISA pipeline, tiled over queries so temporaries stay O(tile * m * B * D).
+    """The whole HISA pipeline, tiled over queries so temporaries stay O(tile * m * B).
 
     Args:
         pooled, pooled_scale: precomputed block representatives (for example FP8 with a
@@ -139,19 +197,26 @@ def naive_hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     Returns:
         (offsets int32 [T, topk] relative to ks, -1 padded; scores fp32 [T, topk]).
     """
-    T, _, D = q.shape
+    T, H, D = q.shape
     if pooled is None:
         pooled = naive_pool_blocks(k, k_scale, block_size)
     idx = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
     vals = torch.full((T, topk), float("-inf"), dtype=torch.float32, device=q.device)
-    # The gathered candidate keys [tile, m*B, D] fp32 are the largest temporary.
-    tile = max(1, NAIVE_TILE_BYTES // (4 * block_topk * block_size * D))
+    # The largest temporaries: the candidates' int64 positions (and their sort) [tile, m*B],
+    # and, for one block, the gathered fp32 query rows [<= tile, H, D] and their dots
+    # [<= tile, H, B] (score_kept_blocks).
+    tile = max(1, NAIVE_TILE_BYTES // max(8 * block_topk * block_size,
+                                          4 * H * max(D, block_size)))
     for start in range(0, T, tile):
         sl = slice(start, min(T, start + tile))
-        bs = naive_block_scores(q[sl], pooled, weights[sl], ks[sl], ke[sl],
+        qf = q[sl].float()                   # converted once, shared by both scoring stages
+        bs = naive_block_scores(qf, pooled, weights[sl], ks[sl], ke[sl],
                                 block_size=block_size, pooled_scale=pooled_scale)
         blocks = naive_select_blocks(bs, block_topk)
-        scores, pos = naive_token_scores(q[sl], k, weights[sl], ks[sl], ke[sl], blocks,
+        # Kept ids are ascending with the padding last: columns past the tile's largest kept
+        # count are padding in every row, so neither scored nor sorted.
+        width = max(1, int((blocks >= 0).sum(1).max()))
+        scores, pos = naive_token_scores(qf, k, weights[sl], ks[sl], ke[sl], blocks[:, :width],
                                          block_size=block_size, k_scale=k_scale)
         sel, v = naive_select_tokens(scores, pos, topk)
         idx[sl], vals[sl] = naive_to_offsets(sel, ks[sl]), v

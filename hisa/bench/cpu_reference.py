@@ -9,7 +9,9 @@ Every setting is checked before a number is written: both outputs in the contrac
 HISA equal to flat as sets (up to score ties) where every block is kept; and on sampled rows,
 both selections against an independent float64 computation written here (no library code but
 the input factory). The two ops alternate within each repeat so that load from other processes
-falls on both; rows record the load average.
+falls on both; rows record the load average and the process CPU time beside the wall time
+(on a shared machine the wall time of a two-thread run stretches with the load; the CPU time
+much less).
 
     python -m hisa.bench.cpu_reference --out benchmarks/results/cpu_reference.jsonl
 """
@@ -180,14 +182,16 @@ def run_setting(context: int, topk: int, block_topk: int, repeats: int, seed: in
                                **common)
 
     times = {"flat": [], "hisa": []}
+    cpu_times = {"flat": [], "hisa": []}
     outputs = {}
     load = [os.getloadavg()[0]]
     for r in range(repeats):
         order = [("flat", flat), ("hisa", hier)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
+            cpu_times[name].append((time.process_time() - c0) * 1e3)
             if name not in outputs:
                 outputs[name] = out
             else:
@@ -209,6 +213,7 @@ def run_setting(context: int, topk: int, block_topk: int, repeats: int, seed: in
         row = {"op": name, "mode": "prefill", "backend": "torch", "context": context,
                "queries": inp.num_queries, "batch": 1, "next_n": None, "ms": ms,
                "runs_ms": [round(x, 1) for x in times[name]],
+               "cpu_ms": statistics.median(cpu_times[name]),
                "speedup_vs_flat": flat_ms / ms if name == "hisa" else None, **env,
                "topk": topk, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float8_e4m3fn",
                "check": check}
@@ -239,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--defaults-only", action="store_true",
                    help="skip the pruning setting (k = L/16, m*B = L/4) at small contexts")
     p.add_argument("--seed", type=int, default=0, help="input seed")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--out", type=Path, default=None, help="append JSON rows to this file")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -28,9 +28,12 @@ def gathered_token_scores(q, k, weights, ks, ke, block_ids, block_size, k_scale)
     return scores.masked_fill_(~valid, float("-inf")), pos
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
 @pytest.mark.parametrize("lens,block_size", [([100], 16), ([37, 1, 90], 8), ([5], 16)])
-def test_grouped_scores_equal_gathered_scores(dtype, lens, block_size):
+def test_grouped_scores_equal_gathered_scores(dtype, lens, block_size, chunk_rows, monkeypatch):
+    if chunk_rows:                           # a block's queries split over several chunks
+        monkeypatch.setattr(hn, "TOKEN_CHUNK_BYTES", 4 * 3 * 16 * chunk_rows)
     inp = make_indexer_inputs(lens, heads=3, head_dim=16, dtype=dtype, seed=11)
     T, S = inp.num_queries, inp.k.shape[0]
     nb = -(-S // block_size)

@@ -113,8 +113,9 @@ def score_kept_blocks(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     The math is :func:`hisa.ops.dsa.naive.naive_scores` (fp32 accumulation, ReLU per head, the
     key scale applied after the head sum), but the head sum runs in a different order, so a
     score can differ from the flat reference's by fp32 rounding; with exact arithmetic (and
-    in ranking, up to such near-ties) the two agree. Padding slots (-1) and the part of a tail
-    block beyond the buffer are left untouched.
+    in ranking, up to such near-ties) the two agree. NaN propagates as there (clamp_min keeps
+    it); a change to naive_scores' ReLU or NaN rule must be made here too. Padding slots (-1)
+    and the part of a tail block beyond the buffer are left untouched.
 
     Args:
         q: [T, H, D] (fp32 saves a conversion); weights fp32 [T, H].

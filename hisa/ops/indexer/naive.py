@@ -91,11 +91,13 @@ def candidate_positions(block_ids: torch.Tensor, block_size: int, num_keys: int)
 
 
 #: Cap on each of the two buffers of :func:`score_kept_blocks` (a chunk of a block's queries:
-#: their gathered rows [n, H, D] and their dots [n, H, B]): small enough that the product's
-#: output is still in cache when it is ReLU'd and summed over heads. On a 2-core EPYC (1 MiB L2
-#: per core, 32 MiB L3) 2 MiB spends a quarter less CPU than whole blocks of 4,096 queries;
-#: 0.5 MiB costs more again (per-operation overhead).
-TOKEN_CHUNK_BYTES = 2 * 2**20
+#: their gathered rows [n, H, D] and their dots [n, H, B]). Smaller chunks keep the product's
+#: output in cache for the ReLU and the head sum; larger ones mean fewer operations, each a
+#: parallel region whose threads must meet again, which on a shared, loaded CPU costs a
+#: scheduler slice whenever a thread is preempted. On a 2-core EPYC (1 MiB L2 per core, 32 MiB
+#: L3), 4K-token prefill, k = 256, m = 8, two threads, quiet: 0.76 s at 4 MiB, 0.83 s at 8 MiB,
+#: 0.97 s at 32 MiB; under load 2 MiB chunks took about twice as long as 16 MiB ones.
+TOKEN_CHUNK_BYTES = 8 * 2**20
 
 
 def score_kept_blocks(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,

@@ -133,7 +133,8 @@ def score_kept_blocks(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     score can differ from the flat reference's by fp32 rounding; with exact arithmetic (and
     in ranking, up to such near-ties) the two agree. NaN propagates as there (clamp_min keeps
     it); a change to naive_scores' ReLU or NaN rule must be made here too. Padding slots (-1)
-    and the part of a tail block beyond the buffer are left untouched.
+    and the part of a tail block beyond the buffer are left untouched. The scores carry no
+    gradient (a selection's input; the models that call it may hold parameters that do).
 
     Args:
         q: [T, H, D] (fp32 saves a conversion); weights fp32 [T, H].
@@ -141,6 +142,12 @@ def score_kept_blocks(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
         block_ids: int [T, m] kept block ids, -1 padded, unique per row.
         out: fp32 [T, m, B], written in place.
     """
+    with torch.no_grad():   # in-place products into reused buffers: no autograd graph
+        _score_kept_blocks(q, k, weights, block_ids, block_size=block_size, k_scale=k_scale,
+                           out=out)
+
+
+def _score_kept_blocks(q, k, weights, block_ids, *, block_size, k_scale, out) -> None:
     T, m = block_ids.shape
     S = k.shape[0]
     flat = block_ids.reshape(-1).long()                                      # [T*m]

@@ -41,6 +41,22 @@ def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.
         scores[rows] = sub_scores
 
 
+def nothing_pruned(ks: torch.Tensor, ke: torch.Tensor, *, block_size: int, block_topk: int,
+                   super_size: int | None = None, super_topk: int | None = None) -> bool:
+    """True when every query keeps all its eligible blocks (and super-blocks): its HISA set
+    is then the flat indexer's (contract section 2), which the flat path computes with less
+    work (no pooling, no block stage, one selection). One host synchronisation."""
+    if ks.numel() == 0:
+        return True
+    first, end = eligible_blocks(ks, ke, block_size)
+    most = [(end - first).max()]
+    if super_size is not None:
+        first_s, end_s = eligible_supers(ks, ke, block_size, super_size)
+        most.append((end_s - first_s).max())
+    counts = torch.stack(most).tolist()
+    return counts[0] <= block_topk and (super_size is None or counts[1] <= super_topk)
+
+
 #: dtypes a caller may hand in as precomputed block representatives (``pooled=``).
 POOLED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -90,7 +106,9 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     Same inputs and output format as :func:`hisa.dsa_index`; when a query has at most
     ``block_topk`` eligible blocks the selection equals the flat indexer's, and when it has at
     most ``super_topk`` eligible super-blocks the three-level selection equals the two-level
-    one.
+    one. On the Triton backend a call in which no query prunes anything runs the flat
+    indexer's kernels (the same set, less work); the HISA pipeline runs when some query
+    prunes.
 
     Args:
         q, k, weights, ks, ke, k_scale, topk, return_scores, out, backend: as in
@@ -135,6 +153,11 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         idx, scores = reference(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                 block_size=block_size, block_topk=block_topk, pooled=pooled,
                                 **sup)
+    elif nothing_pruned(ks, ke, block_size=block_size, block_topk=block_topk, **sup):
+        # Exact regime (short contexts, e.g. L <= m * B): the same set, faster by the flat path.
+        from ..dsa.prefill import dsa_index_triton
+        idx, scores = dsa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
+                                       out=out, need_scores=return_scores)
     else:
         from .pipeline import hisa_index_triton
         idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,

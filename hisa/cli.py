@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="check, then time flat DSA vs HISA (needs a GPU)")
     bench_cli.add_arguments(b)
     b.set_defaults(func=bench_cli.run)
+    from .distill import cli as distill_cli
+    d = sub.add_parser("distill", help="train DSA lightning indexers for a frozen model",
+                       description=distill_cli.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    distill_cli.add_arguments(d)
+    d.set_defaults(func=distill_cli.run)
     try:
         from .eval import cli as eval_cli
     except ImportError as err:  # the evaluation's optional dependencies are missing

@@ -105,20 +105,8 @@ def test_save_load_round_trip_and_bad_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_gemma():
-    import hisa.eval.attention  # noqa: F401  (registers the hisa_eval attention)
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    cfg = Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-                           head_dim=32, sliding_window=16, query_pre_attn_scalar=32,
-                           layer_types=["sliding_attention", "full_attention",
-                                        "sliding_attention", "full_attention"],
-                           max_position_embeddings=2048)
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM._from_config(cfg, attn_implementation="hisa_eval").eval()
-    with torch.no_grad():   # peaked attention (Gemma's RMSNorm scales by 1 + weight): a target
-        for layer in model.model.layers:           # far from uniform, so learning shows
-            layer.self_attn.q_norm.weight.fill_(3.0)
-    return model
+    from tiny_gemma import tiny_gemma as make
+    return make()
 
 
 #: Fraction of the first ten steps' training KL the last ten must at least remove (measured:

@@ -154,3 +154,26 @@ def test_needle_and_rag_probes_place_answers_where_they_say(monkeypatch):
             assert answer[1:-1] in decoded[:p.n_prefix]        # the fact is in the context
         depths = [q.depth for q in p.questions]
         assert depths == sorted(depths) and all(0.15 < d < 0.85 for d in depths)
+
+
+def paged_tail_check(lm, indexers, backend):
+    """Each tail token decoded through PagedIndexerCache + dsa/hisa_index_paged selects what
+    the FP8 prefill ops select for that row, so the logits agree."""
+    ids = _ids(L, seed=5)
+    methods = [Method("flat", topk=24), Method("hisa", topk=24, block_size=64, block_topk=2)]
+    chunked, _ = chunk_runs(lm, ids, L - 6, methods, indexers=indexers, capture=False,
+                            precision="fp8", backend="torch", chunk=64)
+    paged, _ = chunk_runs(lm, ids, L - 6, methods, indexers=indexers, capture=False,
+                          precision="fp8", backend=backend, chunk=64, decode="paged")
+    dense, _ = chunk_runs(lm, ids, L - 6, [Method("dense")], capture=False, chunk=64)
+    for m in methods:
+        assert paged[m.label].shape == chunked[m.label].shape == (6, 96)
+        torch.testing.assert_close(paged[m.label], chunked[m.label], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(paged[m.label], dense["dense"], atol=1e-3)   # it pruned
+
+
+def test_paged_decode_tail_matches_the_fp8_prefill_chunk(lm, indexers):
+    paged_tail_check(lm, indexers, "torch")
+    with pytest.raises(ValueError, match="decode"):
+        chunk_runs(lm, _ids(L), L - 6, [Method("flat", topk=8)], indexers=None, capture=False,
+                   decode="paged")

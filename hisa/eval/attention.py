@@ -49,6 +49,9 @@ class Router:
         precision: "fp32" or "fp8" (the contract's FP8 operands, for the Triton kernels).
         backend: passed to the selection ops ("auto", "torch" or "triton").
         selected: when a dict, filled with ``{layer: [int32 [t, K]]}`` selections.
+        decode: "prefill" (the sparse rows select through the prefill ops) or "paged" (a
+            one-token call selects through the paged decode ops, :mod:`hisa.eval.paged`).
+        capacity: tokens the paged caches must hold (the whole sequence).
     """
     global_layers: frozenset
     method: Method | None = None
@@ -60,8 +63,17 @@ class Router:
     precision: str = "fp32"
     backend: str = "auto"
     selected: dict | None = None
+    decode: str = "prefill"
+    capacity: int = 0
     calls: int = 0
     _queries: dict = field(default_factory=dict)
+    _paged: dict = field(default_factory=dict)
+
+    def paged_row(self, n_rows: int) -> bool:
+        """This call is one decode step that runs through a paged op."""
+        from .paged import has_paged_op
+        return (self.decode == "paged" and n_rows == 1 and self.method is not None
+                and has_paged_op(self.method))
 
 
 _ACTIVE: list[Router] = []
@@ -100,6 +112,14 @@ def _pre_hook(module, args, kwargs):
         rows = pos >= r.sparse_from
         if r.method is not None and r.method.name != "dense" and bool(rows.any()):
             r._queries[layer] = ix.queries(x[rows], pos[rows])                 # [t, H, D], [t, H]
+        if r.paged_row(x.shape[0]):
+            from .paged import PagedLayer
+            if layer in r._paged:
+                r._paged[layer].append(k_new, backend=r.backend)
+            else:
+                r._paged[layer] = PagedLayer.build(
+                    r.index_keys[layer], max(r.capacity, start + 1),
+                    block_size=r.method.block_size or 128, backend=r.backend)
     return None
 
 
@@ -155,8 +175,11 @@ def _sparse_attention(r: Router, module, query, key, value, scaling, layer):
                 raise RuntimeError(f"layer {layer}: {k_idx.shape[0]} indexer keys for {S} "
                                    "attention keys (the indexer cache is out of step)")
             q_idx, w = r._queries[layer]
-            sel = select_keys(r.method, q_idx, k_idx, w, ks, ke, precision=r.precision,
-                              backend=r.backend)
+            if r.paged_row(rows.numel()):
+                sel = r._paged[layer].select(r.method, q_idx, w, backend=r.backend)
+            else:
+                sel = select_keys(r.method, q_idx, k_idx, w, ks, ke, precision=r.precision,
+                                  backend=r.backend)
             mask[rows] = selection_to_mask(sel, ks, S)
             if r.selected is not None:
                 r.selected.setdefault(layer, []).append(sel)

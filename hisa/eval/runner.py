@@ -93,11 +93,17 @@ def _merge_capture(cap: dict, hid: dict | None = None) -> Capture:
 
 def chunk_runs(lm, ids: torch.Tensor, n_prefix: int, methods, *, indexers=None,
                capture: bool, precision: str = "fp32", backend: str = "auto",
-               chunk: int = 2048, progress=None):
-    """Dense prefix once (chunked), then the tail ``ids[n_prefix:]`` per method.
+               chunk: int = 2048, decode: str = "prefill", progress=None):
+    """Dense prefix once (chunked), then the tail ``ids[n_prefix:]`` per method: one sparse
+    chunk, or with ``decode="paged"`` (trained indexers only) one token per forward through
+    the paged decode ops (:mod:`hisa.eval.paged`).
 
     Returns ({label: tail logits fp32 [T_tail, V]}, Capture or None).
     """
+    if decode not in ("prefill", "paged"):
+        raise ValueError(f"decode: expected 'prefill' or 'paged', got {decode!r}")
+    if decode == "paged" and (indexers is None or capture):
+        raise ValueError("decode='paged' needs trained indexers and capture=False")
     from transformers import DynamicCache
     model = lm.model
     cap, hid = ({}, {}) if capture else (None, None)
@@ -112,9 +118,15 @@ def chunk_runs(lm, ids: torch.Tensor, n_prefix: int, methods, *, indexers=None,
         r = Router(lm.global_layers, method=m, sparse_from=n_prefix, indexers=indexers,
                    index_keys=dict(pre.index_keys), precision=precision, backend=backend,
                    capture=cap if (capture and m.name == "dense") else None,
-                   hidden=hid if (capture and m.name == "dense") else None)
-        out = _forward(model, ids[n_prefix:], copy.deepcopy(cache), r)
-        logits[m.label] = out.logits[0].float()
+                   hidden=hid if (capture and m.name == "dense") else None,
+                   decode=decode, capacity=ids.numel())
+        c = copy.deepcopy(cache)
+        if decode == "paged":
+            steps = [_forward(model, ids[t:t + 1], c, r).logits[0, -1:].float()
+                     for t in range(n_prefix, ids.numel())]
+            logits[m.label] = torch.cat(steps)
+        else:
+            logits[m.label] = _forward(model, ids[n_prefix:], c, r).logits[0].float()
         if progress is not None:
             progress(f"tail: {m.label}")
     return logits, (_merge_capture(cap, hid) if capture else None)
@@ -224,7 +236,7 @@ def probe_hits(logits: dict, probe) -> dict:
 
 def evaluate_text(lm, ids: torch.Tensor, n_prefix: int, plans, *, n_queries: int,
                   indexers=None, precision="fp32", backend="auto", chunk=2048, progress=None,
-                  capture: bool = True):
+                  capture: bool = True, decode: str = "prefill"):
     """One document: the union of the plans' methods over one dense prefix.
 
     ``plans`` is [(budget, methods)]. Returns ({label: tail perplexity}, {budget: (records,
@@ -237,7 +249,7 @@ def evaluate_text(lm, ids: torch.Tensor, n_prefix: int, plans, *, n_queries: int
                 seen.add(m.label)
                 methods.append(m)
     logits, cap = chunk_runs(lm, ids, n_prefix, methods, indexers=indexers, capture=capture,
-                             precision=precision, backend=backend, chunk=chunk,
+                             precision=precision, backend=backend, chunk=chunk, decode=decode,
                              progress=progress)
     tail = ids[n_prefix:]
     ppl = {label: perplexity(lg, tail) for label, lg in logits.items()}

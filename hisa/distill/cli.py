@@ -21,8 +21,8 @@ from ..eval.austen import DEFAULT_CACHE
 from .train import DistillConfig
 
 _D = DistillConfig()
-DEFAULT_WINDOWS = "16384x1,8192x2,4096x4"
-DEFAULT_HELDOUT = "8192x1"
+DEFAULT_WINDOWS = "16384x1,8192x1,4096x3"
+DEFAULT_HELDOUT = "4096x1"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "%(default)s)")
     p.add_argument("--pairs-per-step", type=int, default=_D.pairs_per_step,
                    help="query rows x keys per layer per step; rows = this / window length "
-                        "(default: %(default)s, 64 rows of a 16K window)")
+                        "(default: %(default)s, 32 rows of a 16K window)")
     p.add_argument("--lr", type=float, default=_D.lr, help="AdamW peak learning rate, cosine "
                    "decay to a tenth (default: %(default)s)")
     p.add_argument("--block-weight", type=float, default=_D.block_weight,

@@ -41,8 +41,8 @@ class DistillConfig:
     heads: int = 16
     head_dim: int = 128
     rope_dim: int = 64
-    steps: int = 1000
-    pairs_per_step: int = 1 << 20
+    steps: int = 600
+    pairs_per_step: int = 1 << 19
     min_row: int = 64
     lr: float = 1e-3
     warmup: int = 20

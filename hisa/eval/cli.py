@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="backend of the shipped ops; auto = Triton on cuda, the torch "
                         "reference on cpu (default: auto)")
+    p.add_argument("--decode", choices=("auto", "prefill", "paged"), default="auto",
+                   help="how the needle / RAG questions and answers run: prefill = one sparse "
+                        "chunk; paged = one token per step through PagedIndexerCache and the "
+                        "paged decode ops (trained indexers only); auto = paged on cuda, "
+                        "prefill on cpu (default: auto)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
                    help="downloads and derived files, never the repository (default: "
                         "%(default)s)")
@@ -153,6 +158,10 @@ def run(args) -> int:
             return 2
         say(f"indexers: layers {indexers.layers}, H={indexers[indexers.layers[0]].config.heads}"
             f", D={indexers[indexers.layers[0]].config.head_dim}")
+    if indexers is None and precision == "fp8":
+        say("proxy study: the model's own heads (H = 4, D = 256) are not a Triton kernel shape, "
+            "so its selections run the fp32 torch references")
+        precision = "fp32"
     rows, detail = evaluate(lm, args, indexers=indexers, precision=precision, say=say)
     meta = {"device": args.device, "torch": torch.__version__,
             "python": ".".join(map(str, sys.version_info[:3])),
@@ -189,8 +198,12 @@ def evaluate(lm, args, *, indexers, precision: str, say) -> tuple[list, list]:
     from .runner import evaluate_text, probe_hits
 
     name = "proxy" if indexers is None else args.indexer
+    decode = args.decode if args.decode != "auto" else (
+        "paged" if str(args.device).startswith("cuda") and indexers is not None else "prefill")
+    if decode == "paged" and indexers is None:
+        raise SystemExit("--decode paged needs a trained indexer (not --indexer proxy)")
     backend = args.backend if args.backend != "auto" else (
-        "triton" if str(args.device).startswith("cuda") else "torch")
+        "triton" if str(args.device).startswith("cuda") and indexers is not None else "torch")
     rng = random.Random(args.seed)
     rows, detail = [], []
     common = dict(n_queries=args.queries, indexers=indexers, precision=precision,
@@ -221,10 +234,14 @@ def evaluate(lm, args, *, indexers, precision: str, say) -> tuple[list, list]:
                 say(f"{what} {t + 1}/{len(probes)}: {probe.ids.numel()} tokens, questions "
                     f"about depths {' '.join(f'{q.depth:.2f}' for q in probe.questions)}")
                 first_rag = probe.kind == "rag" and t == 0
-                p_ppl, p_fid, lg = evaluate_text(lm, probe.ids, probe.n_prefix, plans,
-                                                 capture=first_rag, **common)
-                if first_rag:
-                    ppl, fid = p_ppl, p_fid
+                if first_rag or decode == "prefill":     # fidelity and ppl come from a chunk
+                    p_ppl, p_fid, lg = evaluate_text(lm, probe.ids, probe.n_prefix, plans,
+                                                     capture=first_rag, **common)
+                    if first_rag:
+                        ppl, fid = p_ppl, p_fid
+                if decode == "paged":                    # answers: one token per step
+                    _, _, lg = evaluate_text(lm, probe.ids, probe.n_prefix, plans,
+                                             capture=False, decode="paged", **common)
                 if args.needles:
                     for key, v in probe_hits(lg, probe).items():
                         needle.setdefault(key, []).extend(v)
@@ -233,6 +250,9 @@ def evaluate(lm, args, *, indexers, precision: str, say) -> tuple[list, list]:
                 r, d = fidelity_rows(args.model, L, ms, recs, ppl, needle, budget=budget,
                                      document=doc, indexer=name, quality=quality,
                                      backend=backend, precision=precision)
+                for row in r:
+                    if row.get("needle_total"):
+                        row["needle_decode"] = decode
                 rows += r
                 detail += d
             say(f"done ({n_set} settings)")

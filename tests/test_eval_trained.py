@@ -156,19 +156,28 @@ def test_needle_and_rag_probes_place_answers_where_they_say(monkeypatch):
         assert depths == sorted(depths) and all(0.15 < d < 0.85 for d in depths)
 
 
+PAGED_L = 448      # 7 blocks of 64: HISA with m = 3 has blocks to choose from
+
+
 def paged_tail_check(lm, indexers, backend):
-    """Each tail token decoded through PagedIndexerCache + dsa/hisa_index_paged selects what
-    the FP8 prefill ops select for that row, so the logits agree."""
-    ids = _ids(L, seed=5)
-    methods = [Method("flat", topk=24), Method("hisa", topk=24, block_size=64, block_topk=2)]
-    chunked, _ = chunk_runs(lm, ids, L - 6, methods, indexers=indexers, capture=False,
-                            precision="fp8", backend="torch", chunk=64)
-    paged, _ = chunk_runs(lm, ids, L - 6, methods, indexers=indexers, capture=False,
-                          precision="fp8", backend=backend, chunk=64, decode="paged")
-    dense, _ = chunk_runs(lm, ids, L - 6, [Method("dense")], capture=False, chunk=64)
-    for m in methods:
-        assert paged[m.label].shape == chunked[m.label].shape == (6, 96)
-        torch.testing.assert_close(paged[m.label], chunked[m.label], rtol=1e-4, atol=1e-4)
+    """Each tail token decoded through PagedIndexerCache + dsa/hisa_index_paged on
+    ``backend``: flat selects what the FP8 prefill op selects for that row (same logits);
+    HISA (whose paged stage 1 reads FP8 pooled rows) matches the paged torch reference."""
+    ids = _ids(PAGED_L, seed=5)
+    n = PAGED_L - 6
+    flat = Method("flat", topk=24)
+    hisa_m = Method("hisa", topk=24, block_size=64, block_topk=3)
+    chunked, _ = chunk_runs(lm, ids, n, [flat], indexers=indexers, capture=False,
+                            precision="fp8", backend="torch", chunk=128)
+    paged, _ = chunk_runs(lm, ids, n, [flat, hisa_m], indexers=indexers, capture=False,
+                          precision="fp8", backend=backend, chunk=128, decode="paged")
+    ref, _ = chunk_runs(lm, ids, n, [hisa_m], indexers=indexers, capture=False,
+                        precision="fp8", backend="torch", chunk=128, decode="paged")
+    dense, _ = chunk_runs(lm, ids, n, [Method("dense")], capture=False, chunk=128)
+    assert paged[flat.label].shape == (6, 96)
+    torch.testing.assert_close(paged[flat.label], chunked[flat.label], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(paged[hisa_m.label], ref[hisa_m.label], rtol=1e-4, atol=1e-4)
+    for m in (flat, hisa_m):
         assert not torch.allclose(paged[m.label], dense["dense"], atol=1e-3)   # it pruned
 
 

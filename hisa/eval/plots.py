@@ -26,10 +26,12 @@ def _plt():
     return plt
 
 
-def _title(r, what: str) -> str:
+def _title(rows, what: str) -> str:
+    r = rows[0]
+    k = next((x["topk"] for x in rows if x["method"] == "flat"), None)
     budget = "DSA defaults" if r.get("budget") == "dsa_default" else "scaled budget"
     return (f"{r['model']}, {r.get('indexer', 'proxy')} indexer, {_doc(r)}, L={r['context']}, "
-            f"k={r['topk']} ({budget})\n{what}")
+            f"k={k} ({budget})\n{what}")
 
 
 def _save(fig, path: Path, made: list) -> None:
@@ -56,11 +58,13 @@ def plot_context(rows, out: Path) -> list[Path]:
             ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
         ax.set_xticks(range(len(sel)), [r["label"] for r in sel], rotation=25, ha="right",
                       fontsize=8)
-        ax.set_ylim(0, 1.12)
+        top = max([1.0] + [r.get(key) or 0.0 for r in sel for key, _ in _METRICS])
+        ax.set_ylim(0, 1.1 * top)
         ax.set_ylabel("fraction (1 = same as flat top-k)")
         ax.axhline(1.0, color="grey", lw=0.6)
-        ax.legend(fontsize=7, ncol=4, loc="upper center")
-        ax.set_title(_title(first, "selection fidelity against flat top-k"), fontsize=9)
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22),
+                  frameon=False)
+        ax.set_title(_title(rows, "selection fidelity against flat top-k"), fontsize=9)
         _save(fig, out / f"fidelity_{tag}.png", made)
         plt.close(fig)
     ppl = [r for r in rows if r.get("ppl") is not None]
@@ -76,7 +80,7 @@ def plot_context(rows, out: Path) -> list[Path]:
         ax.set_xticks(range(len(ppl)), [r["label"] for r in ppl], rotation=25, ha="right",
                       fontsize=8)
         ax.set_ylabel("perplexity of the sparse tail (lower is better)")
-        ax.set_title(_title(first, "perplexity: dense (grey), flat top-k (blue), others"),
+        ax.set_title(_title(rows, "perplexity: dense (grey), flat top-k (blue), others"),
                      fontsize=9)
         _save(fig, out / f"ppl_{tag}.png", made)
         plt.close(fig)
@@ -91,7 +95,7 @@ def plot_context(rows, out: Path) -> list[Path]:
         ax.set_ylim(0, 1.15)
         ax.set_ylabel("questions answered")
         what = "passage questions answered" if _doc(first) == "rag" else "needles found"
-        ax.set_title(_title(first, what), fontsize=9)
+        ax.set_title(_title(rows, what), fontsize=9)
         _save(fig, out / f"needles_{tag}.png", made)
         plt.close(fig)
     return made

@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(func=lambda _a, _err=err: (print(
             f"hisa eval needs the optional dependencies: pip install 'hisa[eval]' ({_err})"), 2)[1])
     else:
-        e = sub.add_parser("eval", help="fidelity of HISA vs flat top-k on real models")
+        e = sub.add_parser("eval", help="fidelity of HISA vs flat top-k on real models",
+                           description=eval_cli.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         eval_cli.add_arguments(e)
         e.set_defaults(func=eval_cli.run)
     return parser

@@ -35,7 +35,8 @@ class DistillConfig:
         block_weight, block_size: weight and B of the block-level term (0 = plain recipe).
         heldout_rows: query rows per held-out window (fixed, evenly spaced).
         eval_every: steps between held-out evaluations (also the loss-curve resolution).
-        mass_topk: k of the held-out top-k mass ratio.
+        mass_topk: k of the held-out top-k mass ratio (256 = L/16 of a 4K held-out window,
+            the scaled budget of the evaluation).
         seed: initialisation and row sampling.
     """
     heads: int = 16
@@ -51,7 +52,7 @@ class DistillConfig:
     block_size: int = 64
     heldout_rows: int = 128
     eval_every: int = 50
-    mass_topk: int = 2048
+    mass_topk: int = 256
     seed: int = 0
 
     def __post_init__(self):

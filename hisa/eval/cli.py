@@ -42,9 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scaled: k = L/16, m*B = L/4; dsa: DSA's defaults k = 2048, B = 128, "
                         "m = 64, run only where they prune (L > 8192) (default: scaled)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   choices=METHODS + ("all",),
-                   help="settings compared ('all' adds HISA at twice the pool and the "
-                        "eval-only stage-1 variants) (default: %(default)s)")
+                   choices=METHODS + ("all",), metavar="NAME",
+                   help=f"settings compared, of {', '.join(METHODS)}; 'all' also adds HISA at "
+                        "twice the pool and the eval-only stage-1 variants (default: "
+                        f"{' '.join(DEFAULT_METHODS)})")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[64, 128],
                    help="HISA block sizes B at the scaled budget (default: 64 128)")
     p.add_argument("--needles", type=int, default=1,
@@ -82,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="result rows (JSON lines) and PNG charts; the repository's "
                         ".gitignore covers the default (default: %(default)s/)")
     p.add_argument("--seed", type=int, default=0, help="needle and passage draws (default: 0)")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG charts")
+    p.add_argument("--no-plots", action="store_true",
+                   help="skip the PNG charts (default: charts are drawn)")
 
 
 class Say:

@@ -132,7 +132,8 @@ def distill(model: torch.nn.Module, text_ids: torch.Tensor, *, layers, windows: 
         "heldout_kl_initial": first.heldout_kl, "heldout_kl": last.heldout_kl,
         "heldout_topk_mass": last.heldout_mass, "train_kl_final": last.train_kl,
         "loss_curve": curve_json(curve),
-        "wall_seconds": {"capture": round(capture_s), "train": round(train_s)},
+        "wall_seconds": {"capture": round(capture_s), "train": round(train_s),
+                         "capture_passes": [c.seconds for c in train_caps + held_caps]},
         "machine": machine(),
         "command": " ".join(["hisa"] + sys.argv[1:]) if sys.argv else None,
     }

@@ -10,6 +10,7 @@ the cache directory (never the repository) and reused by later runs.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +26,15 @@ class WindowCapture:
     q: dict        # layer -> [Hq, L, Dh]
     k: dict        # layer -> [Hkv, L, Dh]
     scale: dict    # layer -> float
+    seconds: float | None = None   # wall time of the dense pass that made it
 
     @property
     def length(self) -> int:
         return next(iter(self.hidden.values())).shape[0]
 
     def to_dict(self) -> dict:
-        return {"hidden": self.hidden, "q": self.q, "k": self.k, "scale": self.scale}
+        return {"hidden": self.hidden, "q": self.q, "k": self.k, "scale": self.scale,
+                "seconds": self.seconds}
 
 
 def prefill(model: torch.nn.Module, ids: torch.Tensor, router: Router, *, chunk: int,
@@ -60,8 +63,9 @@ def capture_window(model: torch.nn.Module, ids: torch.Tensor, layers, *, chunk: 
     """Dense chunked pass over ``ids`` [L] capturing ``layers``' inputs and q/k (bf16, CPU)."""
     layers = frozenset(int(i) for i in layers)
     cap, hid = {}, {}
+    t0 = time.time()
     prefill(model, ids, Router(layers, capture=cap, hidden=hid), chunk=chunk, progress=progress)
-    out = WindowCapture({}, {}, {}, {})
+    out = WindowCapture({}, {}, {}, {}, seconds=round(time.time() - t0, 1))
     for layer in sorted(layers):
         if layer not in cap:
             raise ValueError(f"layer {layer} was never called through the hisa_eval attention "
@@ -86,7 +90,7 @@ def cached_capture(model: torch.nn.Module, ids: torch.Tensor, layers, *, key: st
     path = None if cache_dir is None else Path(cache_dir) / "distill" / f"{key}.pt"
     if path is not None and path.exists():
         d = torch.load(path, weights_only=True)
-        return WindowCapture(d["hidden"], d["q"], d["k"], d["scale"])
+        return WindowCapture(d["hidden"], d["q"], d["k"], d["scale"], d.get("seconds"))
     cap = capture_window(model, ids, layers, chunk=chunk, progress=progress)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -185,7 +185,9 @@ def train_indexers(windows: list[WindowCapture], heldout: list[WindowCapture],
 def machine() -> dict:
     import os
     return {"platform": platform.platform(), "processor": platform.processor() or None,
-            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "load_average_1_5_15": [round(x, 1) for x in
+                                                            os.getloadavg()],
+            "python": platform.python_version(),
             "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a plot.", formatter_class=DefaultsHelpFormatter)
     bench_cli.add_arguments(b)
     b.set_defaults(func=bench_cli.run)
+    from .distill import cli as distill_cli
+    d = sub.add_parser("distill", help="train DSA lightning indexers for a frozen model",
+                       description=distill_cli.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    distill_cli.add_arguments(d)
+    d.set_defaults(func=distill_cli.run)
     try:
         from .eval import cli as eval_cli
     except ImportError as err:  # the evaluation's optional dependencies are missing
@@ -59,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"hisa eval needs the optional dependencies: pip install 'hisa-indexer[eval]' "
             f"({_err})"), 2)[1])
     else:
-        e = sub.add_parser("eval", help="fidelity of HISA vs flat top-k on real models")
+        e = sub.add_parser("eval", help="fidelity of HISA vs flat top-k on real models",
+                           description=eval_cli.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         eval_cli.add_arguments(e)
         e.set_defaults(func=eval_cli.run)
     return parser

@@ -159,7 +159,7 @@ def test_speed_table_joins_bench_rows_at_the_same_setting(tmp_path):
     table = speed_table([row, other], load_bench_rows([bench])).splitlines()
     assert "1.50-1.50x (decode, 1 rows, H100)" in table[3] and "pending" in table[2]
     assert table[0].count("|") == table[3].count("|")
-    assert series_label(other) == "hisa B=64 m*B=4k"
+    assert series_label(other) == "hisa B=64 m=L/256"
 
 
 def test_positive_iou_ignores_zero_score_picks():

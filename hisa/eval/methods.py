@@ -63,21 +63,29 @@ class Method:
         return f"{self.name} B={self.block_size} m={self.block_topk}"
 
     def select(self, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
-               ks: torch.Tensor, ke: torch.Tensor, *,
+               ks: torch.Tensor, ke: torch.Tensor, *, k_scale: torch.Tensor | None = None,
+               backend: str = "auto",
                full_scores: torch.Tensor | None = None) -> torch.Tensor | None:
         """int32 [T, K] key offsets relative to ks (-1 padded); None for dense.
 
-        ``full_scores`` (fp32 [T, S], the exact indexer scores of every key, for example
-        computed once per layer and head by the caller) lets the eval-only variants gather their
-        stage-2 scores instead of recomputing them; flat and HISA always run the shipped ops.
+        q, k, weights, ks, ke, k_scale and backend are those of :func:`hisa.dsa_index` (FP8
+        q and k with ``k_scale`` run the Triton kernels when ``backend`` picks them); the
+        eval-only variants run on the dequantized values. ``full_scores`` (fp32 [T, S], the
+        exact indexer scores of every key, for example computed once per layer and head by the
+        caller) lets the variants gather their stage-2 scores instead of recomputing them;
+        flat and HISA always run the shipped ops.
         """
         if self.name == "dense":
             return None
         if self.name == "flat":
-            return hisa.dsa_index(q, k, weights, ks, ke, topk=self.topk)
+            return hisa.dsa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=self.topk,
+                                  backend=backend)
         if self.name == "hisa":
-            return hisa.hisa_index(q, k, weights, ks, ke, topk=self.topk,
-                                   block_size=self.block_size, block_topk=self.block_topk)
+            return hisa.hisa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=self.topk,
+                                   block_size=self.block_size, block_topk=self.block_topk,
+                                   backend=backend)
+        if k_scale is not None:
+            q, k = q.float(), k.float() * k_scale.float().unsqueeze(1)
         if self.name == "block_sparse":
             return block_sparse_index(q, k, weights, ks, ke, topk=self.topk,
                                       block_size=self.block_size)

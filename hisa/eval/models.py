@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -204,6 +205,11 @@ def load_model(name: str, *, device: str = "cpu", cache_dir: str | Path,
                log: Callable[[str], None] = print) -> LoadedModel:
     """Load tokenizer + model with the ``hisa_eval`` attention implementation.
 
+    The first load converts the GGUF file (de-quantized to fp32; minutes on a busy 2-core
+    CPU, mostly building the tokenizer from the GGUF vocabulary) and saves the converted
+    model and tokenizer under ``<cache_dir>/<name>/transformers``; later loads read those
+    (seconds).
+
     Raises:
         ModelUnavailable (a :class:`FetchError`): the model is neither installed nor fetchable;
             the message names the packages and the commands that install them.
@@ -212,13 +218,26 @@ def load_model(name: str, *, device: str = "cpu", cache_dir: str | Path,
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .attention import IMPL          # imports transformers: after the dependency check
+    from .attention import IMPL, attach_hooks  # import transformers: after the dependency check
 
     hf_logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                 dtype=torch.float32, attn_implementation=IMPL)
+    conv = Path(cache_dir) / name / "transformers"
+    stamp = _conversion_stamp(path)
+    marker = conv / "hisa_converted_from.json"
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        tok, model = _load_converted(conv)
+    else:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32,
+                                                     attn_implementation=IMPL)
+        try:
+            _save_converted(conv, tok, model)
+            marker.write_text(json.dumps(stamp))
+        except OSError:       # a read-only or full cache only costs the next run the conversion
+            pass
     model.to(device).eval()
+    attach_hooks(model)
     cfg = model.config
     types = getattr(cfg, "layer_types", None)
     if types:
@@ -227,3 +246,42 @@ def load_model(name: str, *, device: str = "cpu", cache_dir: str | Path,
         glob = frozenset(range(cfg.num_hidden_layers))
     max_ctx = {"smollm2": 8192, "gemma3": 32768}[name]
     return LoadedModel(name, model, tok, glob, max_ctx, device)
+
+
+def _save_converted(conv: Path, tok, model) -> None:
+    """fp32 weights (safetensors) + config + tokenizer. transformers refuses save_pretrained
+    on a model loaded from GGUF, so the weights are written directly."""
+    from safetensors.torch import save_file
+    conv.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (conv / "hisa_config.json").write_text(json.dumps(cfg))
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:   # the output projection is the embedding
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(conv / "model.safetensors"))
+    tok.save_pretrained(conv)
+
+
+def _load_converted(conv: Path):
+    from safetensors.torch import load_model as load_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    cfg_dict = json.loads((conv / "hisa_config.json").read_text())
+    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                             attn_implementation=IMPL)
+    missing, unexpected = load_weights(model, str(conv / "model.safetensors"), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"{conv}: converted weights do not match the model (missing "
+                           f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}); "
+                           "delete the folder to convert again")
+    model.tie_weights()
+    return AutoTokenizer.from_pretrained(conv), model
+
+
+def _conversion_stamp(gguf: Path) -> dict:
+    """What a cached conversion was made from: the GGUF file and the transformers version."""
+    import transformers
+    st = gguf.stat()
+    return {"gguf": gguf.name, "bytes": st.st_size, "transformers": transformers.__version__}

@@ -1,105 +1,135 @@
-"""One evaluation pass over a model: capture, fidelity metrics, perplexity and needle accuracy.
+"""One evaluation pass over a model: capture, fidelity metrics, perplexity and probe answers.
 
-Per context length L (a slice of the Austen text):
+Per document of L tokens:
 
-1. The first ``L - N`` tokens run densely (their keys fill the KV cache); the last N tokens run
-   once densely and once per method with their attention restricted to the method's selection
-   over the whole cache (a prefill chunk, the paper's setting). The dense passes capture every
-   global layer's post-RoPE q/k; perplexity is scored on those N tokens.
-2. Fidelity metrics use the captured q/k: ``n_queries`` query positions evenly spread over
-   [L/4, L) (below m*B = L/4 every HISA setting is exact), every layer and KV head.
-3. Needles: a sentence with a random code at depth d of an L-token haystack; the question and
-   the answer are the sparse chunk; a hit means every answer token is the argmax (greedy
-   decoding would produce the answer).
+1. The prefix (all but the last ``n_tail`` tokens, or all but the questions and answers of a
+   probe) runs densely as a chunked prefill and fills the KV cache (and, with a trained
+   indexer, the indexer's key cache); the tail runs once densely and once per method with the
+   global layers' attention restricted to the method's selection over the whole context (a
+   prefill chunk, the paper's setting). Perplexity is scored on the tail; a probe's question is
+   answered when every answer token is the argmax.
+2. Fidelity metrics use the dense passes' captures: ``n_queries`` query positions evenly
+   spread over [L/4, L) (below m*B = L/4 every scaled-budget HISA setting is exact), every
+   global layer; with a trained indexer the selections come from its q, k, w (computed from the
+   captured layer inputs) and the attention mass from the layer's real heads; in the proxy
+   study every KV head's own q/k are the indexer.
 """
 from __future__ import annotations
 
 import copy
 import math
-import random
 from dataclasses import dataclass
 
 import torch
 
 import hisa
-from .attention import Router, routed
-from .austen import austen_text
+from .attention import Router, attach_hooks, routed, select_keys
+from .documents import document_ids
 from .methods import Method, full_index_scores
 from .metrics import (attention_mass, attention_probs, block_occupancy, iou, oracle_recall,
                       positive_iou, positive_recall)
 
 
 def budget_methods(L: int, *, topk: int | None = None, block_sizes=(32, 64, 128),
-                   extras: bool = True) -> list[Method]:
+                   extras: bool = True, variants: bool = True) -> list[Method]:
     """The compared settings at context L. Scaled budget: k = L/16, m*B = 4k (so HISA prunes
-    for queries past L/4); pass ``topk=2048`` for the DSA defaults (m*B = 8192). Block-sparse
-    keeps k // B blocks of B = k / 8 tokens (8 blocks, the same token budget as flat). HISA with
-    the linear stage 1 (``hisa_linear``, the fix kept from docs/fidelity.md) runs at every B."""
+    for queries past L/4); pass ``topk=2048`` for the DSA defaults (m*B = 8192). ``extras``:
+    HISA at twice the pool (B = 64) and block-sparse (k // B blocks of B = k / 8 tokens, the
+    same token budget as flat); ``variants``: the eval-only stage-1 variants at B = 64 and the
+    linear stage 1 at every B."""
     k = topk or max(L // 16, 16)
     pool = 4 * k
     out = [Method("dense"), Method("flat", topk=k)]
     for B in block_sizes:
         if pool // B >= 2:
             out.append(Method("hisa", topk=k, block_size=B, block_topk=pool // B))
+    B = 64 if 64 in block_sizes else block_sizes[0]
     if extras:
-        B = 64 if 64 in block_sizes else block_sizes[0]
         out += [Method("hisa", topk=k, block_size=B, block_topk=2 * pool // B),
-                Method("block_sparse", topk=k, block_size=max(16, k // 8)),
-                Method("hisa_max", topk=k, block_size=B, block_topk=pool // B),
+                Method("block_sparse", topk=k, block_size=max(16, k // 8))]
+    if variants:
+        out += [Method("hisa_max", topk=k, block_size=B, block_topk=pool // B),
                 Method("hisa_adaptive", topk=k, block_size=B, block_topk=pool // B),
                 Method("hisa_centred", topk=k, block_size=B, block_topk=pool // B)]
-    out += [Method("hisa_linear", topk=k, block_size=b, block_topk=pool // b)
-            for b in block_sizes if pool // b >= 2]
+        out += [Method("hisa_linear", topk=k, block_size=b, block_topk=pool // b)
+                for b in block_sizes if pool // b >= 2]
     return out
 
 
 def corpus_ids(tokenizer, n_tokens: int, cache_dir, offset_chars: int = 0) -> torch.Tensor:
-    text = austen_text(cache_dir)
-    chunk = text[offset_chars:offset_chars + 8 * n_tokens]
-    ids = tokenizer(chunk, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if ids.numel() < n_tokens:
-        raise ValueError(f"Austen text too short for {n_tokens} tokens from {offset_chars}")
-    return ids[:n_tokens]
+    """Austen token ids (kept for the diagnose module and older callers)."""
+    from .austen import austen_text
+    from .documents import text_ids
+    return text_ids(tokenizer, austen_text(cache_dir), n_tokens, offset_chars=offset_chars,
+                    what="Austen text")
 
 
-def _forward(model, ids, cache, router):
+def _forward(model, ids, cache, router, *, logits_to_keep: int = 0):
+    attach_hooks(model)
     with torch.no_grad(), routed(router):
-        out = model(ids.unsqueeze(0).to(model.device), past_key_values=cache, use_cache=True)
+        out = model(ids.unsqueeze(0).to(model.device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=logits_to_keep)
     return out
-
-
-def _chunk_runs(lm, ids: torch.Tensor, n_tail: int, methods, *, capture: bool, progress=None):
-    """Dense prefix once, then the tail per method. Returns ({label: tail logits}, capture)."""
-    model = lm.model
-    split = ids.numel() - n_tail
-    cap = {} if capture else None
-    from transformers import DynamicCache
-    cache = DynamicCache(config=model.config)
-    _forward(model, ids[:split], cache, Router(lm.global_layers, capture=cap))
-    logits = {}
-    for m in methods:
-        r = Router(lm.global_layers, method=m, sparse_from=split,
-                   capture=cap if (capture and m.name == "dense") else None)
-        logits[m.label] = _forward(model, ids[split:], copy.deepcopy(cache), r).logits[0].float()
-        if progress is not None:
-            progress.update(1)
-    return logits, cap
 
 
 @dataclass
 class Capture:
-    q: dict      # layer -> [Hq, L, D]
-    k: dict      # layer -> [Hkv, L, D]
-    scale: dict  # layer -> float
+    q: dict       # layer -> [Hq, L, Dh] real post-RoPE queries
+    k: dict       # layer -> [Hkv, L, Dh] real keys
+    scale: dict   # layer -> float
+    hidden: dict  # layer -> [L, d_model] attention inputs (the indexer's input)
 
 
-def _merge_capture(cap: dict) -> Capture:
-    q, k, s = {}, {}, {}
+def _merge_capture(cap: dict, hid: dict | None = None) -> Capture:
+    q, k, s, h = {}, {}, {}, {}
     for layer, parts in cap.items():
         q[layer] = torch.cat([p[0] for p in parts], dim=1)
-        k[layer] = parts[-1][1]
+        k[layer] = torch.cat([p[1] for p in parts], dim=1)
         s[layer] = parts[-1][2]
-    return Capture(q, k, s)
+        if hid:
+            h[layer] = torch.cat(hid[layer])
+    return Capture(q, k, s, h)
+
+
+def chunk_runs(lm, ids: torch.Tensor, n_prefix: int, methods, *, indexers=None,
+               capture: bool, precision: str = "fp32", backend: str = "auto",
+               chunk: int = 2048, decode: str = "prefill", progress=None):
+    """Dense prefix once (chunked), then the tail ``ids[n_prefix:]`` per method: one sparse
+    chunk, or with ``decode="paged"`` (trained indexers only) one token per forward through
+    the paged decode ops (:mod:`hisa.eval.paged`).
+
+    Returns ({label: tail logits fp32 [T_tail, V]}, Capture or None).
+    """
+    if decode not in ("prefill", "paged"):
+        raise ValueError(f"decode: expected 'prefill' or 'paged', got {decode!r}")
+    if decode == "paged" and (indexers is None or capture):
+        raise ValueError("decode='paged' needs trained indexers and capture=False")
+    from transformers import DynamicCache
+    model = lm.model
+    cap, hid = ({}, {}) if capture else (None, None)
+    cache = DynamicCache(config=model.config)
+    pre = Router(lm.global_layers, capture=cap, hidden=hid, indexers=indexers)
+    for s in range(0, n_prefix, chunk):
+        _forward(model, ids[s:min(n_prefix, s + chunk)], cache, pre, logits_to_keep=1)
+        if progress is not None:
+            progress(f"prefix {min(n_prefix, s + chunk)}/{n_prefix}")
+    logits = {}
+    for m in methods:
+        r = Router(lm.global_layers, method=m, sparse_from=n_prefix, indexers=indexers,
+                   index_keys=dict(pre.index_keys), precision=precision, backend=backend,
+                   capture=cap if (capture and m.name == "dense") else None,
+                   hidden=hid if (capture and m.name == "dense") else None,
+                   decode=decode, capacity=ids.numel())
+        c = copy.deepcopy(cache)
+        if decode == "paged":
+            steps = [_forward(model, ids[t:t + 1], c, r).logits[0, -1:].float()
+                     for t in range(n_prefix, ids.numel())]
+            logits[m.label] = torch.cat(steps)
+        else:
+            logits[m.label] = _forward(model, ids[n_prefix:], c, r).logits[0].float()
+        if progress is not None:
+            progress(f"tail: {m.label}")
+    return logits, (_merge_capture(cap, hid) if capture else None)
 
 
 def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -107,94 +137,125 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return math.exp(float(nll))
 
 
-def fidelity_records(cap: Capture, methods, *, n_queries: int, device: str, progress=None):
-    """Per (method, layer, head) per-query metric tensors plus the query positions."""
+def _query_positions(L: int, n_queries: int, device) -> torch.Tensor:
+    return torch.linspace(L // 4, L - 1, n_queries).round().long().unique().to(device)
+
+
+def _method_record(m: Method, idx, flat, fscores, full, probs, mass_flat, ks, ke, *, layer,
+                   head, qpos):
+    B = m.block_size
+    mm = m.block_topk if m.name != "block_sparse" else max(2, m.topk // B)
+    return dict(label=m.label, method=m, layer=layer, head=head, pos=qpos.cpu(),
+                iou=iou(flat, idx).cpu(),
+                iou_positive=positive_iou(flat, idx, full, ks).cpu(),
+                recall=positive_recall(flat, fscores, idx).cpu(),
+                oracle=oracle_recall(flat, fscores, ks, ke, block_size=B, block_topk=mm).cpu(),
+                mass=(attention_mass(probs, idx, ks) / mass_flat.clamp_min(1e-12)).cpu(),
+                mass_flat=mass_flat.cpu(), occupancy=block_occupancy(flat, ks, B).cpu())
+
+
+def fidelity_records(cap: Capture, methods, *, n_queries: int, device: str, indexers=None,
+                     precision: str = "fp32", backend: str = "auto", progress=None):
+    """Per (method, layer, head) per-query metric tensors plus the query positions; and per
+    layer the indexer's own quality (flat top-k mass over the true attention's top-k mass)."""
     L = next(iter(cap.k.values())).shape[1]
-    qpos = torch.linspace(L // 4, L - 1, n_queries).round().long().unique().to(device)
+    qpos = _query_positions(L, n_queries, device)
     n = qpos.numel()
     ks = torch.zeros(n, dtype=torch.int32, device=device)
     ke = (qpos + 1).to(torch.int32)
-    recs = []
+    recs, quality = [], {}
     sel_methods = [m for m in methods if m.name not in ("dense", "flat")]
     flat_k = next(m.topk for m in methods if m.name == "flat")
     for layer in sorted(cap.q):
         Q, K = cap.q[layer].to(device), cap.k[layer].to(device)
         Hkv = K.shape[0]
         G = Q.shape[0] // Hkv
-        for g in range(Hkv):
-            q = Q[g * G:(g + 1) * G, qpos].transpose(0, 1).contiguous()        # [n, G, D]
-            k = K[g].contiguous()
-            w = torch.full((n, G), 1.0 / G, device=device)
-            flat, fscores = hisa.dsa_index(q, k, w, ks, ke, topk=flat_k, return_scores=True)
-            full = full_index_scores(q, k, w)          # once per (layer, head), for the variants
-            probs = attention_probs(q, k, qpos, cap.scale[layer])
+        if indexers is not None:
+            ix = indexers[layer]
+            with torch.no_grad():
+                x = cap.hidden[layer].to(device)
+                k_i = ix.keys(x, torch.arange(L, device=device))                    # [L, D]
+                q_i, w_i = ix.queries(x[qpos], qpos)                                # [n, H, D]
+            probs = _grouped_probs(Q, K, qpos, cap.scale[layer])                   # [n, Hq, L]
+            groups = [(0, q_i, k_i, w_i, probs)]
+        else:
+            groups = []
+            for g in range(Hkv):
+                q = Q[g * G:(g + 1) * G, qpos].transpose(0, 1).contiguous()         # [n, G, D]
+                groups.append((g, q, K[g].contiguous(), torch.full((n, G), 1.0 / G,
+                                                                    device=device),
+                               attention_probs(q, K[g], qpos, cap.scale[layer])))
+        for head, q, k, w, probs in groups:
+            flat, fscores = _flat(q, k, w, ks, ke, flat_k, precision, backend)
+            full = full_index_scores(q, k, w)
             mass_flat = attention_mass(probs, flat, ks)
+            best = torch.topk(probs.mean(1), min(flat_k, L), dim=-1).values.sum(-1)
+            quality.setdefault(layer, []).append((mass_flat / best.clamp_min(1e-12)).cpu())
             for m in sel_methods:
-                idx = m.select(q, k, w, ks, ke, full_scores=full)
-                B = m.block_size
-                mm = m.block_topk if m.name != "block_sparse" else max(2, m.topk // B)
-                recs.append(dict(
-                    label=m.label, method=m, layer=layer, head=g, pos=qpos.cpu(),
-                    iou=iou(flat, idx).cpu(),
-                    iou_positive=positive_iou(flat, idx, full, ks).cpu(),
-                    recall=positive_recall(flat, fscores, idx).cpu(),
-                    oracle=oracle_recall(flat, fscores, ks, ke, block_size=B,
-                                         block_topk=mm).cpu(),
-                    mass=(attention_mass(probs, idx, ks) / mass_flat.clamp_min(1e-12)).cpu(),
-                    mass_flat=mass_flat.cpu(),
-                    occupancy=block_occupancy(flat, ks, B).cpu()))
+                if precision == "fp8" or m.name in ("hisa", "block_sparse"):
+                    idx = select_keys(m, q, k, w, ks, ke, precision=precision, backend=backend)
+                else:
+                    idx = m.select(q, k, w, ks, ke, full_scores=full)
+                recs.append(_method_record(m, idx, flat, fscores, full, probs, mass_flat, ks,
+                                           ke, layer=layer, head=head, qpos=qpos))
             if progress is not None:
-                progress.update(1)
-    return recs
+                progress(f"metrics layer {layer}")
+    return recs, {ly: torch.cat(v) for ly, v in quality.items()}
 
 
-NEEDLE_COLOURS = ("blue", "red", "green", "silver", "amber", "violet", "golden", "grey")
-NEEDLE_THINGS = ("door", "lantern", "carriage", "garden gate", "music box", "writing desk")
+def _grouped_probs(Q, K, qpos, scale):
+    """Real attention of every query head (grouped over KV heads), [n, Hq, L]."""
+    Hkv, G = K.shape[0], Q.shape[0] // K.shape[0]
+    parts = [attention_probs(Q[g * G:(g + 1) * G, qpos].transpose(0, 1), K[g], qpos, scale)
+             for g in range(Hkv)]
+    return torch.cat(parts, dim=1)
 
 
-def needle_prompt(tokenizer, filler: torch.Tensor, depth: float, L: int, rng: random.Random):
-    """(prefix ids, tail ids, answer token count): haystack with the needle, then Q + A."""
-    colour, thing = rng.choice(NEEDLE_COLOURS), rng.choice(NEEDLE_THINGS)
-    code = str(rng.randint(10000, 99999))
-    needle = f" The secret code of the {colour} {thing} is {code}. "
-    question = (f"\n\nQuestion: what is the secret code of the {colour} {thing}?\n"
-                f"Answer: The secret code of the {colour} {thing} is")
-    enc = lambda s: tokenizer(s, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_ids, q_ids, a_ids = enc(needle), enc(question), enc(" " + code + ".")
-    n_fill = L - n_ids.numel() - q_ids.numel() - a_ids.numel()
-    at = int(round(depth * n_fill))
-    hay = filler[:n_fill]
-    prefix = torch.cat([hay[:at], n_ids, hay[at:]])
-    return prefix, torch.cat([q_ids, a_ids]), a_ids.numel()
+def _flat(q, k, w, ks, ke, topk, precision, backend):
+    """Flat top-k and its scores (the FP8 operands when ``precision`` is fp8)."""
+    if precision == "fp8":
+        from hisa.distill.indexer import LightningIndexer
+        q8, k8, k_scale, w8 = LightningIndexer.fp8(q, k, w)
+        return hisa.dsa_index(q8, k8, w8, ks, ke, k_scale=k_scale, topk=topk,
+                              return_scores=True, backend=backend)
+    return hisa.dsa_index(q, k, w, ks, ke, topk=topk, return_scores=True, backend=backend)
 
 
-def needle_hits(lm, L: int, depths, methods, *, cache_dir, trials: int = 1, seed: int = 0,
-                progress=None) -> dict:
-    """{(label, depth): accuracy over ``trials`` needles}."""
-    filler = corpus_ids(lm.tokenizer, L, cache_dir, offset_chars=1_000_000)
-    rng = random.Random(seed)
-    hits = {}
-    for depth in depths:
-        for _ in range(trials):
-            prefix, tail, n_ans = needle_prompt(lm.tokenizer, filler, depth, L, rng)
-            ids = torch.cat([prefix, tail])
-            logits, _ = _chunk_runs(lm, ids, tail.numel(), methods, capture=False,
-                                    progress=progress)
-            target = tail[-n_ans:]
-            for label, lg in logits.items():
-                pred = lg[-n_ans - 1:-1].argmax(-1).cpu()
-                ok = bool(torch.equal(pred, target))
-                hits.setdefault((label, depth), []).append(ok)
-    return {key: sum(v) / len(v) for key, v in hits.items()}
+def probe_hits(logits: dict, probe) -> dict:
+    """{(label, depth): [hit, ...]} for each question of ``probe`` (teacher-forced argmax)."""
+    out = {}
+    for label, lg in logits.items():
+        for qn in probe.questions:
+            a = qn.answer_at - probe.n_prefix                  # tail-relative
+            target = probe.ids[qn.answer_at:qn.answer_at + qn.answer_len]
+            pred = lg[a - 1:a - 1 + qn.answer_len].argmax(-1).cpu()
+            out.setdefault((label, round(qn.depth, 2)), []).append(
+                bool(torch.equal(pred, target)))
+    return out
 
 
-def evaluate_context(lm, L: int, methods, *, cache_dir, n_tail: int, n_queries: int,
-                     progress=None):
-    """Perplexity of the last ``n_tail`` tokens per method and fidelity records at length L."""
-    ids = corpus_ids(lm.tokenizer, L, cache_dir)
-    logits, cap = _chunk_runs(lm, ids, n_tail, methods, capture=True, progress=progress)
-    tail = ids[-n_tail:]
+def evaluate_text(lm, ids: torch.Tensor, n_prefix: int, plans, *, n_queries: int,
+                  indexers=None, precision="fp32", backend="auto", chunk=2048, progress=None,
+                  capture: bool = True, decode: str = "prefill"):
+    """One document: the union of the plans' methods over one dense prefix.
+
+    ``plans`` is [(budget, methods)]. Returns ({label: tail perplexity}, {budget: (records,
+    indexer quality)} or {} when not capturing, {label: tail logits}).
+    """
+    methods, seen = [], set()
+    for _, ms in plans:
+        for m in ms:
+            if m.label not in seen:
+                seen.add(m.label)
+                methods.append(m)
+    logits, cap = chunk_runs(lm, ids, n_prefix, methods, indexers=indexers, capture=capture,
+                             precision=precision, backend=backend, chunk=chunk, decode=decode,
+                             progress=progress)
+    tail = ids[n_prefix:]
     ppl = {label: perplexity(lg, tail) for label, lg in logits.items()}
-    recs = fidelity_records(_merge_capture(cap), methods, n_queries=n_queries,
-                            device=lm.device, progress=progress)
-    return ppl, recs
+    fid = {}
+    if capture:
+        fid = {b: fidelity_records(cap, ms, n_queries=n_queries, device=lm.device,
+                                   indexers=indexers, precision=precision, backend=backend,
+                                   progress=progress) for b, ms in plans}
+    return ppl, fid, logits

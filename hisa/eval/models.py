@@ -264,6 +264,7 @@ def _save_converted(conv: Path, tok, model) -> None:
 
 
 def _load_converted(conv: Path):
+    from .attention import IMPL
     from safetensors.torch import load_model as load_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     cfg_dict = json.loads((conv / "hisa_config.json").read_text())

@@ -169,12 +169,14 @@ def check_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int) -> None:
     """0 <= ks <= ke <= num_keys for every query (reads the values: one host sync)."""
     if ks.numel() == 0:
         return
-    bad_order = (ks > ke)
-    if bool(bad_order.any()):
+    bad_order = ks > ke
+    # One transfer for the three facts: each host sync costs the launch gap behind it.
+    any_bad, lo, hi = torch.stack([bad_order.any().long(), ks.min().long(),
+                                   ke.max().long()]).tolist()
+    if any_bad:
         i = int(bad_order.nonzero()[0, 0])
         raise ValueError(f"ks/ke: expected ks[t] <= ke[t] for every query, got ks[{i}] = "
                          f"{int(ks[i])} > ke[{i}] = {int(ke[i])}")
-    lo, hi = int(ks.min()), int(ke.max())
     if lo < 0:
         raise ValueError(f"ks: expected values >= 0, got min(ks) = {lo}")
     if hi > num_keys:

@@ -149,6 +149,7 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     if resolve_backend(backend, q.device,
                        lambda: _kernel_check(q, k, ks, ke, block_size, block_topk, **sup)
                        ) == "torch":
+        routed = False
         reference = naive_hisa_index_super if sup else naive_hisa_index
         idx, scores = reference(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                 block_size=block_size, block_topk=block_topk, pooled=pooled,
@@ -158,7 +159,8 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             # They hold for every call, routed or not: a shape's acceptance must not depend
             # on whether this call's windows happen to prune.
             _kernel_check(q, k, ks, ke, block_size, block_topk, **sup)
-        if nothing_pruned(ks, ke, block_size=block_size, block_topk=block_topk, **sup):
+        routed = nothing_pruned(ks, ke, block_size=block_size, block_topk=block_topk, **sup)
+        if routed:
             # Exact regime (short contexts, L <= m * B): the same set, faster by the flat path.
             from ..dsa.prefill import dsa_index_triton
             idx, scores = dsa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
@@ -168,6 +170,7 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                             block_size=block_size, block_topk=block_topk, out=out,
                                             need_scores=return_scores, pooled=pooled, **sup)
-    keep_short_windows(idx, scores, q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
-                       block_size=block_size, block_topk=block_topk, **sup)
+    if not routed:                # a routed call pruned nothing: no short window lost a block
+        keep_short_windows(idx, scores, q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
+                           block_size=block_size, block_topk=block_topk, **sup)
     return finish_output(idx, scores, out=out, return_scores=return_scores)

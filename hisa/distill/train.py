@@ -170,7 +170,7 @@ def train_indexers(windows: list[WindowCapture], heldout: list[WindowCapture],
         for layer in indexers.layers:
             kl, bkl, has, _, _ = _layer_loss(indexers[layer], cap, layer, rows, cfg, device)
             loss = kl.mean()
-            acc[layer].append(float(loss))
+            acc[layer].append(float(loss.detach()))
             if bkl is not None and bool(has.any()):
                 bl = bkl[has].mean()
                 bacc[layer].append(float(bl))

@@ -36,7 +36,7 @@ def _title(rows, what: str) -> str:
 
 def _save(fig, path: Path, made: list) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits below the labels
     made.append(path)
 
 
@@ -62,7 +62,7 @@ def plot_context(rows, out: Path) -> list[Path]:
         ax.set_ylim(0, 1.1 * top)
         ax.set_ylabel("fraction (1 = same as flat top-k)")
         ax.axhline(1.0, color="grey", lw=0.6)
-        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22),
+        ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.32),
                   frameon=False)
         ax.set_title(_title(rows, "selection fidelity against flat top-k"), fontsize=9)
         _save(fig, out / f"fidelity_{tag}.png", made)

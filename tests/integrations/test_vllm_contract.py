@@ -417,3 +417,14 @@ def test_capture_after_eager_warmup_on_one_metadata_object():
     assert [sorted_valid(x) for x in call["topk_indices_buffer"][:2, :TOPK]] == \
         [sorted_valid(x) for x in want]
 
+
+def test_step_rejects_token_counts_the_request_cannot_give():
+    """The metadata builder refuses a step that would cache fewer than one or more keys than
+    the request has left (a negative prefill once reached the GPU tier as a RuntimeError deep
+    inside the chunk builder)."""
+    from .engine_ref import Req, Step
+    r = Req(torch.zeros(130, D))
+    for n in (-170, 0, 131):
+        with pytest.raises(ValueError, match="new tokens"):
+            Step([], [(r, n)])
+    Step([], [(r, 130)])

@@ -162,17 +162,24 @@ def decode_token_grid(md) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return torch.where(valid, tok, 0), torch.where(valid, pos, -1), req, valid
 
 
-def vllm_step_tokens(md, num_pages: int) -> list[StepTokens]:
+def vllm_step_tokens(md, num_pages: int, *, capturing: bool = False) -> list[StepTokens]:
     """The step's tokens to pool (per prefill chunk, and the decode rows), built once per step
     and kept on the metadata object, which vLLM builds afresh every step and shares between the
     layers of a KV-cache group: every indexer layer after the first only gathers and appends.
+
+    ``capturing``: whether this call runs under CUDA-graph capture. The kept tokens are reused
+    only by a call on the same side of a capture: tensors derived eagerly are constants to a
+    graph (a replay would pool the warm-up step's tokens again, never a block that completes at
+    a later step), and tensors derived inside a capture hold their values only at replay.
+    Within one capture the layers share them, as eagerly.
 
     Prefill positions come from the chunk windows (``ke - ks - 1``: with compress ratio 1 and
     no DCP, ``ke - ks`` is the query's causal length), decode positions from
     :func:`decode_token_grid`. The slots are the step's ``slot_mapping``.
     """
+    key = (num_pages, capturing)
     cached = getattr(md, "_hisa_step_tokens", None)
-    if cached is not None and cached[0] == num_pages:
+    if cached is not None and cached[0] == key:
         return cached[1]
     slots, out = md.slot_mapping, []
     if md.num_prefills > 0 and md.prefill is not None:
@@ -187,16 +194,17 @@ def vllm_step_tokens(md, num_pages: int) -> list[StepTokens]:
         out.append(step_tokens(slot.flatten(), pos.flatten(),
                                md.decode.block_table[:tok.shape[0]], req.flatten(), num_pages))
     try:
-        md._hisa_step_tokens = (num_pages, out)
+        md._hisa_step_tokens = (key, out)
     except (AttributeError, TypeError):           # a frozen or slotted metadata object
         pass
     return out
 
 
 def pool_vllm_step(pages: torch.Tensor, pooled: torch.Tensor, md, *, head_dim: int,
-                   options: PluginOptions) -> None:
-    """Pool the blocks this step completed, for every prefill chunk and the decode rows."""
-    for tokens in vllm_step_tokens(md, pages.shape[0]):
+                   options: PluginOptions, capturing: bool = False) -> None:
+    """Pool the blocks this step completed, for every prefill chunk and the decode rows
+    (``capturing`` as in :func:`vllm_step_tokens`)."""
+    for tokens in vllm_step_tokens(md, pages.shape[0], capturing=capturing):
         pool_step(pages, pooled, tokens, head_dim=head_dim, block_size=options.block_size,
                   backend=options.backend)
 
@@ -320,9 +328,11 @@ def run_indexer(call: dict, md, engine, options: PluginOptions,
     pooled = None
     engine_off = engine.decode_reason()
     if options.decode and options.mode == "hisa" and engine_off is None:
-        pooled = registry.get_or_create(pages, D, capturing=engine.capturing())
+        capturing = engine.capturing()
+        pooled = registry.get_or_create(pages, D, capturing=capturing)
         if pooled is not None:
-            pool_vllm_step(pages, pooled, md, head_dim=D, options=options)
+            pool_vllm_step(pages, pooled, md, head_dim=D, options=options,
+                           capturing=capturing)
     if engine.dense_mha_skip(call):
         return buf
     if not call["skip_topk_buffer_clear"]:

@@ -92,11 +92,14 @@ def test_vllm_plugin_prefill_and_decode(next_n):
 
 def test_vllm_decode_under_cuda_graph():
     """Capture the replacement for a decode step, then replay it for the next step's keys,
-    lengths and queries: equal to running it eagerly, pooled rows included."""
+    lengths and queries: equal to running it eagerly, pooled rows included. The prompts end
+    so that one request completes a block at the captured step and one at each replayed
+    step (positions 127, 8703, 14719, 19711), so the replays must pool blocks the capture
+    never saw complete."""
     sim = VllmSim(num_pages=700, heads=H, device="cuda")
-    reqs = [sim.request(n, 10 + i) for i, n in enumerate((9000, 15000, 130, 20000))]
-    sim.step([], [(r, r.keys.shape[0] - 300) for r in reqs], OPTS, topk=TOPK,
-             query_split=4096)
+    lengths, prompts = (9000, 15000, 140, 20000), (8702, 14717, 127, 19708)
+    reqs = [sim.request(n, 10 + i) for i, n in enumerate(lengths)]
+    sim.step([], list(zip(reqs, prompts)), OPTS, topk=TOPK, query_split=4096)
     static = None
     graph, engine = torch.cuda.CUDAGraph(), FakeVllmEngine()
     for step in range(4):
@@ -138,6 +141,9 @@ def test_vllm_decode_under_cuda_graph():
             assert torch.equal(pooled, sim.registry.lookup(as_engine_pages(sim.kv, D)))
         for r in reqs:
             r.done += 1
+        if step:                                 # every complete block pooled, as from scratch
+            assert torch.equal(sim.registry.lookup(as_engine_pages(sim.kv, D)),
+                               scratch_pooled_gpu(sim, reqs))
 
 
 def test_sglang_paged_under_cuda_graph(monkeypatch):

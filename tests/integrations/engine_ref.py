@@ -154,6 +154,11 @@ class Step:
     width: int | None = None   # block-table columns; default: the widest request, at least 16
 
     def __post_init__(self):
+        for r, n in self.decodes + self.prefills:
+            if not 1 <= n <= r.keys.shape[0] - r.done:
+                raise ValueError(f"Step: expected 1 <= new tokens <= {r.keys.shape[0] - r.done} "
+                                 f"(keys left in the request: {r.keys.shape[0]} keys, "
+                                 f"{r.done} cached), got {n}")
         if self.width is None:
             self.width = max([16] + [len(r.pages) for r, _ in self.decodes + self.prefills])
 

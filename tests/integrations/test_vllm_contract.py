@@ -371,3 +371,60 @@ def test_layers_share_the_step_tokens_and_write_the_buffer_in_place():
                                      block_size=128, block_topk=3, backend="torch")
         assert [sorted(x) for x in buf.tolist()] == [sorted(x) for x in want.tolist()]
     assert not torch.equal(bufs[0], bufs[1])
+
+
+def test_capture_after_eager_warmup_on_one_metadata_object():
+    """An eager warm-up and a CUDA-graph capture on the same metadata object (the GPU tier's
+    harness does this; vLLM builds a fresh object per run): the captured call must derive the
+    step's tokens from the metadata's tensors, which a replay reads after the engine copies a
+    later step's values into them, not reuse what the eager warm-up derived (graph constants:
+    every replay would pool the warm-up step's tokens again and never a block that completes
+    later). On the CPU the capturing call runs at once, so it reads the next step's values
+    copied into the static tensors, as a replay would."""
+    from .engine_ref import Step, engine_quant_and_cache, random_queries, vllm_step_metadata
+    sim = VllmSim()
+    a, b = sim.request(700, 31), sim.request(300, 32)
+    sim.step([], [(a, 638), (b, 200)], HISA, topk=TOPK)   # a's block 4 ends at 639: step 1
+    static = call = None
+    for step in range(2):
+        for r in (a, b):
+            r.grow(sim.alloc, r.done + 1)
+        md = vllm_step_metadata(Step([(a, 1), (b, 1)], [], width=16))
+        engine_quant_and_cache(sim.kv, torch.cat([r.keys[r.done:r.done + 1] for r in (a, b)]),
+                               md.slot_mapping)
+        q, w = random_queries(2, 4, 40 + step)
+        if static is None:                                 # eager warm-up
+            static, call = md, vllm_call(sim.kv, md, q, w, topk=TOPK)
+            run_indexer(call, static, FakeVllmEngine(static), HISA, sim.registry)
+        else:                                              # the captured call, new values
+            call["q_quant"].copy_(q)
+            call["weights"].copy_(w)
+            for name in ("slot_mapping", "seq_lens"):
+                getattr(static, name).copy_(getattr(md, name))
+            static.decode.seq_lens.copy_(md.decode.seq_lens)
+            static.decode.block_table.copy_(md.decode.block_table)
+            run_indexer(call, static, FakeVllmEngine(static, capturing=True), HISA,
+                        sim.registry)
+        for r in (a, b):
+            r.done += 1
+    pooled = sim.registry.lookup(as_engine_pages(sim.kv, D))
+    assert_live_rows(pooled, sim.kv, [a, b], HISA.block_size)
+    want = hisa.hisa_index_paged(q.unsqueeze(1), as_engine_pages(sim.kv, D),
+                                 scratch_pooled(sim.kv, [a, b], HISA.block_size), w,
+                                 md.decode.seq_lens, md.decode.block_table, topk=TOPK,
+                                 block_size=HISA.block_size, block_topk=HISA.block_topk,
+                                 backend="torch")
+    assert [sorted_valid(x) for x in call["topk_indices_buffer"][:2, :TOPK]] == \
+        [sorted_valid(x) for x in want]
+
+
+def test_step_rejects_token_counts_the_request_cannot_give():
+    """The metadata builder refuses a step that would cache fewer than one or more keys than
+    the request has left (a negative prefill once reached the GPU tier as a RuntimeError deep
+    inside the chunk builder)."""
+    from .engine_ref import Req, Step
+    r = Req(torch.zeros(130, D))
+    for n in (-170, 0, 131):
+        with pytest.raises(ValueError, match="new tokens"):
+            Step([], [(r, n)])
+    Step([], [(r, 130)])

@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"settings compared, of {', '.join(METHODS)}; 'all' also adds HISA at "
                         "twice the pool and the eval-only stage-1 variants (default: "
                         f"{' '.join(DEFAULT_METHODS)})")
+    p.add_argument("--super-blocks", type=int, nargs=2, metavar=("BS", "MS"), default=None,
+                   help="also run three-level HISA (hisa3) beside each two-level setting: "
+                        "super-blocks of BS blocks, MS kept, where MS * BS >= m and the "
+                        "super level prunes (default: two levels only)")
     p.add_argument("--block-sizes", type=int, nargs="+", default=[64, 128],
                    help="HISA block sizes B at the scaled budget (default: 64 128)")
     p.add_argument("--needles", type=int, default=1,
@@ -119,7 +123,22 @@ def method_plan(args, L: int) -> list[tuple[str, list]]:
               Method("hisa", topk=DSA_TOPK, block_size=DSA_BLOCK, block_topk=DSA_M),
               Method("block_sparse", topk=DSA_TOPK, block_size=DSA_TOPK // 8)]
         plans.append(("dsa_default", [m for m in ms if m.name in keep or m.name == "flat"]))
+    if args.super_blocks:
+        plans = [(budget, _with_three_levels(ms, L, *args.super_blocks)) for budget, ms in plans]
     return plans
+
+
+def _with_three_levels(methods: list, L: int, super_size: int, super_topk: int) -> list:
+    """Each two-level HISA setting followed by its three-level twin, where the twin is valid
+    (super_topk * super_size >= m) and its super level prunes (more super-blocks than kept)."""
+    from dataclasses import replace
+    out = []
+    for m in methods:
+        out.append(m)
+        supers = -(-L // (m.block_size * super_size)) if m.block_size else 0
+        if m.name == "hisa" and super_size * super_topk >= m.block_topk and supers > super_topk:
+            out.append(replace(m, name="hisa3", super_size=super_size, super_topk=super_topk))
+    return out
 
 
 def run(args) -> int:

@@ -36,8 +36,8 @@ from hisa.ops.indexer.naive import (candidate_positions, eligible_blocks, naive_
                                     naive_pool_blocks, naive_select_blocks, naive_select_tokens,
                                     naive_to_offsets)
 
-METHODS = ("dense", "flat", "hisa", "block_sparse", "hisa_max", "hisa_adaptive", "hisa_linear",
-           "hisa_centred")
+METHODS = ("dense", "flat", "hisa", "hisa3", "block_sparse", "hisa_max", "hisa_adaptive",
+           "hisa_linear", "hisa_centred")
 _STAGE1 = {"hisa_max": "relu", "hisa_adaptive": "relu", "hisa_linear": "linear",
            "hisa_centred": "centred"}
 
@@ -49,10 +49,15 @@ class Method:
     topk: int = 0
     block_size: int = 0
     block_topk: int = 0
+    super_size: int = 0          # hisa3 only: blocks per super-block (Bs) and super-blocks kept
+    super_topk: int = 0
 
     def __post_init__(self):
         if self.name not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.name!r}")
+        if (self.name == "hisa3") != (self.super_size > 0 and self.super_topk > 0):
+            raise ValueError(f"super_size / super_topk: expected both > 0 exactly for hisa3, got "
+                             f"{self.super_size} / {self.super_topk} for {self.name!r}")
 
     @property
     def label(self) -> str:
@@ -60,6 +65,9 @@ class Method:
             return self.name if self.name == "dense" else f"flat k={self.topk}"
         if self.name == "block_sparse":
             return f"block_sparse B={self.block_size} m={self.topk // self.block_size}"
+        if self.name == "hisa3":
+            return (f"hisa3 B={self.block_size} m={self.block_topk} Bs={self.super_size} "
+                    f"ms={self.super_topk}")
         return f"{self.name} B={self.block_size} m={self.block_topk}"
 
     def select(self, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
@@ -80,10 +88,12 @@ class Method:
         if self.name == "flat":
             return hisa.dsa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=self.topk,
                                   backend=backend)
-        if self.name == "hisa":
+        if self.name in ("hisa", "hisa3"):
+            sup = dict(super_size=self.super_size, super_topk=self.super_topk) \
+                if self.name == "hisa3" else {}
             return hisa.hisa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=self.topk,
                                    block_size=self.block_size, block_topk=self.block_topk,
-                                   backend=backend)
+                                   backend=backend, **sup)
         if k_scale is not None:
             q, k = q.float(), k.float() * k_scale.float().unsqueeze(1)
         if self.name == "block_sparse":

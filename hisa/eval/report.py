@@ -97,7 +97,7 @@ def _row_backend(m, backend: str, precision: str) -> str:
     eval-only torch variants."""
     if m.name == "dense":
         return "none"
-    if m.name in ("flat", "hisa"):
+    if m.name in ("flat", "hisa", "hisa3"):
         return f"{backend}-{precision}"
     return f"torch-{precision} (eval variant)"
 

@@ -192,7 +192,7 @@ def fidelity_records(cap: Capture, methods, *, n_queries: int, device: str, inde
             best = torch.topk(probs.mean(1), min(flat_k, L), dim=-1).values.sum(-1)
             quality.setdefault(layer, []).append((mass_flat / best.clamp_min(1e-12)).cpu())
             for m in sel_methods:
-                if precision == "fp8" or m.name in ("hisa", "block_sparse"):
+                if precision == "fp8" or m.name in ("hisa", "hisa3", "block_sparse"):
                     idx = select_keys(m, q, k, w, ks, ke, precision=precision, backend=backend)
                 else:
                     idx = m.select(q, k, w, ks, ke, full_scores=full)

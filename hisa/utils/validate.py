@@ -165,14 +165,24 @@ def check_key_scale(k: torch.Tensor, k_scale, rows: str) -> None:
                          f"keys carry a per-token scale), got a tensor")
 
 
-def check_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int) -> None:
-    """0 <= ks <= ke <= num_keys for every query (reads the values: one host sync)."""
+def check_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int,
+                  extra: Sequence[torch.Tensor] = ()) -> tuple[int, ...]:
+    """0 <= ks <= ke <= num_keys for every query (reads the values: one host sync).
+
+    ``extra``: 0-d integer or bool tensors the caller also needs on the host, read in the same
+    transfer (each host sync costs the launch gap behind it). They are computed from windows
+    not yet checked, so a caller uses them only when this returns.
+
+    Returns:
+        (min(ks), max(ke), *extra) as Python ints; with no query (0, 0) and a 0 per extra,
+        which are not read.
+    """
     if ks.numel() == 0:
-        return
+        return (0, 0) + (0,) * len(extra)
     bad_order = ks > ke
-    # One transfer for the three facts: each host sync costs the launch gap behind it.
-    any_bad, lo, hi = torch.stack([bad_order.any().long(), ks.min().long(),
-                                   ke.max().long()]).tolist()
+    # stack promotes (bool -> int32, the windows' dtype): no cast per fact
+    any_bad, lo, hi, *rest = torch.stack([bad_order.any(), ks.min(), ke.max(),
+                                          *extra]).tolist()
     if any_bad:
         i = int(bad_order.nonzero()[0, 0])
         raise ValueError(f"ks/ke: expected ks[t] <= ke[t] for every query, got ks[{i}] = "
@@ -182,6 +192,7 @@ def check_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int) -> None:
     if hi > num_keys:
         raise ValueError(f"ke: expected values <= the number of keys in k ({num_keys}), "
                          f"got max(ke) = {hi}")
+    return (lo, hi, *rest)
 
 
 def check_out(name: str, out, shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:

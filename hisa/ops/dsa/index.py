@@ -47,11 +47,11 @@ def dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch
     T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
     topk = check_positive_int("topk", topk)
     check_out_buffer(out, T, topk, q.device)
-    check_windows(ks, ke, S)
+    span = check_windows(ks, ke, S)
     if resolve_backend(backend, q.device, lambda: _kernel_check(q, k)) == "torch":
         idx, scores = naive_dsa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk)
     else:
         from .prefill import dsa_index_triton
         idx, scores = dsa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
-                                       out=out, need_scores=return_scores)
+                                       out=out, need_scores=return_scores, span=span)
     return finish_output(idx, scores, out=out, return_scores=return_scores)

@@ -146,16 +146,29 @@ def dsa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     return out
 
 
-def query_tiles(ks: torch.Tensor, ke: torch.Tensor, cap_bytes: int
-                ) -> list[tuple[int, int, int, int]]:
-    """Split the queries into (t0, rows, lo, W) tiles whose fp32 logits fit ``cap_bytes``."""
-    ks_h = ks.cpu().numpy().astype(np.int64)
-    ke_h = ke.cpu().numpy().astype(np.int64)
-    T = ks_h.shape[0]
+#: Most queries of one logits tile (a longer batch is split whatever its windows).
+FLAT_TILE_QUERIES = 16384
+
+
+def query_tiles(ks: torch.Tensor, ke: torch.Tensor, cap_bytes: int,
+                span: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]]:
+    """Split the queries into (t0, rows, lo, W) tiles whose fp32 logits fit ``cap_bytes``.
+
+    ``span``: (min(ks), max(ke)), already read by the caller (:func:`check_windows` returns
+    it); when one tile of every query fits, that tile is returned without reading the windows
+    (no host sync). Otherwise the windows are read in one transfer.
+    """
+    T = ks.shape[0]
     max_rows = max(1, cap_bytes // 4)
+    if span is not None and 0 < T <= FLAT_TILE_QUERIES:
+        lo, hi = span
+        if T * max(hi - lo, 1) <= max_rows:
+            return [(0, T, lo, max(hi - lo, 0))]
+    windows = torch.stack([ks, ke]).cpu().numpy().astype(np.int64)        # [2, T]
+    ks_h, ke_h = windows[0], windows[1]
     tiles, t0 = [], 0
     while t0 < T:
-        n = min(T - t0, 16384)
+        n = min(T - t0, FLAT_TILE_QUERIES)
         while True:
             lo, hi = int(ks_h[t0:t0 + n].min()), int(ke_h[t0:t0 + n].max())
             if n == 1 or n * max(hi - lo, 1) <= max_rows:
@@ -179,9 +192,13 @@ def flat_workspace_bytes(ks: torch.Tensor, ke: torch.Tensor, *, programs: int
 
 def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                      ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
-                     out: torch.Tensor | None = None, need_scores: bool = False
+                     out: torch.Tensor | None = None, need_scores: bool = False,
+                     span: tuple[int, int] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat DSA selection with Triton kernels (inputs validated by :func:`hisa.dsa_index`).
+
+    ``span``: (min(ks), max(ke)) as :func:`check_windows` returned them; it spares the window
+    read of :func:`query_tiles` when one logits tile holds every query.
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
@@ -197,7 +214,7 @@ def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks
     vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None
     if T == 0:
         return idx, vals
-    tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES)
+    tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES, span)
     max_elems = max(n * W for _, n, _, W in tiles)
     buf = torch.empty(max(max_elems, 1), dtype=torch.float32, device=q.device)
     grid = persistent_programs(max(n for _, n, _, _ in tiles), q.device, 8)

@@ -51,21 +51,27 @@ def _prepare(q, k, weights, ks, ke, k_scale, block_size):
     return q, k, weights.contiguous(), ks.contiguous(), ke.contiguous(), k_scale, prec
 
 
-def _window_plan(ks, ke, *, block_size, super_size, super_topk) -> tuple[int, int, int, int]:
+def _window_plan(ks, ke, *, block_size, super_size, super_topk, windows=None
+                 ) -> tuple[int, int, int, int]:
     """(first block to pool, largest eligible block count, first super-block to pool, largest
     eligible super-block count) of the queries' windows, after every window limit of the path
     (two levels: the block selection row; three: the candidate row and the super-block row).
 
     With three levels pooling starts at the first super-block's first block, so every block row
     a super-block is pooled from is set (pool_supers reads rows from ``first_super * Bs`` on);
-    the super-level counts are 0 with two levels.
+    the super-level counts are 0 with two levels. ``windows``: the caller's
+    :class:`~.prefill.WindowPlan` (no read here; the limits are still checked).
     """
     if super_size is None:
-        first_block, max_blocks = window_blocks(ks, ke, block_size)
+        if windows is None:
+            first_block, max_blocks = window_blocks(ks, ke, block_size)
+        else:
+            first_block, max_blocks = windows.first_block, windows.max_blocks
         check_window_blocks(max_blocks, block_size)
         return first_block, max_blocks, 0, 0
     first_super, max_supers = check_super_kernel_params(
-        ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk)
+        ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk,
+        windows=None if windows is None else (windows.first_super, windows.max_supers))
     return first_super * super_size, 0, first_super, max_supers
 
 
@@ -85,6 +91,12 @@ def _token_stage(q, k, weights, ks, ke, ids, k_scale, prec, *, block_size, topk,
     T = q.shape[0]
     mb = ids.shape[1] * block_size
     tile = max(1, buf.numel() // max(mb, 1))
+    if tile >= T:               # one tile: the whole tensors, no per-call views
+        sc = token_scores(q, k, weights, ks, ke, ids, block_size=block_size, k_scale=k_scale,
+                          prec=prec, out=buf)
+        select_tokens(sc, ids, ks, block_size=block_size, topk=topk, out=idx,
+                      need_scores=vals is not None, out_scores=vals)
+        return
     for t0 in range(0, T, tile):
         sl = slice(t0, min(T, t0 + tile))
         sc = token_scores(q[sl], k, weights[sl], ks[sl], ke[sl], ids[sl], block_size=block_size,
@@ -229,20 +241,24 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                       ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
                       block_size: int, block_topk: int, out: torch.Tensor | None = None,
                       need_scores: bool = False, super_size: int | None = None,
-                      super_topk: int | None = None, pooled: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      super_topk: int | None = None, pooled: torch.Tensor | None = None,
+                      windows=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`); two
     levels, or three with ``super_size`` / ``super_topk``; ``pooled`` replaces the pooling
-    stage with the caller's representatives.
+    stage with the caller's representatives. ``windows``: the
+    :class:`~hisa.ops.indexer.prefill.WindowPlan` the public op read with its window check
+    (by default the windows are read here, one host sync).
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
          fp32 [T, topk] aligned scores, -inf padded, or None unless ``need_scores``).
     """
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
-    # Every check that can fail runs before the first launch (one host sync for the windows).
+    # Every check that can fail runs before the first launch (one host sync for the windows,
+    # none when the caller read them).
     first_block, max_blocks, first_super, max_supers = _window_plan(
-        ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk)
+        ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk,
+        windows=windows)
     if pooled is None:
         pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
                                            first_block=first_block)

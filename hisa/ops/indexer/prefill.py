@@ -1,6 +1,8 @@
 """Public HISA indexer for packed prefill: block-then-token selection."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ...utils.backend import resolve_backend
@@ -57,6 +59,61 @@ def nothing_pruned(ks: torch.Tensor, ke: torch.Tensor, *, block_size: int, block
     return counts[0] <= block_topk and (super_size is None or counts[1] <= super_topk)
 
 
+def _blocks_spanned(ks: torch.Tensor, ke: torch.Tensor, span: int) -> torch.Tensor:
+    """int32 [T]: blocks of ``span`` keys in each window, 0 for an empty one (the count of
+    :func:`.naive.eligible_blocks`; int32 stays exact since 0 <= ks <= ke < 2**31)."""
+    spanned = (ke - 1).div(span, rounding_mode="floor") - ks.div(span, rounding_mode="floor") + 1
+    return spanned.masked_fill_(ke <= ks, 0)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Every fact of one call's windows the host needs, read with the window check.
+
+    ``first_block`` / ``max_blocks``: smallest first eligible block and largest eligible block
+    count over the queries (:func:`.block_scores.window_blocks`); ``first_super`` /
+    ``max_supers`` the same for super-blocks (0 with two levels). ``nothing_pruned``: every
+    query keeps all its eligible blocks and super-blocks (:func:`nothing_pruned`).
+    ``short_pruned``: some window of at most ``topk`` keys would lose a block or super-block,
+    so :func:`keep_short_windows` has rows to repair. ``span``: (min(ks), max(ke)).
+    """
+
+    first_block: int
+    max_blocks: int
+    first_super: int
+    max_supers: int
+    nothing_pruned: bool
+    short_pruned: bool
+    span: tuple[int, int]
+
+
+def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int,
+                 block_size: int, block_topk: int, super_size: int | None = None,
+                 super_topk: int | None = None) -> WindowPlan:
+    """:func:`check_windows` (same errors, same order) and the call's :class:`WindowPlan`, in
+    one host transfer: the window statistics every later step reads (the kernels' limits, the
+    exact-regime route, the pipeline's pooling start and selection rows, the short-window
+    repair) come from here instead of each step reading the windows again."""
+    if ks.numel() == 0:
+        check_windows(ks, ke, num_keys)
+        return WindowPlan(0, 0, 0, 0, nothing_pruned=True, short_pruned=False, span=(0, 0))
+    blocks = _blocks_spanned(ks, ke, block_size)                                   # [T]
+    pruned = blocks > block_topk
+    extra = [blocks.max()]
+    if super_size is not None:
+        supers = _blocks_spanned(ks, ke, block_size * super_size)                  # [T]
+        pruned |= supers > super_topk
+        extra.append(supers.max())
+    extra.append((pruned & ((ke - ks) <= topk)).any())
+    lo, hi, max_blocks, *rest = check_windows(ks, ke, num_keys, extra)
+    max_supers = rest[0] if super_size is not None else 0
+    nothing = max_blocks <= block_topk and (super_size is None or max_supers <= super_topk)
+    return WindowPlan(first_block=lo // block_size, max_blocks=max_blocks,
+                      first_super=lo // (block_size * super_size) if super_size else 0,
+                      max_supers=max_supers, nothing_pruned=nothing,
+                      short_pruned=bool(rest[-1]), span=(lo, hi))
+
+
 #: dtypes a caller may hand in as precomputed block representatives (``pooled=``).
 POOLED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,9 +128,10 @@ def check_pooled(pooled: torch.Tensor, k: torch.Tensor, block_size: int) -> None
 
 def _kernel_check(q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor,
                   block_size: int, block_topk: int, super_size: int | None = None,
-                  super_topk: int | None = None) -> None:
+                  super_topk: int | None = None, plan: WindowPlan | None = None) -> None:
     """Every limit of the Triton pipeline (``backend="auto"`` falls back to the reference when
-    one is exceeded); it reads the windows (a host sync, as :func:`check_windows` does)."""
+    one is exceeded); it reads the windows (a host sync, as :func:`check_windows` does) unless
+    ``plan`` carries what it needs."""
     from ..dsa.prefill import check_kernel_shapes
     from .block_scores import check_window_blocks, window_blocks
     from .pool import check_block_size
@@ -84,11 +142,14 @@ def _kernel_check(q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, ke: torch.
         raise ValueError(f"block_topk * block_size: expected at most {SELECT_MAX_ROW} candidates "
                          f"for the Triton token selection, got {block_size * block_topk}")
     if super_size is None:
-        check_window_blocks(window_blocks(ks, ke, block_size)[1], block_size)
+        max_blocks = window_blocks(ks, ke, block_size)[1] if plan is None else plan.max_blocks
+        check_window_blocks(max_blocks, block_size)
     else:           # no per-window block limit: the block stage scores ms * Bs candidates
         from .super_blocks import check_super_kernel_params
         check_super_kernel_params(ks, ke, block_size=block_size, super_size=super_size,
-                                  super_topk=super_topk)
+                                  super_topk=super_topk,
+                                  windows=None if plan is None else (plan.first_super,
+                                                                     plan.max_supers))
 
 
 def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
@@ -143,13 +204,15 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     sup = check_super_params(block_topk=block_topk, super_size=super_size,
                              super_topk=super_topk)
     check_out_buffer(out, T, topk, q.device)
-    check_windows(ks, ke, S)
+    # One host transfer for every window fact of the call (validation included).
+    plan = plan_windows(ks, ke, S, topk=topk, block_size=block_size, block_topk=block_topk,
+                        **sup)
     if pooled is not None:
         check_pooled(pooled, k, block_size)
     if resolve_backend(backend, q.device,
-                       lambda: _kernel_check(q, k, ks, ke, block_size, block_topk, **sup)
+                       lambda: _kernel_check(q, k, ks, ke, block_size, block_topk, **sup,
+                                             plan=plan)
                        ) == "torch":
-        routed = False
         reference = naive_hisa_index_super if sup else naive_hisa_index
         idx, scores = reference(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                 block_size=block_size, block_topk=block_topk, pooled=pooled,
@@ -158,19 +221,20 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         if backend == "triton":   # "auto" checked the kernels' limits while resolving
             # They hold for every call, routed or not: a shape's acceptance must not depend
             # on whether this call's windows happen to prune.
-            _kernel_check(q, k, ks, ke, block_size, block_topk, **sup)
-        routed = nothing_pruned(ks, ke, block_size=block_size, block_topk=block_topk, **sup)
-        if routed:
+            _kernel_check(q, k, ks, ke, block_size, block_topk, **sup, plan=plan)
+        if plan.nothing_pruned:
             # Exact regime (short contexts, L <= m * B): the same set, faster by the flat path.
             from ..dsa.prefill import dsa_index_triton
             idx, scores = dsa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
-                                           out=out, need_scores=return_scores)
+                                           out=out, need_scores=return_scores,
+                                           span=plan.span)
         else:
             from .pipeline import hisa_index_triton
             idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                             block_size=block_size, block_topk=block_topk, out=out,
-                                            need_scores=return_scores, pooled=pooled, **sup)
-    if not routed:                # a routed call pruned nothing: no short window lost a block
+                                            need_scores=return_scores, pooled=pooled,
+                                            windows=plan, **sup)
+    if plan.short_pruned:         # rare: otherwise no short window lost a block
         keep_short_windows(idx, scores, q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                            block_size=block_size, block_topk=block_topk, **sup)
     return finish_output(idx, scores, out=out, return_scores=return_scores)

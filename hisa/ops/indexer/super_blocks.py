@@ -47,9 +47,11 @@ POOL_SUPER_CHUNK = 16
 
 
 def check_super_kernel_params(ks: torch.Tensor, ke: torch.Tensor, *, block_size: int,
-                              super_size: int, super_topk: int) -> tuple[int, int]:
+                              super_size: int, super_topk: int,
+                              windows: tuple[int, int] | None = None) -> tuple[int, int]:
     """Every limit of the Triton super-block level beyond the public contract; reads the
-    windows (one host synchronisation, as :func:`.block_scores.window_blocks`).
+    windows (one host synchronisation, as :func:`.block_scores.window_blocks`) unless
+    ``windows`` gives the result of that read (the public op reads it with its window check).
 
     The three-level path has no per-window block limit (the block stage scores only the
     ms * Bs candidates); its limits are the candidate row and each window's super-blocks.
@@ -63,7 +65,7 @@ def check_super_kernel_params(ks: torch.Tensor, ke: torch.Tensor, *, block_size:
         raise ValueError(f"super_topk * super_size: expected at most {SELECT_MAX_ROW} candidate "
                          f"blocks for the Triton block selection, got {super_size * super_topk}")
     span = block_size * super_size
-    first_super, max_supers = window_blocks(ks, ke, span)
+    first_super, max_supers = window_blocks(ks, ke, span) if windows is None else windows
     if max(16, triton.next_power_of_2(max(max_supers, 1))) > SELECT_MAX_ROW:
         raise ValueError(f"ks/ke: expected windows of at most {SELECT_MAX_ROW} super-blocks "
                          f"({SELECT_MAX_ROW * span} keys at block_size={block_size}, "

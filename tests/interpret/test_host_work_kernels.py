@@ -1,0 +1,108 @@
+"""Host work of one call of the public prefill ops on the Triton backend, pinned.
+
+On a GPU each host sync stalls the CPU until the queue drains (the launch gap behind it is
+exposed) and each kernel launch or small torch op costs a few microseconds of host time; the
+counts below are what one call does, measured by :mod:`hisa.testing.launches` under the
+interpreter (the code path is the GPU's). A later change that adds a read of the windows, a
+launch or a handful of small ops fails here and names the function in the report.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hisa
+from hisa.testing.inputs import make_indexer_inputs
+from hisa.testing.launches import count_host_work, measure
+
+triton = pytest.importorskip("triton")
+
+H, D, B, M, K = 16, 64, 16, 4, 24
+
+#: Host syncs of any prefill call: the window check, which carries every window fact the
+#: call needs (kernel limits, route, pooling start, selection rows, short-window repair).
+CALL_SYNCS = 1
+#: Launches of the two-level pipeline: pool, fused block scores + top-m, token scores, token
+#: selection (one token tile at these sizes).
+TWO_LEVEL_LAUNCHES = 4
+#: Three levels add the super-block pooling and the candidate-block selection.
+THREE_LEVEL_LAUNCHES = 6
+#: The flat path: logits, then top-k (one logits tile).
+FLAT_LAUNCHES = 2
+#: aten ops of the flat op (measured 9: the window check's 5, the 4 buffers) plus slack for
+#: a small change; the 3 host syncs of commit 222f707 came with 12.
+FLAT_ATEN_BUDGET = 10
+#: aten ops the window plan adds to the window check (measured 13 at two levels: the block
+#: counts, the route and the short-window mask); before it the separate reads cost 23 more.
+PLAN_ATEN_BUDGET = 14
+#: aten ops of a pruning two-level call (measured 24: the plan's 18, the pipeline's 6
+#: buffers); 62 at commit 222f707, whose windows were read four times.
+TWO_LEVEL_ATEN_BUDGET = 26
+#: Three levels (measured 38: the super-block counts and 4 more buffers).
+THREE_LEVEL_ATEN_BUDGET = 40
+
+
+def _inputs(seq, ql=None):
+    return make_indexer_inputs(seq, query_lens=ql, heads=H, head_dim=D, seed=1)
+
+
+def _hisa(inp, **kw):
+    out = torch.empty(inp.num_queries, K, dtype=torch.int32)
+    return lambda: hisa.hisa_index(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
+                                   block_topk=M, backend="triton", out=out, **kw)
+
+
+def _flat(inp):
+    out = torch.empty(inp.num_queries, K, dtype=torch.int32)
+    return lambda: hisa.dsa_index(*inp.args(), k_scale=inp.k_scale, topk=K, backend="triton",
+                                  out=out)
+
+
+@pytest.mark.parametrize("seq,ql", [([400], [8]), ([300, 40, 200], [6, 40, 4])],
+                         ids=["chunk", "packed"])
+def test_pruning_call_two_levels(seq, ql):
+    work = measure(_hisa(_inputs(seq, ql)))
+    assert work.num_syncs == CALL_SYNCS, work.report()
+    assert work.num_launches == TWO_LEVEL_LAUNCHES, work.report()
+    assert work.num_aten_kernels <= TWO_LEVEL_ATEN_BUDGET, work.report()
+
+
+def test_pruning_call_three_levels():
+    work = measure(_hisa(_inputs([400], [8]), super_size=2, super_topk=2))
+    assert work.num_syncs == CALL_SYNCS, work.report()
+    assert work.num_launches == THREE_LEVEL_LAUNCHES, work.report()
+    assert work.num_aten_kernels <= THREE_LEVEL_ATEN_BUDGET, work.report()
+
+
+def test_exact_regime_costs_the_flat_op_plus_the_plan():
+    """A full causal prefill of M * B keys routes to the flat kernels: the HISA call costs
+    what ``dsa_index`` does (one sync, two launches) plus the plan's few small ops."""
+    inp = _inputs([M * B])
+    flat = measure(_flat(inp))
+    routed = measure(_hisa(inp))
+    assert flat.num_syncs == routed.num_syncs == CALL_SYNCS, (flat.report(), routed.report())
+    assert flat.num_launches == routed.num_launches == FLAT_LAUNCHES
+    assert flat.num_aten_kernels <= FLAT_ATEN_BUDGET, flat.report()
+    assert routed.num_aten_kernels - flat.num_aten_kernels <= PLAN_ATEN_BUDGET, routed.report()
+
+
+def test_short_window_repair_still_runs_when_the_plan_flags_it():
+    """A window of <= topk keys spanning m + 1 blocks must come back whole (contract section
+    2): the plan flags it and the repair runs (its row read and the reference it calls are
+    its own syncs, paid only by calls that have such a row); the row is the whole window."""
+    inp = make_indexer_inputs([200], query_lens=[3], heads=H, head_dim=D, seed=2)
+    topk, m = 2 * B, 2                                       # m * B = topk
+    ks = torch.tensor([8, 0, 0], dtype=torch.int32)          # [8, 8 + topk): blocks 0..2
+    ke = torch.tensor([8 + topk, 200, 199], dtype=torch.int32)
+    kw = dict(k_scale=inp.k_scale, topk=topk, backend="triton")
+    args = (inp.q, inp.k, inp.weights, ks, ke)
+    hisa.hisa_index(*args, block_size=B, block_topk=m, **kw)
+    with count_host_work() as work:
+        got = hisa.hisa_index(*args, block_size=B, block_topk=m, **kw)
+    repair = [e for e in work.syncs
+              if "keep_short_windows" in e.site or e.site.startswith("hisa.ops.dsa.naive.")]
+    assert any("keep_short_windows" in e.site for e in repair), work.report()
+    assert work.num_syncs - len(repair) == CALL_SYNCS, work.report()
+    flat = hisa.dsa_index(*args, **kw)
+    assert torch.equal(got[0].sort().values, torch.arange(topk, dtype=torch.int32))
+    assert torch.equal(got[0].sort().values, flat[0].sort().values)

@@ -1,0 +1,93 @@
+"""The one-transfer window plan of the public prefill op: its facts are those the separate host
+reads computed (window_blocks, nothing_pruned, keep_short_windows' mask), with the same
+errors; the flat op's tiles from the known span equal the read ones."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hisa.ops.dsa.prefill import FLAT_LOGITS_BYTES, query_tiles
+from hisa.ops.indexer.block_scores import window_blocks
+from hisa.ops.indexer.naive import eligible_blocks
+from hisa.ops.indexer.naive_super import eligible_supers
+from hisa.ops.indexer.prefill import nothing_pruned, plan_windows
+from hisa.testing.launches import count_host_work
+from hisa.utils.validate import check_windows
+
+
+def _t(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def test_check_windows_reads_extra_facts_in_its_one_transfer():
+    ks, ke = _t([0, 3, 5]), _t([2, 7, 5])
+    with count_host_work() as work:
+        got = check_windows(ks, ke, 8, [(ke - ks).max(), (ke > ks).any()])
+    assert got == (0, 7, 4, 1)
+    assert work.num_syncs == 1, work.report()
+    assert check_windows(_t([]), _t([]), 8, [_t(0)]) == (0, 0, 0)
+
+
+def _random_windows(g, T, S):
+    ks = torch.randint(0, S + 1, (T,), generator=g, dtype=torch.int32)
+    ke = torch.minimum(ks + torch.randint(0, S + 1, (T,), generator=g, dtype=torch.int32),
+                       torch.tensor(S, dtype=torch.int32))
+    ke[::5] = ks[::5]                                   # empty windows
+    return ks, ke
+
+
+@pytest.mark.parametrize("sup", [{}, {"super_size": 2, "super_topk": 2},
+                                 {"super_size": 3, "super_topk": 4}])
+def test_plan_equals_the_separate_reads(sup):
+    """Every fact of the plan, on random windows (empty ones included), is the value the
+    separate host reads it replaces gave: window_blocks (first block, block count; at the
+    super span for three levels), nothing_pruned, and keep_short_windows' row mask."""
+    g = torch.Generator().manual_seed(5)
+    B, m, K = 16, 4, 40
+    for trial in range(40):
+        S = int(torch.randint(1, 400, (1,), generator=g))
+        ks, ke = _random_windows(g, int(torch.randint(1, 30, (1,), generator=g)), S)
+        plan = plan_windows(ks, ke, S, topk=K, block_size=B, block_topk=m, **sup)
+        first, most = window_blocks(ks, ke, B)
+        assert (plan.first_block, plan.max_blocks) == (first, most), trial
+        fb, eb = eligible_blocks(ks, ke, B)
+        pruned = (eb - fb) > m
+        if sup:
+            span = B * sup["super_size"]
+            assert (plan.first_super, plan.max_supers) == window_blocks(ks, ke, span), trial
+            fs, es = eligible_supers(ks, ke, B, sup["super_size"])
+            pruned |= (es - fs) > sup["super_topk"]
+        assert plan.nothing_pruned == nothing_pruned(ks, ke, block_size=B, block_topk=m,
+                                                     **sup), trial
+        assert plan.short_pruned == bool((pruned & ((ke - ks) <= K)).any()), trial
+        assert plan.span == (int(ks.min()), int(ke.max()))
+
+
+def test_plan_keeps_the_window_errors():
+    with pytest.raises(ValueError, match=r"ks\[1\] = 5 > ke\[1\] = 4"):
+        plan_windows(_t([0, 5]), _t([1, 4]), 8, topk=8, block_size=16, block_topk=4)
+    with pytest.raises(ValueError, match="at most|<= the number of keys"):
+        plan_windows(_t([0, 1]), _t([1, 9]), 8, topk=8, block_size=16, block_topk=4)
+    with pytest.raises(ValueError, match="ks: expected values >= 0"):
+        plan_windows(_t([-1, 1]), _t([1, 2]), 8, topk=8, block_size=16, block_topk=4)
+    empty = plan_windows(_t([]), _t([]), 8, topk=8, block_size=16, block_topk=4)
+    assert empty.nothing_pruned and not empty.short_pruned
+
+
+def test_query_tiles_with_the_known_span_equal_the_read_ones():
+    g = torch.Generator().manual_seed(2)
+    for cap in (FLAT_LOGITS_BYTES, 4 * 64, 4 * 1000):
+        for _ in range(20):
+            ks, ke = _random_windows(g, int(torch.randint(1, 40, (1,), generator=g)), 300)
+            span = (int(ks.min()), int(ke.max()))
+            assert query_tiles(ks, ke, cap, span) == query_tiles(ks, ke, cap)
+
+
+def test_query_tiles_skip_the_read_when_one_tile_fits():
+    ks, ke = _t([0, 0, 2]), _t([1, 2, 9])
+    with count_host_work() as work:
+        tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES, (0, 9))
+    assert tiles == [(0, 3, 0, 9)] and work.num_syncs == 0
+    with count_host_work() as work:
+        query_tiles(ks, ke, FLAT_LOGITS_BYTES)
+    assert work.num_syncs == 1, work.report()      # ks and ke in one transfer

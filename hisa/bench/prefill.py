@@ -21,7 +21,7 @@ import hisa
 from ..ops.dsa.naive import naive_dsa_index, naive_dsa_logits
 from ..ops.indexer.naive import eligible_blocks, naive_hisa_index
 from ..ops.indexer.naive_super import naive_hisa_index_super
-from ..ops.indexer.prefill import nothing_pruned
+from ..ops.indexer.prefill import plan_windows
 from ..testing.compare import FP8_MMA_ROW_TOL, assert_same_selection, check_index_format
 from ..testing.inputs import make_indexer_inputs
 from .models import flat_prefill_flops, hisa_prefill_flops
@@ -179,8 +179,9 @@ def bench_prefill_point(context: int, *, queries: int | None, env: dict, topk: i
                          **sup)
         gate, exact = quality[name]
         # What the public op ran: in the exact regime (no query prunes) it routes to flat.
-        extra["route"] = "flat" if nothing_pruned(inp.ks, inp.ke, block_size=block_size,
-                                                  block_topk=block_topk, **sup) else "hisa"
+        extra["route"] = "flat" if plan_windows(
+            inp.ks, inp.ke, inp.k.shape[0], topk=topk, block_size=block_size,
+            block_topk=block_topk, **sup).nothing_pruned else "hisa"
         rows.append(make_row(env, op=name.split()[0], ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                              tflops=f / t.median_ms / 1e9,
                              speedup_vs_flat=t_flat.median_ms / t.median_ms,

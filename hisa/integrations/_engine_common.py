@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from ..cache.layout import PAGE_SIZE, page_bytes, page_views, pooled_row_bytes
+from ..cache.layout import (PAGE_SIZE, SCALE_BYTES, as_pages, page_views,
+                            pooled_row_bytes)
 from ..cache.paged import paged_cache_append
 from ..ops.dsa.index import dsa_index
 from ..ops.dsa.paged import NEXT_N_SUPPORTED, dsa_index_paged
@@ -32,8 +33,6 @@ from ..utils.validate import BACKENDS, FP8_DTYPE
 
 logger = logging.getLogger("hisa.integrations")
 
-#: Bytes of one fp32 key scale stored after the 64 FP8 rows of a page.
-SCALE_BYTES = 4
 _TRUE, _FALSE = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
 
 
@@ -140,18 +139,16 @@ def as_engine_pages(kv_cache: torch.Tensor, head_dim: int) -> torch.Tensor:
     (DeepGEMM's view). Raises ValueError for another shape or a strided page layout (an engine
     that pads its pages; the plugin then falls back to the engine's kernels).
     """
-    if kv_cache.dtype != torch.uint8:
+    if kv_cache.dtype != torch.uint8:   # ValueError, not as_pages' TypeError: the plugin falls back
         raise ValueError(f"kv_cache: expected uint8, got {kv_cache.dtype}")
     row = head_dim + SCALE_BYTES
-    shape = tuple(kv_cache.shape)
-    if shape[1:] not in ((PAGE_SIZE * row,), (PAGE_SIZE, row), (PAGE_SIZE, 1, row)):
-        raise ValueError(f"kv_cache: expected [P, {PAGE_SIZE} * {row}], [P, {PAGE_SIZE}, {row}] "
-                         f"or [P, {PAGE_SIZE}, 1, {row}] (pages of {PAGE_SIZE} tokens, D = "
-                         f"{head_dim}), got {list(shape)}")
-    if not kv_cache.is_contiguous():
-        raise ValueError(f"kv_cache: expected densely packed pages, got strides "
-                         f"{tuple(kv_cache.stride())}")
-    return kv_cache.view(shape[0], page_bytes(head_dim))
+    if kv_cache.dim() == 3 and tuple(kv_cache.shape[1:]) == (PAGE_SIZE, row):
+        # vLLM's form; the cache's own check (as_pages) takes the other two.
+        if not kv_cache.is_contiguous():
+            raise ValueError(f"kv_cache: expected densely packed pages, got strides "
+                             f"{tuple(kv_cache.stride())}")
+        kv_cache = kv_cache.view(kv_cache.shape[0], PAGE_SIZE * row)
+    return as_pages(kv_cache, head_dim)
 
 
 class PooledCacheRegistry:

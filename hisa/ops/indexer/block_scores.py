@@ -25,6 +25,20 @@ BLOCK_BN = 64
 
 
 @triton.jit
+def _pooled_row_scores(p_ptr, p_scale_ptr, blk, valid, q_t, w_t, d, D: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, PREC: tl.constexpr):
+    """Stage-1 scores [BN] of the pooled rows ``blk`` (int64) where ``valid`` (0 elsewhere):
+    the gated head sum of ReLU(row . q), times the row's scale for FP8 rows. Shared by the
+    block stage and the three-level candidate stage, so the scoring rule lives once."""
+    kb = tl.load(p_ptr + blk[:, None] * D + d[None, :], mask=valid[:, None], other=0.0)
+    acc = tl.dot(kb, q_t, input_precision=PREC)                                     # [BN, H]
+    sc = tl.sum(_relu(acc) * w_t[None, :], axis=1)
+    if HAS_SCALE:
+        sc = sc * tl.load(p_scale_ptr + blk, mask=valid, other=0.0)
+    return sc
+
+
+@triton.jit
 def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, scores_ptr, stride_s,
                          ids_ptr, T, NB,
                          H: tl.constexpr, D: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
@@ -55,12 +69,8 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
         for c0 in range(first, end, BN):
             c = c0 + cb
             m = c < end
-            kb = tl.load(p_ptr + c[:, None].to(tl.int64) * D + d[None, :], mask=m[:, None],
-                         other=0.0)                                                 # [BN, D]
-            acc = tl.dot(kb, q_t, input_precision=PREC)                             # [BN, H]
-            sc = tl.sum(_relu(acc) * w_t[None, :], axis=1)                           # [BN]
-            if HAS_SCALE:
-                sc = sc * tl.load(p_scale_ptr + c, mask=m, other=0.0)
+            sc = _pooled_row_scores(p_ptr, p_scale_ptr, c.to(tl.int64), m, q_t, w_t, d, D,
+                                    HAS_SCALE, PREC)
             sc = tl.where((c == first) | (c == end - 1), float("inf"), sc)
             tl.store(row + c, sc, mask=m)
         if SELECT:

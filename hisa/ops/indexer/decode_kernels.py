@@ -61,6 +61,24 @@ SCORE_WARPS = 4
 
 
 @triton.jit
+def _paged_pooled_scores(pl8_ptr, pl32_ptr, bt_row, blk, need, num_pages, q_t, w, d,
+                         D: tl.constexpr, PPB: tl.constexpr, PREC: tl.constexpr):
+    """Stage-1 scores [TILE] of a request's blocks ``blk`` where ``need``, from the pooled
+    rows stored in each block's last page (``bt_row``: the request's block-table row): the
+    gated head sum of ReLU(row . q) times the row's scale; marked outside where the block is
+    not needed or its page id lies outside the cache. Shared by the two-level block stage and
+    the three-level candidate stage, so the scoring rule lives once."""
+    page = tl.load(bt_row + (blk + 1) * PPB - 1, mask=need, other=0)
+    ok = need & (page >= 0) & (page < num_pages)
+    base = tl.where(ok, page, 0).to(tl.int64) * (D + 4)
+    kb = tl.load(pl8_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+    sc = tl.load(pl32_ptr + base // 4 + D // 4, mask=ok, other=0.0)
+    acc = tl.dot(kb.to(q_t.dtype), q_t, input_precision=PREC)                       # [TILE, H]
+    s = tl.sum(_relu(acc) * w[None, :], axis=1) * sc
+    return tl.where(ok, s, _outside_like(s))
+
+
+@triton.jit
 def _block_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_ptr, scratch_ptr,
                          num_pages, max_pages, stride_bt, hisa_min_keys,
                          NEXT_N: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
@@ -82,15 +100,8 @@ def _block_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
         w = tl.load(w_ptr + r64 * H + h)                                            # [H]
         j = j0 + tl.arange(0, TILE)
         need = (j >= 1) & (j < nb - 1)
-        page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (j + 1) * PPB - 1, mask=need,
-                       other=0)
-        ok = need & (page >= 0) & (page < num_pages)
-        base = tl.where(ok, page, 0).to(tl.int64) * (D + 4)
-        kb = tl.load(pl8_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-        sc = tl.load(pl32_ptr + base // 4 + D // 4, mask=ok, other=0.0)
-        acc = tl.dot(kb.to(q_t.dtype), q_t, input_precision=PREC)                   # [TILE, H]
-        s = tl.sum(_relu(acc) * w[None, :], axis=1) * sc
-        s = tl.where(ok, s, _outside_like(s))             # a page id outside the cache
+        s = _paged_pooled_scores(pl8_ptr, pl32_ptr, bt_ptr + b.to(tl.int64) * stride_bt, j,
+                                 need, num_pages, q_t, w, d, D, PPB, PREC)
         s = tl.where((j == 0) | (j == nb - 1), float("inf"), s)
         tl.store(scratch_ptr + r64 * NB_PAD + j, s, mask=j < nb)
 

@@ -32,10 +32,11 @@ import triton.language as tl
 
 from ...cache.layout import PAGE_SIZE
 from ..dsa.decode_kernels import _request_len, _row_len
-from .decode_kernels import BLOCK_TILE, SCORE_WARPS, SELECT_RADIX, _nb_pad, block_select
+from .decode_kernels import (BLOCK_TILE, SCORE_WARPS, SELECT_RADIX, _nb_pad,
+                             _paged_pooled_scores, block_select)
 from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
-from .topk import _force_ends, _masked_key, _outside_like, _relu
+from .topk import _force_ends, _masked_key
 
 
 def check_decode_super_params(block_size: int, super_size: int, super_topk: int,
@@ -77,15 +78,9 @@ def _candidate_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_p
         blk = g * BS + c % BS                                                       # int64
         valid = cm & (g >= 0) & (blk < nb)
         need = valid & (blk >= 1) & (blk < nb - 1)
-        page = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + (blk + 1) * PPB - 1, mask=need,
-                       other=0)
-        ok = need & (page >= 0) & (page < num_pages)
-        base = tl.where(ok, page, 0).to(tl.int64) * (D + 4)
-        kb = tl.load(pl8_ptr + base[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-        sc = tl.load(pl32_ptr + base // 4 + D // 4, mask=ok, other=0.0)
-        acc = tl.dot(kb.to(q_t.dtype), q_t, input_precision=PREC)                   # [TILE, H]
-        s = tl.sum(_relu(acc) * w[None, :], axis=1) * sc
-        s = tl.where(ok, s, _outside_like(s))   # padding, past the row, a page outside the cache
+        # outside for padding, past the row, or a page outside the cache
+        s = _paged_pooled_scores(pl8_ptr, pl32_ptr, bt_ptr + b.to(tl.int64) * stride_bt, blk,
+                                 need, num_pages, q_t, w, d, D, PPB, PREC)
         s = tl.where(valid & ((blk == 0) | (blk == nb - 1)), float("inf"), s)
         tl.store(scratch_ptr + r64 * C_PAD + c, s, mask=cm)
 

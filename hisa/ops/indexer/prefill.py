@@ -43,22 +43,6 @@ def keep_short_windows(idx: torch.Tensor, scores: torch.Tensor | None, q: torch.
         scores[rows] = sub_scores
 
 
-def nothing_pruned(ks: torch.Tensor, ke: torch.Tensor, *, block_size: int, block_topk: int,
-                   super_size: int | None = None, super_topk: int | None = None) -> bool:
-    """True when every query keeps all its eligible blocks (and super-blocks): its HISA set
-    is then the flat indexer's (contract section 2), which the flat path computes with less
-    work (no pooling, no block stage, one selection). One host synchronisation."""
-    if ks.numel() == 0:
-        return True
-    first, end = eligible_blocks(ks, ke, block_size)
-    most = [(end - first).max()]
-    if super_size is not None:
-        first_s, end_s = eligible_supers(ks, ke, block_size, super_size)
-        most.append((end_s - first_s).max())
-    counts = torch.stack(most).tolist()
-    return counts[0] <= block_topk and (super_size is None or counts[1] <= super_topk)
-
-
 def _blocks_spanned(ks: torch.Tensor, ke: torch.Tensor, span: int) -> torch.Tensor:
     """int32 [T]: blocks of ``span`` keys in each window, 0 for an empty one (the count of
     :func:`.naive.eligible_blocks`; int32 stays exact since 0 <= ks <= ke < 2**31)."""
@@ -73,7 +57,8 @@ class WindowPlan:
     ``first_block`` / ``max_blocks``: smallest first eligible block and largest eligible block
     count over the queries (:func:`.block_scores.window_blocks`); ``first_super`` /
     ``max_supers`` the same for super-blocks (0 with two levels). ``nothing_pruned``: every
-    query keeps all its eligible blocks and super-blocks (:func:`nothing_pruned`).
+    query keeps all its eligible blocks and super-blocks, so its HISA set is the flat
+    indexer's (contract section 2), which the flat kernels compute with less work.
     ``short_pruned``: some window of at most ``topk`` keys would lose a block or super-block,
     so :func:`keep_short_windows` has rows to repair. ``span``: (min(ks), max(ke)).
     """

@@ -37,10 +37,10 @@ import triton.language as tl
 from ...cache.append import _clamp_e4m3, _nan_amax
 from ...utils.quant import AMAX_FLOOR, FP8_MAX
 from ...utils.validate import FP8_DTYPE
-from .block_scores import BLOCK_BN, block_select, window_blocks
+from .block_scores import BLOCK_BN, _pooled_row_scores, block_select, window_blocks
 from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
-from .topk import _force_ends, _masked_key, _outside_like, _relu, persistent_programs
+from .topk import _force_ends, _masked_key, _outside_like, persistent_programs
 
 #: Block reps summed per iteration of the super-block pooling loop.
 POOL_SUPER_CHUNK = 16
@@ -189,12 +189,8 @@ def _candidate_blocks_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, s
             g = tl.load(sup_ptr + t64 * MS + c // BS, mask=cm, other=-1).to(tl.int64)
             blk = g * BS + c % BS
             valid = cm & (g >= 0) & (blk >= first) & (blk < end)
-            kb = tl.load(p_ptr + blk[:, None] * D + d[None, :], mask=valid[:, None],
-                         other=0.0)                                                # [BN, D]
-            acc = tl.dot(kb, q_t, input_precision=PREC)                             # [BN, H]
-            sc = tl.sum(_relu(acc) * w_t[None, :], axis=1)                           # [BN]
-            if HAS_SCALE:
-                sc = sc * tl.load(p_scale_ptr + blk, mask=valid, other=0.0)
+            sc = _pooled_row_scores(p_ptr, p_scale_ptr, blk, valid, q_t, w_t, d, D, HAS_SCALE,
+                                    PREC)
             sc = tl.where(valid, sc, _outside_like(sc))
             sc = tl.where(valid & ((blk == first) | (blk == end - 1)), float("inf"), sc)
             tl.store(row + c, sc, mask=cm)

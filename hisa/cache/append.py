@@ -89,6 +89,18 @@ def _to_e4m3(y):
 
 
 @triton.jit
+def _store_pooled_row(p8_ptr, p32_ptr, page, mean, ok, d, D: tl.constexpr):
+    """Write ``mean`` [D] as the pooled row of ``page`` (its FP8 values, then its fp32 scale):
+    re-quantized with its own scale where ``ok``, else the unknown sentinel (zero values, NaN
+    scale) for a row that could not be read. Shared by the block and super-block appends."""
+    scale = _fp8_scale(_nan_amax(mean, 0), False)
+    vals = _to_e4m3(tl.where(ok, _clamp_e4m3(mean / scale), 0.0))
+    row = page.to(tl.int64) * (D + 4)
+    tl.store(p8_ptr + row + d, vals)
+    tl.store(p32_ptr + row // 4 + D // 4, tl.where(ok, scale, float("nan")))
+
+
+@triton.jit
 def _append_kernel(k_ptr, ksc_ptr, slot_ptr, kv8_ptr, kv32_ptr, win_ptr, later_ptr, T,
                    num_pages, D: tl.constexpr, TOK: tl.constexpr, PAGE: tl.constexpr,
                    SCAN: tl.constexpr, SCAN_IN_KERNEL: tl.constexpr, IS_FP8: tl.constexpr,
@@ -168,13 +180,7 @@ def _pool_kernel(pos_ptr, slot_ptr, win_ptr, req_ptr, bt_ptr, kv8_ptr, kv32_ptr,
             ks = tl.load(kv32_ptr + base // 4 + (PAGE * D) // 4 + tk, mask=page_ok, other=0.0)
             acc += tl.sum(kb * ks[:, None], axis=0)
         mean = acc / B
-        scale = _fp8_scale(_nan_amax(mean, 0), False)
-        # An unreadable block gets the unknown sentinel (zero values, NaN scale).
-        vals = _to_e4m3(tl.where(ok, _clamp_e4m3(mean / scale), 0.0))
-        scale = tl.where(ok, scale, float("nan"))
-        row = last * (D + 4)
-        tl.store(pl8_ptr + row + d, vals)
-        tl.store(pl32_ptr + row // 4 + D // 4, scale)
+        _store_pooled_row(pl8_ptr, pl32_ptr, last, mean, ok, d, D)
 
 
 def later_duplicates(slots: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .append import _clamp_e4m3, _fp8_scale, _nan_amax, _to_e4m3
+from .append import _store_pooled_row
 from .layout import PAGE_SIZE
 
 
@@ -66,12 +66,7 @@ def _pool_super_kernel(pos_ptr, slot_ptr, win_ptr, req_ptr, bt_ptr, pl8_ptr, pl3
         named = tl.sum(tl.where(i == BS - 1, page, 0), axis=0)
         ok = (bad == 0) & (named == last) & (slot % PAGE == PAGE - 1)
         mean = tl.sum(x * s[:, None], axis=0) / BS        # every block is full: equal weights
-        scale = _fp8_scale(_nan_amax(mean, 0), False)
-        vals = _to_e4m3(tl.where(ok, _clamp_e4m3(mean / scale), 0.0))
-        scale = tl.where(ok, scale, float("nan"))
-        row = last * (D + 4)
-        tl.store(sp8_ptr + row + d, vals)
-        tl.store(sp32_ptr + row // 4 + D // 4, scale)
+        _store_pooled_row(sp8_ptr, sp32_ptr, last, mean, ok, d, D)
 
 
 def pool_super_rows(pooled_cache: torch.Tensor, super_cache: torch.Tensor,

@@ -51,19 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a plot.", formatter_class=DefaultsHelpFormatter)
     bench_cli.add_arguments(b)
     b.set_defaults(func=bench_cli.run)
-    from .distill import cli as distill_cli
-    d = sub.add_parser("distill", help="train DSA lightning indexers for a frozen model",
-                       description=distill_cli.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    distill_cli.add_arguments(d)
-    d.set_defaults(func=distill_cli.run)
+    # distill and eval need the optional `eval` extra (transformers, ...): a core install still
+    # gets a parser, and the command then says which package to install instead of a traceback.
+    try:
+        from .distill import cli as distill_cli
+    except ImportError as err:
+        _needs_eval_extra(sub, "distill", "train DSA lightning indexers (needs hisa[eval])", err)
+    else:
+        d = sub.add_parser("distill", help="train DSA lightning indexers for a frozen model",
+                           description=distill_cli.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        distill_cli.add_arguments(d)
+        d.set_defaults(func=distill_cli.run)
     try:
         from .eval import cli as eval_cli
-    except ImportError as err:  # the evaluation's optional dependencies are missing
-        e = sub.add_parser("eval", help="fidelity on real models (needs hisa[eval])")
-        e.set_defaults(func=lambda _a, _err=err: (print(
-            f"hisa eval needs the optional dependencies: pip install 'hisa-indexer[eval]' "
-            f"({_err})"), 2)[1])
+    except ImportError as err:
+        _needs_eval_extra(sub, "eval", "fidelity on real models (needs hisa[eval])", err)
     else:
         e = sub.add_parser("eval", help="fidelity of HISA vs flat top-k on real models",
                            description=eval_cli.__doc__,
@@ -71,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         eval_cli.add_arguments(e)
         e.set_defaults(func=eval_cli.run)
     return parser
+
+
+def _needs_eval_extra(sub, name: str, help_text: str, err: ImportError) -> None:
+    """Register ``name`` as a command that only explains how to install what it is missing."""
+    def missing(_args) -> int:
+        print(f"hisa {name} needs the optional dependencies: "
+              f"pip install 'hisa-indexer[eval]' ({err})", file=sys.stderr)
+        return 2
+    sub.add_parser(name, help=help_text, description=f"{help_text}: {err}").set_defaults(
+        func=missing)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,3 +119,27 @@ def test_version_is_single_sourced():
     except metadata.PackageNotFoundError:
         pytest.skip("the hisa-indexer distribution is not installed here")
     assert installed == hisa.__version__
+
+
+# A core install (`pip install hisa-indexer`, no `eval` extra) has no transformers, accelerate or
+# gguf. Blocking them in a child interpreter is that install as far as imports go: `hisa --version`
+# and `hisa selftest` must still start, and the optional commands must say what to install.
+_CORE_ONLY = ("import sys\n"
+              "for name in ('transformers', 'accelerate', 'gguf', 'safetensors', 'matplotlib'):\n"
+              "    sys.modules[name] = None  # import fails as if the package were absent\n"
+              "from hisa.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+
+
+@pytest.mark.parametrize("command", ["distill", "eval"])
+def test_core_install_cli_starts_and_names_the_missing_extra(command):
+    def hisa_without_extras(*argv):
+        return subprocess.run([sys.executable, "-c", _CORE_ONLY, *argv], capture_output=True,
+                              text=True, cwd=ROOT)
+    version = hisa_without_extras("--version")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("hisa ")
+    out = hisa_without_extras(command)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert "pip install 'hisa-indexer[eval]'" in out.stderr

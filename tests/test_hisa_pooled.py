@@ -50,3 +50,32 @@ def test_pooled_validation():
                             ("rows", TypeError, "pooled")]:
         with pytest.raises(err, match=match):
             run(inp, pooled=bad)
+
+
+def test_fp8_keys_get_fp32_representatives_on_every_path():
+    """The prefill kernels, caller-supplied rows and the distributed prefill store FP8 keys'
+    block means as fp32 (FP8 re-quantized means swapped near-tied blocks); bf16 / fp32 keys keep
+    their own dtype; the re-quantized format stays available by name."""
+    from hisa.distributed.pool import pool_sharded
+    from hisa.ops.indexer.reps import rep_dtype
+    fp8 = torch.float8_e4m3fn
+    assert rep_dtype(fp8) == torch.float32
+    assert rep_dtype(torch.bfloat16) == torch.bfloat16 and rep_dtype(torch.float32) == torch.float32
+    assert rep_dtype(fp8, fp8) == fp8 and rep_dtype(torch.bfloat16, fp8) == torch.bfloat16
+    pytest.importorskip("triton")
+    from hisa.ops.indexer.pipeline import given_pooled
+    inp = make_indexer_inputs(LENS, heads=4, head_dim=32, dtype=fp8, clustered=True, seed=2)
+    means = hn.naive_pool_blocks(inp.k, inp.k_scale, B)
+    rows, scale = given_pooled(means, inp.k)
+    assert rows.dtype == torch.float32 and scale is None and torch.equal(rows, means)
+    rows8, scale8 = given_pooled(means, inp.k, fp8)
+    assert rows8.dtype == fp8 and scale8.shape == (means.shape[0],)
+    from hisa.distributed.layout import BlockMap, ShardLayout
+    S = sum(LENS)                    # one rank holding every key; sharded blocks are 64-aligned
+    bmap = BlockMap(ShardLayout.contiguous_for(S, 1, block_size=64), 0, 64)
+    want = hn.naive_pool_blocks(inp.k, inp.k_scale, 64)
+    for dtype in (torch.float32, torch.bfloat16, fp8):
+        got, s = pool_sharded(inp.k, inp.k_scale, bmap, S, None, rep_dtype=dtype)
+        assert got.dtype == dtype and (s is None) == (dtype != fp8)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want)

@@ -34,17 +34,19 @@ def _chunk_sums(kf: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def pool_sharded(k: torch.Tensor, k_scale: torch.Tensor | None, bmap: BlockMap, num_keys: int,
-                 group, *, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 group, *, rep_dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Representatives of the blocks this rank scores, in ascending global order.
 
     Args:
         k, k_scale: this rank's local keys [S_r, D] (and fp32 scales).
         num_keys: S, keys in the global buffer.
-        fp8: re-quantize the means to FP8 with one scale per block (the Triton pipeline's
-            pooled keys); else fp32 means (the torch reference's).
+        rep_dtype: how the means are stored: fp32 (the torch reference's), bf16 (the Triton
+            pipeline's, :func:`hisa.ops.indexer.pool.rep_dtype`), or float8_e4m3fn
+            (re-quantized with one scale per block).
 
     Returns:
-        (pooled [NB_scored, D] fp32 or float8_e4m3fn, per-block fp32 scale or None).
+        (pooled [NB_scored, D] of ``rep_dtype``, per-block fp32 scale for FP8 else None).
     """
     B, D = bmap.B, k.shape[1]
     kf = dequantized(k, k_scale)
@@ -64,9 +66,9 @@ def pool_sharded(k: torch.Tensor, k_scale: torch.Tensor | None, bmap: BlockMap, 
         n_mine = int(bmap.scored_before(torch.tensor(nb)))
         mine = bmap.scored_global(torch.arange(n_mine, device=k.device))
         means = sums[mine] / counts[mine].unsqueeze(1)
-    if fp8:
+    if rep_dtype == torch.float8_e4m3fn:
         return quantize_fp8(means, group_size=D)
-    return means, None
+    return means.to(rep_dtype), None
 
 
 def _write_rows(pooled_cache: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,

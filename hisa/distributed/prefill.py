@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.indexer.reps import rep_dtype
 from ..utils.backend import resolve_backend
 from ..utils.output import check_out_buffer, finish_output
 from ..utils.validate import (FP8_DTYPE, check_hisa_params, check_indexer_inputs,
@@ -168,8 +169,10 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     check_tensor("k", k, dtypes=(FP8_DTYPE,))
     bmap = BlockMap(layout, rank, block_size)
     check_out_buffer(out, T, topk, q.device)
-    use_fp8 = resolve_backend(backend, q.device) == "triton"
-    pooled, pooled_scale = pool_sharded(k, k_scale, bmap, num_keys, group, fp8=use_fp8)
+    # The single-process paths' representatives: the Triton pipeline's for the kernels, the
+    # reference's fp32 means for the torch backend.
+    reps = rep_dtype(k.dtype) if resolve_backend(backend, q.device) == "triton" else torch.float32
+    pooled, pooled_scale = pool_sharded(k, k_scale, bmap, num_keys, group, rep_dtype=reps)
     pages = pack_pages(k, k_scale)
     pos = torch.full((T, topk), -1, dtype=torch.long, device=q.device)
     val = torch.full((T, topk), float("-inf"), device=q.device)

@@ -4,7 +4,7 @@ The variable must be set before triton is first imported, so this conftest sets 
 time, and every test in this folder is marked ``interpret``. If triton is not installed the
 tests of this folder are skipped.
 
-Three shims of Triton 3.6's interpreter, touching only the interpreter (never compiled kernels):
+Shims of Triton 3.6's interpreter, touching only the interpreter (never compiled kernels):
 
 * Scalar kernel arguments are converted to Python ints with ``int()`` on a one-element array,
   which NumPy >= 2.3 rejects ("only 0-dimensional arrays can be converted"): any
@@ -13,6 +13,11 @@ Three shims of Triton 3.6's interpreter, touching only the interpreter (never co
   infinity: e4m3 NaN upcasts to 480 (also inside ``tl.dot``), and NaN, infinities and values
   past 448 downcast to arbitrary bytes. The shim gives the hardware behaviour
   (``cvt.rn.satfinite``): NaN <-> NaN, everything past 448 saturates to +-448.
+* Its ``tl.dot`` multiplies bf16 operands as their raw uint16 bits (bf16 is stored as
+  uint16), so any bf16 dot is garbage. The shim multiplies their fp32 values (bf16 -> fp32 is
+  exact; the accumulation is fp32, as the MMA's). Other bf16 arithmetic is still not emulated:
+  kernels that only load, convert and dot bf16 (the block stage's bf16 representatives) are
+  testable here; anything else bf16 belongs in tests/gpu.
 * Speed: a call of a ``@triton.jit`` helper from inside a kernel re-patches ``triton.language``
   each time (``_patch_lang``, about 4 ms), although the launch has already patched the same
   module objects; inside a launch the shim skips that repeat. This halves the tier's run time
@@ -76,6 +81,29 @@ if HAVE_TRITON and hasattr(_interp, "_convert_float"):
         return out
 
     _interp._convert_float = _convert_float
+
+
+def _dot_operand(handle) -> np.ndarray:
+    """fp32 values of a dot operand: bf16 from its uint16 bits, fp8 through the (patched)
+    bit-level converter, anything else by value."""
+    if handle.dtype == tl.bfloat16:
+        return _as_float32(handle.data, tl.bfloat16)
+    if handle.dtype.primitive_bitwidth == 8 and handle.dtype.is_floating():
+        return _interp._convert_float(handle.data, handle.dtype, tl.float16, None).view(
+            np.float16).astype(np.float32)
+    return handle.data.astype(np.float32)
+
+
+if HAVE_TRITON and hasattr(_interp, "InterpreterBuilder"):
+    _orig_create_dot = _interp.InterpreterBuilder.create_dot
+
+    def _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype, b.dtype):
+            return _orig_create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        out = np.matmul(_dot_operand(a), _dot_operand(b), dtype=np.float32).astype(d.data.dtype)
+        return _interp.TensorHandle(out + d.data, d.dtype.scalar)
+
+    _interp.InterpreterBuilder.create_dot = _create_dot
 
 
 class InterpreterMemcheck:

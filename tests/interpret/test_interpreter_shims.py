@@ -1,5 +1,6 @@
 """The interpreter shims of this folder's conftest do what they claim: out-of-bounds loads and
-stores fail, e4m3 NaN survives conversions and ``tl.dot``, saturation matches the hardware."""
+stores fail, e4m3 NaN survives conversions and ``tl.dot``, saturation matches the hardware,
+bf16 dots multiply values (not their bits)."""
 import pytest
 import torch
 import triton
@@ -20,6 +21,24 @@ def _convert_kernel(x_ptr, x8_ptr, y_ptr, z_ptr, N: tl.constexpr):
     a = tl.load(x8_ptr + i[:, None] * 0 + i[None, :])                 # [N, N], rows equal
     ones = tl.full([N, N], 1.0, tl.float32).to(tl.float8e4nv)
     tl.store(z_ptr + i, tl.sum(tl.dot(a, ones), axis=1))
+
+
+@triton.jit
+def _bf16_dot_kernel(a_ptr, b8_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    a = tl.load(a_ptr + i[:, None] * N + i[None, :])                  # bf16 [N, N]
+    b = tl.load(b8_ptr + i[:, None] * N + i[None, :]).to(tl.bfloat16)  # fp8 -> bf16, exact
+    tl.store(out_ptr + i[:, None] * N + i[None, :], tl.dot(a, b))
+
+
+def test_bf16_dot_multiplies_values():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=g).bfloat16()
+    b8 = torch.randn(16, 16, generator=g).to(torch.float8_e4m3fn)
+    out = torch.empty(16, 16)
+    _bf16_dot_kernel[(1,)](a, b8, out, N=16)
+    want = a.float() @ b8.float()                           # exact products, fp32 sums
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
 
 
 def test_memcheck_catches_out_of_bounds_load_and_store():

@@ -55,7 +55,10 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
         s1 = tl.load(ke_ptr + t64)
         first = s0 // B
         end = tl.where(s1 > s0, (s1 + B - 1) // B, first)
-        q_t = tl.load(q_ptr + t64 * (H * D) + h[None, :] * D + d[:, None])          # [D, H]
+        # [D, H] in the reps' dtype: FP8 queries against bf16 reps upcast exactly (a no-op
+        # when the dtypes already agree).
+        q_t = tl.load(q_ptr + t64 * (H * D) + h[None, :] * D + d[:, None]).to(
+            p_ptr.dtype.element_ty)
         w_t = tl.load(w_ptr + t64 * H + h)                                          # [H]
         if SELECT:
             row = scores_ptr + pid.to(tl.int64) * stride_s - first   # block b at column b-first
@@ -96,7 +99,8 @@ def block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, k
                  ke: torch.Tensor, *, block_size: int, pooled_scale: torch.Tensor | None = None,
                  prec: str = "tf32") -> torch.Tensor:
     """fp32 [T, NB] block scores, +inf on the forced blocks, marked outside the eligible range
-    (twin: ``naive_block_scores``). q and pooled share a dtype (prepared operands)."""
+    (twin: ``naive_block_scores``). q and pooled share a dtype (prepared operands), or q is
+    FP8 and pooled bf16 or fp32 (:func:`~.pool.rep_dtype`)."""
     T = q.shape[0]
     NB = pooled.shape[0]
     scores = torch.empty(T, NB, dtype=torch.float32, device=q.device)

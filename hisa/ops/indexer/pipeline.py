@@ -33,10 +33,13 @@ from ...utils.validate import FP8_DTYPE
 from ..dsa.prefill import check_kernel_shapes, prepare_operands
 from .block_scores import block_select, check_window_blocks, window_blocks
 from .pool import check_block_size, pool_blocks
+from .reps import rep_dtype
 from .select import select_tokens
 from .super_blocks import (candidate_block_select, check_super_kernel_params, pool_supers,
                            super_select, three_level_block_ids)
 from .token_scores import token_scores
+
+_KEY_DTYPES = {1: FP8_DTYPE, 2: torch.bfloat16, 4: torch.float32}
 
 #: Cap on the candidate-score buffer of the token stage (bytes): 1 GiB = 32,768 queries at
 #: m*B = 8,192.
@@ -75,14 +78,15 @@ def _window_plan(ks, ke, *, block_size, super_size, super_topk, windows=None
     return first_super * super_size, 0, first_super, max_supers
 
 
-def given_pooled(pooled: torch.Tensor, k: torch.Tensor
+def given_pooled(pooled: torch.Tensor, k: torch.Tensor, fp8_reps: torch.dtype | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Caller-supplied representatives stored as :func:`pool_blocks` would store them for the
-    prepared ``k``: FP8 with one scale per block for FP8 keys (the recipe of
-    :mod:`hisa.utils.quant`), else k's dtype."""
-    if k.dtype == FP8_DTYPE:
+    """Caller-supplied representatives stored as the pooling stage would store them for the
+    prepared ``k`` (:func:`~.pool.rep_dtype`): FP8 with one scale per block (the recipe of
+    :mod:`hisa.utils.quant`) or a plain float dtype."""
+    dtype = rep_dtype(k.dtype, fp8_reps)
+    if dtype == FP8_DTYPE:
         return quantize_fp8(pooled.float(), group_size=pooled.shape[1])
-    return pooled.to(k.dtype).contiguous(), None
+    return pooled.to(dtype).contiguous(), None
 
 
 def _token_stage(q, k, weights, ks, ke, ids, k_scale, prec, *, block_size, topk, idx, vals,
@@ -114,12 +118,13 @@ def _token_buffer(T, mb, device):
 def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, key_bytes: int,
                             block_size: int, block_topk: int, programs: int,
                             super_size: int | None = None, super_topk: int | None = None,
-                            windows: tuple[torch.Tensor, torch.Tensor] | None = None
-                            ) -> dict[str, int]:
+                            windows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            rep_bytes: int | None = None) -> dict[str, int]:
     """Bytes of every temporary :func:`hisa_index_triton` allocates (outputs excluded).
 
-    ``key_bytes``: 1 for FP8 keys (the reps then carry a 4-byte scale), 2 for bf16, 4 for
-    fp32. ``programs``: the persistent grid of the selection stages
+    ``key_bytes``: 1 for FP8 keys, 2 for bf16, 4 for fp32; ``rep_bytes``: bytes per value of
+    the representatives, by default those :func:`~.pool.rep_dtype` gives (bf16 for FP8 keys;
+    1 means FP8 reps, which carry a 4-byte scale). ``programs``: the persistent grid of the selection stages
     (``persistent_programs(T, device, 4)``: 4 per SM, at most T). ``windows``: the queries'
     (ks, ke), whose longest window sizes the selection scratch rows; by default one window of
     all ``num_keys`` keys (a chunk's last query, or a causal prefill's). Nothing here grows as
@@ -127,7 +132,9 @@ def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, k
     :data:`TOKEN_TILE_BYTES`; the block and super-block scratch rows are per program.
     """
     T, S, D, B, m = num_queries, num_keys, head_dim, block_size, block_topk
-    rep = D * key_bytes + (4 if key_bytes == 1 else 0)
+    if rep_bytes is None:
+        rep_bytes = rep_dtype(_KEY_DTYPES[key_bytes]).itemsize
+    rep = D * rep_bytes + (4 if rep_bytes == 1 else 0)
     nb = -(-S // B)
     grid = max(1, min(T, programs))
 
@@ -149,7 +156,8 @@ def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, k
 def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                         ks: torch.Tensor, ke: torch.Tensor, *, k_scale: torch.Tensor | None,
                         topk: int, block_size: int, block_topk: int,
-                        super_size: int | None = None, super_topk: int | None = None
+                        super_size: int | None = None, super_topk: int | None = None,
+                        fp8_reps: torch.dtype | None = None
                         ) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline as [(stage name, zero-argument callable)], run in order.
 
@@ -172,8 +180,9 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     }
 
     def pool():
-        state["pooled"], state["pooled_scale"] = pool_blocks(k, k_scale, block_size=block_size,
-                                                             first_block=first_block)
+        state["pooled"], state["pooled_scale"] = pool_blocks(
+            k, k_scale, block_size=block_size, first_block=first_block,
+            out_dtype=rep_dtype(k.dtype, fp8_reps))
         return state
 
     def blocks():
@@ -242,12 +251,15 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                       block_size: int, block_topk: int, out: torch.Tensor | None = None,
                       need_scores: bool = False, super_size: int | None = None,
                       super_topk: int | None = None, pooled: torch.Tensor | None = None,
-                      windows=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      windows=None, fp8_reps: torch.dtype | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`); two
     levels, or three with ``super_size`` / ``super_topk``; ``pooled`` replaces the pooling
     stage with the caller's representatives. ``windows``: the
     :class:`~hisa.ops.indexer.prefill.WindowPlan` the public op read with its window check
-    (by default the windows are read here, one host sync).
+    (by default the windows are read here, one host sync). ``fp8_reps``: how FP8 keys'
+    representatives are stored (:func:`~.pool.rep_dtype`: bf16 by default; float8_e4m3fn
+    for the re-quantized format, which the bench times beside it).
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
@@ -261,9 +273,10 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
         windows=windows)
     if pooled is None:
         pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
-                                           first_block=first_block)
+                                           first_block=first_block,
+                                           out_dtype=rep_dtype(k.dtype, fp8_reps))
     else:
-        pooled, pooled_scale = given_pooled(pooled, k)
+        pooled, pooled_scale = given_pooled(pooled, k, fp8_reps)
     if super_size is None:
         ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
                            block_topk=block_topk, pooled_scale=pooled_scale, prec=prec,

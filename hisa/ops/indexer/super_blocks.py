@@ -176,7 +176,8 @@ def _candidate_blocks_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, s
         s1 = tl.load(ke_ptr + t64).to(tl.int64)
         first = s0 // B
         end = tl.where(s1 > s0, (s1 + B - 1) // B, first)
-        q_t = tl.load(q_ptr + t64 * (H * D) + h[None, :] * D + d[:, None])          # [D, H]
+        q_t = tl.load(q_ptr + t64 * (H * D) + h[None, :] * D + d[:, None]).to(
+            p_ptr.dtype.element_ty)                          # [D, H] in the reps' dtype
         w_t = tl.load(w_ptr + t64 * H + h)                                          # [H]
         if SELECT:
             row = scores_ptr + pid.to(tl.int64) * stride_s

@@ -1,0 +1,92 @@
+"""GPU: what each representative format of FP8 keys costs and buys, in one run.
+
+For each shape the Triton prefill pipeline (``hisa_index_triton``) runs with the block (and
+super-block) representatives stored as re-quantized FP8 and as the default
+(:data:`hisa.ops.indexer.reps.FP8_KEYS_REP_DTYPE`), and as bf16. Each result is checked on sampled rows
+(the output format, then the mean IoU against the exact fp32-mean reference and against the
+reference given the kernel's own representatives) before it is timed, whole and by stage. One
+JSON row per (shape, format); ``default`` marks the library's format. The CPU-side bound for the same shapes is
+benchmarks/pooled_precision_probe.py.
+
+    PYTHONPATH=. python3 benchmarks/pooled_format_cost.py --commit C --out $OUT/pooled_format.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from hisa.bench.prefill import CHECK_ROWS, hisa_reference_iou, kernel_reps, sample_rows
+from hisa.bench.rows import environment, make_row
+from hisa.bench.timer import time_op
+from hisa.ops.indexer.pipeline import hisa_index_triton, hisa_prefill_stages
+from hisa.ops.indexer.reps import FP8_KEYS_REP_DTYPE
+from hisa.testing.compare import check_index_format
+from hisa.testing.inputs import make_indexer_inputs
+
+FORMATS = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_FORMAT = next(name for name, dtype in FORMATS.items() if dtype == FP8_KEYS_REP_DTYPE)
+#: (context, queries or None for a full causal prefill, B, m, (Bs, ms) or None)
+SHAPES = ((65536, None, 128, 64, None), (131072, None, 128, 64, None),
+          (131072, 1024, 128, 64, None), (131072, 1024, 64, 32, None),
+          (1048576, 1024, 128, 64, None), (1048576, 1024, 64, 32, None),
+          (1048576, 1024, 128, 64, (16, 64)))
+
+
+def point(env, context, queries, B, m, sup, *, topk, device="cuda", heads=64):
+    inp = make_indexer_inputs([context], query_lens=None if queries is None else [queries],
+                              heads=heads, head_dim=128, device=device, clustered=True,
+                              seed=context)
+    three = {} if sup is None else dict(super_size=sup[0], super_topk=sup[1])
+    rows = sample_rows(inp.num_queries, CHECK_ROWS, device)
+    kw = dict(topk=topk, block_size=B, block_topk=m, **three)
+    out = []
+    for name, fp8_reps in FORMATS.items():
+        def run(fp8_reps=fp8_reps):
+            return hisa_index_triton(*inp.args(), k_scale=inp.k_scale, fp8_reps=fp8_reps,
+                                     **kw)[0]
+        idx = run()
+        check_index_format(idx, inp.ks, inp.ke, topk, exact_count=False)
+        exact = hisa_reference_iou(inp, idx, rows, **kw)
+        own = hisa_reference_iou(inp, idx, rows, reps=kernel_reps(
+            inp, block_size=B, super_size=three.get("super_size"), fp8_reps=fp8_reps), **kw)
+        t = time_op(run, runs=20)
+        stage_ms = {s: round(time_op(fn, warmup=1, runs=10).median_ms, 4)
+                    for s, fn in hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale,
+                                                     fp8_reps=fp8_reps, **kw)}
+        out.append(make_row(env, mode="prefill" if queries is None else "prefill_chunk",
+                            op="hisa3" if sup else "hisa", context=context,
+                            queries=inp.num_queries, topk=topk, heads=heads, head_dim=128,
+                            dtype="float8_e4m3fn", block_size=B, block_topk=m, **three,
+                            rep_format=name, default=name == DEFAULT_FORMAT, ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                            stage_ms=stage_ms, iou_vs_exact_reference=round(exact, 5),
+                            iou_vs_reference=round(own, 5), check_reps="kernel"))
+        print(json.dumps(out[-1]), flush=True)
+    del inp
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--topk", type=int, default=2048)
+    ap.add_argument("--max-context", type=int, default=1 << 20, help="skip longer shapes")
+    ap.add_argument("--out", default="pooled_format.jsonl")
+    ap.add_argument("--commit", default=None, help="commit recorded in the rows")
+    ap.add_argument("--smoke", action="store_true", help="one small CPU shape, no file")
+    args = ap.parse_args()
+    env = environment(args.commit)
+    if args.smoke:   # the script's own logic on one small shape (CPU, TRITON_INTERPRET=1)
+        for r in point(env, 4096, 64, 64, 8, None, topk=128, device="cpu", heads=16):
+            assert r["iou_vs_reference"] > 0.9, r
+        return
+    with open(args.out, "a") as f:
+        for shape in SHAPES:
+            if shape[0] <= args.max_context:
+                f.writelines(json.dumps(r) + "\n" for r in point(env, *shape, topk=args.topk))
+
+
+if __name__ == "__main__":
+    main()

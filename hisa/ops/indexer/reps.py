@@ -1,0 +1,32 @@
+"""How the prefill path stores block (and super-block) representatives; no Triton import, so
+the torch-only paths (the reference, the distributed fallback) can read the same rule."""
+from __future__ import annotations
+
+import torch
+
+from ...utils.validate import FP8_DTYPE
+
+#: How the prefill path stores the block (and super-block) representatives of FP8 keys: fp32
+#: means, scored by tf32 MMAs (FP8 queries are exact in tf32; the means keep 10 mantissa bits).
+#: A mean re-quantized to e4m3 (one scale per row) moves each value by up to 2**-4 relative,
+#: and block means lie close together, so near-tied blocks swap: on the bench's inputs the
+#: selection's mean IoU against the exact fp32 means was 0.982 at a 128K prefill and 0.966 for
+#: a 1,024-query chunk at 1M keys (H200, ffc2a0c; three levels 16 x 64: 0.929). Emulated on the
+#: CPU (benchmarks/pooled_precision_probe.py, 48 sampled queries per shape), bf16 means reach
+#: 0.997-0.9995 at B = 128 but only 0.992 at B = 64, m = 32 and with three levels (16 x 64) at
+#: 1M; tf32-rounded fp32 means give 1.0 on every shape tried. The price: 4 bytes per value
+#: (4 MiB of reps for 1M keys at B = 128) and tf32 instead of FP8 MMAs in the block stage
+#: (benchmarks/pooled_format_cost.py times the formats side by side). On a real indexer (the
+#: trained Gemma-3 ones, 16K tokens) even FP8 reps kept flat's recall to 4 decimals
+#: (benchmarks/pooled_precision_real.py). The paged decode cache keeps its FP8 rows (its page
+#: layout); decode's reference reads those same rows.
+FP8_KEYS_REP_DTYPE = torch.float32
+
+
+def rep_dtype(key_dtype: torch.dtype, fp8_reps: torch.dtype | None = None) -> torch.dtype:
+    """dtype of the prefill path's representatives for keys of ``key_dtype``: FP8 keys get
+    ``fp8_reps`` (:data:`FP8_KEYS_REP_DTYPE` by default; float8_e4m3fn for the re-quantized
+    format), bf16 / fp32 keys their own dtype."""
+    if key_dtype != FP8_DTYPE:
+        return key_dtype
+    return FP8_KEYS_REP_DTYPE if fp8_reps is None else fp8_reps

@@ -42,7 +42,8 @@ SHAPES = (
 
 
 def rounded(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """fp32 values of ``x`` [N, D] after storing them in ``fmt`` (fp8: one scale per row)."""
+    """fp32 values of ``x`` [N, D] after storing them in ``fmt`` (fp8: one scale per row).
+    ``fp8+rescoreN`` (in :func:`probe`): FP8 pre-selection of m + N blocks, fp32 re-score."""
     if fmt == "exact":
         return x
     if fmt == "bf16":
@@ -82,6 +83,13 @@ def probe(name, context, queries, B, m, sup, *, rows, topk, clustered, formats=F
     kw = dict(k_scale=k_scale, topk=topk, block_size=B, block_topk=m)
 
     def select(fmt):
+        if fmt.startswith("fp8+rescore"):
+            # Two levels as three with super-blocks of one block: the top m + margin blocks by
+            # FP8 reps, then the best m of those by their tf32-rounded fp32 reps.
+            margin = int(fmt[len("fp8+rescore"):])
+            return naive_hisa_index_super(q, k, w, ks, ke, super_size=1, super_topk=m + margin,
+                                          pooled=rounded(exact, "tf32"),
+                                          super_pooled=rounded(exact, "fp8"), **kw)[0]
         pooled = rounded(exact, fmt)
         if sup is None:
             return naive_hisa_index(q, k, w, ks, ke, pooled=pooled, **kw)[0]
@@ -94,6 +102,8 @@ def probe(name, context, queries, B, m, sup, *, rows, topk, clustered, formats=F
     want = select("exact")
     out = []
     for fmt in formats:
+        if fmt.startswith("fp8+rescore") and sup is not None:
+            continue                                    # a two-level variant
         t0 = time.time()
         got = select(fmt)
         per_row = [iou(got[i:i + 1], want[i:i + 1]) for i in range(rows)]

@@ -271,3 +271,33 @@ def test_three_level_limits_are_per_window(monkeypatch):
         _kernel_check(q, k, ks, ke, 16, 4, super_size=2, super_topk=4)
     short = torch.tensor([S - 62 * 32, S - 10], dtype=torch.int32)   # 63 super-blocks at most
     _kernel_check(q, k, short, ke, 16, 4, super_size=2, super_topk=4)
+
+
+def test_fp8_preselect_then_fp32_rescore_matches_its_twin():
+    # Two levels run as three with super-blocks of one block: FP8 reps pick M + margin blocks,
+    # the fp32 reps keep M of them. The twin is the three-level reference given the same reps.
+    inp = _inputs(LENS, torch.float8_e4m3fn, seed=12, query_lens=QLENS)
+    _, k, _ = prepare_operands(inp.q, inp.k)
+    S = k.shape[0]
+    means, _ = pool_blocks(k, inp.k_scale, block_size=B, out_dtype=torch.float32)
+    fp8, scale = pool_supers(means, None, S, block_size=B, super_size=1,
+                             out_dtype=torch.float8_e4m3fn)
+    kw = dict(topk=K, block_size=B, block_topk=M)
+    logits = naive_dsa_logits(*inp.args(), k_scale=inp.k_scale)
+    for margin in (1, 3):
+        got = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=margin, **kw)[0]
+        check_index_format(got, inp.ks, inp.ke, K, exact_count=False)
+        want, _ = NS.naive_hisa_index_super(*inp.args(), k_scale=inp.k_scale, super_size=1,
+                                            super_topk=M + margin, pooled=means,
+                                            super_pooled=fp8, super_scale=scale, **kw)
+        assert_same_selection(got, want, inp.ks, logits)
+        if margin == 1:   # the FP8 pre-selection really matters on these inputs
+            plain = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, **kw)[0]
+            assert not torch.equal(_canon(want), _canon(plain))
+    # A margin past every window's block count re-scores every block: the fp32-rep selection.
+    every = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=-(-S // B), **kw)[0]
+    assert_same_selection(every, hisa_index_triton(*inp.args(), k_scale=inp.k_scale, **kw)[0],
+                          inp.ks, logits)
+    with pytest.raises(ValueError, match="rescore_margin"):
+        hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=2, super_size=BS,
+                          super_topk=MS, **kw)

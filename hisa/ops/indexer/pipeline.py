@@ -251,7 +251,8 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                       block_size: int, block_topk: int, out: torch.Tensor | None = None,
                       need_scores: bool = False, super_size: int | None = None,
                       super_topk: int | None = None, pooled: torch.Tensor | None = None,
-                      windows=None, fp8_reps: torch.dtype | None = None
+                      windows=None, fp8_reps: torch.dtype | None = None,
+                      rescore_margin: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`); two
     levels, or three with ``super_size`` / ``super_topk``; ``pooled`` replaces the pooling
@@ -259,7 +260,12 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     :class:`~hisa.ops.indexer.prefill.WindowPlan` the public op read with its window check
     (by default the windows are read here, one host sync). ``fp8_reps``: how FP8 keys'
     representatives are stored (:func:`~.pool.rep_dtype`: bf16 by default; float8_e4m3fn
-    for the re-quantized format, which the bench times beside it).
+    for the re-quantized format, which the bench times beside it). ``rescore_margin`` (two
+    levels, FP8 keys): pre-select the top ``block_topk + rescore_margin`` blocks on FP8
+    re-quantized reps (FP8 MMAs, the cheap full scan), then keep the best ``block_topk`` of
+    those by the fp32 reps; run as three levels with super-blocks of one block. It equals the
+    fp32-rep selection whenever the true top m lie in FP8's top m + margin
+    (benchmarks/pooled_precision_probe.py measures how often).
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
@@ -277,7 +283,16 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                                            out_dtype=rep_dtype(k.dtype, fp8_reps))
     else:
         pooled, pooled_scale = given_pooled(pooled, k, fp8_reps)
-    if super_size is None:
+    if rescore_margin is not None:
+        if super_size is not None or k.dtype != FP8_DTYPE or pooled_scale is not None:
+            raise ValueError("rescore_margin: expected two levels over FP8 keys with fp32 or "
+                             "bf16 block reps")
+        ids = three_level_block_ids(q, k, weights, ks, ke, pooled, None, block_size=block_size,
+                                    block_topk=block_topk, super_size=1,
+                                    super_topk=block_topk + rescore_margin, prec=prec,
+                                    first_super=first_block, max_supers=max_blocks,
+                                    super_dtype=FP8_DTYPE)
+    elif super_size is None:
         ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
                            block_topk=block_topk, pooled_scale=pooled_scale, prec=prec,
                            max_blocks=max_blocks)

@@ -265,14 +265,18 @@ def three_level_block_ids(q: torch.Tensor, k: torch.Tensor, weights: torch.Tenso
                           ks: torch.Tensor, ke: torch.Tensor, pooled: torch.Tensor,
                           pooled_scale: torch.Tensor | None, *, block_size: int,
                           block_topk: int, super_size: int, super_topk: int, prec: str,
-                          first_super: int, max_supers: int) -> torch.Tensor:
+                          first_super: int, max_supers: int,
+                          super_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The block ids the token stage reads, through the super-block level (prepared operands;
     ``first_super`` / ``max_supers`` from :func:`check_super_kernel_params`, and ``pooled``
-    set from block ``first_super * super_size`` on).
+    set from block ``first_super * super_size`` on). ``super_dtype``: how the super-block reps
+    are stored, ``pooled``'s dtype by default (float8_e4m3fn with ``super_size=1`` is the
+    two-level FP8 pre-selection then fp32 re-score of :func:`~.pipeline.hisa_index_triton`).
 
     Returns int32 [T, m] ascending, -1 padded."""
     sup, sscale = pool_supers(pooled, pooled_scale, k.shape[0], block_size=block_size,
-                              super_size=super_size, first_super=first_super)
+                              super_size=super_size, first_super=first_super,
+                              out_dtype=super_dtype)
     sids = super_select(q, sup, weights, ks, ke, block_size=block_size, super_size=super_size,
                         super_topk=super_topk, super_scale=sscale, prec=prec,
                         max_supers=max_supers)

@@ -28,6 +28,20 @@ from hisa.ops.dsa.naive import naive_topk
 from hisa.testing.compare import check_index_format
 from hisa.testing.inputs import make_exact_indexer_inputs
 
+# Hypothesis (6.170 does) draws some integers from the constants of the project's modules in
+# sys.modules, so a derandomized test draws another sequence once one more of them is imported.
+# The public ops import their Triton modules on first use, inside the first check that needs
+# them; imported here, every draw of a fuzz test sees the same modules whether or not checks
+# ran before it, and tests/gpu/replay_fuzz.py lists the cases a run of its file draws.
+try:
+    import hisa.ops.dsa.decode_kernels  # noqa: F401,E402
+    import hisa.ops.dsa.prefill  # noqa: F401,E402
+    import hisa.ops.indexer.decode_kernels  # noqa: F401,E402
+    import hisa.ops.indexer.decode_super  # noqa: F401,E402
+    import hisa.ops.indexer.pipeline  # noqa: F401,E402
+except ImportError:    # no triton: the checks cannot import these either
+    pass
+
 NAN, INF = float("nan"), float("inf")
 POISON = -7
 #: Pooled FP8 rows of non-exact appends: the fp32 block sum runs in another order than the

@@ -104,10 +104,23 @@ def describe(i: int, case: dict) -> str:
 
 
 def _input_key(case: dict) -> str:
-    """File name of a case's inputs: everything make_exact_indexer_inputs reads."""
-    dt = str(case["dtype"]).replace("torch.", "")
+    """File name of a case's inputs: what make_exact_indexer_inputs reads, but the dtype (the
+    values are integers, exact in every dtype: a bf16 case's file serves its stand-ins)."""
     return (f"L{'-'.join(map(str, case['lens']))}_Q{'-'.join(map(str, case['qlens']))}"
-            f"_H{case['heads']}_D{case['dim']}_{dt}_s{case['seed']}.pt")
+            f"_H{case['heads']}_D{case['dim']}_s{case['seed']}.pt")
+
+
+def _as_dtype(inp, dtype):
+    """The same integer-valued inputs in another dtype (FP8 keys get unit scales)."""
+    import torch
+    if inp.q.dtype == dtype:
+        return inp
+    fp8 = dtype == torch.float8_e4m3fn
+    k_scale = inp.k_scale if fp8 and inp.k_scale is not None else None
+    k = inp.k.float() * (inp.k_scale[:, None] if inp.k_scale is not None and not fp8 else 1)
+    if fp8 and k_scale is None:
+        k_scale = torch.ones(k.shape[0], device=k.device)
+    return type(inp)(inp.q.float().to(dtype), k.to(dtype), inp.weights, inp.ks, inp.ke, k_scale)
 
 
 #: Inputs of the case being replayed, as check_prefill drew them (for --save-inputs).
@@ -137,7 +150,7 @@ def patch_inputs(source: str | None) -> None:
                        query_lens=query_lens, device="cpu" if source else device, seed=seed)
         else:
             saved = torch.load(os.path.join(source, key))
-            inp = IndexerInputs(*(saved[f] for f in INPUT_FIELDS))
+            inp = _as_dtype(IndexerInputs(*(saved[f] for f in INPUT_FIELDS)), dtype)
         tensors = {f: getattr(inp, f) for f in INPUT_FIELDS}
         LAST_INPUTS.clear()
         LAST_INPUTS.update(key=key, tensors={f: None if t is None else t.cpu()

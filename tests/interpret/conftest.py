@@ -11,8 +11,10 @@ Shims of Triton 3.6's interpreter, touching only the interpreter (never compiled
   ``range(0, n)`` over a runtime ``n`` then fails. The shim converts through ``.item()``.
 * Its bit-level float converter does not know that e4m3fn has a NaN (0x7F / 0xFF) and no
   infinity: e4m3 NaN upcasts to 480 (also inside ``tl.dot``), and NaN, infinities and values
-  past 448 downcast to arbitrary bytes. The shim gives the hardware behaviour
-  (``cvt.rn.satfinite``): NaN <-> NaN, everything past 448 saturates to +-448.
+  past 448 downcast to arbitrary bytes; its downcast also drops the carry of a rounding that
+  bumps the exponent (125.0 -> 64.0). The shim gives the hardware behaviour
+  (``cvt.rn.satfinite``): NaN <-> NaN, round to nearest even, everything past 448 saturates to
+  +-448.
 * Its ``tl.dot`` multiplies bf16 operands as their raw uint16 bits (bf16 is stored as
   uint16), so any bf16 dot is garbage. The shim multiplies their fp32 values (bf16 -> fp32 is
   exact; the accumulation is fp32, as the MMA's). Other bf16 arithmetic is still not emulated:
@@ -32,6 +34,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -74,9 +77,13 @@ if HAVE_TRITON and hasattr(_interp, "_convert_float"):
                 sign = (bits >> 7).astype(out.dtype) << (width - 1)
                 out = np.where(nan, sign | exp_ones | (1 << (mant - 1)), out).astype(out.dtype)
         elif output_dtype == tl.float8e4nv and input_dtype.primitive_bitwidth > 8:
+            # Round to nearest even on the e4m3 grid, saturating (torch's cast of the clamped
+            # value is exactly that); the interpreter's own converter drops the carry of a
+            # rounding that bumps the exponent (125.0 -> 64.0).
             x = _as_float32(input, input_dtype)
             sign = np.signbit(x).astype(np.uint8) << 7
-            out = np.where(np.abs(x) > 448.0, sign | 0x7E, out).astype(out.dtype)
+            clamped = torch.from_numpy(np.clip(np.nan_to_num(x), -448.0, 448.0).astype(np.float32))
+            out = clamped.to(torch.float8_e4m3fn).view(torch.uint8).numpy().astype(out.dtype)
             out = np.where(np.isnan(x), sign | 0x7F, out).astype(out.dtype)
         return out
 

@@ -41,6 +41,16 @@ def test_bf16_dot_multiplies_values():
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
 
 
+def test_e4m3_rounding_carries_into_the_exponent():
+    # 125 rounds up to 128 (the next binade); the interpreter's own converter gave 64.
+    x = torch.tensor([125.0, -125.0, 124.0, 0.3, 17.0, 1e-5, 240.5, 0.0] * 2)
+    x8 = torch.empty(16, dtype=torch.float8_e4m3fn)
+    y, z = torch.empty(16), torch.empty(16)
+    _convert_kernel[(1,)](x, x8, y, z, N=16)
+    assert torch.equal(x8.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+    assert y[0] == 128.0 and y[1] == -128.0
+
+
 def test_memcheck_catches_out_of_bounds_load_and_store():
     x, y = torch.zeros(16), torch.zeros(16)
     _copy_kernel[(1,)](x, y, 16, OFFSET=0, N=16)                     # in bounds: fine

@@ -58,16 +58,18 @@ def test_pool_supers_matches_naive(dtype, S, super_size):
     assert no_scale is None and got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     if dtype == torch.float8_e4m3fn:
-        # FP8 block reps with scales in; fp32 out, then the re-quantization scale. (The
-        # interpreter rounds fp32 -> e4m3 wrongly, so FP8 values are checked on the GPU tier.)
+        # FP8 block reps with scales in; fp32 out, then the re-quantization: its scale, and
+        # its values within one e4m3 step (the fp32 sums may differ from torch's by an ulp).
         pooled, pscale = pool_blocks(k, inp.k_scale, block_size=B)
         got, _ = pool_supers(pooled, pscale, S, block_size=B, super_size=super_size,
                              out_dtype=torch.float32)
         ref = NS.naive_pool_supers(pooled, S, block_size=B, super_size=super_size,
                                    pooled_scale=pscale)
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-        _, sscale = pool_supers(pooled, pscale, S, block_size=B, super_size=super_size)
-        torch.testing.assert_close(sscale, hisa.quantize_fp8(ref, group_size=D)[1])
+        values, sscale = pool_supers(pooled, pscale, S, block_size=B, super_size=super_size)
+        want_v, want_s = hisa.quantize_fp8(ref, group_size=D)
+        torch.testing.assert_close(sscale, want_s)
+        torch.testing.assert_close(values.float(), want_v.float(), rtol=2.0 ** -3, atol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -276,7 +278,8 @@ def test_three_level_limits_are_per_window(monkeypatch):
 def test_fp8_preselect_then_fp32_rescore_matches_its_twin():
     # Two levels run as three with super-blocks of one block: FP8 reps pick M + margin blocks,
     # the fp32 reps keep M of them. The twin is the three-level reference given the same reps.
-    inp = _inputs(LENS, torch.float8_e4m3fn, seed=12, query_lens=QLENS)
+    # (Seed 15: margin 1 changes 5 rows against the fp32-only selection.)
+    inp = _inputs(LENS, torch.float8_e4m3fn, seed=15, query_lens=QLENS)
     _, k, _ = prepare_operands(inp.q, inp.k)
     S = k.shape[0]
     means, _ = pool_blocks(k, inp.k_scale, block_size=B, out_dtype=torch.float32)

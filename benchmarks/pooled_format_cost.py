@@ -1,13 +1,13 @@
-"""GPU: what each representative format of FP8 keys costs and buys, in one run.
+"""GPU: what each representative format costs and buys, in one run (FP8 keys).
 
 For each shape the Triton prefill pipeline (``hisa_index_triton``) runs with the block (and
-super-block) representatives stored as re-quantized FP8 and as the default
-(:data:`hisa.ops.indexer.reps.FP8_KEYS_REP_DTYPE`), and as bf16; with two levels also as an FP8
-pre-selection of m + margin blocks re-scored on fp32 reps (``rescore_margin``). Each result is checked on sampled rows
-(the output format, then the mean IoU against the exact fp32-mean reference and against the
-reference given the kernel's own representatives) before it is timed, whole and by stage. One
-JSON row per (shape, format); ``default`` marks the library's format. The CPU-side bound for the same shapes is
-benchmarks/pooled_precision_probe.py.
+super-block) representatives stored in fp32 (the default, :data:`hisa.ops.indexer.reps.REP_DTYPE`),
+bf16 and re-quantized FP8; with two levels also as an FP8 pre-selection of m + margin blocks
+re-scored on fp32 reps (``rescore_margin``). Each result is checked on sampled rows (the output
+format, then the mean IoU against the exact fp32-mean reference and against the reference
+given the kernel's own representatives) before it is timed, whole and by stage. One JSON row
+per (shape, variant); ``default`` marks the library's choice. The CPU-side bound for the same
+shapes is benchmarks/pooled_precision_probe.py.
 
     PYTHONPATH=. python3 benchmarks/pooled_format_cost.py --commit C --out $OUT/pooled_format.jsonl
 """
@@ -23,12 +23,12 @@ from hisa.bench.prefill import (CHECK_ROWS, HISA_MIN_IOU, hisa_reference_iou, ke
 from hisa.bench.rows import environment, make_row
 from hisa.bench.timer import time_op
 from hisa.ops.indexer.pipeline import hisa_index_triton, hisa_prefill_stages
-from hisa.ops.indexer.reps import FP8_KEYS_REP_DTYPE
+from hisa.ops.indexer.reps import REP_DTYPE
 from hisa.testing.compare import check_index_format
 from hisa.testing.inputs import make_indexer_inputs
 
 FORMATS = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}
-DEFAULT_FORMAT = next(name for name, dtype in FORMATS.items() if dtype == FP8_KEYS_REP_DTYPE)
+DEFAULT_FORMAT = next(name for name, dtype in FORMATS.items() if dtype == REP_DTYPE)
 #: (context, queries or None for a full causal prefill, B, m, (Bs, ms) or None)
 SHAPES = ((65536, None, 128, 64, None), (131072, None, 128, 64, None),
           (131072, 1024, 128, 64, None), (131072, 1024, 64, 32, None),
@@ -49,20 +49,20 @@ def point(env, context, queries, B, m, sup, *, topk, device="cuda", heads=64):
     variants = [(name, dtype, None) for name, dtype in FORMATS.items()]
     if sup is None:
         variants += [(f"fp8+rescore{r}", torch.float32, r) for r in (m // 2, m)]
-    for name, fp8_reps, margin in variants:
-        def run(fp8_reps=fp8_reps, margin=margin):
-            return hisa_index_triton(*inp.args(), k_scale=inp.k_scale, fp8_reps=fp8_reps,
+    for name, reps, margin in variants:
+        def run(reps=reps, margin=margin):
+            return hisa_index_triton(*inp.args(), k_scale=inp.k_scale, reps_dtype=reps,
                                      rescore_margin=margin, **kw)[0]
         idx = run()
         check_index_format(idx, inp.ks, inp.ke, topk, exact_count=False)
         exact = hisa_reference_iou(inp, idx, rows, **kw)
         own = None if margin else hisa_reference_iou(inp, idx, rows, reps=kernel_reps(
-            inp, block_size=B, super_size=three.get("super_size"), fp8_reps=fp8_reps), **kw)
+            inp, block_size=B, super_size=three.get("super_size"), reps_dtype=reps), **kw)
         t = time_op(run, runs=20)
         stage_ms = {} if margin else {
             s: round(time_op(fn, warmup=1, runs=10).median_ms, 4)
             for s, fn in hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale,
-                                             fp8_reps=fp8_reps, **kw)}
+                                             reps_dtype=reps, **kw)}
         out.append(make_row(env, mode="prefill" if queries is None else "prefill_chunk",
                             op="hisa3" if sup else "hisa", context=context,
                             queries=inp.num_queries, topk=topk, heads=heads, head_dim=128,

@@ -52,16 +52,19 @@ def test_pooled_validation():
             run(inp, pooled=bad)
 
 
-def test_fp8_keys_get_fp32_representatives_on_every_path():
-    """The prefill kernels, caller-supplied rows and the distributed prefill store FP8 keys'
-    block means as fp32 (FP8 re-quantized means swapped near-tied blocks); bf16 / fp32 keys keep
-    their own dtype; the re-quantized format stays available by name."""
+def test_fp32_representatives_on_every_path():
+    """The prefill kernels, caller-supplied rows and the distributed prefill store block means
+    as fp32 for every key dtype (FP8 re-quantized means swapped near-tied blocks, bf16 ones
+    too at B = 64); the other formats stay available by name where they hold the queries
+    exactly (the block kernels cast the queries to the reps' dtype)."""
     from hisa.distributed.pool import pool_sharded
     from hisa.ops.indexer.reps import rep_dtype
-    fp8 = torch.float8_e4m3fn
-    assert rep_dtype(fp8) == torch.float32
-    assert rep_dtype(torch.bfloat16) == torch.bfloat16 and rep_dtype(torch.float32) == torch.float32
-    assert rep_dtype(fp8, fp8) == fp8 and rep_dtype(torch.bfloat16, fp8) == torch.bfloat16
+    fp8, bf16, fp32 = torch.float8_e4m3fn, torch.bfloat16, torch.float32
+    assert rep_dtype(fp8) == rep_dtype(bf16) == rep_dtype(fp32) == fp32
+    assert rep_dtype(fp8, fp8) == fp8 and rep_dtype(fp8, bf16) == rep_dtype(bf16, bf16) == bf16
+    for key, reps in [(bf16, fp8), (fp32, bf16), (fp32, fp8), (fp8, torch.float16)]:
+        with pytest.raises(ValueError, match="reps_dtype"):
+            rep_dtype(key, reps)
     pytest.importorskip("triton")
     from hisa.ops.indexer.pipeline import given_pooled
     inp = make_indexer_inputs(LENS, heads=4, head_dim=32, dtype=fp8, clustered=True, seed=2)

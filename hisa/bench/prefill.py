@@ -52,7 +52,7 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def kernel_reps(inp, *, block_size: int, super_size: int | None = None,
-                fp8_reps: torch.dtype | None = None) -> dict:
+                reps_dtype: torch.dtype | None = None) -> dict:
     """The Triton path's block (and super-block) representatives of ``inp``'s keys, as
     reference keywords (pooled, pooled_scale[, super_pooled, super_scale])."""
     from ..ops.dsa.prefill import prepare_operands
@@ -60,7 +60,7 @@ def kernel_reps(inp, *, block_size: int, super_size: int | None = None,
     from ..ops.indexer.reps import rep_dtype
     _, k, _ = prepare_operands(inp.q, inp.k)
     pooled, pscale = pool_blocks(k, inp.k_scale, block_size=block_size,
-                                 out_dtype=rep_dtype(k.dtype, fp8_reps))
+                                 out_dtype=rep_dtype(k.dtype, reps_dtype))
     reps = {"pooled": pooled, "pooled_scale": pscale}
     if super_size is not None:
         from ..ops.indexer.super_blocks import pool_supers

@@ -41,9 +41,9 @@ def pool_sharded(k: torch.Tensor, k_scale: torch.Tensor | None, bmap: BlockMap, 
     Args:
         k, k_scale: this rank's local keys [S_r, D] (and fp32 scales).
         num_keys: S, keys in the global buffer.
-        rep_dtype: how the means are stored: fp32 (the torch reference's), bf16 (the Triton
-            pipeline's, :func:`hisa.ops.indexer.pool.rep_dtype`), or float8_e4m3fn
-            (re-quantized with one scale per block).
+        rep_dtype: how the means are stored: fp32 (the torch reference's and, by default,
+            the Triton pipeline's, :func:`hisa.ops.indexer.reps.rep_dtype`), bf16, or
+            float8_e4m3fn (re-quantized with one scale per block).
 
     Returns:
         (pooled [NB_scored, D] of ``rep_dtype``, per-block fp32 scale for FP8 else None).

@@ -184,8 +184,8 @@ def test_fp8_keys_select_like_the_exact_means(levels):
         kw.update(super_size=16, super_topk=16)          # 256 candidate blocks of 1,024
     rows = sample_rows(inp.num_queries, 48, "cuda")
     score = {}
-    for name, fp8_reps in [("default", None), ("fp8", torch.float8_e4m3fn)]:
-        idx = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, fp8_reps=fp8_reps, **kw)[0]
+    for name, reps in [("default", None), ("fp8", torch.float8_e4m3fn)]:
+        idx = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, reps_dtype=reps, **kw)[0]
         check_index_format(idx, inp.ks, inp.ke, 2048, exact_count=False)
         score[name] = hisa_reference_iou(inp, idx, rows, **kw)
     print(f"levels={levels}: IoU vs the exact means {score}")

@@ -100,7 +100,7 @@ def block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor, k
                  prec: str = "tf32") -> torch.Tensor:
     """fp32 [T, NB] block scores, +inf on the forced blocks, marked outside the eligible range
     (twin: ``naive_block_scores``). q and pooled share a dtype (prepared operands), or q is
-    FP8 and pooled bf16 or fp32 (:func:`~.pool.rep_dtype`)."""
+    FP8 or bf16 and pooled of a wider dtype (:func:`~.reps.rep_dtype`)."""
     T = q.shape[0]
     NB = pooled.shape[0]
     scores = torch.empty(T, NB, dtype=torch.float32, device=q.device)

@@ -78,12 +78,12 @@ def _window_plan(ks, ke, *, block_size, super_size, super_topk, windows=None
     return first_super * super_size, 0, first_super, max_supers
 
 
-def given_pooled(pooled: torch.Tensor, k: torch.Tensor, fp8_reps: torch.dtype | None = None
+def given_pooled(pooled: torch.Tensor, k: torch.Tensor, reps_dtype: torch.dtype | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Caller-supplied representatives stored as the pooling stage would store them for the
-    prepared ``k`` (:func:`~.pool.rep_dtype`): FP8 with one scale per block (the recipe of
+    prepared ``k`` (:func:`~.reps.rep_dtype`): FP8 with one scale per block (the recipe of
     :mod:`hisa.utils.quant`) or a plain float dtype."""
-    dtype = rep_dtype(k.dtype, fp8_reps)
+    dtype = rep_dtype(k.dtype, reps_dtype)
     if dtype == FP8_DTYPE:
         return quantize_fp8(pooled.float(), group_size=pooled.shape[1])
     return pooled.to(dtype).contiguous(), None
@@ -123,8 +123,8 @@ def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, k
     """Bytes of every temporary :func:`hisa_index_triton` allocates (outputs excluded).
 
     ``key_bytes``: 1 for FP8 keys, 2 for bf16, 4 for fp32; ``rep_bytes``: bytes per value of
-    the representatives, by default those :func:`~.pool.rep_dtype` gives (bf16 for FP8 keys;
-    1 means FP8 reps, which carry a 4-byte scale). ``programs``: the persistent grid of the selection stages
+    the representatives, by default those :func:`~.reps.rep_dtype` gives (fp32; 1 means FP8
+    reps, which carry a 4-byte scale). ``programs``: the persistent grid of the selection stages
     (``persistent_programs(T, device, 4)``: 4 per SM, at most T). ``windows``: the queries'
     (ks, ke), whose longest window sizes the selection scratch rows; by default one window of
     all ``num_keys`` keys (a chunk's last query, or a causal prefill's). Nothing here grows as
@@ -157,7 +157,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                         ks: torch.Tensor, ke: torch.Tensor, *, k_scale: torch.Tensor | None,
                         topk: int, block_size: int, block_topk: int,
                         super_size: int | None = None, super_topk: int | None = None,
-                        fp8_reps: torch.dtype | None = None
+                        reps_dtype: torch.dtype | None = None
                         ) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline as [(stage name, zero-argument callable)], run in order.
 
@@ -182,7 +182,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     def pool():
         state["pooled"], state["pooled_scale"] = pool_blocks(
             k, k_scale, block_size=block_size, first_block=first_block,
-            out_dtype=rep_dtype(k.dtype, fp8_reps))
+            out_dtype=rep_dtype(k.dtype, reps_dtype))
         return state
 
     def blocks():
@@ -251,16 +251,16 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                       block_size: int, block_topk: int, out: torch.Tensor | None = None,
                       need_scores: bool = False, super_size: int | None = None,
                       super_topk: int | None = None, pooled: torch.Tensor | None = None,
-                      windows=None, fp8_reps: torch.dtype | None = None,
+                      windows=None, reps_dtype: torch.dtype | None = None,
                       rescore_margin: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`); two
     levels, or three with ``super_size`` / ``super_topk``; ``pooled`` replaces the pooling
     stage with the caller's representatives. ``windows``: the
     :class:`~hisa.ops.indexer.prefill.WindowPlan` the public op read with its window check
-    (by default the windows are read here, one host sync). ``fp8_reps``: how FP8 keys'
-    representatives are stored (:func:`~.pool.rep_dtype`: bf16 by default; float8_e4m3fn
-    for the re-quantized format, which the bench times beside it). ``rescore_margin`` (two
+    (by default the windows are read here, one host sync). ``reps_dtype``: how the block
+    representatives are stored (:func:`~.reps.rep_dtype`: fp32 by default; bf16 or
+    float8_e4m3fn for the formats benchmarks/pooled_format_cost.py times beside it). ``rescore_margin`` (two
     levels, FP8 keys): pre-select the top ``block_topk + rescore_margin`` blocks on FP8
     re-quantized reps (FP8 MMAs, the cheap full scan), then keep the best ``block_topk`` of
     those by the fp32 reps; run as three levels with super-blocks of one block. It equals the
@@ -280,9 +280,9 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     if pooled is None:
         pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
                                            first_block=first_block,
-                                           out_dtype=rep_dtype(k.dtype, fp8_reps))
+                                           out_dtype=rep_dtype(k.dtype, reps_dtype))
     else:
-        pooled, pooled_scale = given_pooled(pooled, k, fp8_reps)
+        pooled, pooled_scale = given_pooled(pooled, k, reps_dtype)
     if rescore_margin is not None:
         if super_size is not None or k.dtype != FP8_DTYPE or pooled_scale is not None:
             raise ValueError("rescore_margin: expected two levels over FP8 keys with fp32 or "

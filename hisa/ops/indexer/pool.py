@@ -3,8 +3,8 @@
 Block b holds key positions [b*B, min((b+1)*B, S)). Its representative is the fp32 mean of the
 dequantized keys over the tokens it actually holds, stored as bf16 or fp32 (no scale), or
 re-quantized to e4m3 with its own scale, ``max(amax, 1e-4) / 448`` (the activation recipe of
-:mod:`hisa.utils.quant`). The prefill pipeline stores FP8 keys' means as bf16
-(:mod:`.reps`); the paged cache stores them as FP8.
+:mod:`hisa.utils.quant`). The prefill pipeline stores them as fp32 (:mod:`.reps`); the paged
+cache stores them as FP8.
 Twin: :func:`hisa.ops.indexer.naive.naive_pool_blocks`.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import triton.language as tl
 from ...cache.append import _clamp_e4m3, _nan_amax
 from ...utils.quant import AMAX_FLOOR, FP8_MAX
 from ...utils.validate import FP8_DTYPE
-from .reps import FP8_KEYS_REP_DTYPE, rep_dtype  # noqa: F401  (re-exported beside pool_blocks)
 
 #: Key rows summed per iteration of the pooling loop.
 POOL_CHUNK = 32

@@ -6,8 +6,9 @@ import torch
 
 from ...utils.validate import FP8_DTYPE
 
-#: How the prefill path stores the block (and super-block) representatives of FP8 keys: fp32
-#: means, scored by tf32 MMAs (FP8 queries are exact in tf32; the means keep 10 mantissa bits).
+#: How the prefill path stores the block (and super-block) representatives, for every key
+#: dtype: fp32 means, scored by tf32 MMAs (FP8 and bf16 queries are exact in tf32; the means
+#: keep 10 mantissa bits).
 #: A mean re-quantized to e4m3 (one scale per row) moves each value by up to 2**-4 relative,
 #: and block means lie close together, so near-tied blocks swap: on the bench's inputs the
 #: selection's mean IoU against the exact fp32 means was 0.982 at a 128K prefill and 0.966 for
@@ -20,13 +21,21 @@ from ...utils.validate import FP8_DTYPE
 #: trained Gemma-3 ones, 16K tokens) even FP8 reps kept flat's recall to 4 decimals
 #: (benchmarks/pooled_precision_real.py). The paged decode cache keeps its FP8 rows (its page
 #: layout); decode's reference reads those same rows.
-FP8_KEYS_REP_DTYPE = torch.float32
+REP_DTYPE = torch.float32
 
 
-def rep_dtype(key_dtype: torch.dtype, fp8_reps: torch.dtype | None = None) -> torch.dtype:
-    """dtype of the prefill path's representatives for keys of ``key_dtype``: FP8 keys get
-    ``fp8_reps`` (:data:`FP8_KEYS_REP_DTYPE` by default; float8_e4m3fn for the re-quantized
-    format), bf16 / fp32 keys their own dtype."""
-    if key_dtype != FP8_DTYPE:
-        return key_dtype
-    return FP8_KEYS_REP_DTYPE if fp8_reps is None else fp8_reps
+def rep_dtype(key_dtype: torch.dtype, reps_dtype: torch.dtype | None = None) -> torch.dtype:
+    """dtype of the prefill path's representatives for keys of ``key_dtype``: :data:`REP_DTYPE`,
+    or ``reps_dtype`` (bf16, or float8_e4m3fn re-quantized with one scale per row, the formats
+    benchmarks/pooled_format_cost.py times). The block kernels cast the queries to the reps'
+    dtype, so the reps must hold the keys' dtype exactly: FP8 reps for FP8 keys only, bf16 reps
+    for FP8 or bf16 keys."""
+    dtype = REP_DTYPE if reps_dtype is None else reps_dtype
+    rank = {FP8_DTYPE: 1, torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
+    if dtype not in (FP8_DTYPE, torch.bfloat16, torch.float32):
+        raise ValueError(f"reps_dtype: expected float32, bfloat16 or float8_e4m3fn, got {dtype}")
+    if rank[dtype] < rank.get(key_dtype, 4) or (dtype == torch.bfloat16
+                                                and key_dtype == torch.float16):
+        raise ValueError(f"reps_dtype: {dtype} representatives cannot hold {key_dtype} queries "
+                         f"exactly (the block kernels cast the queries to the reps' dtype)")
+    return dtype

@@ -15,8 +15,9 @@ from ...utils.validate import FP8_DTYPE
 #: a 1,024-query chunk at 1M keys (H200, ffc2a0c; three levels 16 x 64: 0.929). Emulated on the
 #: CPU (benchmarks/pooled_precision_probe.py, 48 sampled queries per shape), bf16 means reach
 #: 0.997-0.9995 at B = 128 but only 0.992 at B = 64, m = 32 and with three levels (16 x 64) at
-#: 1M; tf32-rounded fp32 means give 1.0 on every shape tried. The price: 4 bytes per value
-#: (4 MiB of reps for 1M keys at B = 128) and tf32 instead of FP8 MMAs in the block stage
+#: 1M; fp32 means in tf32 give 0.9992-1.0 (0.9987 if the MMA truncates to tf32 instead of
+#: rounding). The price: 4 bytes per value (4 MiB of reps for 1M keys at B = 128) and tf32
+#: instead of FP8 MMAs in the block stage
 #: (benchmarks/pooled_format_cost.py times the formats side by side). On a real indexer (the
 #: trained Gemma-3 ones, 16K tokens) even FP8 reps kept flat's recall to 4 decimals
 #: (benchmarks/pooled_precision_real.py). The paged decode cache keeps its FP8 rows (its page

@@ -36,6 +36,9 @@ def main() -> None:
     p.add_argument("--rows", type=Path, default=None,
                    help="an eval run's fidelity_*.jsonl: print its dense ppl at --context too")
     args = p.parse_args()
+    if args.keep_last is not None and not args.tail <= args.keep_last < args.context:
+        p.error(f"--keep-last: expected --tail ({args.tail}) <= N < --context ({args.context}), "
+                f"got {args.keep_last}")
     tok, model = _load_converted(args.cache_dir / "gemma3" / "transformers")
     model.set_attn_implementation("sdpa")      # the stock attention, not the eval's router
     model.eval()

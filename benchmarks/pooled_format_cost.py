@@ -10,6 +10,11 @@ per (shape, variant); ``default`` marks the library's choice. The CPU-side bound
 shapes is benchmarks/pooled_precision_probe.py.
 
     PYTHONPATH=. python3 benchmarks/pooled_format_cost.py --commit C --out $OUT/pooled_format.jsonl
+
+``--smoke`` runs one small shape on the CPU under the Triton interpreter; it needs the shims of
+tests/interpret/conftest.py: ``TRITON_INTERPRET=1 PYTHONPATH=.:tests/interpret python -c
+"import conftest, sys; sys.argv = ['x', '--smoke']; sys.path.insert(0, 'benchmarks');
+import pooled_format_cost; pooled_format_cost.main()"``.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from hisa.testing.inputs import make_indexer_inputs
 
 FORMATS = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_FORMAT = next(name for name, dtype in FORMATS.items() if dtype == REP_DTYPE)
+#: Below this mean IoU against the exact reference the kernel is wrong, not merely rounded.
+WRONG_KERNEL_IOU = 0.85
 #: (context, queries or None for a full causal prefill, B, m, (Bs, ms) or None)
 SHAPES = ((65536, None, 128, 64, None), (131072, None, 128, 64, None),
           (131072, 1024, 128, 64, None), (131072, 1024, 64, 32, None),
@@ -56,6 +63,9 @@ def point(env, context, queries, B, m, sup, *, topk, device="cuda", heads=64):
         idx = run()
         check_index_format(idx, inp.ks, inp.ke, topk, exact_count=False)
         exact = hisa_reference_iou(inp, idx, rows, **kw)
+        # A wrong kernel lands far below any format's rounding loss (FP8's worst emulated
+        # shape: 0.918); the row records the gate's verdict for the rest.
+        assert exact >= WRONG_KERNEL_IOU, f"{name}: IoU {exact:.4f} against the exact reference"
         own = None if margin else hisa_reference_iou(inp, idx, rows, reps=kernel_reps(
             inp, block_size=B, super_size=three.get("super_size"), reps_dtype=reps), **kw)
         t = time_op(run, runs=20)

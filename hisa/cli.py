@@ -82,12 +82,17 @@ def _needs_eval_extra(sub, name: str, help_text: str, err: ImportError) -> None:
         print(f"hisa {name} needs the optional dependencies: "
               f"pip install 'hisa-indexer[eval]' ({err})", file=sys.stderr)
         return 2
+    # Any options the real command takes still reach the message, not an argparse error
+    # (main lets such a command ignore arguments it does not know).
     sub.add_parser(name, help=help_text, description=f"{help_text}: {err}").set_defaults(
-        func=missing)
+        func=missing, ignores_arguments=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "ignores_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args.func(args) or 0)
 
 

@@ -139,7 +139,8 @@ def test_core_install_cli_starts_and_names_the_missing_extra(command):
     version = hisa_without_extras("--version")
     assert version.returncode == 0, version.stderr
     assert version.stdout.startswith("hisa ")
-    out = hisa_without_extras(command)
-    assert out.returncode == 2, (out.stdout, out.stderr)
-    assert "Traceback" not in out.stderr
-    assert "pip install 'hisa-indexer[eval]'" in out.stderr
+    for argv in ([command], [command, "--model", "gemma3"]):
+        out = hisa_without_extras(*argv)
+        assert out.returncode == 2, (argv, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr
+        assert "pip install 'hisa-indexer[eval]'" in out.stderr, (argv, out.stderr)

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode: skip timing backend='auto' (default: off, auto is timed)")
     p.add_argument("--check-reps", default="exact", choices=["exact", "kernel"],
                    help="prefill HISA check against the reference on fp32 block means "
-                        "(exact) or on the kernels' own FP8 representatives (kernel) "
+                        "(exact) or on the kernels' own stored representatives (kernel) "
                         "(default: exact)")
     p.add_argument("--timing-runs", type=int, default=20,
                    help="prefill: timed runs per op (default: 20)")

@@ -3,14 +3,14 @@ and the chunk setting (the last ``queries`` tokens of a long context).
 
 Every shape is checked before it is timed: on sampled query rows the Triton outputs must match
 the plain-PyTorch references (flat: the same set up to score ties; HISA: the same set for
-contexts <= m*B, and a near-identical set beyond, where FP8 pooled keys may reorder near-tied
+contexts <= m*B, and a near-identical set beyond, where tf32 block scores may reorder near-tied
 blocks). A failed check raises; no number is printed for it.
 
 ``check_reps``: "exact" compares HISA with the reference on fp32 block means (what the
-contract defines); "kernel" gives the reference the kernels' own FP8 block and super-block
-representatives, so the check isolates the kernels from the FP8 re-quantization of the means
-(at 1M keys that re-quantization alone swaps enough near-tied blocks to cost ~3 IoU points,
-which the exact check would report as a kernel failure). The row records the IoU against both.
+contract defines); "kernel" gives the reference the kernels' own block and super-block
+representatives (:mod:`hisa.ops.indexer.reps`; fp32 now, so the two nearly agree; while the
+reps were FP8 re-quantized means the difference was ~3 IoU points at 1M keys). The row records
+the IoU against both.
 """
 from __future__ import annotations
 

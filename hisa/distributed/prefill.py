@@ -152,8 +152,8 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             evenly in whole pages (:meth:`ShardLayout.check_hisa`).
         block_topk: m; ``block_topk * block_size >= topk``.
         topk, return_scores, out, backend: as in :func:`hisa.hisa_index`. The pooled block
-            keys follow the backend's single-process pipeline: fp32 means for "torch", FP8
-            re-quantized means for Triton.
+            keys follow the backend's single-process pipeline: fp32 means for both backends
+            (:mod:`hisa.ops.indexer.reps`).
 
     Returns:
         int32 [T, topk] offsets relative to ks, -1 padded (and fp32 scores), on every rank.

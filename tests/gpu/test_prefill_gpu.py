@@ -121,11 +121,14 @@ def test_topk_rows_wide_rows_and_ties():
     _assert_selection_exact_up_to_ties(idx, ref, ks, masked, atol_rel=0.0)
 
 
+@pytest.mark.parametrize("reps", ["key dtype", "pipeline (fp32)"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_hisa_stages_match_naive(dtype):
+def test_hisa_stages_match_naive(dtype, reps):
+    from hisa.ops.indexer.reps import rep_dtype
     inp = _inputs([3000, 1, 5100, 0, 700], dtype, seed=22)
     q, k, prec = prepare_operands(inp.q, inp.k)
-    pooled, pscale = pool_blocks(k, inp.k_scale, block_size=B)
+    out_dtype = None if reps == "key dtype" else rep_dtype(k.dtype)
+    pooled, pscale = pool_blocks(k, inp.k_scale, block_size=B, out_dtype=out_dtype)
     ref_pool = N.naive_pool_blocks(inp.k, inp.k_scale, B)
     deq = pooled.float() * (pscale[:, None] if pscale is not None else 1)
     tol = ref_pool.abs().amax(1, keepdim=True) * (2 ** -4 if pscale is not None else 2 ** -8)

@@ -22,8 +22,8 @@ from hisa.ops.dsa.prefill import dsa_index_triton, dsa_logits, prepare_operands 
 from hisa.ops.indexer import topk as topk_mod  # noqa: E402
 from hisa.ops.indexer.block_scores import block_scores, block_select  # noqa: E402
 from hisa.ops.indexer.pipeline import hisa_index_triton, hisa_prefill_stages  # noqa: E402
-from hisa.ops.indexer.reps import rep_dtype
 from hisa.ops.indexer.pool import pool_blocks  # noqa: E402
+from hisa.ops.indexer.reps import rep_dtype  # noqa: E402
 from hisa.ops.indexer.select import select_blocks, select_tokens  # noqa: E402
 from hisa.ops.indexer.token_scores import token_scores, token_select  # noqa: E402
 
@@ -196,7 +196,7 @@ def test_hisa_index_matches_naive_pipeline(dtype):
     # Sequences longer than m*B = 64 keys, so blocks are really pruned; S < B and empty too.
     inp = _inputs([100, 0, 9, 12], dtype, seed=7)
     _, k, _, _, _ = _pooled(inp)
-    # The pipeline's own representatives (bf16 means for FP8 keys, see hisa.ops.indexer.reps)
+    # The pipeline's own representatives (fp32 means, see hisa.ops.indexer.reps)
     pooled, pscale = pool_blocks(k, inp.k_scale, block_size=B, out_dtype=rep_dtype(k.dtype))
     assert pscale is None
     out = torch.full((inp.num_queries, K), POISON_IDX, dtype=torch.int32)
@@ -245,3 +245,31 @@ def test_kernel_shape_errors_name_the_argument():
     bad = _inputs([20], torch.float32, seed=9, dim=96)
     with pytest.raises(ValueError, match="q"):
         dsa_index_triton(*bad.args(), k_scale=None, topk=8)
+
+
+def test_block_stage_on_fp32_reps_of_fp8_keys():
+    # The pipeline's default: FP8 queries cast to fp32 in the kernel against fp32 reps.
+    inp = _inputs([37, 0, 50, 1, 12], torch.float8_e4m3fn, seed=6)
+    q, k, prec = prepare_operands(inp.q, inp.k)
+    pooled, pscale = pool_blocks(k, inp.k_scale, block_size=B, out_dtype=rep_dtype(k.dtype))
+    assert pooled.dtype == torch.float32 and pscale is None
+    got = block_scores(q, pooled, inp.weights, inp.ks, inp.ke, block_size=B, prec=prec)
+    want = N.naive_block_scores(inp.q, pooled, inp.weights, inp.ks, inp.ke, block_size=B)
+    _assert_close_with_inf(got, want)
+    ids = block_select(q, pooled, inp.weights, inp.ks, inp.ke, block_size=B, block_topk=M,
+                       prec=prec)
+    assert torch.equal(ids, N.naive_select_blocks(want, M))
+    # Reps narrower than the queries would quantize them inside the kernel: refused.
+    with pytest.raises(TypeError, match="pooled"):
+        block_scores(q.float(), pooled.to(torch.float8_e4m3fn), inp.weights, inp.ks, inp.ke,
+                     block_size=B, prec=prec)
+
+
+def test_rescore_margin_is_validated():
+    inp = _inputs([100, 12], torch.float8_e4m3fn, seed=8)
+    kw = dict(k_scale=inp.k_scale, topk=K, block_size=B, block_topk=M)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="rescore_margin"):
+            hisa_index_triton(*inp.args(), rescore_margin=bad, **kw)
+    with pytest.raises(ValueError, match="rescore_margin"):
+        hisa_index_triton(*inp.args(), rescore_margin=2, reps_dtype=torch.float8_e4m3fn, **kw)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reps import check_reps_hold_queries
 from .select import SELECT_MAX_ROW, _select_block_row, select_warps
 from .topk import _outside_like, _relu, persistent_programs
 
@@ -84,6 +85,7 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
 
 def _launch(q, pooled, weights, ks, ke, pooled_scale, scores, ids, *, block_size, block_topk,
             select, prec, grid, row_blocks):
+    check_reps_hold_queries(pooled, q)
     T, H, D = q.shape
     NB = pooled.shape[0]
     n_pad = max(16, triton.next_power_of_2(max(row_blocks, 1)))

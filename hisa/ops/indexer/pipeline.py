@@ -132,6 +132,8 @@ def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, k
     :data:`TOKEN_TILE_BYTES`; the block and super-block scratch rows are per program.
     """
     T, S, D, B, m = num_queries, num_keys, head_dim, block_size, block_topk
+    if key_bytes not in _KEY_DTYPES:
+        raise ValueError(f"key_bytes: expected 1 (FP8), 2 (bf16) or 4 (fp32), got {key_bytes}")
     if rep_bytes is None:
         rep_bytes = rep_dtype(_KEY_DTYPES[key_bytes]).itemsize
     rep = D * rep_bytes + (4 if rep_bytes == 1 else 0)
@@ -277,6 +279,18 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     first_block, max_blocks, first_super, max_supers = _window_plan(
         ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk,
         windows=windows)
+    if rescore_margin is not None:
+        reps = rep_dtype(k.dtype, reps_dtype)
+        if isinstance(rescore_margin, bool) or not isinstance(rescore_margin, int) \
+                or rescore_margin < 0:
+            raise ValueError(f"rescore_margin: expected an int >= 0, got {rescore_margin!r}")
+        if super_size is not None or k.dtype != FP8_DTYPE or reps == FP8_DTYPE:
+            raise ValueError(f"rescore_margin: expected two levels over FP8 q and k with fp32 "
+                             f"or bf16 block reps, got super_size={super_size}, prepared keys "
+                             f"{k.dtype}, reps {reps}")
+        check_super_kernel_params(ks, ke, block_size=block_size, super_size=1,
+                                  super_topk=block_topk + rescore_margin,
+                                  windows=(first_block, max_blocks))
     if pooled is None:
         pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
                                            first_block=first_block,
@@ -284,9 +298,6 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     else:
         pooled, pooled_scale = given_pooled(pooled, k, reps_dtype)
     if rescore_margin is not None:
-        if super_size is not None or k.dtype != FP8_DTYPE or pooled_scale is not None:
-            raise ValueError("rescore_margin: expected two levels over FP8 keys with fp32 or "
-                             "bf16 block reps")
         ids = three_level_block_ids(q, k, weights, ks, ke, pooled, None, block_size=block_size,
                                     block_topk=block_topk, super_size=1,
                                     super_topk=block_topk + rescore_margin, prec=prec,

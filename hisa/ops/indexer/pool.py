@@ -21,7 +21,6 @@ from ...utils.validate import FP8_DTYPE
 POOL_CHUNK = 32
 
 
-
 def check_block_size(block_size: int) -> None:
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size: expected a power of two >= 16 for the Triton kernels, "

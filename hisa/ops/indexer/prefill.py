@@ -173,8 +173,8 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             see it), so its row may hold any finite placeholder. With the super-block level a
             row also enters its super-block's mean, which is read under the same condition
             (a super-block neither first nor last for a query holds no first or last block).
-            The Triton path stores them like its own pooling does (FP8 with a per-block scale
-            for FP8 keys, else k's dtype).
+            The Triton path stores them like its own pooling does (fp32,
+            :mod:`hisa.ops.indexer.reps`).
 
     Returns:
         int32 [T, topk] offsets relative to ks[t], -1 padded (and fp32 scores when asked).

@@ -32,11 +32,24 @@ def rep_dtype(key_dtype: torch.dtype, reps_dtype: torch.dtype | None = None) -> 
     dtype, so the reps must hold the keys' dtype exactly: FP8 reps for FP8 keys only, bf16 reps
     for FP8 or bf16 keys."""
     dtype = REP_DTYPE if reps_dtype is None else reps_dtype
-    rank = {FP8_DTYPE: 1, torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
     if dtype not in (FP8_DTYPE, torch.bfloat16, torch.float32):
         raise ValueError(f"reps_dtype: expected float32, bfloat16 or float8_e4m3fn, got {dtype}")
-    if rank[dtype] < rank.get(key_dtype, 4) or (dtype == torch.bfloat16
-                                                and key_dtype == torch.float16):
+    if not holds(dtype, key_dtype):
         raise ValueError(f"reps_dtype: {dtype} representatives cannot hold {key_dtype} queries "
                          f"exactly (the block kernels cast the queries to the reps' dtype)")
     return dtype
+
+
+def holds(reps: torch.dtype, queries: torch.dtype) -> bool:
+    """Whether every value of ``queries``' dtype is exact in ``reps``' dtype."""
+    if reps == queries or reps == torch.float32:
+        return True
+    return reps == torch.bfloat16 and queries == FP8_DTYPE
+
+
+def check_reps_hold_queries(pooled: torch.Tensor, q: torch.Tensor) -> None:
+    """TypeError unless the block kernels' cast of ``q`` to ``pooled``'s dtype is exact."""
+    if not holds(pooled.dtype, q.dtype):
+        raise TypeError(f"pooled: {pooled.dtype} representatives cannot hold {q.dtype} queries "
+                        f"exactly (the block kernels cast the queries to the reps' dtype); "
+                        f"store them as float32")

@@ -38,6 +38,7 @@ from ...cache.append import _clamp_e4m3, _nan_amax
 from ...utils.quant import AMAX_FLOOR, FP8_MAX
 from ...utils.validate import FP8_DTYPE
 from .block_scores import BLOCK_BN, _pooled_row_scores, block_select, window_blocks
+from .reps import check_reps_hold_queries
 from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
 from .topk import _force_ends, _masked_key, _outside_like, persistent_programs
@@ -210,6 +211,7 @@ def _candidate_blocks_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, s
 
 def _launch(q, pooled, weights, ks, ke, super_ids, pooled_scale, scores, ids, *, block_size,
             super_size, block_topk, select, prec, grid):
+    check_reps_hold_queries(pooled, q)
     T, H, D = q.shape
     ms = super_ids.shape[1]
     c_pad = max(16, triton.next_power_of_2(ms * super_size))

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from hisa.bench.prefill import iou
+from hisa.eval.metrics import iou
 from hisa.ops.indexer.naive import naive_hisa_index, naive_pool_blocks
 from hisa.ops.indexer.naive_super import naive_hisa_index_super, naive_pool_supers
 from hisa.utils.quant import dequantize_fp8, quantize_fp8
@@ -106,7 +106,7 @@ def probe(name, context, queries, B, m, sup, *, rows, topk, clustered, formats=F
             continue                                    # a two-level variant
         t0 = time.time()
         got = select(fmt)
-        per_row = [iou(got[i:i + 1], want[i:i + 1]) for i in range(rows)]
+        per_row = iou(got, want).tolist()
         out.append(dict(shape=name, context=context, queries=queries, block_size=B,
                         block_topk=m, super=sup, topk=topk, pooled_format=fmt, rows=rows,
                         keys="clustered" if clustered else "iid",

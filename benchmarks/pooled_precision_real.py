@@ -22,19 +22,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pooled_precision_probe import rounded  # noqa: E402
 
-from hisa.bench.prefill import iou  # noqa: E402
 from hisa.distill import load_trained  # noqa: E402
 from hisa.distill.indexer import LightningIndexer  # noqa: E402
+from hisa.eval.metrics import iou, selection_mask  # noqa: E402
 from hisa.ops.dsa.naive import naive_dsa_index  # noqa: E402
 from hisa.ops.indexer.naive import naive_hisa_index, naive_pool_blocks  # noqa: E402
 
 
 def recall(got: torch.Tensor, flat: torch.Tensor) -> float:
-    vals = []
-    for g, f in zip(got.tolist(), flat.tolist()):
-        fs = {x for x in f if x >= 0}
-        vals.append(len(fs & {x for x in g if x >= 0}) / max(len(fs), 1))
-    return sum(vals) / max(len(vals), 1)
+    """Mean share of flat's selected offsets that ``got`` also selects."""
+    width = int(torch.cat([got, flat]).max()) + 1
+    mf, mg = selection_mask(flat, width), selection_mask(got, width)
+    return float(((mf & mg).sum(1) / mf.sum(1).clamp_min(1)).mean())
 
 
 def main() -> None:
@@ -71,7 +70,8 @@ def main() -> None:
                                            pooled=rounded(exact_reps, fmt))
             rows.append(dict(capture=Path(args.capture).name, layer=layer, context=L,
                              queries=int(qpos.numel()), topk=k, block_size=B, block_topk=m,
-                             rep_format=fmt, iou_vs_exact_reps=round(iou(sel[fmt], sel["exact"]), 5),
+                             rep_format=fmt,
+                             iou_vs_exact_reps=round(float(iou(sel[fmt], sel["exact"]).mean()), 5),
                              recall_of_flat=round(recall(sel[fmt], flat), 5)))
             print(json.dumps(rows[-1]), flush=True)
     if args.out:

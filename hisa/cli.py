@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from ._version import __version__
@@ -51,29 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a plot.", formatter_class=DefaultsHelpFormatter)
     bench_cli.add_arguments(b)
     b.set_defaults(func=bench_cli.run)
-    # distill and eval need the optional `eval` extra (transformers, ...): a core install still
-    # gets a parser, and the command then says which package to install instead of a traceback.
-    try:
-        from .distill import cli as distill_cli
-    except ImportError as err:
-        _needs_eval_extra(sub, "distill", "train DSA lightning indexers (needs hisa[eval])", err)
-    else:
-        d = sub.add_parser("distill", help="train DSA lightning indexers for a frozen model",
-                           description=distill_cli.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        distill_cli.add_arguments(d)
-        d.set_defaults(func=distill_cli.run)
-    try:
-        from .eval import cli as eval_cli
-    except ImportError as err:
-        _needs_eval_extra(sub, "eval", "fidelity on real models (needs hisa[eval])", err)
-    else:
-        e = sub.add_parser("eval", help="fidelity of HISA vs flat top-k on real models",
-                           description=eval_cli.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        eval_cli.add_arguments(e)
-        e.set_defaults(func=eval_cli.run)
+    _add_optional(sub, "distill", "train DSA lightning indexers for a frozen model")
+    _add_optional(sub, "eval", "fidelity of HISA vs flat top-k on real models")
     return parser
+
+
+def _add_optional(sub, name: str, help_text: str) -> None:
+    """Register ``hisa <name>`` from ``hisa.<name>.cli``. Its imports need the optional
+    ``eval`` extra (transformers, ...): without it a core install still gets the command, which
+    then says which package to install instead of a traceback."""
+    try:
+        cli = importlib.import_module(f"{__package__}.{name}.cli")
+    except ImportError as err:
+        _needs_eval_extra(sub, name, f"{help_text} (needs hisa[eval])", err)
+        return
+    p = sub.add_parser(name, help=help_text, description=cli.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_arguments(p)
+    p.set_defaults(func=cli.run)
 
 
 def _needs_eval_extra(sub, name: str, help_text: str, err: ImportError) -> None:

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One device call, several owed GPU steps (benchmarks/gpu_owed.md), each under its own time
+# limit so that one slow step cannot eat the call: a step that runs out is reported and the
+# next one starts. Every step writes its log (and its JSON rows, where it has any) under $OUT.
+#
+#   bash benchmarks/gpu_session.sh COMMIT BUDGET_S STEP [STEP ...]
+#
+# BUDGET_S bounds the whole call (keep it under the device's per-call limit); each step gets
+# the smaller of its own limit and what is left. Steps, with their limits in seconds:
+#   prefill_tests  tests/gpu/test_prefill_gpu.py + test_super_gpu.py      (240)
+#   pooled_cost    benchmarks/pooled_format_cost.py                       (300)
+#   bench          hisa bench, prefill 8k/64k/128k and chunk 16k/128k     (200)
+#   engines        tests/gpu/test_engines_gpu.py                          (150)
+#   fuzz           tests/gpu/test_fuzz_gpu.py -k "exact_inputs or prefill" (200)
+#   replay         tests/gpu/replay_fuzz.py --list, then --all             (300)
+#   hardening      tests/gpu/test_hardening_gpu.py                        (200)
+#   overhead       tests/gpu/engines_overhead.py                          (150)
+#   flat_probe     benchmarks/flat_probe.py                               (150)
+#   decode_tests   tests/gpu/test_decode_gpu.py                           (200)
+#   long           SKIP_TESTS=1 benchmarks/run_long_context.sh            (330)
+#   sanitize       tests/gpu/sanitize.sh                                  (540)
+set -u
+commit=${1:?commit}
+budget=${2:?budget in seconds}
+shift 2
+out=${OUT:-gpu-session}
+mkdir -p "$out"
+export PYTHONPATH=.
+start=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+  >> "$out/gpu.txt" 2>&1
+
+step_cmd() {
+  case "$1" in
+    prefill_tests) echo "240 python3 -m pytest -q tests/gpu/test_prefill_gpu.py tests/gpu/test_super_gpu.py -rs -s" ;;
+    pooled_cost) echo "300 python3 benchmarks/pooled_format_cost.py --commit $commit --out $out/pooled_format.jsonl" ;;
+    bench) echo "200 bash -c 'python3 -m hisa.cli bench --mode prefill --contexts 8k,64k,128k --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --contexts 16k,128k --commit $commit --out $out/prefill_chunk.jsonl'" ;;
+    engines) echo "150 python3 -m pytest -q tests/gpu/test_engines_gpu.py -rs" ;;
+    fuzz) echo "200 python3 -m pytest -q tests/gpu/test_fuzz_gpu.py -k 'exact_inputs or prefill' -x" ;;
+    replay) echo "300 bash -c 'python3 tests/gpu/replay_fuzz.py --list | head -1 && python3 tests/gpu/replay_fuzz.py --device cuda --all --keep-going --save-inputs $out/failing'" ;;
+    hardening) echo "200 python3 -m pytest -q tests/gpu/test_hardening_gpu.py -rs" ;;
+    overhead) echo "150 python3 tests/gpu/engines_overhead.py --out $out/engines_overhead.jsonl" ;;
+    flat_probe) echo "150 python3 benchmarks/flat_probe.py --out $out/flat_probe.jsonl --commit $commit" ;;
+    decode_tests) echo "200 python3 -m pytest -q tests/gpu/test_decode_gpu.py -rs" ;;
+    long) echo "330 env SKIP_TESTS=1 OUT=$out bash benchmarks/run_long_context.sh $commit" ;;
+    sanitize) echo "540 bash tests/gpu/sanitize.sh $out/san" ;;
+    *) return 1 ;;
+  esac
+}
+
+for step in "$@"; do
+  spec=$(step_cmd "$step") || { echo "unknown step: $step" >&2; continue; }
+  limit=${spec%% *}
+  cmd=${spec#* }
+  left=$(( budget - ($(date +%s) - start) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    echo "== $step: skipped, ${left} s left of the budget"
+    continue
+  fi
+  t0=$(date +%s)
+  timeout --kill-after=5 "$limit" bash -c "$cmd" > "$out/$step.log" 2>&1
+  rc=$?
+  echo "== $step: rc $rc in $(( $(date +%s) - t0 )) s (limit $limit s)"
+  tail -n 6 "$out/$step.log"
+done
+echo "== total $(( $(date +%s) - start )) s"

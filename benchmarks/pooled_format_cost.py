@@ -27,13 +27,13 @@ from hisa.bench.prefill import (CHECK_ROWS, HISA_MIN_IOU, hisa_reference_iou, ke
                                 sample_rows)
 from hisa.bench.rows import environment, make_row
 from hisa.bench.timer import time_op
-from hisa.ops.indexer.pipeline import hisa_index_triton, hisa_prefill_stages
+from hisa.ops.indexer.pipeline import (AUTO, hisa_index_triton, hisa_prefill_stages,
+                                       resolve_rescore_margin)
 from hisa.ops.indexer.reps import REP_DTYPE
 from hisa.testing.compare import check_index_format
 from hisa.testing.inputs import make_indexer_inputs
 
 FORMATS = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16, "fp32": torch.float32}
-DEFAULT_FORMAT = next(name for name, dtype in FORMATS.items() if dtype == REP_DTYPE)
 #: Below this mean IoU against the exact reference the kernel is wrong, not merely rounded.
 WRONG_KERNEL_IOU = 0.85
 #: (context, queries or None for a full causal prefill, B, m, (Bs, ms) or None)
@@ -56,6 +56,11 @@ def point(env, context, queries, B, m, sup, *, topk, device="cuda", heads=64):
     variants = [(name, dtype, None) for name, dtype in FORMATS.items()]
     if sup is None:
         variants += [(f"fp8+rescore{r}", torch.float32, r) for r in (m // 2, m)]
+    # The library's choice for this shape: fp32 reps, re-scored after an FP8 pre-selection
+    # where resolve_rescore_margin's default applies.
+    auto = resolve_rescore_margin(AUTO, key_dtype=torch.float8_e4m3fn, reps=REP_DTYPE,
+                                  super_size=three.get("super_size"), block_topk=m,
+                                  max_blocks=-(-context // B))
     for name, reps, margin in variants:
         def run(reps=reps, margin=margin):
             return hisa_index_triton(*inp.args(), k_scale=inp.k_scale, reps_dtype=reps,
@@ -69,15 +74,15 @@ def point(env, context, queries, B, m, sup, *, topk, device="cuda", heads=64):
         own = None if margin else hisa_reference_iou(inp, idx, rows, reps=kernel_reps(
             inp, block_size=B, super_size=three.get("super_size"), reps_dtype=reps), **kw)
         t = time_op(run, runs=20)
-        stage_ms = {} if margin else {
+        stage_ms = {
             s: round(time_op(fn, warmup=1, runs=10).median_ms, 4)
             for s, fn in hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale,
-                                             reps_dtype=reps, **kw)}
+                                             reps_dtype=reps, rescore_margin=margin, **kw)}
         out.append(make_row(env, mode="prefill" if queries is None else "prefill_chunk",
                             op="hisa3" if sup else "hisa", context=context,
                             queries=inp.num_queries, topk=topk, heads=heads, head_dim=128,
                             dtype="float8_e4m3fn", block_size=B, block_topk=m, **three,
-                            rep_format=name, default=name == DEFAULT_FORMAT and not margin,
+                            rep_format=name, default=reps == REP_DTYPE and margin == auto,
                             meets_bench_gate=exact >= HISA_MIN_IOU, ms=t.median_ms,
                             p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                             stage_ms=stage_ms, iou_vs_exact_reference=round(exact, 5),

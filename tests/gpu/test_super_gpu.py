@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 if torch.cuda.is_available():
-    from hisa.ops.dsa.naive import naive_scores
+    from hisa.ops.dsa.naive import is_outside, naive_scores
     from hisa.ops.dsa.prefill import (FLAT_LOGITS_BYTES, dsa_index_triton, flat_workspace_bytes,
                                       prepare_operands)
     from hisa.ops.indexer.block_scores import block_scores
@@ -106,7 +106,8 @@ def test_three_level_end_to_end(dtype, seq_lens, query_lens):
 def test_three_levels_equal_two_when_every_super_block_fits(dtype):
     inp = _inputs([6000, 2100, 63], dtype, seed=33)          # <= 24 super-blocks of 256 keys
     kw = dict(topk=K, block_size=B, block_topk=M)
-    two = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, **kw)[0]
+    # two levels scoring every block on the reps (not the default FP8 pre-selection)
+    two = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=None, **kw)[0]
     three = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, super_size=BS, super_topk=24,
                               **kw)[0]
     _assert_selection_exact_up_to_ties(three, two, inp.ks, _kernel_logits(inp))
@@ -145,10 +146,12 @@ def test_append_super_rows_match_reference_on_gpu():
     pa, pb = a.cache.super_cache, b.cache.super_cache
     sa, sb = pa[:, D:].view(torch.float32), pb[:, D:].view(torch.float32)
     assert int((sb > 0).sum()) == 9 + 0 + 8 + 17            # complete super-blocks of 512 keys
-    torch.testing.assert_close(sa, sb, rtol=2 ** -3, atol=0)
+    # Rows of incomplete super-blocks are unknown (NaN scale) in both: compared as NaN.
+    torch.testing.assert_close(sa, sb, rtol=2 ** -3, atol=0, equal_nan=True)
     fa = pa[:, :D].contiguous().view(torch.float8_e4m3fn).float() * sa
     fb = pb[:, :D].contiguous().view(torch.float8_e4m3fn).float() * sb
-    torch.testing.assert_close(fa, fb, rtol=2 ** -3, atol=float(sb.max()) * 2 ** -8)
+    torch.testing.assert_close(fa, fb, rtol=2 ** -3, atol=float(sb.nan_to_num(0).max()) * 2 ** -8,
+                               equal_nan=True)
 
 
 def test_cuda_graph_replay_with_new_lengths_equals_eager_three_levels():
@@ -235,7 +238,7 @@ def test_new_prefill_kernels_address_past_2gib():
     inner = valid & (blk != first[:, None]) & (blk != end[:, None] - 1)
     scale = ref.abs().amax().clamp_min(1e-30)
     assert bool(((cs - ref).abs()[inner] <= MMA_RTOL[torch.float8_e4m3fn] * scale).all())
-    assert bool(torch.isneginf(cs[~valid]).all()) and int(inner.sum()) > 0
+    assert bool(is_outside(cs[~valid]).all()) and int(inner.sum()) > 0
 
 
 def test_new_decode_kernels_address_past_2gib():

@@ -159,6 +159,7 @@ def test_topk_rows_paths_follow_the_rule(monkeypatch):
     mark_outside(x[4], torch.arange(W) % 2 == 0)     # outside entries inside a row (decode)
     x[4, 1::4] = NAN
     x[5] = -INF
+    x[5, 10:] = NAN                                  # register row: 10 -inf, then NaN fills
     ks = torch.zeros(R, dtype=torch.int32)
     ke = torch.tensor([300, 700, 700, 700, 700, 120], dtype=torch.int32)
     monkeypatch.setattr(topk_mod, "TOPK_CHUNK", 256)
@@ -173,6 +174,11 @@ def test_topk_rows_paths_follow_the_rule(monkeypatch):
         n = int((ref >= 0).sum())
         torch.testing.assert_close(val[r, :n].sort().values, ref_val[0, :n].sort().values,
                                    equal_nan=True)
+    # A NaN score comes back as the positive quiet NaN: a negative one sorts below -inf in a
+    # radix sort (torch.sort on CUDA), so the values would not sort like the reference's.
+    nan = torch.isnan(val)
+    assert bool(nan.any())
+    assert bool((val.view(torch.int32)[nan] == 0x7FC00000).all())
 
 
 def test_decode_chunked_topk_follows_the_rule(monkeypatch):

@@ -215,13 +215,20 @@ def test_prefill_stages_compute_the_end_to_end_result():
     inp = _inputs([100, 0, 9, 12], torch.float8_e4m3fn, seed=10)
     idx, _ = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
                                block_topk=M)
-    stages = hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
-                                 block_topk=M)
-    assert [name for name, _ in stages] == ["pool", "block_select", "token_scores",
-                                            "select_tokens"]
-    state = None
-    for _, fn in stages:
-        state = fn()
+    # FP8 keys: the FP8 pre-selection, then the re-score on the fp32 reps (the default)
+    names = {None: ["pool", "block_select", "token_scores", "select_tokens"],
+             "auto": ["pool", "pool_supers", "super_select", "block_select", "token_scores",
+                      "select_tokens"]}
+    for margin, want in names.items():
+        stages = hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
+                                     block_topk=M, rescore_margin=margin)
+        assert [name for name, _ in stages] == want
+        state = None
+        for _, fn in stages:
+            state = fn()
+        assert torch.equal(state["idx"], hisa_index_triton(
+            *inp.args(), k_scale=inp.k_scale, topk=K, block_size=B, block_topk=M,
+            rescore_margin=margin)[0])
     assert torch.equal(state["idx"], idx)
 
 
@@ -263,6 +270,28 @@ def test_block_stage_on_fp32_reps_of_fp8_keys():
     with pytest.raises(TypeError, match="pooled"):
         block_scores(q.float(), pooled.to(torch.float8_e4m3fn), inp.weights, inp.ks, inp.ke,
                      block_size=B, prec=prec)
+
+
+def test_rescore_default_applies_to_fp8_keys_at_two_levels_only():
+    from hisa.ops.indexer.pipeline import AUTO, resolve_rescore_margin
+    fp8, bf16, fp32 = torch.float8_e4m3fn, torch.bfloat16, torch.float32
+    kw = dict(super_size=None, block_topk=64, max_blocks=1000)
+    assert resolve_rescore_margin(AUTO, key_dtype=fp8, reps=fp32, **kw) == 32
+    assert resolve_rescore_margin(AUTO, key_dtype=fp8, reps=bf16, **kw) == 32
+    assert resolve_rescore_margin(AUTO, key_dtype=bf16, reps=fp32, **kw) is None
+    assert resolve_rescore_margin(AUTO, key_dtype=fp8, reps=fp8, **kw) is None
+    assert resolve_rescore_margin(AUTO, key_dtype=fp8, reps=fp32, **dict(kw, super_size=4)) \
+        is None
+    # past the register row of the candidate selection: the fp32 scan instead of an error
+    assert resolve_rescore_margin(AUTO, key_dtype=fp8, reps=fp32,
+                                  **dict(kw, block_topk=30000)) is None
+    assert resolve_rescore_margin(None, key_dtype=fp8, reps=fp32, **kw) is None
+    assert resolve_rescore_margin(5, key_dtype=fp8, reps=fp32, **kw) == 5
+    for bad in ("half", -1, 1.5, True):
+        with pytest.raises(ValueError, match="rescore_margin"):
+            resolve_rescore_margin(bad, key_dtype=fp8, reps=fp32, **kw)
+    with pytest.raises(ValueError, match="rescore_margin"):
+        resolve_rescore_margin(5, key_dtype=bf16, reps=fp32, **kw)
 
 
 def test_rescore_margin_is_validated():

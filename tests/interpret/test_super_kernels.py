@@ -136,7 +136,9 @@ def test_three_levels_equal_two_when_every_super_block_fits(dtype):
     # all eligible blocks, scored by the same MMA per row, so the ids and outputs are equal.
     inp = _inputs(LENS, dtype, seed=5, query_lens=QLENS)
     kw = dict(topk=K, block_size=B, block_topk=M)
-    two, v2 = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, need_scores=True, **kw)
+    # two levels scoring every block on the reps (not the default FP8 pre-selection)
+    two, v2 = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, need_scores=True,
+                                rescore_margin=None, **kw)
     three, v3 = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, need_scores=True,
                                   super_size=BS, super_topk=8, **kw)
     assert torch.equal(_canon(two), _canon(three))
@@ -295,12 +297,18 @@ def test_fp8_preselect_then_fp32_rescore_matches_its_twin():
                                             super_pooled=fp8, super_scale=scale, **kw)
         assert_same_selection(got, want, inp.ks, logits)
         if margin == 1:   # the FP8 pre-selection really matters on these inputs
-            plain = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, **kw)[0]
+            plain = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=None,
+                                      **kw)[0]
             assert not torch.equal(_canon(want), _canon(plain))
     # A margin past every window's block count re-scores every block: the fp32-rep selection.
     every = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=-(-S // B), **kw)[0]
-    assert_same_selection(every, hisa_index_triton(*inp.args(), k_scale=inp.k_scale, **kw)[0],
+    assert_same_selection(every, hisa_index_triton(*inp.args(), k_scale=inp.k_scale,
+                                                   rescore_margin=None, **kw)[0],
                           inp.ks, logits)
+    # The default for FP8 keys at two levels is the margin M // 2.
+    assert torch.equal(hisa_index_triton(*inp.args(), k_scale=inp.k_scale, **kw)[0],
+                       hisa_index_triton(*inp.args(), k_scale=inp.k_scale,
+                                         rescore_margin=M // 2, **kw)[0])
     with pytest.raises(ValueError, match="rescore_margin"):
         hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=2, super_size=BS,
                           super_topk=MS, **kw)

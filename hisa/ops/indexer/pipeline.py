@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import triton
 
 from ...utils.quant import quantize_fp8
 from ...utils.validate import FP8_DTYPE
@@ -34,7 +35,7 @@ from ..dsa.prefill import check_kernel_shapes, prepare_operands
 from .block_scores import block_select, check_window_blocks, window_blocks
 from .pool import check_block_size, pool_blocks
 from .reps import rep_dtype
-from .select import select_tokens
+from .select import SELECT_MAX_ROW, select_tokens
 from .super_blocks import (candidate_block_select, check_super_kernel_params, pool_supers,
                            super_select, three_level_block_ids)
 from .token_scores import token_scores
@@ -76,6 +77,44 @@ def _window_plan(ks, ke, *, block_size, super_size, super_topk, windows=None
         ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk,
         windows=None if windows is None else (windows.first_super, windows.max_supers))
     return first_super * super_size, 0, first_super, max_supers
+
+
+#: ``rescore_margin`` of the default: for FP8 keys at two levels, pre-select m + m // 2 blocks
+#: on FP8 copies of the reps, then keep the best m by the fp32 reps. On an H200 (68ad042,
+#: benchmarks/results/round2/pooled_format.jsonl) it selected what the fp32 scan selects at
+#: every bench shape (IoU against the exact means 0.9992-1.0) in less time: 128K prefill 40.3
+#: vs 44.1 ms, 1M chunk 1.52 vs 1.99 ms, 1M chunk at B = 64, m = 32 2.21 vs 3.54 ms; 64K
+#: prefill 20.4 vs 20.2 ms. FP8 reps alone are faster still but miss 0.995 (0.93-0.99).
+AUTO = "auto"
+
+
+def resolve_rescore_margin(rescore_margin, *, key_dtype: torch.dtype, reps: torch.dtype,
+                           super_size: int | None, block_topk: int, max_blocks: int
+                           ) -> int | None:
+    """The pre-selection margin to run with (None: score every block on the reps).
+
+    ``"auto"`` (the default) gives ``block_topk // 2`` for FP8 keys at two levels with fp32 or
+    bf16 reps, where the candidate row fits the register selection, and None otherwise (fp32
+    or bf16 keys have no cheaper format to pre-select on). An int is checked against the same
+    conditions (ValueError naming ``rescore_margin``)."""
+    if rescore_margin is None:
+        return None
+    auto = isinstance(rescore_margin, str) and rescore_margin == AUTO
+    if not auto and (isinstance(rescore_margin, bool) or not isinstance(rescore_margin, int)
+                     or rescore_margin < 0):
+        raise ValueError(f"rescore_margin: expected None, {AUTO!r} or an int >= 0, got "
+                         f"{rescore_margin!r}")
+    margin = block_topk // 2 if auto else rescore_margin
+    applies = super_size is None and key_dtype == FP8_DTYPE and reps != FP8_DTYPE
+    if auto:
+        fits = max(16, triton.next_power_of_2(max(block_topk + margin, max_blocks))) \
+            <= SELECT_MAX_ROW                       # the candidate row and the block row
+        return margin if applies and fits else None
+    if not applies:
+        raise ValueError(f"rescore_margin: expected two levels over FP8 q and k with fp32 or bf16 "
+                         f"block reps, got super_size={super_size}, prepared keys {key_dtype}, "
+                         f"reps {reps}")
+    return margin
 
 
 def given_pooled(pooled: torch.Tensor, k: torch.Tensor, reps_dtype: torch.dtype | None = None
@@ -159,9 +198,15 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                         ks: torch.Tensor, ke: torch.Tensor, *, k_scale: torch.Tensor | None,
                         topk: int, block_size: int, block_topk: int,
                         super_size: int | None = None, super_topk: int | None = None,
-                        reps_dtype: torch.dtype | None = None
+                        reps_dtype: torch.dtype | None = None,
+                        rescore_margin: int | str | None = AUTO
                         ) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline as [(stage name, zero-argument callable)], run in order.
+
+    With a re-score margin (the default for FP8 keys at two levels, see
+    :func:`hisa_index_triton`) the block stage is ``pool_supers`` (FP8 copies of the block
+    reps), ``super_select`` (the FP8 pre-selection of m + margin blocks) and ``block_select``
+    (the best m of those on the reps), as the three-level path with super-blocks of one block.
 
     Each callable runs one stage on the intermediates of the previous ones (kept in the
     closure), so a benchmark can time the stages one by one; running them all in order gives
@@ -175,6 +220,15 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
     first_block, max_blocks, first_super, max_supers = _window_plan(
         ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk)
+    margin = resolve_rescore_margin(rescore_margin, key_dtype=k.dtype,
+                                    reps=rep_dtype(k.dtype, reps_dtype), super_size=super_size,
+                                    block_topk=block_topk, max_blocks=max_blocks)
+    super_dtype = None
+    if margin is not None:     # the pre-selection as super-blocks of one block, FP8 copies
+        super_size, super_topk, super_dtype = 1, block_topk + margin, FP8_DTYPE
+        first_super, max_supers = check_super_kernel_params(
+            ks, ke, block_size=block_size, super_size=1, super_topk=super_topk,
+            windows=(first_block, max_blocks))
     T = q.shape[0]
     state: dict = {
         "ids": torch.empty(T, block_topk, dtype=torch.int32, device=q.device),
@@ -196,7 +250,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     def supers_pool():
         state["super"], state["super_scale"] = pool_supers(
             state["pooled"], state["pooled_scale"], k.shape[0], block_size=block_size,
-            super_size=super_size, first_super=first_super)
+            super_size=super_size, first_super=first_super, out_dtype=super_dtype)
         return state
 
     def supers_select():
@@ -254,7 +308,7 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                       need_scores: bool = False, super_size: int | None = None,
                       super_topk: int | None = None, pooled: torch.Tensor | None = None,
                       windows=None, reps_dtype: torch.dtype | None = None,
-                      rescore_margin: int | None = None
+                      rescore_margin: int | str | None = AUTO
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`); two
     levels, or three with ``super_size`` / ``super_topk``; ``pooled`` replaces the pooling
@@ -262,12 +316,14 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     :class:`~hisa.ops.indexer.prefill.WindowPlan` the public op read with its window check
     (by default the windows are read here, one host sync). ``reps_dtype``: how the block
     representatives are stored (:func:`~.reps.rep_dtype`: fp32 by default; bf16 or
-    float8_e4m3fn for the formats benchmarks/pooled_format_cost.py times beside it). ``rescore_margin`` (two
-    levels, FP8 keys): pre-select the top ``block_topk + rescore_margin`` blocks on FP8
-    re-quantized reps (FP8 MMAs, the cheap full scan), then keep the best ``block_topk`` of
-    those by the fp32 reps; run as three levels with super-blocks of one block. It equals the
-    fp32-rep selection whenever the true top m lie in FP8's top m + margin
-    (benchmarks/pooled_precision_probe.py measures how often).
+    float8_e4m3fn for the formats benchmarks/pooled_format_cost.py times beside it).
+    ``rescore_margin`` (two levels, FP8 keys): pre-select the top ``block_topk +
+    rescore_margin`` blocks on FP8 re-quantized reps (FP8 MMAs, the cheap full scan), then keep
+    the best ``block_topk`` of those by the fp32 reps; run as three levels with super-blocks of
+    one block. It equals the fp32-rep selection whenever the true top m lie in FP8's top m +
+    margin (benchmarks/pooled_precision_probe.py measures how often). ``"auto"`` (default):
+    ``block_topk // 2`` where it applies (:func:`resolve_rescore_margin`); None scores every
+    block on the reps.
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
@@ -279,15 +335,11 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     first_block, max_blocks, first_super, max_supers = _window_plan(
         ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk,
         windows=windows)
+    reps = rep_dtype(k.dtype, reps_dtype)          # given ``pooled`` rows are stored so too
+    rescore_margin = resolve_rescore_margin(rescore_margin, key_dtype=k.dtype, reps=reps,
+                                            super_size=super_size, block_topk=block_topk,
+                                            max_blocks=max_blocks)
     if rescore_margin is not None:
-        reps = rep_dtype(k.dtype, reps_dtype)
-        if isinstance(rescore_margin, bool) or not isinstance(rescore_margin, int) \
-                or rescore_margin < 0:
-            raise ValueError(f"rescore_margin: expected an int >= 0, got {rescore_margin!r}")
-        if super_size is not None or k.dtype != FP8_DTYPE or reps == FP8_DTYPE:
-            raise ValueError(f"rescore_margin: expected two levels over FP8 q and k with fp32 "
-                             f"or bf16 block reps, got super_size={super_size}, prepared keys "
-                             f"{k.dtype}, reps {reps}")
         check_super_kernel_params(ks, ke, block_size=block_size, super_size=1,
                                   super_topk=block_topk + rescore_margin,
                                   windows=(first_block, max_blocks))

@@ -91,10 +91,17 @@ def _relu(x):
     return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
+#: fp32 bits of the NaN a NaN score comes back as: the positive quiet NaN. The ordered key
+#: keeps no payload or sign, and the plain inverse of key 1 (0xFFFFFFFE) is a negative NaN,
+#: which a radix sort (torch.sort on CUDA, rows of 129-4,096) puts below -inf.
+QUIET_NAN = tl.constexpr(0x7FC00000)
+
+
 @triton.jit
 def _key_to_float(key):
-    """Inverse of ``_ordered_key`` for keys > 0 (key 1 gives a NaN)."""
+    """Inverse of ``_ordered_key`` for keys > 0; key 1 (NaN) gives :data:`QUIET_NAN`."""
     bits = tl.where(key >= 0x80000000, key ^ 0x80000000, key ^ 0xFFFFFFFF)
+    bits = tl.where(key == 1, tl.full(bits.shape, QUIET_NAN, tl.uint32), bits)
     return bits.to(tl.float32, bitcast=True)
 
 

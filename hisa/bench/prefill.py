@@ -86,7 +86,8 @@ def hisa_reference_iou(inp, idx, rows, *, topk: int, block_size: int, block_topk
 
 
 def check_prefill(inp, flat_idx, hisa_idx, *, topk, block_size, block_topk,
-                  super_size=None, super_topk=None, check_reps: str = "exact"
+                  super_size=None, super_topk=None, check_reps: str = "exact",
+                  label: str = "HISA"
                   ) -> tuple[float, float]:
     """Raise AssertionError unless both outputs are right on sampled rows.
 
@@ -110,7 +111,8 @@ def check_prefill(inp, flat_idx, hisa_idx, *, topk, block_size, block_topk,
     if check_reps == "kernel":
         gate = hisa_reference_iou(inp, hisa_idx, rows, reps=kernel_reps(
             inp, block_size=block_size, super_size=super_size), **kw)
-    assert gate >= HISA_MIN_IOU, f"HISA vs reference IoU {gate:.4f} < {HISA_MIN_IOU}"
+    assert gate >= HISA_MIN_IOU, (f"{label} vs reference IoU {gate:.4f} < {HISA_MIN_IOU} "
+                                  f"(exact-mean reference: {exact:.4f})")
     return gate, exact
 
 
@@ -154,7 +156,8 @@ def bench_prefill_point(context: int, *, queries: int | None, env: dict, topk: i
     quality = {name: check_prefill(inp, outs["flat"], outs[name], topk=topk,
                                    block_size=block_size, block_topk=block_topk,
                                    super_size=vkw.get("super_size"),
-                                   super_topk=vkw.get("super_topk"), check_reps=check_reps)
+                                   super_topk=vkw.get("super_topk"), check_reps=check_reps,
+                                   label=f"{name} at {context} keys, {T} queries")
                for name, vkw in variants.items()}
     times = {name: time_op(fn, runs=timing_runs) for name, fn in ops.items()}
     f_flat = flat_prefill_flops(inp.ks, inp.ke, heads, head_dim)

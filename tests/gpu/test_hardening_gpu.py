@@ -51,14 +51,20 @@ def test_packed_prefill_past_2_24_keys():
 def test_paged_decode_past_2_24_keys():
     n = 2**24 + 64
     inp = make_paged_inputs([n, 1000], heads=16, head_dim=128, block_size=128, exact=True,
-                            q_dtype=torch.float32, device="cuda", backend="triton")
+                            super_size=16, q_dtype=torch.float32, device="cuda",
+                            backend="triton")
     got = hisa.dsa_index_paged(*inp.args(), topk=2048, backend="triton")
     want = hisa.dsa_index_paged(*inp.args(), topk=2048, backend="torch")
     F.selected_match(got, want)
     kw = dict(topk=2048, block_size=128, block_topk=64)
+    # Two levels select among at most 32,768 blocks per request (4M keys at B = 128): a clear
+    # error; three levels (super-blocks of 2,048 keys) take the request.
+    with pytest.raises(ValueError, match="block_table"):
+        hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **kw)
+    kw.update(inp.super_kwargs(64))
     got = hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **kw)
     lens = inp.row_lengths()
-    check_index_format(got, torch.zeros_like(lens), lens, 2048)
+    check_index_format(got, torch.zeros_like(lens), lens, 2048, exact_count=False)
     assert recall(got, hisa.hisa_index_paged(*inp.hisa_args(), backend="torch", **kw)) >= \
         HISA_MIN_RECALL
 

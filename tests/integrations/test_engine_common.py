@@ -10,7 +10,7 @@ from hisa.integrations import _engine_common as common
 from hisa.integrations import sglang as sgl_plugin
 from hisa.integrations import vllm as vllm_plugin
 from hisa.integrations._engine_common import (PluginOptions, PooledCacheRegistry, after_import,
-                                              as_engine_pages, gather_request_keys,
+                                              as_engine_pages, gather_request_keys, prefill_select,
                                               parse_options)
 
 from .engine_ref import PAGE, ROW, D, engine_gather, engine_quant_and_cache, new_cache
@@ -88,12 +88,28 @@ def test_aligned_gather_matches_engine_gather():
         assert torch.equal(keys.k_scale[s0:s0 + L], s_ref[int(cu[r]):int(cu[r]) + L])
 
 
-def test_gather_rejects_a_missing_page():
+@pytest.mark.parametrize("mode", ["hisa", "flat"])
+def test_a_missing_page_is_named_at_the_ops_one_window_read(mode):
+    from hisa.testing.launches import count_host_work
     kv = new_cache(2)
     bt = torch.tensor([[0, -1]], dtype=torch.int32)
-    with pytest.raises(ValueError, match="block_table: request 0 position 64"):
-        gather_request_keys(as_engine_pages(kv, D), bt, torch.tensor([100]), total=100,
-                            head_dim=D, block_size=128)
+    with count_host_work() as work:          # the gather flags the page without a host read
+        keys = gather_request_keys(as_engine_pages(kv, D), bt, torch.tensor([100]),
+                                   total=100, head_dim=D, block_size=128)
+    assert work.num_syncs == 0
+    with pytest.raises(ValueError, match="block_table: request 0 position 64 maps to page -1"):
+        keys.raise_if_bad_pages()
+    q = torch.zeros(3, 4, D, dtype=torch.float8_e4m3fn)
+    opts = PluginOptions(block_size=128, block_topk=2, mode=mode)
+    with pytest.raises(ValueError, match="block_table: request 0 position 64 maps to page -1"):
+        prefill_select(q, torch.ones(3, 4), torch.tensor([98, 99, 100]),
+                       torch.zeros(3, dtype=torch.long), keys, topk=16, options=opts)
+    good = gather_request_keys(as_engine_pages(kv, D), torch.tensor([[0, 1]], dtype=torch.int32),
+                               torch.tensor([100]), total=100, head_dim=D, block_size=128)
+    good.raise_if_bad_pages()
+    idx = prefill_select(q, torch.ones(3, 4), torch.tensor([98, 99, 100]),
+                         torch.zeros(3, dtype=torch.long), good, topk=16, options=opts)
+    assert idx.shape == (3, 16)
 
 
 def test_registry_capture_and_stale():

@@ -22,9 +22,11 @@ H, D, B, M, K = 16, 64, 16, 4, 24
 #: Host syncs of any prefill call: the window check, which carries every window fact the
 #: call needs (kernel limits, route, pooling start, selection rows, short-window repair).
 CALL_SYNCS = 1
-#: Launches of the two-level pipeline: pool, fused block scores + top-m, token scores, token
-#: selection (one token tile at these sizes).
-TWO_LEVEL_LAUNCHES = 4
+#: Launches of the two-level pipeline over FP8 keys: pool, FP8 copies of the block means,
+#: the FP8 pre-selection of m + m/2 blocks, their re-score on the fp32 means + top-m, token
+#: scores, token selection (one token tile at these sizes). Without the pre-selection (fp32
+#: or bf16 keys): 4, the block stage being one fused launch.
+TWO_LEVEL_LAUNCHES = 6
 #: Three levels add the super-block pooling and the candidate-block selection.
 THREE_LEVEL_LAUNCHES = 6
 #: The flat path: logits, then top-k (one logits tile).
@@ -106,3 +108,27 @@ def test_short_window_repair_still_runs_when_the_plan_flags_it():
     flat = hisa.dsa_index(*args, **kw)
     assert torch.equal(got[0].sort().values, torch.arange(topk, dtype=torch.int32))
     assert torch.equal(got[0].sort().values, flat[0].sort().values)
+
+
+def test_vllm_prefill_chunk_makes_the_ops_one_host_sync():
+    """The plugin's prefill chunk (request-aligned gather + HISA) reads the host once, as the
+    bare op does: a sync in the gather (its page check) left the GPU idle while the host
+    launched the rest (H200: the plugin's chunk took 30 % longer than the direct ops)."""
+    from hisa.integrations._engine_common import PluginOptions
+    from hisa.integrations.vllm import run_indexer
+    from integrations.engine_ref import (PAGE, FakeVllmEngine, Req, Step, VllmSim,
+                                         engine_quant_and_cache, random_keys, random_queries,
+                                         vllm_call, vllm_step_metadata)
+    context, queries, topk = 1024, 32, 64
+    sim = VllmSim(num_pages=context // PAGE + 4, heads=H, device="cpu")
+    r = Req(random_keys(context, 300))
+    r.done = context - queries
+    r.grow(sim.alloc, context)
+    engine_quant_and_cache(sim.kv, r.keys, torch.tensor(r.slots(0, context)))
+    md = vllm_step_metadata(Step([], [(r, queries)], width=context // PAGE + 2))
+    q, w = random_queries(queries, H, 11)
+    call = vllm_call(sim.kv, md, q, w, topk=topk)
+    call["topk_indices_buffer"] = torch.full((queries, topk), -1, dtype=torch.int32)
+    opts = PluginOptions(block_size=B, block_topk=M, decode=False, backend="triton")
+    work = measure(lambda: run_indexer(call, md, FakeVllmEngine(md), opts, sim.registry))
+    assert work.num_syncs == CALL_SYNCS, work.report()

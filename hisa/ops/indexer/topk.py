@@ -93,7 +93,9 @@ def _relu(x):
 
 #: fp32 bits of the NaN a NaN score comes back as: the positive quiet NaN. The ordered key
 #: keeps no payload or sign, and the plain inverse of key 1 (0xFFFFFFFE) is a negative NaN,
-#: which a radix sort (torch.sort on CUDA, rows of 129-4,096) puts below -inf.
+#: which torch.sort on CUDA put below -inf in the GPU tests (it sorts by the bits, as a radix
+#: sort does; the CPU sort puts every NaN last), so returned scores sorted unlike the
+#: reference's.
 QUIET_NAN = tl.constexpr(0x7FC00000)
 
 

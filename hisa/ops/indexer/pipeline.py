@@ -81,7 +81,7 @@ def _window_plan(ks, ke, *, block_size, super_size, super_topk, windows=None
 
 #: ``rescore_margin`` of the default: for FP8 keys at two levels, pre-select m + m // 2 blocks
 #: on FP8 copies of the reps, then keep the best m by the fp32 reps. On an H200 (68ad042,
-#: benchmarks/results/round2/pooled_format.jsonl) it selected what the fp32 scan selects at
+#: benchmarks/results/round3/pooled_format_h200.jsonl) it selected what the fp32 scan selects at
 #: every bench shape (IoU against the exact means 0.9992-1.0) in less time: 128K prefill 40.3
 #: vs 44.1 ms, 1M chunk 1.52 vs 1.99 ms, 1M chunk at B = 64, m = 32 2.21 vs 3.54 ms; 64K
 #: prefill 20.4 vs 20.2 ms. FP8 reps alone are faster still but miss 0.995 (0.93-0.99).

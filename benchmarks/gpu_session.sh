@@ -19,6 +19,7 @@
 #   decode_tests   tests/gpu/test_decode_gpu.py                           (200)
 #   long           SKIP_TESTS=1 benchmarks/run_long_context.sh            (330)
 #   sanitize       tests/gpu/sanitize.sh                                  (540)
+# Exits 1 when any step failed or ran out of time (its log says how), 0 otherwise.
 set -u
 commit=${1:?commit}
 budget=${2:?budget in seconds}
@@ -27,6 +28,7 @@ out=${OUT:-gpu-session}
 mkdir -p "$out"
 export PYTHONPATH=.
 start=$(date +%s)
+failed=""
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   >> "$out/gpu.txt" 2>&1
@@ -38,7 +40,7 @@ step_cmd() {
     bench) echo "200 bash -c 'python3 -m hisa.cli bench --mode prefill --contexts 8k,64k,128k --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --contexts 16k,128k --commit $commit --out $out/prefill_chunk.jsonl'" ;;
     engines) echo "150 python3 -m pytest -q tests/gpu/test_engines_gpu.py -rs" ;;
     fuzz) echo "200 python3 -m pytest -q tests/gpu/test_fuzz_gpu.py -k 'exact_inputs or prefill' -x" ;;
-    replay) echo "300 bash -c 'python3 tests/gpu/replay_fuzz.py --list | head -1 && python3 tests/gpu/replay_fuzz.py --device cuda --all --keep-going --save-inputs $out/failing'" ;;
+    replay) echo "300 python3 tests/gpu/replay_fuzz.py --list > $out/replay_list.txt && head -1 $out/replay_list.txt && python3 tests/gpu/replay_fuzz.py --device cuda --all --keep-going --save-inputs $out/failing" ;;
     hardening) echo "200 python3 -m pytest -q tests/gpu/test_hardening_gpu.py -rs" ;;
     overhead) echo "150 python3 tests/gpu/engines_overhead.py --out $out/engines_overhead.jsonl" ;;
     flat_probe) echo "150 python3 benchmarks/flat_probe.py --out $out/flat_probe.jsonl --commit $commit" ;;
@@ -50,7 +52,7 @@ step_cmd() {
 }
 
 for step in "$@"; do
-  spec=$(step_cmd "$step") || { echo "unknown step: $step" >&2; continue; }
+  spec=$(step_cmd "$step") || { echo "unknown step: $step" >&2; failed="$failed $step"; continue; }
   limit=${spec%% *}
   cmd=${spec#* }
   left=$(( budget - ($(date +%s) - start) ))
@@ -60,9 +62,11 @@ for step in "$@"; do
     continue
   fi
   t0=$(date +%s)
-  timeout --kill-after=5 "$limit" bash -c "$cmd" > "$out/$step.log" 2>&1
+  timeout --kill-after=5 "$limit" bash -o pipefail -c "$cmd" > "$out/$step.log" 2>&1
   rc=$?
+  [ "$rc" -ne 0 ] && failed="$failed $step"
   echo "== $step: rc $rc in $(( $(date +%s) - t0 )) s (limit $limit s)"
   tail -n 6 "$out/$step.log"
 done
-echo "== total $(( $(date +%s) - start )) s"
+echo "== total $(( $(date +%s) - start )) s${failed:+, failed:$failed}"
+[ -z "$failed" ]

@@ -23,7 +23,7 @@ import torch
 import hisa
 from hisa.bench.rows import environment
 from hisa.eval.levels import multiscale_keys, super_oracle_recall
-from hisa.eval.metrics import iou, selection_mask
+from hisa.eval.metrics import iou, recall
 from hisa.testing.inputs import IndexerInputs, make_indexer_inputs
 from hisa.utils.quant import quantize_fp8
 
@@ -50,13 +50,6 @@ def make_inputs(kind: str, context: int, queries: int, heads: int, device: str, 
                                                   device=device), group_size=inp.k.shape[1])
         inp = IndexerInputs(inp.q, k, inp.weights, inp.ks, inp.ke, k_scale)
     return inp
-
-
-def recall_of(ref: torch.Tensor, other: torch.Tensor) -> float:
-    """Mean over queries of |ref & other| / |ref|."""
-    w = max(int(ref.max()), int(other.max())) + 1
-    mr, mo = selection_mask(ref, w), selection_mask(other, w)
-    return float(((mr & mo).sum(1).float() / mr.sum(1).clamp_min(1).float()).mean())
 
 
 def pairs_per_query(context: int, *, block_size: int, block_topk: int, topk: int = 0,
@@ -89,12 +82,12 @@ def study(args) -> list[dict]:
                        queries=args.queries, heads=args.heads, backend=args.backend, **base,
                        **sup,
                        iou_vs_two_level=round(float(iou(three, two).mean()), 5),
-                       recall_of_two_level=round(recall_of(two, three), 5),
+                       recall_of_two_level=round(float(recall(two, three).mean()), 5),
                        oracle_bound_vs_two_level=round(float(super_oracle_recall(
                            two, **bound).nanmean()), 5),
                        iou_mean=round(float(iou(three, flat).mean()), 5),
                        two_level_iou_vs_flat=round(two_vs_flat, 5),
-                       recall=round(recall_of(flat, three), 5),
+                       recall=round(float(recall(flat, three).mean()), 5),
                        oracle_recall=round(float(super_oracle_recall(flat, **bound).nanmean()),
                                            5),
                        pairs_per_query=pairs_per_query(args.context, **base, **sup),

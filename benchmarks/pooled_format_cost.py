@@ -88,7 +88,7 @@ def point(env, context, queries, B, m, sup, *, topk, device="cuda", heads=64):
                             stage_ms=stage_ms, iou_vs_exact_reference=round(exact, 5),
                             rescore_margin=margin,
                             iou_vs_reference=None if own is None else round(own, 5),
-                            check_reps="kernel"))
+                            check_reps=None if own is None else "kernel"))
         print(json.dumps(out[-1]), flush=True)
     del inp
     if torch.cuda.is_available():

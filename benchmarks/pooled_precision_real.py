@@ -24,16 +24,9 @@ from pooled_precision_probe import rounded  # noqa: E402
 
 from hisa.distill import load_trained  # noqa: E402
 from hisa.distill.indexer import LightningIndexer  # noqa: E402
-from hisa.eval.metrics import iou, selection_mask  # noqa: E402
+from hisa.eval.metrics import iou, recall  # noqa: E402
 from hisa.ops.dsa.naive import naive_dsa_index  # noqa: E402
 from hisa.ops.indexer.naive import naive_hisa_index, naive_pool_blocks  # noqa: E402
-
-
-def recall(got: torch.Tensor, flat: torch.Tensor) -> float:
-    """Mean share of flat's selected offsets that ``got`` also selects."""
-    width = int(torch.cat([got, flat]).max()) + 1
-    mf, mg = selection_mask(flat, width), selection_mask(got, width)
-    return float(((mf & mg).sum(1) / mf.sum(1).clamp_min(1)).mean())
 
 
 def main() -> None:
@@ -72,7 +65,7 @@ def main() -> None:
                              queries=int(qpos.numel()), topk=k, block_size=B, block_topk=m,
                              rep_format=fmt,
                              iou_vs_exact_reps=round(float(iou(sel[fmt], sel["exact"]).mean()), 5),
-                             recall_of_flat=round(recall(sel[fmt], flat), 5)))
+                             recall_of_flat=round(float(recall(flat, sel[fmt]).mean()), 5)))
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "a") as f:

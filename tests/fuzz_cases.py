@@ -25,6 +25,7 @@ import hisa
 from hisa.cache import PAGE_SIZE, PagedIndexerCache, pooled_views
 from hisa.cache.factory import make_paged_inputs
 from hisa.ops.dsa.naive import naive_topk
+from hisa.ops.indexer.naive import eligible_blocks
 from hisa.testing.compare import check_index_format
 from hisa.testing.inputs import make_exact_indexer_inputs
 
@@ -169,9 +170,8 @@ def check_prefill(case: dict, p: Profile) -> None:
     # A query with at most m eligible blocks keeps them all and gets the flat set (contract
     # section 2), per query: a call in which no query prunes runs the flat kernels, so the
     # rows that test the pipeline are the non-pruning ones of a call in which others prune.
-    B = case["block_size"]
-    blocks = torch.where(ke > ks, (ke.long() + B - 1) // B - ks.long() // B, 0)   # [T]
-    whole = (blocks <= case["block_topk"]).cpu()
+    first, end = eligible_blocks(ks, ke, case["block_size"])
+    whole = (end - first <= case["block_topk"]).cpu()
     if bool(whole.any()):
         selected_match(got.cpu()[whole], want.cpu()[whole])
 

@@ -8,7 +8,7 @@ import hisa
 from hisa.eval.methods import (Method, adaptive_select_blocks, max_pool_blocks,
                                variant_block_scores, variant_hisa_index, window_mean_keys)
 from hisa.eval.metrics import (attention_mass, attention_probs, block_occupancy, iou,
-                               oracle_recall, positive_iou, positive_recall)
+                               oracle_recall, positive_iou, positive_recall, recall)
 
 T32 = torch.int32
 
@@ -17,6 +17,13 @@ def test_iou_counts_sets_not_order():
     a = torch.tensor([[0, 1, 2, 3], [5, 6, -1, -1], [-1, -1, -1, -1]], dtype=T32)
     b = torch.tensor([[3, 2, 9, 8], [6, 5, -1, -1], [-1, -1, -1, -1]], dtype=T32)
     assert torch.allclose(iou(a, b), torch.tensor([2 / 6, 1.0, 1.0]))
+
+
+def test_recall_is_the_share_of_the_reference_picks_kept():
+    ref = torch.tensor([[0, 1, 2, 3], [5, 6, -1, -1], [-1, -1, -1, -1]], dtype=T32)
+    other = torch.tensor([[3, 2, 9, 8], [7, -1, -1, -1], [1, 2, -1, -1]], dtype=T32)
+    assert torch.allclose(recall(ref, other), torch.tensor([0.5, 0.0, 0.0]))
+    assert torch.allclose(recall(other, ref), torch.tensor([0.5, 0.0, 0.0]))
 
 
 def test_positive_recall_ignores_zero_score_ties():

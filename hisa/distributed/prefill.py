@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from ..ops.indexer.reps import rep_dtype
-from ..utils.backend import resolve_backend
 from ..utils.output import check_out_buffer, finish_output
 from ..utils.validate import (FP8_DTYPE, check_hisa_params, check_indexer_inputs,
                               check_positive_int, check_shape, check_tensor, check_windows)
@@ -151,9 +150,9 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         block_size: B, a multiple of 64; the layout must keep blocks whole or split them
             evenly in whole pages (:meth:`ShardLayout.check_hisa`).
         block_topk: m; ``block_topk * block_size >= topk``.
-        topk, return_scores, out, backend: as in :func:`hisa.hisa_index`. The pooled block
-            keys follow the backend's single-process pipeline: fp32 means for both backends
-            (:mod:`hisa.ops.indexer.reps`).
+        topk, return_scores, out, backend: as in :func:`hisa.hisa_index`. Every block is
+            scored on fp32 means for both backends (:mod:`hisa.ops.indexer.reps`), without
+            the single-process Triton default's FP8 pre-selection.
 
     Returns:
         int32 [T, topk] offsets relative to ks, -1 padded (and fp32 scores), on every rank.
@@ -169,9 +168,10 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     check_tensor("k", k, dtypes=(FP8_DTYPE,))
     bmap = BlockMap(layout, rank, block_size)
     check_out_buffer(out, T, topk, q.device)
-    # The single-process paths' representatives: the Triton pipeline's for the kernels, the
-    # reference's fp32 means for the torch backend.
-    reps = rep_dtype(k.dtype) if resolve_backend(backend, q.device) == "triton" else torch.float32
+    # Every block is scored on fp32 means (both backends; rep_dtype gives fp32 for FP8 keys).
+    # The single-process Triton default first pre-selects m + m/2 blocks on FP8 copies of them
+    # (pipeline.resolve_rescore_margin); not done here, so near-tied blocks may differ.
+    reps = rep_dtype(k.dtype)
     pooled, pooled_scale = pool_sharded(k, k_scale, bmap, num_keys, group, rep_dtype=reps)
     pages = pack_pages(k, k_scale)
     pos = torch.full((T, topk), -1, dtype=torch.long, device=q.device)

@@ -35,6 +35,13 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def recall(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """|ref & other| / |ref| per query (every pick of ``ref`` counts; 0 when ``ref`` is empty)."""
+    w = _width(ref, other)
+    mr, mo = selection_mask(ref, w), selection_mask(other, w)
+    return (mr & mo).sum(1).float() / mr.sum(1).clamp_min(1).float()
+
+
 def positive_recall(flat_idx: torch.Tensor, flat_scores: torch.Tensor,
                     other: torch.Tensor) -> torch.Tensor:
     """Fraction of flat's strictly positive picks that ``other`` also selects (NaN if none)."""

@@ -288,12 +288,31 @@ class RequestKeys:
     #: 0-d bool on the device: a page some request uses lies outside the cache (its keys were
     #: gathered from a clamped page). Read by :meth:`raise_if_bad_pages`, not at the gather.
     bad_pages: torch.Tensor | None = None
-    _describe_bad: Callable[[], str] | None = None
+    #: (block_table, seq_lens, number of pages) the keys came from, to name a bad page.
+    _source: tuple | None = None
 
     def raise_if_bad_pages(self) -> None:
         """ValueError naming the first out-of-cache page, if any (one host sync)."""
         if self.bad_pages is not None and bool(self.bad_pages):
-            raise ValueError(self._describe_bad())
+            raise ValueError(_first_bad_page(*self._source)) from None
+
+
+def _request_pages(block_table: torch.Tensor, lens: torch.Tensor, total: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(request, position in the request, page) of each of the ``total`` keys, in order."""
+    R = block_table.shape[0]
+    req = torch.repeat_interleave(torch.arange(R, device=lens.device), lens, output_size=total)
+    pos = torch.arange(total, device=lens.device) - (torch.cumsum(lens, 0) - lens)[req]
+    return req, pos, block_table.long()[req, pos // PAGE_SIZE]
+
+
+def _first_bad_page(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int) -> str:
+    """The error message for the first key whose page lies outside the cache (host reads)."""
+    lens = seq_lens.long()
+    req, pos, page = _request_pages(block_table, lens, int(lens.sum()))
+    s = int(((page < 0) | (page >= num_pages)).nonzero()[0, 0])
+    return (f"block_table: request {int(req[s])} position {int(pos[s])} maps to page "
+            f"{int(page[s])}, outside [0, {num_pages})")
 
 
 def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -309,37 +328,32 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
 
     No host sync: a page outside the cache is clamped for the gather and flagged in
     ``bad_pages``; :func:`prefill_select` folds the flag into the one window read of the
-    indexer op and raises the ValueError naming the page (an extra sync here measured as
-    part of the vLLM prefill chunk's 30 % overhead over the direct ops on an H200: the GPU
-    idles while the host launches the rest of the gather).
+    indexer op and raises the ValueError naming the page. (A sync here left the GPU idle
+    while the host launched the rest of the gather: the vLLM prefill chunk measured 30 % over
+    the direct ops on an H200, and this sync was the host-work difference counted on the CPU;
+    the gain is not measured.)
     """
     R = block_table.shape[0]
     dev = pages.device
     lens = seq_lens.long()
     padded = (lens + block_size - 1) // block_size * block_size
     starts = torch.cumsum(padded, 0) - padded                                   # [R]
-    cu = torch.cumsum(lens, 0) - lens
     size = total + R * (block_size - 1)
     values, scales = page_views(pages, head_dim)
     k = torch.zeros(size, head_dim, dtype=torch.uint8, device=dev)
     k_scale = torch.ones(size, dtype=torch.float32, device=dev)
+    num_pages = pages.shape[0]
+    if total and num_pages == 0:
+        raise ValueError("block_table: requests with keys over a cache of 0 pages")
     if total:
-        req = torch.repeat_interleave(torch.arange(R, device=dev), lens, output_size=total)
-        pos = torch.arange(total, device=dev) - cu[req]                          # [S]
-        page = block_table.long()[req, pos // PAGE_SIZE]
-        bad = (page < 0) | (page >= pages.shape[0])
-        num_pages = pages.shape[0]
-
-        def describe() -> str:
-            s = int(bad.nonzero()[0, 0])
-            return (f"block_table: request {int(req[s])} position {int(pos[s])} maps to page "
-                    f"{int(page[s])}, outside [0, {num_pages})")
-
-        safe = page.clamp(0, max(num_pages - 1, 0))
+        req, pos, page = _request_pages(block_table, lens, total)
+        bad = ((page < 0) | (page >= num_pages)).any()
+        safe = page.clamp(0, num_pages - 1)
         dest = starts[req] + pos
         k[dest] = values[safe, pos % PAGE_SIZE]
         k_scale[dest] = scales[safe, pos % PAGE_SIZE]
-        return RequestKeys(k.view(FP8_DTYPE), k_scale, starts, bad.any(), describe)
+        return RequestKeys(k.view(FP8_DTYPE), k_scale, starts, bad,
+                           (block_table, seq_lens, num_pages))
     return RequestKeys(k.view(FP8_DTYPE), k_scale, starts)
 
 
@@ -368,7 +382,7 @@ def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor
                           block_size=options.block_size, block_topk=options.block_topk,
                           out=out, backend=options.backend)
     except ValueError:
-        keys.raise_if_bad_pages()
+        keys.raise_if_bad_pages()         # the page, not the poisoned windows it caused
         raise
 
 

@@ -226,6 +226,10 @@ def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOpti
             keys = gather_request_keys(pages, chunk.block_table, lens,
                                        total=int(chunk.total_seq_lens), head_dim=D,
                                        block_size=options.block_size)
+            if shard is not None:
+                # A rank whose rows all lie elsewhere calls no indexer op, which is where a
+                # bad page is named: every rank must raise before the exchange (one sync).
+                keys.raise_if_bad_pages()
         start, end = chunk.token_start, chunk.token_end
         ks, ke = chunk.cu_seqlen_ks, chunk.cu_seqlen_ke
         if shard is not None:

@@ -208,8 +208,11 @@ def main(argv=None) -> int:
     print(f"hypothesis {hypothesis.__version__}: {len(cases)} cases, sequence "
           f"{digest.hexdigest()[:12]}", flush=True)
     if args.list:
-        for i, c in enumerate(cases):
-            print(describe(i, c))
+        try:
+            for i, c in enumerate(cases):
+                print(describe(i, c), flush=True)
+        except BrokenPipeError:              # `--list | head -1`: the reader has what it wants
+            sys.stdout = open(os.devnull, "w")
         return 0
     picked = list(range(len(cases))) if args.all else args.case
     if args.by_cost:

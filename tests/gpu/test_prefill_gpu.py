@@ -201,7 +201,9 @@ def test_fp8_keys_select_like_the_exact_means(levels):
         score[name] = hisa_reference_iou(inp, idx, rows, **kw)
     print(f"levels={levels}: IoU vs the exact means {score}")
     assert score["default"] >= HISA_MIN_IOU, score
-    assert score.get("fp32 scan", 1.0) >= HISA_MIN_IOU, score
+    if levels == 2:
+        assert score["fp32 scan"] >= HISA_MIN_IOU, score
+    assert score["default"] >= score["fp8"], score      # why the means are kept in fp32
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

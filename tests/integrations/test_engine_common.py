@@ -104,6 +104,9 @@ def test_a_missing_page_is_named_at_the_ops_one_window_read(mode):
     with pytest.raises(ValueError, match="block_table: request 0 position 64 maps to page -1"):
         prefill_select(q, torch.ones(3, 4), torch.tensor([98, 99, 100]),
                        torch.zeros(3, dtype=torch.long), keys, topk=16, options=opts)
+    with pytest.raises(ValueError, match="block_table: requests with keys over a cache of 0"):
+        gather_request_keys(as_engine_pages(new_cache(0), D), bt, torch.tensor([100]),
+                            total=100, head_dim=D, block_size=128)
     good = gather_request_keys(as_engine_pages(kv, D), torch.tensor([[0, 1]], dtype=torch.int32),
                                torch.tensor([100]), total=100, head_dim=D, block_size=128)
     good.raise_if_bad_pages()

@@ -122,18 +122,6 @@ def test_strided_prefill_inputs_are_read_by_stride():
         assert torch.equal(got, want), op.__name__
 
 
-def test_paged_logits_launch_requests_in_slices_of_the_grid_limit(monkeypatch):
-    # Requests go on grid axis 1 (limit 65,535; the page chunks on axis 0 pass it from 2**24
-    # keys on): more requests than the limit run as several launches, each with its offset.
-    inp = make_paged_inputs([300, 65, 0, 130, 257], next_n=2, heads=16, head_dim=64,
-                            block_size=128, exact=True, q_dtype=torch.float32)
-    args = (inp.q, inp.cache.kv_cache, inp.weights, inp.seq_lens, inp.block_table)
-    want = hisa.dsa_index_paged(*args, topk=32, backend="torch")
-    monkeypatch.setattr(dk, "GRID_Y_MAX", 2)
-    got = hisa.dsa_index_paged(*args, topk=32, backend="triton")
-    assert torch.equal(canon(got), canon(want))
-
-
 def test_strided_decode_and_append_inputs_are_read_by_stride():
     inp = make_paged_inputs([300, 65], next_n=2, heads=16, head_dim=64, block_size=128,
                             exact=True, q_dtype=torch.float32)

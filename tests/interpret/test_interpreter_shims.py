@@ -47,7 +47,11 @@ def test_e4m3_rounding_carries_into_the_exponent():
     x8 = torch.empty(16, dtype=torch.float8_e4m3fn)
     y, z = torch.empty(16), torch.empty(16)
     _convert_kernel[(1,)](x, x8, y, z, N=16)
-    assert torch.equal(x8.view(torch.uint8), x.to(torch.float8_e4m3fn).view(torch.uint8))
+    # e4m3fn bytes worked by hand: 125 and the tie 124 -> 128 (0x70, even mantissa), 0.3 ->
+    # 1.25 * 2**-2 (0x2A), the tie 17 -> 16 (0x58), 1e-5 -> 0 (below the smallest
+    # subnormal 2**-9), 240.5 -> 240 (0x77)
+    want = torch.tensor([0x70, 0xF0, 0x70, 0x2A, 0x58, 0x00, 0x77, 0x00] * 2, dtype=torch.uint8)
+    assert torch.equal(x8.view(torch.uint8), want)
     assert y[0] == 128.0 and y[1] == -128.0
 
 

@@ -285,6 +285,9 @@ def test_rescore_default_applies_to_fp8_keys_at_two_levels_only():
     # past the register row of the candidate selection: the fp32 scan instead of an error
     assert resolve_rescore_margin(AUTO, key_dtype=fp8, reps=fp32,
                                   **dict(kw, block_topk=30000)) is None
+    # no window longer than m + m/2 blocks: the pre-selection would keep every block
+    assert resolve_rescore_margin(AUTO, key_dtype=fp8, reps=fp32,
+                                  **dict(kw, max_blocks=96)) is None
     assert resolve_rescore_margin(None, key_dtype=fp8, reps=fp32, **kw) is None
     assert resolve_rescore_margin(5, key_dtype=fp8, reps=fp32, **kw) == 5
     for bad in ("half", -1, 1.5, True):
@@ -292,6 +295,8 @@ def test_rescore_default_applies_to_fp8_keys_at_two_levels_only():
             resolve_rescore_margin(bad, key_dtype=fp8, reps=fp32, **kw)
     with pytest.raises(ValueError, match="rescore_margin"):
         resolve_rescore_margin(5, key_dtype=bf16, reps=fp32, **kw)
+    with pytest.raises(ValueError, match="rescore_margin: block_topk \\+ rescore_margin"):
+        resolve_rescore_margin(40000, key_dtype=fp8, reps=fp32, **kw)
 
 
 def test_rescore_margin_is_validated():

@@ -1,6 +1,7 @@
 """Interpreter tier of the super-block level (prefill): every new Triton kernel against its
 naive twin on tiny shapes, and the three-level pipeline (packed and chunked) against the
-three-level reference. fp32 and fp8 only (bf16 dots are wrong under the interpreter)."""
+three-level reference. fp32 and fp8 only (bf16 arithmetic other than tl.dot is still not
+emulated under the interpreter)."""
 from __future__ import annotations
 
 import pytest
@@ -193,16 +194,19 @@ def _recorded_allocations(monkeypatch):
 
 
 @pytest.mark.parametrize("levels", [2, 3])
-def test_workspace_model_is_what_the_pipeline_allocates(monkeypatch, levels):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])  # FP8: the pre-selection
+def test_workspace_model_is_what_the_pipeline_allocates(monkeypatch, levels, dtype):
     import hisa.ops.indexer.pipeline as pl
     from hisa.ops.indexer.topk import persistent_programs
     monkeypatch.setattr(pl, "TOKEN_TILE_BYTES", 4 * M * B * 5)     # 5 queries per token tile
-    inp = _inputs(LENS, torch.float32, seed=9, query_lens=QLENS)
+    inp = _inputs(LENS, dtype, seed=9, query_lens=QLENS)
     sup = dict(super_size=BS, super_topk=MS) if levels == 3 else {}
     sizes = _recorded_allocations(monkeypatch)
-    hisa_index_triton(*inp.args(), k_scale=None, topk=K, block_size=B, block_topk=M, **sup)
+    hisa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B, block_topk=M,
+                      **sup)
     T = inp.num_queries
-    model = pl.prefill_workspace_bytes(T, inp.k.shape[0], head_dim=D, key_bytes=4,
+    model = pl.prefill_workspace_bytes(T, inp.k.shape[0], head_dim=D,
+                                       key_bytes=inp.k.element_size(),
                                        block_size=B, block_topk=M,
                                        programs=persistent_programs(T, inp.q.device, 4),
                                        windows=(inp.ks, inp.ke), **sup)

@@ -35,8 +35,6 @@ from .prefill import check_kernel_shapes
 
 #: Pages per logits program (256 tokens: enough work per program, many programs per request).
 PAGES_PER_PROG = 4
-#: CUDA's limit on grid axes 1 and 2 (axis 0 allows 2**31 - 1).
-GRID_Y_MAX = 65535
 #: Warps of the logits kernel.
 LOGITS_WARPS = 4
 #: "No limit" for FLAT_MAX_KEYS.
@@ -94,14 +92,15 @@ def _pick(s2, nn, i):
 @triton.jit
 def _paged_logits_kernel(q_ptr, kv8_ptr, kv32_ptr, w_ptr, seq_lens_ptr, bt_ptr, logits_ptr,
                          ks_ptr, ke_ptr, num_pages, max_pages, stride_bt, stride_lg,
-                         flat_max_keys, b0,
+                         flat_max_keys, chunks,
                          NEXT_N: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                          SEQ_2D: tl.constexpr, PPP: tl.constexpr, PAGE: tl.constexpr,
                          PREC: tl.constexpr):
-    # Grid (page chunks, requests): the chunks go on axis 0, whose limit is 2**31 - 1 (a
-    # request of 2**24 keys has 65,537 chunks, past axis 1's 65,535).
-    chunk = tl.program_id(0)
-    b = b0 + tl.program_id(1)
+    # A 1-D grid of requests x page chunks: axis 0 allows 2**31 - 1 programs, axis 1 only
+    # 65,535 (a request of 2**24 keys has 65,537 chunks).
+    pid = tl.program_id(0)
+    b = pid // chunks
+    chunk = pid % chunks
     NH: tl.constexpr = NEXT_N * H
     max_keys = max_pages * PAGE
     n_req = _request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D)
@@ -252,10 +251,10 @@ def paged_logits(q: torch.Tensor, pages: torch.Tensor, weights: torch.Tensor,
     ke = torch.empty(rows, dtype=torch.int32, device=q.device) if ke is None else ke
     assert page_bytes(D) % 4 == 0
     chunks = triton.cdiv(max_pages, PAGES_PER_PROG)
-    for b0 in range(0, batch if max_pages else 0, GRID_Y_MAX):   # requests on grid axis 1
-        _paged_logits_kernel[(chunks, min(GRID_Y_MAX, batch - b0))](
+    if batch and chunks:
+        _paged_logits_kernel[(batch * chunks,)](
             q, kv8, kv32, weights, seq_lens, block_table, logits, ks, ke, pages.shape[0],
-            max_pages, block_table.stride(0), logits.stride(0), flat_max_keys, b0,
+            max_pages, block_table.stride(0), logits.stride(0), flat_max_keys, chunks,
             NEXT_N=next_n, H=H, D=D, SEQ_2D=seq_lens.dim() == 2, PPP=PAGES_PER_PROG,
             PAGE=PAGE_SIZE, PREC=prec, num_warps=LOGITS_WARPS)
     return logits, ks, ke

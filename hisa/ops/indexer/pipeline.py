@@ -11,7 +11,9 @@ select_tokens  ``select.select_tokens`` (top-k + offsets)      int32 [T, k] offs
 
 With the super-block level (``super_size`` / ``super_topk``) the block_select stage becomes
 ``pool_supers``, ``super_select`` and ``block_select`` inside the kept super-blocks
-(:mod:`.super_blocks`); the token stage is unchanged.
+(:mod:`.super_blocks`); the token stage is unchanged. FP8 keys at two levels run the same three
+stages by default, with super-blocks of one block: FP8 copies of the fp32 block means
+pre-select m + m/2 blocks, the fp32 means keep m of them (:func:`resolve_rescore_margin`).
 
 The token stage runs unfused (scores to a buffer, then a register selection kernel): on an H100
 the fused kernel (``token_scores.token_select``) measured 26.7 ms at 64K against 12.4 + 7.8 ms
@@ -27,7 +29,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import triton
 
 from ...utils.quant import quantize_fp8
 from ...utils.validate import FP8_DTYPE
@@ -36,8 +37,8 @@ from .block_scores import block_select, check_window_blocks, window_blocks
 from .pool import check_block_size, pool_blocks
 from .reps import rep_dtype
 from .select import SELECT_MAX_ROW, select_tokens
-from .super_blocks import (candidate_block_select, check_super_kernel_params, pool_supers,
-                           super_select, three_level_block_ids)
+from .super_blocks import (candidate_block_select, candidate_row_fits, check_super_kernel_params,
+                           pool_supers, super_select, three_level_block_ids)
 from .token_scores import token_scores
 
 _KEY_DTYPES = {1: FP8_DTYPE, 2: torch.bfloat16, 4: torch.float32}
@@ -80,11 +81,12 @@ def _window_plan(ks, ke, *, block_size, super_size, super_topk, windows=None
 
 
 #: ``rescore_margin`` of the default: for FP8 keys at two levels, pre-select m + m // 2 blocks
-#: on FP8 copies of the reps, then keep the best m by the fp32 reps. On an H200 (68ad042,
-#: benchmarks/results/round3/pooled_format_h200.jsonl) it selected what the fp32 scan selects at
-#: every bench shape (IoU against the exact means 0.9992-1.0) in less time: 128K prefill 40.3
-#: vs 44.1 ms, 1M chunk 1.52 vs 1.99 ms, 1M chunk at B = 64, m = 32 2.21 vs 3.54 ms; 64K
-#: prefill 20.4 vs 20.2 ms. FP8 reps alone are faster still but miss 0.995 (0.93-0.99).
+#: on FP8 copies of the reps, then keep the best m by the reps themselves (fp32 by default).
+#: On an H200 (68ad042, benchmarks/results/round3/pooled_format_h200.jsonl) it selected what
+#: the fp32 scan selects at every bench shape (IoU against the exact means 0.9992-1.0), faster
+#: at all but one: 128K prefill 40.3 vs 44.1 ms, 1M chunk 1.52 vs 1.99 ms, 1M chunk at B = 64,
+#: m = 32 2.21 vs 3.54 ms; 64K prefill 20.4 vs 20.2 ms (slower). FP8 reps alone are faster
+#: still but miss 0.995 (0.93-0.99).
 AUTO = "auto"
 
 
@@ -93,10 +95,13 @@ def resolve_rescore_margin(rescore_margin, *, key_dtype: torch.dtype, reps: torc
                            ) -> int | None:
     """The pre-selection margin to run with (None: score every block on the reps).
 
+    The pre-selection runs as three levels with super-blocks of one block, so it has the
+    super-block level's limits (:func:`~.super_blocks.check_super_kernel_params`).
     ``"auto"`` (the default) gives ``block_topk // 2`` for FP8 keys at two levels with fp32 or
-    bf16 reps, where the candidate row fits the register selection, and None otherwise (fp32
-    or bf16 keys have no cheaper format to pre-select on). An int is checked against the same
-    conditions (ValueError naming ``rescore_margin``)."""
+    bf16 reps where those limits hold and some window has more than m + m/2 blocks
+    (``max_blocks``, the longest window's), and None otherwise (fp32 or bf16 keys have no cheaper
+    format to pre-select on). An int must meet the same conditions (ValueError naming
+    ``rescore_margin``)."""
     if rescore_margin is None:
         return None
     auto = isinstance(rescore_margin, str) and rescore_margin == AUTO
@@ -106,14 +111,17 @@ def resolve_rescore_margin(rescore_margin, *, key_dtype: torch.dtype, reps: torc
                          f"{rescore_margin!r}")
     margin = block_topk // 2 if auto else rescore_margin
     applies = super_size is None and key_dtype == FP8_DTYPE and reps != FP8_DTYPE
-    if auto:
-        fits = max(16, triton.next_power_of_2(max(block_topk + margin, max_blocks))) \
-            <= SELECT_MAX_ROW                       # the candidate row and the block row
-        return margin if applies and fits else None
+    # The block row (max_blocks) already passed the two-level check (check_window_blocks).
+    fits = candidate_row_fits(1, block_topk + margin)
+    if auto:   # a pre-selection that keeps every block of the longest window prunes nothing
+        return margin if applies and fits and block_topk + margin < max_blocks else None
     if not applies:
         raise ValueError(f"rescore_margin: expected two levels over FP8 q and k with fp32 or bf16 "
                          f"block reps, got super_size={super_size}, prepared keys {key_dtype}, "
                          f"reps {reps}")
+    if not fits:
+        raise ValueError(f"rescore_margin: block_topk + rescore_margin = {block_topk + margin} "
+                         f"candidates exceed the Triton selection row ({SELECT_MAX_ROW})")
     return margin
 
 
@@ -158,8 +166,13 @@ def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, k
                             block_size: int, block_topk: int, programs: int,
                             super_size: int | None = None, super_topk: int | None = None,
                             windows: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            rep_bytes: int | None = None) -> dict[str, int]:
+                            rep_bytes: int | None = None,
+                            rescore_margin: int | str | None = AUTO) -> dict[str, int]:
     """Bytes of every temporary :func:`hisa_index_triton` allocates (outputs excluded).
+
+    ``rescore_margin`` as there: with a pre-selection (the default for FP8 keys at two levels)
+    the block stage is modelled as the three-level one with super-blocks of one block and FP8
+    super reps.
 
     ``key_bytes``: 1 for FP8 keys, 2 for bf16, 4 for fp32; ``rep_bytes``: bytes per value of
     the representatives, by default those :func:`~.reps.rep_dtype` gives (fp32; 1 means FP8
@@ -175,20 +188,30 @@ def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, k
         raise ValueError(f"key_bytes: expected 1 (FP8), 2 (bf16) or 4 (fp32), got {key_bytes}")
     if rep_bytes is None:
         rep_bytes = rep_dtype(_KEY_DTYPES[key_bytes]).itemsize
-    rep = D * rep_bytes + (4 if rep_bytes == 1 else 0)
     nb = -(-S // B)
     grid = max(1, min(T, programs))
 
     def longest(span):
         return window_blocks(*windows, span)[1] if windows is not None else -(-S // span)
 
-    ws = {"pooled": nb * rep, "block_ids": 4 * T * m,
+    def reps(name, rows, value_bytes):      # FP8 rows carry one fp32 scale each, own tensor
+        return {name: rows * D * value_bytes, **({f"{name}_scale": 4 * rows}
+                                                 if value_bytes == 1 else {})}
+
+    ws = {**reps("pooled", nb, rep_bytes), "block_ids": 4 * T * m,
           "token_scores": 4 * B * m * max(1, min(T, TOKEN_TILE_BYTES // (4 * B * m)))}
+    margin = resolve_rescore_margin(rescore_margin, key_dtype=_KEY_DTYPES[key_bytes],
+                                    reps=FP8_DTYPE if rep_bytes == 1 else torch.float32,
+                                    super_size=super_size, block_topk=m,
+                                    max_blocks=longest(B))
+    super_bytes = rep_bytes
+    if margin is not None:                  # super-blocks of one block, FP8 copies
+        super_size, super_topk, super_bytes = 1, m + margin, 1
     if super_size is None:
         ws["block_scratch"] = 4 * grid * max(longest(B), 1)
     else:
         ns = -(-nb // super_size)
-        ws.update(super_pooled=ns * rep, super_ids=4 * T * super_topk,
+        ws.update(reps("super_pooled", ns, super_bytes), super_ids=4 * T * super_topk,
                   super_scratch=4 * grid * max(longest(B * super_size), 1),
                   candidate_scratch=4 * grid * super_topk * super_size)
     return ws
@@ -226,9 +249,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     super_dtype = None
     if margin is not None:     # the pre-selection as super-blocks of one block, FP8 copies
         super_size, super_topk, super_dtype = 1, block_topk + margin, FP8_DTYPE
-        first_super, max_supers = check_super_kernel_params(
-            ks, ke, block_size=block_size, super_size=1, super_topk=super_topk,
-            windows=(first_block, max_blocks))
+        first_super, max_supers = first_block, max_blocks
     T = q.shape[0]
     state: dict = {
         "ids": torch.empty(T, block_topk, dtype=torch.int32, device=q.device),
@@ -319,8 +340,9 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     float8_e4m3fn for the formats benchmarks/pooled_format_cost.py times beside it).
     ``rescore_margin`` (two levels, FP8 keys): pre-select the top ``block_topk +
     rescore_margin`` blocks on FP8 re-quantized reps (FP8 MMAs, the cheap full scan), then keep
-    the best ``block_topk`` of those by the fp32 reps; run as three levels with super-blocks of
-    one block. It equals the fp32-rep selection whenever the true top m lie in FP8's top m +
+    the best ``block_topk`` of those by the stored reps (fp32 by default, bf16 with
+    ``reps_dtype``); run as three levels with super-blocks of one block. It equals the
+    full scan's selection whenever the true top m lie in FP8's top m +
     margin (benchmarks/pooled_precision_probe.py measures how often). ``"auto"`` (default):
     ``block_topk // 2`` where it applies (:func:`resolve_rescore_margin`); None scores every
     block on the reps.
@@ -339,10 +361,6 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     rescore_margin = resolve_rescore_margin(rescore_margin, key_dtype=k.dtype, reps=reps,
                                             super_size=super_size, block_topk=block_topk,
                                             max_blocks=max_blocks)
-    if rescore_margin is not None:
-        check_super_kernel_params(ks, ke, block_size=block_size, super_size=1,
-                                  super_topk=block_topk + rescore_margin,
-                                  windows=(first_block, max_blocks))
     if pooled is None:
         pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
                                            first_block=first_block,

@@ -62,17 +62,27 @@ def check_super_kernel_params(ks: torch.Tensor, ke: torch.Tensor, *, block_size:
         queries: super-blocks before the first are never pooled nor scored, and the count
         sizes the super selection's register row.
     """
-    if triton.next_power_of_2(super_size * super_topk) > SELECT_MAX_ROW:
+    if not candidate_row_fits(super_size, super_topk):
         raise ValueError(f"super_topk * super_size: expected at most {SELECT_MAX_ROW} candidate "
                          f"blocks for the Triton block selection, got {super_size * super_topk}")
     span = block_size * super_size
     first_super, max_supers = window_blocks(ks, ke, span) if windows is None else windows
-    if max(16, triton.next_power_of_2(max(max_supers, 1))) > SELECT_MAX_ROW:
+    if not super_row_fits(max_supers):
         raise ValueError(f"ks/ke: expected windows of at most {SELECT_MAX_ROW} super-blocks "
                          f"({SELECT_MAX_ROW * span} keys at block_size={block_size}, "
                          f"super_size={super_size}) for the Triton super-block selection, got "
                          f"a window of {max_supers} super-blocks")
     return first_super, max_supers
+
+
+def candidate_row_fits(super_size: int, super_topk: int) -> bool:
+    """Whether the kept super-blocks' candidate blocks fit one register selection row."""
+    return triton.next_power_of_2(super_size * super_topk) <= SELECT_MAX_ROW
+
+
+def super_row_fits(max_supers: int) -> bool:
+    """Whether a window's super-blocks fit one register selection row."""
+    return max(16, triton.next_power_of_2(max(max_supers, 1))) <= SELECT_MAX_ROW
 
 
 @triton.jit

@@ -12,6 +12,8 @@
 #   bench          hisa bench, prefill 8k/64k/128k and chunk 16k/128k     (200)
 #   engines        tests/gpu/test_engines_gpu.py                          (150)
 #   fuzz           tests/gpu/test_fuzz_gpu.py -k "exact_inputs or prefill" (200)
+#   fuzz_decode    tests/gpu/test_fuzz_gpu.py -k 'decode or append'     (200)
+#   super_peak     tests/gpu/test_super_gpu.py -k peak (workspace model)  (120)
 #   replay         tests/gpu/replay_fuzz.py --list, then --all             (300)
 #   hardening      tests/gpu/test_hardening_gpu.py                        (200)
 #   overhead       tests/gpu/engines_overhead.py                          (150)
@@ -40,6 +42,8 @@ step_cmd() {
     bench) echo "200 bash -c 'python3 -m hisa.cli bench --mode prefill --contexts 8k,64k,128k --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --contexts 16k,128k --commit $commit --out $out/prefill_chunk.jsonl'" ;;
     engines) echo "150 python3 -m pytest -q tests/gpu/test_engines_gpu.py -rs" ;;
     fuzz) echo "200 python3 -m pytest -q tests/gpu/test_fuzz_gpu.py -k 'exact_inputs or prefill' -x" ;;
+    fuzz_decode) echo "200 python3 -m pytest -q tests/gpu/test_fuzz_gpu.py -k 'decode or append' -x" ;;
+    super_peak) echo "120 python3 -m pytest -q tests/gpu/test_super_gpu.py -k peak -rs -s" ;;
     replay) echo "300 python3 tests/gpu/replay_fuzz.py --list > $out/replay_list.txt && head -1 $out/replay_list.txt && python3 tests/gpu/replay_fuzz.py --device cuda --all --keep-going --save-inputs $out/failing" ;;
     hardening) echo "200 python3 -m pytest -q tests/gpu/test_hardening_gpu.py -rs" ;;
     overhead) echo "150 python3 tests/gpu/engines_overhead.py --out $out/engines_overhead.jsonl" ;;

@@ -127,14 +127,14 @@ def transform_output(local: torch.Tensor, metadata, *, fused: bool,
     am = metadata.attn_metadata
     valid = local >= 0
     pos = local.long().clamp_min(0)
-    rows = torch.arange(local.shape[0], device=local.device)
     if method == "RAGGED":
         offset = am.topk_indices_offset[:local.shape[0]].long()
         out = pos + offset.unsqueeze(1)
     elif method == "PAGED":
+        # Row i's table row: i itself (decode rows) or its request; only those rows widened.
         table = am.real_page_table
-        b = rows if row_batch is None else row_batch.long()
-        page = table.long()[b.unsqueeze(1), pos // PAGE_SIZE]
+        rows = table[:local.shape[0]] if row_batch is None else table[row_batch.long()]
+        page = torch.gather(rows.long(), 1, pos // PAGE_SIZE)
         out = page * PAGE_SIZE + pos % PAGE_SIZE
     else:
         raise ValueError(f"topk_transform_method: expected PAGED or RAGGED, got {method}")
@@ -149,14 +149,46 @@ def _pooled_for(pages: torch.Tensor, options: PluginOptions) -> torch.Tensor | N
 
 
 def pool_tokens(pages: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                block_table: torch.Tensor, req: torch.Tensor, options: PluginOptions) -> None:
-    """Pool the blocks these tokens completed (no-op when decode HISA is off)."""
+                block_table: torch.Tensor, req: torch.Tensor, options: PluginOptions, *,
+                forward_batch=None) -> None:
+    """Pool the blocks these tokens completed (no-op when decode HISA is off).
+
+    With ``forward_batch``, the step's tokens are built once and kept on it for the step's
+    other layers (see :func:`shared_step_tokens`).
+    """
     pooled = _pooled_for(pages, options)
     if pooled is not None:
         n = slots.shape[0]
-        tokens = step_tokens(slots, positions[:n], block_table, req[:n], pages.shape[0])
+        tokens = shared_step_tokens(forward_batch, slots, positions[:n], block_table, req[:n],
+                                    pages.shape[0])
         pool_step(pages, pooled, tokens, head_dim=HEAD_DIM, block_size=options.block_size,
                   backend=options.backend)
+
+
+def shared_step_tokens(forward_batch, slots: torch.Tensor, positions: torch.Tensor,
+                       block_table: torch.Tensor, req: torch.Tensor, num_pages: int):
+    """:func:`step_tokens`, built once per step and kept on ``forward_batch``.
+
+    SGLang builds a ``ForwardBatch`` per step (per capture under CUDA graphs) and hands the same
+    one to every layer, whose index caches share the page count, so only the first indexer
+    layer of a step pays for the token grid (about ten small kernels). The key holds the
+    inputs' addresses and sizes and whether a graph is being captured: tokens derived eagerly
+    are constants to a graph and tokens derived inside a capture hold their values only at
+    replay, so neither is reused across that line.
+    """
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    key = (num_pages, capturing) + tuple((t.data_ptr(), tuple(t.shape), t.dtype)
+                                         for t in (slots, positions, block_table, req))
+    kept = getattr(forward_batch, "_hisa_step_tokens", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    tokens = step_tokens(slots, positions, block_table, req, num_pages)
+    if forward_batch is not None:
+        try:
+            forward_batch._hisa_step_tokens = (key, tokens)
+        except (AttributeError, TypeError):        # a frozen or slotted batch object
+            pass
+    return tokens
 
 
 def topk_ragged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
@@ -230,6 +262,22 @@ def topk_paged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
     return out
 
 
+def row_ids(forward_batch, rows: int, device) -> torch.Tensor:
+    """``arange(rows)`` (each decode row is its own request), kept on ``forward_batch`` so the
+    step's layers share one tensor (which keeps :func:`shared_step_tokens`' key equal)."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    key = (rows, str(device), capturing)
+    kept = getattr(forward_batch, "_hisa_row_ids", None)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    ids = torch.arange(rows, device=device)
+    try:
+        forward_batch._hisa_row_ids = (key, ids)
+    except (AttributeError, TypeError):
+        pass
+    return ids
+
+
 def paged_rows(metadata) -> int:
     return int(sum(metadata.get_dsa_extend_len_cpu()))
 
@@ -257,7 +305,8 @@ def around_get_topk_paged(original, indexer, forward_batch, layer_id, q_fp8, wei
         POOLED.mark_stale(pages, "the page table is not expanded per query row")
     else:
         pool_tokens(pages, forward_batch.out_cache_loc[:rows], forward_batch.positions[:rows],
-                    table[:rows], torch.arange(rows, device=pages.device), options)
+                    table[:rows], row_ids(forward_batch, rows, pages.device), options,
+                    forward_batch=forward_batch)
     pooled = _pooled_for(pages, options)
     lens = paged_row_lengths(forward_batch, metadata, rows)
     reason = FACTS.decode_reason() or options_reason(options, indexer.index_topk, "decode")
@@ -286,7 +335,8 @@ def around_get_topk_ragged(original, indexer, enable_dual_stream, forward_batch,
         T = ks.shape[0]
         pool_tokens(index_pages(pool, layer_id), forward_batch.out_cache_loc[:T],
                     forward_batch.positions[:T], metadata.get_page_table_64(),
-                    metadata.get_token_to_batch_idx()[:T], options)
+                    metadata.get_token_to_batch_idx()[:T], options,
+                    forward_batch=forward_batch)
         reason = options_reason(options, indexer.index_topk, "prefill")
         if reason is None:
             return topk_ragged(indexer, forward_batch, layer_id, q_fp8, weights, metadata,
@@ -317,9 +367,9 @@ def around_forward_k_only(original, indexer, x, positions, forward_batch, layer_
     if forward_batch.forward_mode.is_extend_without_speculative():
         req = metadata.get_token_to_batch_idx()[:n]
     else:
-        req = torch.arange(n, device=pages.device)
+        req = row_ids(forward_batch, n, pages.device)
     pool_tokens(pages, forward_batch.out_cache_loc[:n], positions[:n],
-                metadata.get_page_table_64(), req, options)
+                metadata.get_page_table_64(), req, options, forward_batch=forward_batch)
     return result
 
 

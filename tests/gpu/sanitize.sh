@@ -5,6 +5,8 @@
 # test fails, and says which.
 #
 #   tests/gpu/sanitize.sh [LOG_DIR]        (from the repository root; LOG_DIR: sanitize-logs)
+#   SANITIZE_ONLY="memcheck-fuzz racecheck-prefill" tests/gpu/sanitize.sh [LOG_DIR]
+#                                          (only the named runs, to finish a run cut short)
 #
 # Sizes: the selections below are the GPU tests minus the 2**24-key ones, and the fuzzer with
 # a few examples per op (--fuzz-examples); memcheck runs them in a few minutes, racecheck (much
@@ -29,6 +31,9 @@ run() {
     local tool="$1" name="$2"
     shift 2
     local log="$LOG_DIR/$tool-$name.log"
+    if [ -n "${SANITIZE_ONLY:-}" ] && [[ " $SANITIZE_ONLY " != *" $tool-$name "* ]]; then
+        return
+    fi
     echo "== $tool $name: pytest $*"
     env ${CACHING:+-u PYTORCH_NO_CUDA_MEMORY_CACHING} \
     compute-sanitizer --tool "$tool" --error-exitcode 86 \

@@ -159,3 +159,27 @@ def test_page_table_not_expanded_marks_the_layer_stale(sim):
     sim.decode([a], HISA, next_n=2, expand_table=False)
     assert sim.original_calls == 1
     assert "expanded" in plug.POOLED.stale_reason(as_engine_pages(sim.pool.buf, D))
+
+
+def test_layers_of_a_step_share_the_token_grid(sim, monkeypatch):
+    """The step's token grid is built once per ForwardBatch: a second indexer layer of the same
+    step reuses it (and selects the same as the first), a new step builds its own, and a batch
+    whose inputs moved (another tensor) does not reuse a grid built from the old ones."""
+    from .engine_ref import Req, random_keys
+    built = []
+    real = plug.step_tokens
+    monkeypatch.setattr(plug, "step_tokens", lambda *a: built.append(1) or real(*a))
+    a, b = Req(random_keys(700, 10)), Req(random_keys(300, 11))
+    sim.extend([(a, 639), (b, 255)], HISA)
+    assert len(built) == 1
+    res = sim.decode([a, b], HISA)
+    assert len(built) == 2
+    again = plug.around_get_topk_paged(sim._original_paged, sim.indexer, res.fb, 1, res.q,
+                                       res.w.unsqueeze(-1), res.md, options=HISA)
+    assert len(built) == 2 and torch.equal(again, res.out)
+    res.fb.positions = res.fb.positions.clone()
+    plug.around_get_topk_paged(sim._original_paged, sim.indexer, res.fb, 1, res.q,
+                               res.w.unsqueeze(-1), res.md, options=HISA)
+    assert len(built) == 3
+    sim.decode([a, b], HISA)
+    assert len(built) == 4 and sim.original_calls == 0

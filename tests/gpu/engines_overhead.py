@@ -206,8 +206,10 @@ def prefill_case(context: int, queries: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="append JSON rows to this file")
+    ap.add_argument("--commit", default=None,
+                    help="commit recorded in the rows (default: the checkout's git HEAD)")
     args = ap.parse_args()
-    env = environment()
+    env = environment(args.commit)
     rows = []
     cases = [("vllm decode", dict(batch=32, context=32768, next_n=1), decode_case, True),
              ("vllm decode", dict(batch=8, context=65536, next_n=2), decode_case, True),

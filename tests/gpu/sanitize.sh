@@ -56,11 +56,17 @@ run memcheck prefill tests/gpu/test_prefill_gpu.py
 run memcheck decode tests/gpu/test_decode_gpu.py -k "not graph"
 CACHING=1 run memcheck graphs tests/gpu/test_decode_gpu.py -k graph
 run memcheck hardening tests/gpu/test_hardening_gpu.py -k "not past_2_24"
-run memcheck fuzz tests/gpu/test_fuzz_gpu.py --fuzz-examples 6
 run racecheck prefill tests/gpu/test_prefill_gpu.py -k hisa_stages_match_naive
 run racecheck decode tests/gpu/test_decode_gpu.py -k hisa_paged_decode_matches_reference
 run racecheck hardening tests/gpu/test_hardening_gpu.py -k duplicate
-run racecheck fuzz tests/gpu/test_fuzz_gpu.py --fuzz-examples 2
+# The fuzzer is the slowest under the sanitizer (every drawn shape compiles and runs its
+# kernels under instrumentation; all of it at 6 examples did not finish in 540 s on an H200),
+# so it runs last, one op family per run, each resumable through SANITIZE_ONLY.
+run memcheck fuzz-exact tests/gpu/test_fuzz_gpu.py -k exact_inputs
+run memcheck fuzz-prefill tests/gpu/test_fuzz_gpu.py -k prefill --fuzz-examples 4
+run memcheck fuzz-decode tests/gpu/test_fuzz_gpu.py -k decode --fuzz-examples 4
+run memcheck fuzz-append tests/gpu/test_fuzz_gpu.py -k append --fuzz-examples 4
+run racecheck fuzz-decode tests/gpu/test_fuzz_gpu.py -k decode --fuzz-examples 2
 if [ "$status" -ne 0 ]; then
     echo "sanitize.sh: errors reported (see $LOG_DIR)" >&2
 fi

@@ -29,6 +29,7 @@ from ..ops.dsa.index import dsa_index
 from ..ops.dsa.paged import NEXT_N_SUPPORTED, dsa_index_paged
 from ..ops.indexer.decode import hisa_index_paged
 from ..ops.indexer.prefill import hisa_index
+from ..utils.backend import resolve_backend
 from ..utils.validate import BACKENDS, FP8_DTYPE
 
 logger = logging.getLogger("hisa.integrations")
@@ -316,7 +317,8 @@ def _first_bad_page(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages
 
 
 def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                        *, total: int, head_dim: int, block_size: int) -> RequestKeys:
+                        *, total: int, head_dim: int, block_size: int,
+                        backend: str = "auto") -> RequestKeys:
     """Gather requests' keys from the paged cache into a B-aligned buffer (see RequestKeys).
 
     Args:
@@ -325,13 +327,15 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
         seq_lens: int [R] keys of each request (device).
         total: sum of ``seq_lens`` (known on the host: the engines keep it for their own
             gathers), so the buffer size needs no host sync.
+        backend: "auto" (one Triton launch on CUDA, :mod:`hisa.cache.gather`; the torch ops
+            elsewhere), "triton" or "torch".
 
     No host sync: a page outside the cache is clamped for the gather and flagged in
     ``bad_pages``; :func:`prefill_select` folds the flag into the one window read of the
-    indexer op and raises the ValueError naming the page. (A sync here left the GPU idle
-    while the host launched the rest of the gather: the vLLM prefill chunk measured 30 % over
-    the direct ops on an H200, and this sync was the host-work difference counted on the CPU;
-    the gain is not measured.)
+    indexer op and raises the ValueError naming the page. (The indexer op's window read drains
+    the GPU, so every launch made before it is host time the GPU waits for: the torch gather's
+    twenty-odd small kernels were most of the vLLM prefill chunk's 35 % over the direct ops on
+    an H200, counted on the CPU; the single launch's gain is not yet measured.)
     """
     R = block_table.shape[0]
     dev = pages.device
@@ -340,11 +344,17 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
     starts = torch.cumsum(padded, 0) - padded                                   # [R]
     size = total + R * (block_size - 1)
     values, scales = page_views(pages, head_dim)
-    k = torch.zeros(size, head_dim, dtype=torch.uint8, device=dev)
-    k_scale = torch.ones(size, dtype=torch.float32, device=dev)
     num_pages = pages.shape[0]
     if total and num_pages == 0:
         raise ValueError("block_table: requests with keys over a cache of 0 pages")
+    source = (block_table, seq_lens, num_pages)
+    if total and resolve_backend(backend, dev, lambda: _check_gather_kernel(head_dim)) == "triton":
+        from ..cache.gather import gather_request_keys_triton
+        k, k_scale, bad = gather_request_keys_triton(values, scales, block_table, lens, starts,
+                                                     size)
+        return RequestKeys(k.view(FP8_DTYPE), k_scale, starts, bad, source)
+    k = torch.zeros(size, head_dim, dtype=torch.uint8, device=dev)
+    k_scale = torch.ones(size, dtype=torch.float32, device=dev)
     if total:
         req, pos, page = _request_pages(block_table, lens, total)
         bad = ((page < 0) | (page >= num_pages)).any()
@@ -352,9 +362,13 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
         dest = starts[req] + pos
         k[dest] = values[safe, pos % PAGE_SIZE]
         k_scale[dest] = scales[safe, pos % PAGE_SIZE]
-        return RequestKeys(k.view(FP8_DTYPE), k_scale, starts, bad,
-                           (block_table, seq_lens, num_pages))
+        return RequestKeys(k.view(FP8_DTYPE), k_scale, starts, bad, source)
     return RequestKeys(k.view(FP8_DTYPE), k_scale, starts)
+
+
+def _check_gather_kernel(head_dim: int) -> None:
+    if head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim: the Triton gather needs a power of two, got {head_dim}")
 
 
 def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor,

@@ -214,7 +214,7 @@ def topk_ragged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
     seq_lens = metadata.get_indexer_seq_len()
     total = int(metadata.get_indexer_seq_len_cpu().sum())
     keys = gather_request_keys(pages, table, seq_lens, total=total, head_dim=HEAD_DIM,
-                               block_size=options.block_size)
+                               block_size=options.block_size, backend=options.backend)
     local = prefill_select(q_fp8[:T], weights[:T, :, 0].contiguous(), ke - ks, req, keys,
                            topk=topk, options=options)
     topk_result[:T] = transform_output(local, metadata, fused=FACTS.fused_topk, row_batch=req)

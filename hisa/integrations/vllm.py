@@ -225,7 +225,7 @@ def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOpti
         if keys is None or not chunk.skip_kv_gather:
             keys = gather_request_keys(pages, chunk.block_table, lens,
                                        total=int(chunk.total_seq_lens), head_dim=D,
-                                       block_size=options.block_size)
+                                       block_size=options.block_size, backend=options.backend)
             if shard is not None:
                 # A rank whose rows all lie elsewhere calls no indexer op, which is where a
                 # bad page is named: every rank must raise before the exchange (one sync).

@@ -209,3 +209,31 @@ def test_sglang_paged_under_cuda_graph(monkeypatch):
         for r in reqs:
             r.done += 1
     sgl_plugin.POOLED.clear()
+
+
+@pytest.mark.parametrize("bad_page", [False, True])
+def test_triton_request_gather_equals_torch_on_gpu(bad_page):
+    """The one-launch request gather on the GPU writes the torch gather's bytes (64 requests up
+    to 40K keys each, empty ones included, a strided block table) and the same bad-page flag."""
+    from hisa.integrations._engine_common import gather_request_keys
+    from tests.integrations.engine_ref import new_cache
+    g = torch.Generator().manual_seed(5)
+    num_pages = 9000
+    kv = new_cache(num_pages).cuda()
+    kv.view(torch.uint8).copy_(torch.randint(0, 256, kv.view(torch.uint8).shape, generator=g,
+                                             dtype=torch.uint8).cuda())
+    R, W = 64, 40000 // PAGE + 1
+    lens = torch.randint(0, 40000, (R,), generator=g)
+    lens[::7] = 0
+    table = torch.randint(0, num_pages, (W, R), generator=g, dtype=torch.int32).t()
+    if bad_page:
+        table[3, 5] = num_pages
+        lens[3] = max(int(lens[3]), 6 * PAGE)
+    table, lens = table.cuda(), lens.cuda()
+    pages = as_engine_pages(kv, D)
+    args = dict(total=int(lens.sum()), head_dim=D, block_size=128)
+    want = gather_request_keys(pages, table, lens, backend="torch", **args)
+    got = gather_request_keys(pages, table, lens, backend="triton", **args)
+    assert torch.equal(got.k.view(torch.uint8), want.k.view(torch.uint8))
+    assert torch.equal(got.k_scale.view(torch.int32), want.k_scale.view(torch.int32))
+    assert bool(got.bad_pages) == bool(want.bad_pages) == bad_page

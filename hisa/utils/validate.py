@@ -183,8 +183,16 @@ def check_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int,
     # stack promotes (bool -> int32, the windows' dtype): no cast per fact
     any_bad, lo, hi, *rest = torch.stack([bad_order.any(), ks.min(), ke.max(),
                                           *extra]).tolist()
+    raise_bad_windows(ks, ke, num_keys, any_bad=bool(any_bad), lo=lo, hi=hi)
+    return (lo, hi, *rest)
+
+
+def raise_bad_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, any_bad: bool,
+                      lo: int, hi: int) -> None:
+    """:func:`check_windows`' errors (in its order) from facts already read on the host; only
+    a failing call reads the windows again, to name the first bad query."""
     if any_bad:
-        i = int(bad_order.nonzero()[0, 0])
+        i = int((ks > ke).nonzero()[0, 0])
         raise ValueError(f"ks/ke: expected ks[t] <= ke[t] for every query, got ks[{i}] = "
                          f"{int(ks[i])} > ke[{i}] = {int(ke[i])}")
     if lo < 0:
@@ -192,7 +200,6 @@ def check_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int,
     if hi > num_keys:
         raise ValueError(f"ke: expected values <= the number of keys in k ({num_keys}), "
                          f"got max(ke) = {hi}")
-    return (lo, hi, *rest)
 
 
 def check_out(name: str, out, shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:

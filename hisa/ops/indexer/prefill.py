@@ -5,11 +5,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ...utils.backend import resolve_backend
+from ...utils.backend import resolve_backend, triton_installed
 from ...utils.output import check_out_buffer, finish_output
 from ...utils.validate import (check_hisa_params, check_indexer_inputs, check_same_device,
                                check_shape, check_super_params, check_tensor,
-                               check_windows)
+                               check_windows, raise_bad_windows)
 from ..dsa.naive import naive_dsa_index
 from .naive import eligible_blocks, naive_hisa_index
 from .naive_super import eligible_supers, naive_hisa_index_super
@@ -74,29 +74,45 @@ class WindowPlan:
 
 def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int,
                  block_size: int, block_topk: int, super_size: int | None = None,
-                 super_topk: int | None = None) -> WindowPlan:
+                 super_topk: int | None = None, fused: bool | None = None) -> WindowPlan:
     """:func:`check_windows` (same errors, same order) and the call's :class:`WindowPlan`, in
     one host transfer: the window statistics every later step reads (the kernels' limits, the
     exact-regime route, the pipeline's pooling start and selection rows, the short-window
-    repair) come from here instead of each step reading the windows again."""
+    repair) come from here instead of each step reading the windows again.
+
+    ``fused``: compute the facts in one Triton launch (:mod:`hisa.ops.window_stats`) instead
+    of about twenty torch kernels; None picks it for CUDA windows when Triton is installed.
+    """
     if ks.numel() == 0:
         check_windows(ks, ke, num_keys)
         return WindowPlan(0, 0, 0, 0, nothing_pruned=True, short_pruned=False, span=(0, 0))
-    blocks = _blocks_spanned(ks, ke, block_size)                                   # [T]
-    pruned = blocks > block_topk
-    extra = [blocks.max()]
-    if super_size is not None:
-        supers = _blocks_spanned(ks, ke, block_size * super_size)                  # [T]
-        pruned |= supers > super_topk
-        extra.append(supers.max())
-    extra.append((pruned & ((ke - ks) <= topk)).any())
-    lo, hi, max_blocks, *rest = check_windows(ks, ke, num_keys, extra)
-    max_supers = rest[0] if super_size is not None else 0
+    if fused is None:
+        fused = ks.device.type == "cuda" and triton_installed()
+    if fused:
+        from ..window_stats import window_stats
+        any_bad, lo, hi, max_blocks, max_supers, short = window_stats(
+            ks, ke, topk=topk, block_size=block_size, block_topk=block_topk,
+            super_span=block_size * super_size if super_size is not None else None,
+            super_topk=super_topk)
+        raise_bad_windows(ks, ke, num_keys, any_bad=any_bad, lo=lo, hi=hi)
+    else:
+        blocks = _blocks_spanned(ks, ke, block_size)                               # [T]
+        pruned = blocks > block_topk
+        extra = [blocks.max()]
+        if super_size is not None:
+            supers = _blocks_spanned(ks, ke, block_size * super_size)              # [T]
+            pruned |= supers > super_topk
+            extra.append(supers.max())
+        extra.append((pruned & ((ke - ks) <= topk)).any())
+        lo, hi, max_blocks, *rest = check_windows(ks, ke, num_keys, extra)
+        max_supers, short = (rest[0] if super_size is not None else 0), bool(rest[-1])
+    if super_size is None:
+        max_supers = 0
     nothing = max_blocks <= block_topk and (super_size is None or max_supers <= super_topk)
     return WindowPlan(first_block=lo // block_size, max_blocks=max_blocks,
                       first_super=lo // (block_size * super_size) if super_size else 0,
                       max_supers=max_supers, nothing_pruned=nothing,
-                      short_pruned=bool(rest[-1]), span=(lo, hi))
+                      short_pruned=short, span=(lo, hi))
 
 
 #: dtypes a caller may hand in as precomputed block representatives (``pooled=``).

@@ -1,0 +1,79 @@
+"""The one-launch window facts (:mod:`hisa.ops.window_stats`, under the interpreter) equal the
+torch ops of :func:`plan_windows` on random windows, at two and three levels, and raise the
+same errors in the same order on bad ones."""
+import pytest
+import torch
+
+from hisa.ops.indexer.prefill import plan_windows
+
+
+def random_windows(g, T, S, topk=64):
+    ke = torch.randint(0, S + 1, (T,), generator=g)
+    ks = (ke - torch.randint(0, S + 1, (T,), generator=g)).clamp_min(0)
+    if T > 3:
+        ks[1] = ke[1]                             # an empty window
+        ks[2], ke[2] = 0, min(S, 200)             # a short one (fewer keys than topk)
+        ks[3], ke[3] = 100, 100 + topk            # exactly topk keys, over several blocks
+    return ks.to(torch.int32), ke.to(torch.int32)
+
+
+@pytest.mark.parametrize("T", [1, 7, 1024, 2500])
+@pytest.mark.parametrize("levels", [2, 3])
+def test_fused_plan_equals_torch_plan(T, levels):
+    g = torch.Generator().manual_seed(T * levels)
+    S = 20000
+    sup = dict(super_size=4, super_topk=6) if levels == 3 else {}
+    for topk in (64, 2048):
+        ks, ke = random_windows(g, T, S, topk)
+        kw = dict(topk=topk, block_size=128, block_topk=8, **sup)
+        assert plan_windows(ks, ke, S, fused=True, **kw) == \
+            plan_windows(ks, ke, S, fused=False, **kw)
+        # strided windows (every other entry of a longer tensor)
+        ks2 = torch.stack([ks, ks]).t().reshape(-1)[::2]
+        ke2 = torch.stack([ke, ke]).t().reshape(-1)[::2]
+        assert plan_windows(ks2, ke2, S, fused=True, **kw) == \
+            plan_windows(ks, ke, S, fused=False, **kw)
+
+
+@pytest.mark.parametrize("breakage", ["order", "negative", "past_end"])
+def test_fused_plan_raises_the_same_errors(breakage):
+    g = torch.Generator().manual_seed(3)
+    S = 5000
+    ks, ke = random_windows(g, 300, S)
+    if breakage == "order":
+        ks[17], ke[17] = 40, 30
+        ks[200] = -1                              # the order error is named first
+    elif breakage == "negative":
+        ks[5] = -3
+    else:
+        ke[250] = S + 1
+    kw = dict(topk=64, block_size=128, block_topk=8)
+    with pytest.raises(ValueError) as want:
+        plan_windows(ks, ke, S, fused=False, **kw)
+    with pytest.raises(ValueError) as got:
+        plan_windows(ks, ke, S, fused=True, **kw)
+    assert str(got.value) == str(want.value)
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_fused_plan_edges(levels):
+    """Hand-made windows at the edges each fact turns on: a window of exactly topk keys that
+    loses blocks (short_pruned, and only it), one just over (not short), the block count of a
+    window ending on a block boundary, and a window past the tile of one program."""
+    sup = dict(super_size=2, super_topk=5) if levels == 3 else {}
+    kw = dict(topk=2048, block_size=128, block_topk=8, **sup)
+    T = 1500                                      # two tiles of 1024
+    ks = torch.full((T,), 5000, dtype=torch.int32)
+    ke = torch.full((T,), 9000, dtype=torch.int32)    # 4000 keys: pruned, longer than topk
+    for exact in (True, False):
+        ke[1300] = 5000 + 2048 + (0 if exact else 1)
+        plan = plan_windows(ks, ke, 20000, fused=True, **kw)
+        assert plan == plan_windows(ks, ke, 20000, fused=False, **kw)
+        assert plan.short_pruned is exact
+    ks[1400], ke[1400] = 0, 128 * 30              # ends on a block boundary: 30 blocks
+    plan = plan_windows(ks, ke, 20000, fused=True, **kw)
+    assert plan == plan_windows(ks, ke, 20000, fused=False, **kw)
+    assert plan.max_blocks == 32 and plan.span == (0, 9000)      # [5000, 9000): blocks 39-70
+    one = plan_windows(ks[1400:1401], ke[1400:1401], 20000, fused=True, **kw)
+    assert one.max_blocks == 30 and one == plan_windows(ks[1400:1401], ke[1400:1401], 20000,
+                                                        fused=False, **kw)

@@ -350,8 +350,8 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
     source = (block_table, seq_lens, num_pages)
     if total and resolve_backend(backend, dev, lambda: _check_gather_kernel(head_dim)) == "triton":
         from ..cache.gather import gather_request_keys_triton
-        k, k_scale, bad = gather_request_keys_triton(values, scales, block_table, lens, starts,
-                                                     size)
+        k, k_scale, bad = gather_request_keys_triton(values, scales, block_table,
+                                                     lens.contiguous(), starts, size)
         return RequestKeys(k.view(FP8_DTYPE), k_scale, starts, bad, source)
     k = torch.zeros(size, head_dim, dtype=torch.uint8, device=dev)
     k_scale = torch.ones(size, dtype=torch.float32, device=dev)

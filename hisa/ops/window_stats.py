@@ -18,8 +18,9 @@ import triton.language as tl
 
 #: Windows per tile of the single program.
 STATS_BLOCK = 1024
-INT32_MAX = 2**31 - 1
-INT32_MIN = -2**31
+# Kernel constants must be constexpr globals (Triton refuses plain ones on the GPU).
+INT32_MAX = tl.constexpr(2**31 - 1)
+INT32_MIN = tl.constexpr(-2**31)
 
 
 @triton.jit

@@ -45,7 +45,7 @@ def _gather_kernel(values_ptr, scales_ptr, page_stride, scale_page_stride, table
         lo = tl.where(go_right, mid + 1, lo)
         hi = tl.where(searching & ~go_right, mid, hi)
     req = tl.maximum(lo - 1, 0)
-    pos = rows - tl.load(starts_ptr + req, mask=live, other=0)
+    pos = rows - tl.load(starts_ptr + req, mask=live, other=0).to(tl.int64)
     length = tl.load(lens_ptr + req, mask=live, other=0).to(tl.int64)
     is_key = live & (pos < length)
     page = tl.load(table_ptr + req * table_stride_r + (pos // PAGE) * table_stride_c,
@@ -72,7 +72,7 @@ def gather_request_keys_triton(values: torch.Tensor, scales: torch.Tensor,
         values: uint8 [P, 64, D] page values with unit strides inside a page (a view of the
             engine's pages, :func:`hisa.cache.layout.page_views`); scales: fp32 [P, 64], the
             same pages' scales, unit stride inside a page.
-        block_table: int32 [R, W]; lens: int64 [R] keys per request; starts: int64 [R] each
+        block_table: int32 [R, W]; lens: int32 [R] keys per request; starts: int32 [R] each
             request's first row (non-decreasing, ``starts[r] + lens[r] <= starts[r + 1]``).
         size: rows of the buffer; rows past the last request are zero keys too.
     """

@@ -35,6 +35,7 @@ from ..utils.validate import BACKENDS, FP8_DTYPE
 logger = logging.getLogger("hisa.integrations")
 
 _TRUE, _FALSE = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,7 @@ class RequestKeys:
 
     k: torch.Tensor
     k_scale: torch.Tensor
+    #: int32 [R]: each request's first row.
     starts: torch.Tensor
     #: 0-d bool on the device: a page some request uses lies outside the cache (its keys were
     #: gathered from a clamped page). Read by :meth:`raise_if_bad_pages`, not at the gather.
@@ -339,10 +341,14 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
     """
     R = block_table.shape[0]
     dev = pages.device
-    lens = seq_lens.long()
-    padded = (lens + block_size - 1) // block_size * block_size
-    starts = torch.cumsum(padded, 0) - padded                                   # [R]
     size = total + R * (block_size - 1)
+    if size > INT32_MAX:
+        raise ValueError(f"seq_lens: {total} keys over {R} requests need {size} B-aligned rows, "
+                         f"more than the int32 windows of the indexer ops address")
+    # int32 like the windows the starts become (prefill_select: no casts per call)
+    lens = seq_lens.to(torch.int32)
+    padded = (lens + block_size - 1) // block_size * block_size
+    starts = torch.cumsum(padded, 0, dtype=torch.int32) - padded                # [R]
     values, scales = page_views(pages, head_dim)
     num_pages = pages.shape[0]
     if total and num_pages == 0:
@@ -381,9 +387,8 @@ def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor
     (= positions in the request), -1 padded: the engines' compressed-row index convention;
     written into ``out`` (int32 [T, topk], contiguous) when given.
     """
-    start = keys.starts[req_of_query.long()]
-    ks = start.to(torch.int32)
-    ke = (start + lengths.long()).to(torch.int32)
+    ks = keys.starts[req_of_query]                                              # int32
+    ke = ks + lengths.to(torch.int32)
     if keys.bad_pages is not None:
         # An out-of-cache page empties every window the wrong way round (ks > ke), so the
         # op's own window read (its one host sync) fails, and the page is named here.

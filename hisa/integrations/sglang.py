@@ -125,16 +125,18 @@ def transform_output(local: torch.Tensor, metadata, *, fused: bool,
         return local
     method = getattr(metadata.topk_transform_method, "name", str(metadata.topk_transform_method))
     am = metadata.attn_metadata
+    # int32 throughout: the engine's own top-k writes int32 slots from an int32 page table, so
+    # every slot it can address fits (and the decode hook runs this per layer: no widening
+    # copies, no final cast, where the int32 inputs allow it).
     valid = local >= 0
-    pos = local.long().clamp_min(0)
+    pos = local.clamp_min(0)
     if method == "RAGGED":
-        offset = am.topk_indices_offset[:local.shape[0]].long()
-        out = pos + offset.unsqueeze(1)
+        out = pos + am.topk_indices_offset[:local.shape[0]].to(torch.int32).unsqueeze(1)
     elif method == "PAGED":
-        # Row i's table row: i itself (decode rows) or its request; only those rows widened.
+        # Row i's table row: i itself (decode rows) or its request.
         table = am.real_page_table
         rows = table[:local.shape[0]] if row_batch is None else table[row_batch.long()]
-        page = torch.gather(rows.long(), 1, pos // PAGE_SIZE)
+        page = torch.gather(rows, 1, (pos // PAGE_SIZE).long())
         out = page * PAGE_SIZE + pos % PAGE_SIZE
     else:
         raise ValueError(f"topk_transform_method: expected PAGED or RAGGED, got {method}")

@@ -227,3 +227,16 @@ def test_triton_gather_equals_the_torch_gather(seed):
         assert torch.equal(got.starts, want.starts)
         assert bool(got.bad_pages) == bool(want.bad_pages)
     assert bool(got.bad_pages) == bool((lens > 128).any())
+
+
+def test_gather_refuses_more_rows_than_int32_windows_address():
+    """The B-aligned buffer's rows become int32 windows: a gather that would need more rows is
+    refused before anything is allocated, and the starts come back int32."""
+    kv = new_cache(2)
+    bt = torch.tensor([[0, 1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="seq_lens: .* more than the int32 windows"):
+        gather_request_keys(as_engine_pages(kv, D), bt, torch.tensor([2**31 - 100]),
+                            total=2**31 - 100, head_dim=D, block_size=128)
+    keys = gather_request_keys(as_engine_pages(kv, D), bt, torch.tensor([100]), total=100,
+                               head_dim=D, block_size=128)
+    assert keys.starts.dtype == torch.int32

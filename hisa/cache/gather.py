@@ -9,7 +9,8 @@ overhead over the direct ops. Here one program per ``ROWS`` output rows finds ea
 request by a binary search over the request starts, reads the row's page from the block table
 and copies the key's D bytes and its scale, or writes a zero key with scale 1 for the rows
 between requests (which no window covers). A page outside ``[0, num_pages)`` is clamped into
-it (read, never out of bounds, as the torch twin does) and raises the bad-page flag: the caller names the page later,
+it (read, never out of bounds, as the torch twin does), and a key past its request's table
+row (more keys than W columns hold) reads no table entry; either raises the bad-page flag: the caller names the page later,
 off the hot path.
 
 Twin: the torch path of :func:`hisa.integrations._engine_common.gather_request_keys`.
@@ -24,11 +25,16 @@ from .layout import PAGE_SIZE
 
 #: Output rows per program.
 GATHER_ROWS = 64
+#: Steps of the request search: enough for any R < 2**31 (a fixed count, masked once a lane
+#: has converged, so the request count never selects a new compiled kernel).
+SEARCH_STEPS = 31
 
 
-@triton.jit
+# The sizes change with every prefill step of a server: not specialized on (no recompile for
+# a batch whose request count or key count happens to be 1 or a multiple of 16).
+@triton.jit(do_not_specialize=["table_stride_r", "R", "W", "size", "num_pages"])
 def _gather_kernel(values_ptr, scales_ptr, page_stride, scale_page_stride, table_ptr,
-                   table_stride_r, table_stride_c, lens_ptr, starts_ptr, R, size, num_pages,
+                   table_stride_r, table_stride_c, lens_ptr, starts_ptr, R, W, size, num_pages,
                    k_ptr, k_scale_ptr, bad_ptr, D: tl.constexpr, ROWS: tl.constexpr,
                    SEARCH_STEPS: tl.constexpr, PAGE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)   # [ROWS]
@@ -47,9 +53,11 @@ def _gather_kernel(values_ptr, scales_ptr, page_stride, scale_page_stride, table
     req = tl.maximum(lo - 1, 0)
     pos = rows - tl.load(starts_ptr + req, mask=live, other=0).to(tl.int64)
     length = tl.load(lens_ptr + req, mask=live, other=0).to(tl.int64)
-    is_key = live & (pos < length)
-    page = tl.load(table_ptr + req * table_stride_r + (pos // PAGE) * table_stride_c,
-                   mask=is_key, other=0).to(tl.int64)
+    is_key = live & (pos >= 0) & (pos < length)
+    col = pos // PAGE
+    in_table = col < W                  # a request longer than its table row: flagged, unread
+    page = tl.load(table_ptr + req * table_stride_r + col * table_stride_c,
+                   mask=is_key & in_table, other=-1).to(tl.int64)
     bad = is_key & ((page < 0) | (page >= num_pages))
     tl.store(bad_ptr, 1, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
     page = tl.minimum(tl.maximum(page, 0), num_pages - 1)          # as the torch twin clamps
@@ -88,10 +96,9 @@ def gather_request_keys_triton(values: torch.Tensor, scales: torch.Tensor,
     bad = torch.zeros((), dtype=torch.uint8, device=dev)
     if size == 0:
         return k, k_scale, bad.view(torch.bool)
-    steps = max(1, R.bit_length() + 1)
     grid = (triton.cdiv(size, GATHER_ROWS),)
     _gather_kernel[grid](values, scales, values.stride(0), scales.stride(0), block_table,
-                         block_table.stride(0), block_table.stride(1), lens, starts, R, size,
-                         max(P, 0), k, k_scale, bad, D=D, ROWS=GATHER_ROWS, SEARCH_STEPS=steps,
-                         PAGE=PAGE_SIZE)
+                         block_table.stride(0), block_table.stride(1), lens, starts, R,
+                         block_table.shape[1], size, P, k, k_scale, bad, D=D, ROWS=GATHER_ROWS,
+                         SEARCH_STEPS=SEARCH_STEPS, PAGE=PAGE_SIZE)
     return k, k_scale, bad.view(torch.bool)

@@ -302,11 +302,14 @@ class RequestKeys:
 
 def _request_pages(block_table: torch.Tensor, lens: torch.Tensor, total: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(request, position in the request, page) of each of the ``total`` keys, in order."""
-    R = block_table.shape[0]
+    """(request, position in the request, page) of each of the ``total`` keys, in order; a key
+    past its block-table row's W columns gets page -1 (flagged as outside the cache)."""
+    R, W = block_table.shape
     req = torch.repeat_interleave(torch.arange(R, device=lens.device), lens, output_size=total)
     pos = torch.arange(total, device=lens.device) - (torch.cumsum(lens, 0) - lens)[req]
-    return req, pos, block_table.long()[req, pos // PAGE_SIZE]
+    col = pos // PAGE_SIZE
+    page = block_table.long()[req, col.clamp_max(W - 1)]
+    return req, pos, torch.where(col < W, page, -1)
 
 
 def _first_bad_page(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int) -> str:
@@ -314,8 +317,12 @@ def _first_bad_page(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages
     lens = seq_lens.long()
     req, pos, page = _request_pages(block_table, lens, int(lens.sum()))
     s = int(((page < 0) | (page >= num_pages)).nonzero()[0, 0])
-    return (f"block_table: request {int(req[s])} position {int(pos[s])} maps to page "
-            f"{int(page[s])}, outside [0, {num_pages})")
+    r, p, W = int(req[s]), int(pos[s]), block_table.shape[1]
+    if p // PAGE_SIZE >= W:
+        return (f"block_table: request {r} position {p} lies past the table's {W} columns "
+                f"({W * PAGE_SIZE} keys)")
+    return (f"block_table: request {r} position {p} maps to page {int(page[s])}, outside "
+            f"[0, {num_pages})")
 
 
 def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -353,6 +360,8 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
     num_pages = pages.shape[0]
     if total and num_pages == 0:
         raise ValueError("block_table: requests with keys over a cache of 0 pages")
+    if total and block_table.shape[1] == 0:
+        raise ValueError("block_table: requests with keys and a table of 0 columns")
     source = (block_table, seq_lens, num_pages)
     if total and resolve_backend(backend, dev, lambda: _check_gather_kernel(head_dim)) == "triton":
         from ..cache.gather import gather_request_keys_triton

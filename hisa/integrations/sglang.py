@@ -152,28 +152,33 @@ def _pooled_for(pages: torch.Tensor, options: PluginOptions) -> torch.Tensor | N
 
 def pool_tokens(pages: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
                 block_table: torch.Tensor, req: torch.Tensor, options: PluginOptions, *,
-                forward_batch=None) -> None:
+                forward_batch=None, layer_id: int | None = None) -> None:
     """Pool the blocks these tokens completed (no-op when decode HISA is off).
 
-    With ``forward_batch``, the step's tokens are built once and kept on it for the step's
-    other layers (see :func:`shared_step_tokens`).
+    With ``forward_batch`` and ``layer_id``, the step's tokens are built once per forward pass
+    and kept on it for the pass's later layers (see :func:`shared_step_tokens`).
     """
     pooled = _pooled_for(pages, options)
     if pooled is not None:
         n = slots.shape[0]
-        tokens = shared_step_tokens(forward_batch, slots, positions[:n], block_table, req[:n],
-                                    pages.shape[0])
+        tokens = shared_step_tokens(forward_batch, layer_id, slots, positions[:n],
+                                    block_table, req[:n], pages.shape[0])
         pool_step(pages, pooled, tokens, head_dim=HEAD_DIM, block_size=options.block_size,
                   backend=options.backend)
 
 
-def shared_step_tokens(forward_batch, slots: torch.Tensor, positions: torch.Tensor,
-                       block_table: torch.Tensor, req: torch.Tensor, num_pages: int):
-    """:func:`step_tokens`, built once per step and kept on ``forward_batch``.
+def shared_step_tokens(forward_batch, layer_id: int | None, slots: torch.Tensor,
+                       positions: torch.Tensor, block_table: torch.Tensor, req: torch.Tensor,
+                       num_pages: int):
+    """:func:`step_tokens`, built once per forward pass and kept on ``forward_batch``.
 
-    SGLang builds a ``ForwardBatch`` per step (per capture under CUDA graphs) and hands the same
-    one to every layer, whose index caches share the page count, so only the first indexer
-    layer of a step pays for the token grid (about ten small kernels). The key holds the
+    SGLang hands one ``ForwardBatch`` to every layer of a pass, whose index caches share the
+    page count, so only the first indexer layer of a pass pays for the token grid (about ten
+    small kernels). Kept tokens are reused only by a later layer of the same pass: layers run
+    in increasing ``layer_id``, so a call whose layer is not above the last user's starts a
+    new pass and rebuilds them. (A batch object can outlive its pass with its input buffers
+    refilled in place: the CUDA-graph runners' warm-up and debug replays rerun a capture-time
+    batch; its tensors' addresses do not change, their values do.) The key also holds the
     inputs' addresses and sizes and whether a graph is being captured: tokens derived eagerly
     are constants to a graph and tokens derived inside a capture hold their values only at
     replay, so neither is reused across that line.
@@ -182,12 +187,14 @@ def shared_step_tokens(forward_batch, slots: torch.Tensor, positions: torch.Tens
     key = (num_pages, capturing) + tuple((t.data_ptr(), tuple(t.shape), t.dtype)
                                          for t in (slots, positions, block_table, req))
     kept = getattr(forward_batch, "_hisa_step_tokens", None)
-    if kept is not None and kept[0] == key:
+    if (kept is not None and layer_id is not None and kept[0] == key
+            and kept[2] is not None and layer_id > kept[2]):
+        forward_batch._hisa_step_tokens = (key, kept[1], layer_id)
         return kept[1]
     tokens = step_tokens(slots, positions, block_table, req, num_pages)
     if forward_batch is not None:
         try:
-            forward_batch._hisa_step_tokens = (key, tokens)
+            forward_batch._hisa_step_tokens = (key, tokens, layer_id)
         except (AttributeError, TypeError):        # a frozen or slotted batch object
             pass
     return tokens
@@ -308,7 +315,7 @@ def around_get_topk_paged(original, indexer, forward_batch, layer_id, q_fp8, wei
     else:
         pool_tokens(pages, forward_batch.out_cache_loc[:rows], forward_batch.positions[:rows],
                     table[:rows], row_ids(forward_batch, rows, pages.device), options,
-                    forward_batch=forward_batch)
+                    forward_batch=forward_batch, layer_id=layer_id)
     pooled = _pooled_for(pages, options)
     lens = paged_row_lengths(forward_batch, metadata, rows)
     reason = FACTS.decode_reason() or options_reason(options, indexer.index_topk, "decode")
@@ -338,7 +345,7 @@ def around_get_topk_ragged(original, indexer, enable_dual_stream, forward_batch,
         pool_tokens(index_pages(pool, layer_id), forward_batch.out_cache_loc[:T],
                     forward_batch.positions[:T], metadata.get_page_table_64(),
                     metadata.get_token_to_batch_idx()[:T], options,
-                    forward_batch=forward_batch)
+                    forward_batch=forward_batch, layer_id=layer_id)
         reason = options_reason(options, indexer.index_topk, "prefill")
         if reason is None:
             return topk_ragged(indexer, forward_batch, layer_id, q_fp8, weights, metadata,
@@ -371,7 +378,8 @@ def around_forward_k_only(original, indexer, x, positions, forward_batch, layer_
     else:
         req = row_ids(forward_batch, n, pages.device)
     pool_tokens(pages, forward_batch.out_cache_loc[:n], positions[:n],
-                metadata.get_page_table_64(), req, options, forward_batch=forward_batch)
+                metadata.get_page_table_64(), req, options, forward_batch=forward_batch,
+                layer_id=layer_id)
     return result
 
 

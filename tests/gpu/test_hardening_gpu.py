@@ -129,3 +129,31 @@ def test_int32_min_lengths_and_zero_page_tables_on_hardware():
                                              topk=64, block_size=64, block_topk=2,
                                              backend="triton")):
         assert bool((op() == -1).all())
+
+
+def test_torch_backend_needs_no_triton_launch(monkeypatch):
+    """``hisa_index(backend="torch")`` on CUDA tensors plans its windows with torch ops (the
+    fused window-facts kernel is Triton): a GPU whose Triton cannot compile still has the
+    reference. The default backend uses the fused kernel, and both plans agree."""
+    import hisa.ops.window_stats as ws
+    from hisa.ops.indexer.prefill import plan_windows
+    calls = []
+    real = ws.window_stats
+    monkeypatch.setattr(ws, "window_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    T, S, H, D = 64, 4096, 4, 128
+    q = torch.randn(T, H, D, generator=g).cuda().to(torch.float8_e4m3fn)
+    k = torch.randn(S, D, generator=g).cuda().to(torch.float8_e4m3fn)
+    w = torch.randn(T, H, generator=g).cuda()
+    ke = torch.arange(S - T + 1, S + 1, dtype=torch.int32, device="cuda")
+    ks = torch.zeros_like(ke)
+    kw = dict(k_scale=torch.ones(S, device="cuda"), topk=256, block_size=128, block_topk=8)
+    ref = hisa.hisa_index(q, k, w, ks, ke, backend="torch", **kw)
+    assert calls == []
+    got = hisa.hisa_index(q, k, w, ks, ke, **kw)
+    assert calls == [1]
+    check_index_format(got, ks, ke, 256)
+    assert recall(got, ref) >= HISA_MIN_RECALL
+    plan = dict(topk=256, block_size=128, block_topk=8)
+    assert plan_windows(ks, ke, S, fused=True, **plan) == plan_windows(ks, ke, S, fused=False,
+                                                                       **plan)

@@ -197,38 +197,6 @@ def test_vllm_entry_point_refuses_another_version(monkeypatch):
         vllm_plugin.register()
 
 
-@pytest.mark.interpret
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_triton_gather_equals_the_torch_gather(seed):
-    """The one-launch Triton gather (:mod:`hisa.cache.gather`, under the interpreter) writes the
-    same bytes as the torch ops: keys, scales, the zero keys with scale 1 between requests and
-    after the last, and the same bad-page flag; empty requests and requests ending mid-page
-    included, and a table with a page outside the cache (the flag, and the clamped page read)."""
-    g = torch.Generator().manual_seed(seed)
-    num_pages = 40
-    kv = new_cache(num_pages)
-    engine_quant_and_cache(kv, torch.randn(num_pages * PAGE, D, generator=g),
-                           torch.arange(num_pages * PAGE))
-    R = 3 + seed * 4
-    lens = torch.randint(0, 300, (R,), generator=g)
-    lens[seed % R] = 0
-    W = 6
-    bt = torch.randint(0, num_pages, (R, W), generator=g, dtype=torch.int32)
-    bt = bt[:, ::1] if seed != 1 else torch.randint(0, num_pages, (W, R), generator=g,
-                                                    dtype=torch.int32).t()   # strided table
-    pages = as_engine_pages(kv, D)
-    for table in (bt, torch.where(torch.arange(W) == 2, num_pages + 3, bt).to(torch.int32)):
-        want = gather_request_keys(pages, table, lens, total=int(lens.sum()), head_dim=D,
-                                   block_size=128, backend="torch")
-        got = gather_request_keys(pages, table, lens, total=int(lens.sum()), head_dim=D,
-                                  block_size=128, backend="triton")
-        assert torch.equal(got.k.view(torch.uint8), want.k.view(torch.uint8))
-        assert torch.equal(got.k_scale, want.k_scale)
-        assert torch.equal(got.starts, want.starts)
-        assert bool(got.bad_pages) == bool(want.bad_pages)
-    assert bool(got.bad_pages) == bool((lens > 128).any())
-
-
 def test_gather_refuses_more_rows_than_int32_windows_address():
     """The B-aligned buffer's rows become int32 windows: a gather that would need more rows is
     refused before anything is allocated, and the starts come back int32."""

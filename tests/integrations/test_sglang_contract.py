@@ -162,9 +162,11 @@ def test_page_table_not_expanded_marks_the_layer_stale(sim):
 
 
 def test_layers_of_a_step_share_the_token_grid(sim, monkeypatch):
-    """The step's token grid is built once per ForwardBatch: a second indexer layer of the same
-    step reuses it (and selects the same as the first), a new step builds its own, and a batch
-    whose inputs moved (another tensor) does not reuse a grid built from the old ones."""
+    """The step's token grid is built once per forward pass: a later indexer layer of the same
+    pass reuses it (and selects the same as the first), a new step builds its own, a batch
+    whose inputs moved (another tensor) does not reuse a grid built from the old ones, and a
+    batch object run again (its buffers refilled in place, as the CUDA-graph runners' warm-up
+    and debug replays do) rebuilds it at its first layer."""
     from .engine_ref import Req, random_keys
     built = []
     real = plug.step_tokens
@@ -178,8 +180,12 @@ def test_layers_of_a_step_share_the_token_grid(sim, monkeypatch):
                                        res.w.unsqueeze(-1), res.md, options=HISA)
     assert len(built) == 2 and torch.equal(again, res.out)
     res.fb.positions = res.fb.positions.clone()
-    plug.around_get_topk_paged(sim._original_paged, sim.indexer, res.fb, 1, res.q,
+    plug.around_get_topk_paged(sim._original_paged, sim.indexer, res.fb, 2, res.q,
                                res.w.unsqueeze(-1), res.md, options=HISA)
     assert len(built) == 3
+    res.fb.out_cache_loc.add_(0)                  # the same buffers, refilled in place
+    plug.around_get_topk_paged(sim._original_paged, sim.indexer, res.fb, 0, res.q,
+                               res.w.unsqueeze(-1), res.md, options=HISA)
+    assert len(built) == 4
     sim.decode([a, b], HISA)
-    assert len(built) == 4 and sim.original_calls == 0
+    assert len(built) == 5 and sim.original_calls == 0

@@ -81,7 +81,8 @@ def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int
     repair) come from here instead of each step reading the windows again.
 
     ``fused``: compute the facts in one Triton launch (:mod:`hisa.ops.window_stats`) instead
-    of about twenty torch kernels; None picks it for CUDA windows when Triton is installed.
+    of about twenty torch kernels; None picks it for CUDA windows when Triton is installed
+    (``hisa_index(backend="torch")`` passes False: that backend must not need Triton).
     """
     if ks.numel() == 0:
         check_windows(ks, ke, num_keys)
@@ -207,7 +208,7 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     check_out_buffer(out, T, topk, q.device)
     # One host transfer for every window fact of the call (validation included).
     plan = plan_windows(ks, ke, S, topk=topk, block_size=block_size, block_topk=block_topk,
-                        **sup)
+                        fused=False if backend == "torch" else None, **sup)
     if pooled is not None:
         check_pooled(pooled, k, block_size)
     if resolve_backend(backend, q.device,

@@ -29,7 +29,8 @@ def _spanned(ks, ke, span):
     return tl.where(ke <= ks, 0, (ke - 1) // span - ks // span + 1)
 
 
-@triton.jit
+# Not specialized on the per-call sizes: one compiled kernel per level count while serving.
+@triton.jit(do_not_specialize=["ks_stride", "ke_stride", "T", "topk"])
 def _window_stats_kernel(ks_ptr, ke_ptr, ks_stride, ke_stride, T, out_ptr, topk, span0, limit0,
                          span1, limit1, TWO_LEVELS: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)

@@ -35,7 +35,7 @@ from ...utils.validate import FP8_DTYPE
 from ..dsa.prefill import check_kernel_shapes, prepare_operands
 from .block_scores import block_select, check_window_blocks, window_blocks
 from .pool import check_block_size, pool_blocks
-from .reps import rep_dtype
+from .reps import rep_dot_precision, rep_dtype
 from .select import SELECT_MAX_ROW, select_tokens
 from .super_blocks import (candidate_block_select, candidate_row_fits, check_super_kernel_params,
                            pool_supers, super_select, three_level_block_ids)
@@ -222,7 +222,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                         topk: int, block_size: int, block_topk: int,
                         super_size: int | None = None, super_topk: int | None = None,
                         reps_dtype: torch.dtype | None = None,
-                        rescore_margin: int | str | None = AUTO
+                        rescore_margin: int | str | None = AUTO, reps_prec: str | None = None
                         ) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline as [(stage name, zero-argument callable)], run in order.
 
@@ -246,9 +246,10 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     margin = resolve_rescore_margin(rescore_margin, key_dtype=k.dtype,
                                     reps=rep_dtype(k.dtype, reps_dtype), super_size=super_size,
                                     block_topk=block_topk, max_blocks=max_blocks)
-    super_dtype = None
+    rprec = rep_dot_precision(rep_dtype(k.dtype, reps_dtype), prec, reps_prec)
+    super_dtype, super_prec = None, rprec
     if margin is not None:     # the pre-selection as super-blocks of one block, FP8 copies
-        super_size, super_topk, super_dtype = 1, block_topk + margin, FP8_DTYPE
+        super_size, super_topk, super_dtype, super_prec = 1, block_topk + margin, FP8_DTYPE, prec
         first_super, max_supers = first_block, max_blocks
     T = q.shape[0]
     state: dict = {
@@ -264,7 +265,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
 
     def blocks():
         block_select(q, state["pooled"], weights, ks, ke, block_size=block_size,
-                     block_topk=block_topk, pooled_scale=state["pooled_scale"], prec=prec,
+                     block_topk=block_topk, pooled_scale=state["pooled_scale"], prec=rprec,
                      out=state["ids"], max_blocks=max_blocks)
         return state
 
@@ -278,7 +279,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
         state["super_ids"] = super_select(q, state["super"], weights, ks, ke,
                                           block_size=block_size, super_size=super_size,
                                           super_topk=super_topk,
-                                          super_scale=state["super_scale"], prec=prec,
+                                          super_scale=state["super_scale"], prec=super_prec,
                                           max_supers=max_supers)
         return state
 
@@ -286,7 +287,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
         candidate_block_select(q, state["pooled"], weights, ks, ke, state["super_ids"],
                                block_size=block_size, super_size=super_size,
                                block_topk=block_topk, pooled_scale=state["pooled_scale"],
-                               prec=prec, out=state["ids"])
+                               prec=rprec, out=state["ids"])
         return state
 
     if super_size is None:
@@ -329,7 +330,7 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                       need_scores: bool = False, super_size: int | None = None,
                       super_topk: int | None = None, pooled: torch.Tensor | None = None,
                       windows=None, reps_dtype: torch.dtype | None = None,
-                      rescore_margin: int | str | None = AUTO
+                      rescore_margin: int | str | None = AUTO, reps_prec: str | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA selection with Triton kernels (inputs validated by :func:`hisa.hisa_index`); two
     levels, or three with ``super_size`` / ``super_topk``; ``pooled`` replaces the pooling
@@ -345,7 +346,9 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     full scan's selection whenever the true top m lie in FP8's top m +
     margin (benchmarks/pooled_precision_probe.py measures how often). ``"auto"`` (default):
     ``block_topk // 2`` where it applies (:func:`resolve_rescore_margin`); None scores every
-    block on the reps.
+    block on the reps. ``reps_prec``: the dot precision against fp32 reps
+    (:func:`~.reps.rep_dot_precision`; tf32 by default), for
+    benchmarks/reps_precision_probe.py.
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
@@ -358,6 +361,7 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
         ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk,
         windows=windows)
     reps = rep_dtype(k.dtype, reps_dtype)          # given ``pooled`` rows are stored so too
+    rprec = rep_dot_precision(reps, prec, reps_prec)
     rescore_margin = resolve_rescore_margin(rescore_margin, key_dtype=k.dtype, reps=reps,
                                             super_size=super_size, block_topk=block_topk,
                                             max_blocks=max_blocks)
@@ -372,15 +376,15 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
                                     block_topk=block_topk, super_size=1,
                                     super_topk=block_topk + rescore_margin, prec=prec,
                                     first_super=first_block, max_supers=max_blocks,
-                                    super_dtype=FP8_DTYPE)
+                                    super_dtype=FP8_DTYPE, candidate_prec=rprec)
     elif super_size is None:
         ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
-                           block_topk=block_topk, pooled_scale=pooled_scale, prec=prec,
+                           block_topk=block_topk, pooled_scale=pooled_scale, prec=rprec,
                            max_blocks=max_blocks)
     else:
         ids = three_level_block_ids(q, k, weights, ks, ke, pooled, pooled_scale,
                                     block_size=block_size, block_topk=block_topk,
-                                    super_size=super_size, super_topk=super_topk, prec=prec,
+                                    super_size=super_size, super_topk=super_topk, prec=rprec,
                                     first_super=first_super, max_supers=max_supers)
     T = q.shape[0]
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)

@@ -53,3 +53,21 @@ def check_reps_hold_queries(pooled: torch.Tensor, q: torch.Tensor) -> None:
         raise TypeError(f"pooled: {pooled.dtype} representatives cannot hold {q.dtype} queries "
                         f"exactly (the block kernels cast the queries to the reps' dtype); "
                         f"store them as float32")
+
+
+#: Dot precisions a caller may ask for when the block (and super-block) reps are fp32:
+#: "tf32" (the default: one tf32 MMA, the means rounded to 10 mantissa bits), "tf32x3" (three
+#: tf32 MMAs on split operands, about fp32's accuracy at three times the MMA work) and "ieee"
+#: (fp32 FMAs). benchmarks/reps_precision_probe.py measures what each costs and buys.
+REP_DOT_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+def rep_dot_precision(reps: torch.dtype, prec: str, reps_prec: str | None) -> str:
+    """The precision of the dots against representatives stored as ``reps``: ``reps_prec`` for
+    fp32 reps when given (ValueError if not one of :data:`REP_DOT_PRECISIONS`), else ``prec``
+    (the key dots' own; FP8 and bf16 reps are exact in their MMAs)."""
+    if reps_prec is None:
+        return prec
+    if reps_prec not in REP_DOT_PRECISIONS:
+        raise ValueError(f"reps_prec: expected one of {REP_DOT_PRECISIONS}, got {reps_prec!r}")
+    return reps_prec if reps == torch.float32 else prec

@@ -278,12 +278,15 @@ def three_level_block_ids(q: torch.Tensor, k: torch.Tensor, weights: torch.Tenso
                           pooled_scale: torch.Tensor | None, *, block_size: int,
                           block_topk: int, super_size: int, super_topk: int, prec: str,
                           first_super: int, max_supers: int,
-                          super_dtype: torch.dtype | None = None) -> torch.Tensor:
+                          super_dtype: torch.dtype | None = None,
+                          candidate_prec: str | None = None) -> torch.Tensor:
     """The block ids the token stage reads, through the super-block level (prepared operands;
     ``first_super`` / ``max_supers`` from :func:`check_super_kernel_params`, and ``pooled``
     set from block ``first_super * super_size`` on). ``super_dtype``: how the super-block reps
     are stored, ``pooled``'s dtype by default (float8_e4m3fn with ``super_size=1`` is the
     two-level FP8 pre-selection then fp32 re-score of :func:`~.pipeline.hisa_index_triton`).
+    ``prec``: the super-block dots'; ``candidate_prec``: the candidate blocks' (``prec`` when
+    None).
 
     Returns int32 [T, m] ascending, -1 padded."""
     sup, sscale = pool_supers(pooled, pooled_scale, k.shape[0], block_size=block_size,
@@ -294,4 +297,5 @@ def three_level_block_ids(q: torch.Tensor, k: torch.Tensor, weights: torch.Tenso
                         max_supers=max_supers)
     return candidate_block_select(q, pooled, weights, ks, ke, sids, block_size=block_size,
                                   super_size=super_size, block_topk=block_topk,
-                                  pooled_scale=pooled_scale, prec=prec)
+                                  pooled_scale=pooled_scale,
+                                  prec=prec if candidate_prec is None else candidate_prec)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.layout import PAGE_SIZE
+from ..utils.backend import resolve_backend
 from ._engine_common import (PluginOptions, PooledCacheRegistry, as_engine_pages, logger,
                              carry_pooled_rows, decode_select, gather_request_keys,
                              log_fallback, options_reason, parse_options, pool_step, step_tokens,
@@ -113,18 +114,27 @@ def layer_reason(indexer, pool, layer_id: int, q_fp8: torch.Tensor, weights: tor
 
 
 def transform_output(local: torch.Tensor, metadata, *, fused: bool,
-                     row_batch: torch.Tensor | None) -> torch.Tensor:
+                     row_batch: torch.Tensor | None, backend: str = "auto") -> torch.Tensor:
     """Apply the engine's top-k output transform to positions ``local`` int32 [T, K] (-1 pad).
 
     Unfused: the positions themselves. Fused RAGGED: position + ``topk_indices_offset[row]``
     (the row's request start in the ragged KV). Fused PAGED: the KV slot of the position,
     ``real_page_table[b, p // 64] * 64 + p % 64`` with ``b = row_batch[row]`` (identity when
-    None). -1 stays -1.
+    None). -1 stays -1. On CUDA (``backend`` "auto") one Triton launch
+    (:func:`hisa.cache.slots.positions_to_slots`); the torch ops below are its twin.
     """
     if not fused or getattr(metadata, "force_unfused_topk", False):
         return local
     method = getattr(metadata.topk_transform_method, "name", str(metadata.topk_transform_method))
     am = metadata.attn_metadata
+    if method not in ("RAGGED", "PAGED"):
+        raise ValueError(f"topk_transform_method: expected PAGED or RAGGED, got {method}")
+    if resolve_backend(backend, local.device) == "triton":
+        from ..cache.slots import positions_to_slots
+        if method == "RAGGED":
+            offset = am.topk_indices_offset[:local.shape[0]].to(torch.int32).contiguous()
+            return positions_to_slots(local, offset=offset)
+        return positions_to_slots(local, table=am.real_page_table, rows=row_batch)
     # int32 throughout: the engine's own top-k writes int32 slots from an int32 page table, so
     # every slot it can address fits (and the decode hook runs this per layer: no widening
     # copies, no final cast, where the int32 inputs allow it).
@@ -226,7 +236,8 @@ def topk_ragged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
                                block_size=options.block_size, backend=options.backend)
     local = prefill_select(q_fp8[:T], weights[:T, :, 0].contiguous(), ke - ks, req, keys,
                            topk=topk, options=options)
-    topk_result[:T] = transform_output(local, metadata, fused=FACTS.fused_topk, row_batch=req)
+    topk_result[:T] = transform_output(local, metadata, fused=FACTS.fused_topk, row_batch=req,
+                                       backend=options.backend)
     return topk_result
 
 
@@ -263,7 +274,8 @@ def topk_paged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
     w = weights[:rows, :, 0]
     local = decode_select(q, pages, pooled, w, lens, table[:rows], topk=indexer.index_topk,
                           options=options)
-    out = transform_output(local, metadata, fused=FACTS.fused_topk, row_batch=None)
+    out = transform_output(local, metadata, fused=FACTS.fused_topk, row_batch=None,
+                           backend=options.backend)
     if rows < q_fp8.shape[0]:
         pad = torch.full((q_fp8.shape[0] - rows, out.shape[1]), -1, dtype=out.dtype,
                          device=out.device)

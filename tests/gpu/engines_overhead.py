@@ -7,7 +7,9 @@ that layer (read the step's keys back from the cache, ``paged_cache_append`` the
 step's token grid (slots, positions, block-table rows), which the plugin builds once per step
 for all layers, is timed separately (``grid_ms``, once per step, not per layer). The SGLang paged
 hook (pooling + HISA + the fused page-table transform) against the direct ops plus that
-transform, timed as a step of ``SGLANG_LAYERS`` layers (both sides build the step's token grid
+transform (the plugin's transform is one Triton launch, :mod:`hisa.cache.slots`; the direct
+side writes it with torch ops, as a hand integration would), timed as a step of
+``SGLANG_LAYERS`` layers (both sides build the step's token grid
 once per step, as the hook does since it keeps the grid on the ForwardBatch) and reported per
 layer. Prefill: the vLLM replacement for one chunk (B-aligned gather +
 HISA) against gathering the request's keys and calling ``hisa_index``. Each row is preceded by a

@@ -2,10 +2,11 @@
 each request starting at a multiple of B, in a single launch.
 
 The engine plugins gather a prefill chunk's keys before every indexer call. Done with torch
-ops it is some twenty small kernels (request and position of each key, its page, the bad-page
-test, two index-puts, the zero and one fills), each a host launch made while the GPU waits for
-the indexer op's window read: on an H200 that host work was most of the vLLM prefill plugin's
-overhead over the direct ops. Here one program per ``ROWS`` output rows finds each row's
+ops it is 36 small kernels (request and position of each key, its page, the bad-page test, two
+index-puts, the zero and one fills; counted by :mod:`hisa.testing.launches`, pinned in
+tests/interpret/test_request_gather.py), each a host launch made while the GPU waits for the
+indexer op's window read: the likely bulk of the vLLM prefill plugin's 34.7 % over the direct
+ops on an H200 (not yet profiled there: tests/gpu/profile_vllm_prefill.py). Here one program per ``ROWS`` output rows finds each row's
 request by a binary search over the request starts, reads the row's page from the block table
 and copies the key's D bytes and its scale, or writes a zero key with scale 1 for the rows
 between requests (which no window covers). A page outside ``[0, num_pages)`` is clamped into

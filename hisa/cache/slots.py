@@ -2,7 +2,8 @@
 
 SGLang's fused top-k returns KV slots, not positions: for row i, position p becomes
 ``table[row_i, p // 64] * 64 + p % 64`` (PAGED) or ``p + offset[i]`` (RAGGED); -1 stays -1.
-With torch ops that is about nine small kernels per call, and the SGLang decode hook makes the
+With torch ops that is 10 small kernels per call (pinned in
+tests/interpret/test_slot_transform.py), and the SGLang decode hook makes the
 call once per layer inside the CUDA graph, where each small kernel costs its launch slot. One
 program per (row, tile of K) here does all of it. int32 throughout: the engine's own top-k
 writes int32 slots from an int32 page table, so every slot it can address fits.

@@ -161,9 +161,10 @@ def _pooled_for(pages: torch.Tensor, options: PluginOptions) -> torch.Tensor | N
 
 
 def pool_tokens(pages: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                block_table: torch.Tensor, req: torch.Tensor, options: PluginOptions, *,
+                block_table: torch.Tensor, req: torch.Tensor | None, options: PluginOptions, *,
                 forward_batch=None, layer_id: int | None = None) -> None:
-    """Pool the blocks these tokens completed (no-op when decode HISA is off).
+    """Pool the blocks these tokens completed (no-op when decode HISA is off). ``req``: each
+    token's block-table row, None when token i is row i (decode rows).
 
     With ``forward_batch`` and ``layer_id``, the step's tokens are built once per forward pass
     and kept on it for the pass's later layers (see :func:`shared_step_tokens`).
@@ -172,14 +173,15 @@ def pool_tokens(pages: torch.Tensor, slots: torch.Tensor, positions: torch.Tenso
     if pooled is not None:
         n = slots.shape[0]
         tokens = shared_step_tokens(forward_batch, layer_id, slots, positions[:n],
-                                    block_table, req[:n], pages.shape[0])
+                                    block_table, None if req is None else req[:n],
+                                    pages.shape[0])
         pool_step(pages, pooled, tokens, head_dim=HEAD_DIM, block_size=options.block_size,
                   backend=options.backend)
 
 
 def shared_step_tokens(forward_batch, layer_id: int | None, slots: torch.Tensor,
-                       positions: torch.Tensor, block_table: torch.Tensor, req: torch.Tensor,
-                       num_pages: int):
+                       positions: torch.Tensor, block_table: torch.Tensor,
+                       req: torch.Tensor | None, num_pages: int):
     """:func:`step_tokens`, built once per forward pass and kept on ``forward_batch``.
 
     SGLang hands one ``ForwardBatch`` to every layer of a pass, whose index caches share the
@@ -194,13 +196,16 @@ def shared_step_tokens(forward_batch, layer_id: int | None, slots: torch.Tensor,
     replay, so neither is reused across that line.
     """
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    key = (num_pages, capturing) + tuple((t.data_ptr(), tuple(t.shape), t.dtype)
-                                         for t in (slots, positions, block_table, req))
+    key = (num_pages, capturing) + tuple(
+        None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype)
+        for t in (slots, positions, block_table, req))
     kept = getattr(forward_batch, "_hisa_step_tokens", None)
     if (kept is not None and layer_id is not None and kept[0] == key
             and kept[2] is not None and layer_id > kept[2]):
         forward_batch._hisa_step_tokens = (key, kept[1], layer_id)
         return kept[1]
+    if req is None:
+        req = torch.arange(slots.shape[0], device=slots.device)
     tokens = step_tokens(slots, positions, block_table, req, num_pages)
     if forward_batch is not None:
         try:
@@ -283,22 +288,6 @@ def topk_paged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
     return out
 
 
-def row_ids(forward_batch, rows: int, device) -> torch.Tensor:
-    """``arange(rows)`` (each decode row is its own request), kept on ``forward_batch`` so the
-    step's layers share one tensor (which keeps :func:`shared_step_tokens`' key equal)."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    key = (rows, str(device), capturing)
-    kept = getattr(forward_batch, "_hisa_row_ids", None)
-    if kept is not None and kept[0] == key:
-        return kept[1]
-    ids = torch.arange(rows, device=device)
-    try:
-        forward_batch._hisa_row_ids = (key, ids)
-    except (AttributeError, TypeError):
-        pass
-    return ids
-
-
 def paged_rows(metadata) -> int:
     return int(sum(metadata.get_dsa_extend_len_cpu()))
 
@@ -326,8 +315,8 @@ def around_get_topk_paged(original, indexer, forward_batch, layer_id, q_fp8, wei
         POOLED.mark_stale(pages, "the page table is not expanded per query row")
     else:
         pool_tokens(pages, forward_batch.out_cache_loc[:rows], forward_batch.positions[:rows],
-                    table[:rows], row_ids(forward_batch, rows, pages.device), options,
-                    forward_batch=forward_batch, layer_id=layer_id)
+                    table[:rows], None, options, forward_batch=forward_batch,
+                    layer_id=layer_id)
     pooled = _pooled_for(pages, options)
     lens = paged_row_lengths(forward_batch, metadata, rows)
     reason = FACTS.decode_reason() or options_reason(options, indexer.index_topk, "decode")
@@ -388,7 +377,7 @@ def around_forward_k_only(original, indexer, x, positions, forward_batch, layer_
     if forward_batch.forward_mode.is_extend_without_speculative():
         req = metadata.get_token_to_batch_idx()[:n]
     else:
-        req = row_ids(forward_batch, n, pages.device)
+        req = None                                    # token i is row i
     pool_tokens(pages, forward_batch.out_cache_loc[:n], positions[:n],
                 metadata.get_page_table_64(), req, options, forward_batch=forward_batch,
                 layer_id=layer_id)

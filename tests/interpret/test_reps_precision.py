@@ -1,4 +1,4 @@
-"""The ``reps_prec`` knob of the prefill pipeline (benchmarks/reps_precision_probe.py): the
+"""The ``reps_prec`` knob of the prefill pipeline (``pooled_format_cost.py --precision``): the
 dots against fp32 block / super-block reps get the asked precision, the FP8 pre-selection's
 FP8 copies and non-fp32 reps keep theirs, the staged pipeline routes it the same way, and the
 selection under the interpreter (exact dots) equals the default's."""

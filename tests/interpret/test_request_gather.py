@@ -66,3 +66,24 @@ def test_a_request_longer_than_its_table_row_is_flagged(backend):
     with pytest.raises(ValueError, match="table of 0 columns"):
         gather_request_keys(as_engine_pages(kv, D), bt[:, :0], lens, total=310, head_dim=D,
                             block_size=128, backend=backend)
+
+
+def test_the_triton_gather_is_one_launch_and_no_sync():
+    """Host work of the gather (hisa.testing.launches): the Triton path is one launch, no host
+    sync and at most 9 small aten kernels (the starts, the allocations); the torch path it
+    replaces dispatches 36 (at this commit) and no launch."""
+    from hisa.testing.launches import measure
+    kv = new_cache(40)
+    engine_quant_and_cache(kv, torch.randn(40 * PAGE, D), torch.arange(40 * PAGE))
+    bt = torch.randint(0, 40, (3, 10), generator=torch.Generator().manual_seed(0),
+                       dtype=torch.int32)
+    lens = torch.tensor([300, 0, 500], dtype=torch.int32)
+
+    def gather(backend):
+        return measure(lambda: gather_request_keys(as_engine_pages(kv, D), bt, lens, total=800,
+                                                   head_dim=D, block_size=128,
+                                                   backend=backend))
+    fused, torch_ops = gather("triton"), gather("torch")
+    assert (fused.num_launches, fused.num_syncs) == (1, 0)
+    assert fused.num_aten_kernels <= 9, fused.report()
+    assert torch_ops.num_syncs == 0 and torch_ops.num_aten_kernels > 3 * fused.num_aten_kernels

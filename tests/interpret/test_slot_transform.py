@@ -52,3 +52,18 @@ def test_ragged_offsets_equal_the_torch_transform():
                                              backend="torch"))
     with pytest.raises(ValueError, match="topk_transform_method"):
         transform_output(local, metadata("OTHER"), fused=True, row_batch=None, backend="triton")
+
+
+def test_the_transform_is_one_launch():
+    """Host work (hisa.testing.launches): one launch and its output allocation, against the 10
+    aten kernels of the torch ops, none syncing."""
+    from hisa.testing.launches import measure
+    g = torch.Generator().manual_seed(2)
+    local = positions(g, 4, 64, 500)
+    md = metadata("PAGED", table=torch.randint(0, 99, (4, 9), generator=g, dtype=torch.int32))
+    fused = measure(lambda: transform_output(local, md, fused=True, row_batch=None,
+                                             backend="triton"))
+    ops = measure(lambda: transform_output(local, md, fused=True, row_batch=None,
+                                           backend="torch"))
+    assert (fused.num_launches, fused.num_syncs, fused.num_aten_kernels) == (1, 0, 1)
+    assert ops.num_syncs == 0 and ops.num_aten_kernels >= 10, ops.report()

@@ -77,3 +77,17 @@ def test_fused_plan_edges(levels):
     one = plan_windows(ks[1400:1401], ke[1400:1401], 20000, fused=True, **kw)
     assert one.max_blocks == 30 and one == plan_windows(ks[1400:1401], ke[1400:1401], 20000,
                                                         fused=False, **kw)
+
+
+@pytest.mark.parametrize("sup", [{}, dict(super_size=2, super_topk=6)], ids=["two", "three"])
+def test_fused_plan_is_one_launch(sup):
+    """Host work (hisa.testing.launches): the fused plan is one launch, one allocation and the
+    one host read; the torch ops it replaces dispatch 18 (two levels) and 28 (three) kernels."""
+    from hisa.testing.launches import measure
+    ke = torch.arange(4000, 4064, dtype=torch.int32)
+    ks = torch.zeros_like(ke)
+    kw = dict(topk=256, block_size=128, block_topk=8, **sup)
+    fused = measure(lambda: plan_windows(ks, ke, 5000, fused=True, **kw))
+    ops = measure(lambda: plan_windows(ks, ke, 5000, fused=False, **kw))
+    assert (fused.num_launches, fused.num_syncs, fused.num_aten_kernels) == (1, 1, 1)
+    assert ops.num_syncs == 1 and ops.num_aten_kernels >= 18, ops.report()

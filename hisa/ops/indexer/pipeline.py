@@ -26,6 +26,7 @@ tile * m*B * 4 <= :data:`TOKEN_TILE_BYTES`: O(T * m * B) at most, capped.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -123,6 +124,38 @@ def resolve_rescore_margin(rescore_margin, *, key_dtype: torch.dtype, reps: torc
         raise ValueError(f"rescore_margin: block_topk + rescore_margin = {block_topk + margin} "
                          f"candidates exceed the Triton selection row ({SELECT_MAX_ROW})")
     return margin
+
+
+@dataclass(frozen=True)
+class BlockStage:
+    """How the block stage runs for one call: two levels (``super_size`` None: every block
+    scored on the reps) or through a super-block level, which is either the caller's three
+    levels or the FP8 pre-selection (super-blocks of one block, FP8 copies). ``super_prec``:
+    the super-block dots' precision; ``rep_prec``: the dots' against the block reps."""
+
+    super_size: int | None
+    super_topk: int | None
+    first_super: int
+    max_supers: int
+    super_dtype: torch.dtype | None
+    super_prec: str
+    rep_prec: str
+
+
+def plan_block_stage(key_dtype: torch.dtype, prec: str, *, reps_dtype, rescore_margin,
+                     reps_prec, block_topk: int, super_size, super_topk, first_block: int,
+                     max_blocks: int, first_super: int, max_supers: int) -> BlockStage:
+    """The :class:`BlockStage` of a call (shared by :func:`hisa_index_triton` and
+    :func:`hisa_prefill_stages`, so the two run the same stages)."""
+    reps = rep_dtype(key_dtype, reps_dtype)
+    rep_prec = rep_dot_precision(reps, prec, reps_prec)
+    margin = resolve_rescore_margin(rescore_margin, key_dtype=key_dtype, reps=reps,
+                                    super_size=super_size, block_topk=block_topk,
+                                    max_blocks=max_blocks)
+    if margin is not None:     # the pre-selection: super-blocks of one block, FP8 copies
+        return BlockStage(1, block_topk + margin, first_block, max_blocks, FP8_DTYPE, prec,
+                          rep_prec)
+    return BlockStage(super_size, super_topk, first_super, max_supers, None, rep_prec, rep_prec)
 
 
 def given_pooled(pooled: torch.Tensor, k: torch.Tensor, reps_dtype: torch.dtype | None = None
@@ -243,14 +276,12 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
     q, k, weights, ks, ke, k_scale, prec = _prepare(q, k, weights, ks, ke, k_scale, block_size)
     first_block, max_blocks, first_super, max_supers = _window_plan(
         ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk)
-    margin = resolve_rescore_margin(rescore_margin, key_dtype=k.dtype,
-                                    reps=rep_dtype(k.dtype, reps_dtype), super_size=super_size,
-                                    block_topk=block_topk, max_blocks=max_blocks)
-    rprec = rep_dot_precision(rep_dtype(k.dtype, reps_dtype), prec, reps_prec)
-    super_dtype, super_prec = None, rprec
-    if margin is not None:     # the pre-selection as super-blocks of one block, FP8 copies
-        super_size, super_topk, super_dtype, super_prec = 1, block_topk + margin, FP8_DTYPE, prec
-        first_super, max_supers = first_block, max_blocks
+    stage = plan_block_stage(k.dtype, prec, reps_dtype=reps_dtype,
+                             rescore_margin=rescore_margin, reps_prec=reps_prec,
+                             block_topk=block_topk, super_size=super_size, super_topk=super_topk,
+                             first_block=first_block, max_blocks=max_blocks,
+                             first_super=first_super, max_supers=max_supers)
+    super_size, super_topk = stage.super_size, stage.super_topk
     T = q.shape[0]
     state: dict = {
         "ids": torch.empty(T, block_topk, dtype=torch.int32, device=q.device),
@@ -265,29 +296,29 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
 
     def blocks():
         block_select(q, state["pooled"], weights, ks, ke, block_size=block_size,
-                     block_topk=block_topk, pooled_scale=state["pooled_scale"], prec=rprec,
-                     out=state["ids"], max_blocks=max_blocks)
+                     block_topk=block_topk, pooled_scale=state["pooled_scale"],
+                     prec=stage.rep_prec, out=state["ids"], max_blocks=max_blocks)
         return state
 
     def supers_pool():
         state["super"], state["super_scale"] = pool_supers(
             state["pooled"], state["pooled_scale"], k.shape[0], block_size=block_size,
-            super_size=super_size, first_super=first_super, out_dtype=super_dtype)
+            super_size=super_size, first_super=stage.first_super, out_dtype=stage.super_dtype)
         return state
 
     def supers_select():
         state["super_ids"] = super_select(q, state["super"], weights, ks, ke,
                                           block_size=block_size, super_size=super_size,
                                           super_topk=super_topk,
-                                          super_scale=state["super_scale"], prec=super_prec,
-                                          max_supers=max_supers)
+                                          super_scale=state["super_scale"],
+                                          prec=stage.super_prec, max_supers=stage.max_supers)
         return state
 
     def blocks_in_supers():
         candidate_block_select(q, state["pooled"], weights, ks, ke, state["super_ids"],
                                block_size=block_size, super_size=super_size,
                                block_topk=block_topk, pooled_scale=state["pooled_scale"],
-                               prec=rprec, out=state["ids"])
+                               prec=stage.rep_prec, out=state["ids"])
         return state
 
     if super_size is None:
@@ -348,7 +379,7 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     ``block_topk // 2`` where it applies (:func:`resolve_rescore_margin`); None scores every
     block on the reps. ``reps_prec``: the dot precision against fp32 reps
     (:func:`~.reps.rep_dot_precision`; tf32 by default), for
-    benchmarks/reps_precision_probe.py.
+    ``benchmarks/pooled_format_cost.py --precision``.
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
@@ -360,32 +391,28 @@ def hisa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, k
     first_block, max_blocks, first_super, max_supers = _window_plan(
         ks, ke, block_size=block_size, super_size=super_size, super_topk=super_topk,
         windows=windows)
-    reps = rep_dtype(k.dtype, reps_dtype)          # given ``pooled`` rows are stored so too
-    rprec = rep_dot_precision(reps, prec, reps_prec)
-    rescore_margin = resolve_rescore_margin(rescore_margin, key_dtype=k.dtype, reps=reps,
-                                            super_size=super_size, block_topk=block_topk,
-                                            max_blocks=max_blocks)
+    stage = plan_block_stage(k.dtype, prec, reps_dtype=reps_dtype,
+                             rescore_margin=rescore_margin, reps_prec=reps_prec,
+                             block_topk=block_topk, super_size=super_size, super_topk=super_topk,
+                             first_block=first_block, max_blocks=max_blocks,
+                             first_super=first_super, max_supers=max_supers)
     if pooled is None:
         pooled, pooled_scale = pool_blocks(k, k_scale, block_size=block_size,
                                            first_block=first_block,
                                            out_dtype=rep_dtype(k.dtype, reps_dtype))
     else:
         pooled, pooled_scale = given_pooled(pooled, k, reps_dtype)
-    if rescore_margin is not None:
-        ids = three_level_block_ids(q, k, weights, ks, ke, pooled, None, block_size=block_size,
-                                    block_topk=block_topk, super_size=1,
-                                    super_topk=block_topk + rescore_margin, prec=prec,
-                                    first_super=first_block, max_supers=max_blocks,
-                                    super_dtype=FP8_DTYPE, candidate_prec=rprec)
-    elif super_size is None:
+    if stage.super_size is None:
         ids = block_select(q, pooled, weights, ks, ke, block_size=block_size,
-                           block_topk=block_topk, pooled_scale=pooled_scale, prec=rprec,
-                           max_blocks=max_blocks)
+                           block_topk=block_topk, pooled_scale=pooled_scale,
+                           prec=stage.rep_prec, max_blocks=max_blocks)
     else:
         ids = three_level_block_ids(q, k, weights, ks, ke, pooled, pooled_scale,
                                     block_size=block_size, block_topk=block_topk,
-                                    super_size=super_size, super_topk=super_topk, prec=rprec,
-                                    first_super=first_super, max_supers=max_supers)
+                                    super_size=stage.super_size, super_topk=stage.super_topk,
+                                    prec=stage.super_prec, first_super=stage.first_super,
+                                    max_supers=stage.max_supers, super_dtype=stage.super_dtype,
+                                    candidate_prec=stage.rep_prec)
     T = q.shape[0]
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)
     vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None

@@ -58,7 +58,8 @@ def check_reps_hold_queries(pooled: torch.Tensor, q: torch.Tensor) -> None:
 #: Dot precisions a caller may ask for when the block (and super-block) reps are fp32:
 #: "tf32" (the default: one tf32 MMA, the means rounded to 10 mantissa bits), "tf32x3" (three
 #: tf32 MMAs on split operands, about fp32's accuracy at three times the MMA work) and "ieee"
-#: (fp32 FMAs). benchmarks/reps_precision_probe.py measures what each costs and buys.
+#: (fp32 FMAs). ``benchmarks/pooled_format_cost.py --precision`` measures what each costs and
+#: buys.
 REP_DOT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 

@@ -22,6 +22,7 @@
 #   decode_tests   tests/gpu/test_decode_gpu.py                           (200)
 #   long           SKIP_TESTS=1 benchmarks/run_long_context.sh            (330)
 #   sanitize       tests/gpu/sanitize.sh                                  (540)
+#   profile_vllm   tests/gpu/profile_vllm_prefill.py (kernel vs host time) (120)
 # Exits 1 when any step failed or ran out of time (its log says how), 0 otherwise.
 set -u
 commit=${1:?commit}
@@ -53,6 +54,7 @@ step_cmd() {
     decode_tests) echo "200 python3 -m pytest -q tests/gpu/test_decode_gpu.py -rs" ;;
     long) echo "330 env SKIP_TESTS=1 OUT=$out bash benchmarks/run_long_context.sh $commit" ;;
     sanitize) echo "540 bash tests/gpu/sanitize.sh $out/san" ;;
+    profile_vllm) echo "120 python3 tests/gpu/profile_vllm_prefill.py" ;;
     *) return 1 ;;
   esac
 }

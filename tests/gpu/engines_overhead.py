@@ -22,6 +22,7 @@ Run on a GPU (no vLLM / SGLang needed):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -42,6 +43,8 @@ from tests.integrations.engine_ref import (PAGE, D, FakeVllmEngine, Mode, Pages,
 H, TOPK = 64, 2048
 OPTS = PluginOptions(block_size=128, block_topk=64)
 TARGET_OVERHEAD = 0.02
+#: Where the cases are built: "cuda" for the timings; a CPU host-work count sets "cpu".
+DEVICE = "cuda"
 #: Indexer layers per timed SGLang step (both sides build the step's token grid once and run
 #: the layer's work this many times; DSA models have 61-78 layers, so 4 is conservative).
 SGLANG_LAYERS = 4
@@ -53,10 +56,10 @@ def fill_context(sim, reqs):
     pooled = sim.registry.get_or_create(pages, D, capturing=False)
     for r in reqs:
         r.grow(sim.alloc, r.done + 2)
-        pos = torch.arange(r.done, device="cuda")
-        slots = torch.tensor(r.slots(0, r.done), device="cuda")
-        engine_quant_and_cache(sim.kv, r.keys[:r.done].cuda(), slots)
-        bt = torch.tensor([r.pages], dtype=torch.int32, device="cuda")
+        pos = torch.arange(r.done, device=DEVICE)
+        slots = torch.tensor(r.slots(0, r.done), device=DEVICE)
+        engine_quant_and_cache(sim.kv, r.keys[:r.done].to(DEVICE), slots)
+        bt = torch.tensor([r.pages], dtype=torch.int32, device=DEVICE)
         tokens = step_tokens(slots, pos, bt, torch.zeros_like(pos), pages.shape[0])
         k, s = read_back_keys(pages, tokens, D)
         hisa.paged_cache_append(pages, pooled, k, tokens.slots, pos, k_scale=s, block_table=bt,
@@ -69,26 +72,26 @@ def same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def decode_case(batch: int, context: int, next_n: int):
-    sim = VllmSim(num_pages=batch * (context // PAGE + 4) + 8, heads=H, device="cuda")
+    sim = VllmSim(num_pages=batch * (context // PAGE + 4) + 8, heads=H, device=DEVICE)
     reqs = [Req(random_keys(context + next_n, 100 + i)) for i in range(batch)]
     for r in reqs:
         r.done = context
     pages, pooled = fill_context(sim, reqs)
     md = to_device(vllm_step_metadata(Step([(r, next_n) for r in reqs], [],
-                                            width=context // PAGE + 4)), "cuda")
-    engine_quant_and_cache(sim.kv, torch.cat([r.keys[context:] for r in reqs]).cuda(),
+                                            width=context // PAGE + 4)), DEVICE)
+    engine_quant_and_cache(sim.kv, torch.cat([r.keys[context:] for r in reqs]).to(DEVICE),
                            md.slot_mapping)
-    q, w = (x.cuda() for x in random_queries(batch * next_n, H, 7))
+    q, w = (x.to(DEVICE) for x in random_queries(batch * next_n, H, 7))
     call = vllm_call(sim.kv, md, q, w, topk=TOPK)
     rows = batch * next_n
-    call["topk_indices_buffer"] = torch.full((rows, TOPK), -1, dtype=torch.int32, device="cuda")
+    call["topk_indices_buffer"] = torch.full((rows, TOPK), -1, dtype=torch.int32, device=DEVICE)
     call["skip_topk_buffer_clear"] = True             # as DeepseekV32Attention calls it
     engine = FakeVllmEngine(md)
-    tok = torch.arange(rows, device="cuda")
+    tok = torch.arange(rows, device=DEVICE)
     tokens = step_tokens(md.slot_mapping, md.decode.seq_lens.flatten().long() - 1,
                          md.decode.block_table, tok // next_n, pages.shape[0])
     q4 = q.view(batch, next_n, H, D)
-    out = torch.empty(rows, TOPK, dtype=torch.int32, device="cuda")
+    out = torch.empty(rows, TOPK, dtype=torch.int32, device=DEVICE)
 
     def plugin():
         run_indexer(call, md, engine, OPTS, sim.registry)
@@ -114,7 +117,7 @@ def decode_case(batch: int, context: int, next_n: int):
 def sglang_decode_case(batch: int, context: int):
     pool = SimpleNamespace(index_page_size=PAGE, index_kpool=1)
     num_pages = batch * (context // PAGE + 4) + 8
-    pool.buf = torch.zeros(num_pages, PAGE * (D + 4), dtype=torch.uint8, device="cuda")
+    pool.buf = torch.zeros(num_pages, PAGE * (D + 4), dtype=torch.uint8, device=DEVICE)
     pool.get_index_k_with_scale_buffer = lambda layer_id: pool.buf
     sgl_plugin.FACTS.get_pool = lambda: pool
     sgl_plugin.FACTS.state_reason = None
@@ -125,26 +128,26 @@ def sglang_decode_case(batch: int, context: int):
     pooled = sgl_plugin.POOLED.get_or_create(pages, D, capturing=False)
     for r in reqs:
         r.grow(alloc, context + 1)
-        slots = torch.tensor(r.slots(0, context + 1), device="cuda")
-        engine_quant_and_cache(pool.buf.view(-1, PAGE, D + 4), r.keys.cuda(), slots)
-        pos = torch.arange(context, device="cuda")
-        row = torch.tensor([r.pages], dtype=torch.int32, device="cuda")
+        slots = torch.tensor(r.slots(0, context + 1), device=DEVICE)
+        engine_quant_and_cache(pool.buf.view(-1, PAGE, D + 4), r.keys.to(DEVICE), slots)
+        pos = torch.arange(context, device=DEVICE)
+        row = torch.tensor([r.pages], dtype=torch.int32, device=DEVICE)
         ctx = step_tokens(slots[:-1], pos, row, torch.zeros_like(pos), num_pages)
         k8, ks = read_back_keys(pages, ctx, D)
         hisa.paged_cache_append(pages, pooled, k8, ctx.slots, pos, k_scale=ks, block_table=row,
                                 req_indices=ctx.req, block_size=OPTS.block_size)
         r.done = context
-    slots = torch.tensor([r.slots(context, context + 1)[0] for r in reqs], device="cuda")
-    seq = torch.full((batch,), context + 1, dtype=torch.int32, device="cuda")
-    bt = table(reqs, context // PAGE + 4).cuda()
+    slots = torch.tensor([r.slots(context, context + 1)[0] for r in reqs], device=DEVICE)
+    seq = torch.full((batch,), context + 1, dtype=torch.int32, device=DEVICE)
+    bt = table(reqs, context // PAGE + 4).to(DEVICE)
     md = SglMetadata(ks=None, ke=None, token_to_batch=None, table=bt, seq_lens=seq,
                      extend_lens=[1] * batch, method="PAGED", expanded=seq)
     fb = SimpleNamespace(out_cache_loc=slots, forward_mode=Mode("decode"),
-                         positions=torch.full((batch,), context, device="cuda"))
-    q, w = (x.cuda() for x in random_queries(batch, H, 9))
+                         positions=torch.full((batch,), context, device=DEVICE))
+    q, w = (x.to(DEVICE) for x in random_queries(batch, H, 9))
     indexer = SimpleNamespace(index_topk=TOPK, num_init_tokens=0, num_local_tokens=0,
                               dsa_enable_prefill_cp=False)
-    req = torch.arange(batch, device="cuda")
+    req = torch.arange(batch, device=DEVICE)
 
     def plugin():
         for layer in range(SGLANG_LAYERS):
@@ -172,24 +175,24 @@ def sglang_decode_case(batch: int, context: int):
 
 
 def prefill_case(context: int, queries: int):
-    sim = VllmSim(num_pages=context // PAGE + 8, heads=H, device="cuda")
+    sim = VllmSim(num_pages=context // PAGE + 8, heads=H, device=DEVICE)
     r = Req(random_keys(context, 300))
     r.done = context - queries
     fill_context(sim, [r])
     r.grow(sim.alloc, context)
     md = to_device(vllm_step_metadata(Step([], [(r, queries)], width=context // PAGE + 4)),
-                   "cuda")
-    engine_quant_and_cache(sim.kv, r.keys[context - queries:].cuda(), md.slot_mapping)
-    q, w = (x.cuda() for x in random_queries(queries, H, 11))
+                   DEVICE)
+    engine_quant_and_cache(sim.kv, r.keys[context - queries:].to(DEVICE), md.slot_mapping)
+    q, w = (x.to(DEVICE) for x in random_queries(queries, H, 11))
     call = vllm_call(sim.kv, md, q, w, topk=TOPK)
     call["topk_indices_buffer"] = torch.full((queries, TOPK), -1, dtype=torch.int32,
-                                             device="cuda")
+                                             device=DEVICE)
     call["skip_topk_buffer_clear"] = True
-    opts = PluginOptions(block_size=OPTS.block_size, block_topk=OPTS.block_topk, decode=False)
+    opts = dataclasses.replace(OPTS, decode=False)
     engine = FakeVllmEngine(md)
     c = md.prefill.chunks[0]
     lens = c.cu_seqlen_ke - c.cu_seqlen_ks
-    row = torch.tensor(r.pages, dtype=torch.int32, device="cuda")
+    row = torch.tensor(r.pages, dtype=torch.int32, device=DEVICE)
 
     def plugin():
         run_indexer(call, md, engine, opts, sim.registry)

@@ -92,3 +92,52 @@ def test_query_tiles_skip_the_read_when_one_tile_fits():
     with count_host_work() as work:
         query_tiles(ks, ke, FLAT_LOGITS_BYTES)
     assert work.num_syncs == 1, work.report()      # ks and ke in one transfer
+
+
+def _indexer_call():
+    from hisa.testing.inputs import make_indexer_inputs
+    inp = make_indexer_inputs([300, 40, 200], query_lens=[6, 40, 4], heads=4, head_dim=32,
+                              seed=3)
+    kw = dict(k_scale=inp.k_scale, topk=24, block_size=16, block_topk=4)
+    return inp, kw
+
+
+def test_a_plan_read_once_serves_later_calls_with_the_same_result():
+    import hisa
+    inp, kw = _indexer_call()
+    q, k, w, ks, ke = inp.args()
+    plan = hisa.plan_windows(ks, ke, k.shape[0], topk=24, block_size=16, block_topk=4)
+    want = hisa.hisa_index(q, k, w, ks, ke, **kw)
+    for _ in range(2):
+        assert torch.equal(hisa.hisa_index(q, k, w, ks, ke, plan=plan, **kw), want)
+    sup = dict(super_size=2, super_topk=2)
+    plan3 = hisa.plan_windows(ks, ke, k.shape[0], topk=24, block_size=16, block_topk=4, **sup)
+    assert torch.equal(hisa.hisa_index(q, k, w, ks, ke, plan=plan3, **kw, **sup),
+                       hisa.hisa_index(q, k, w, ks, ke, **kw, **sup))
+
+
+def test_a_plan_of_other_windows_or_parameters_is_refused():
+    """The kernels size grids and workspaces from the plan: one read from other windows
+    (another tensor even with equal values, or these written since), another key count or
+    other parameters would drop blocks or index past a buffer, so it is refused by name."""
+    import hisa
+    inp, kw = _indexer_call()
+    q, k, w, ks, ke = inp.args()
+    S = k.shape[0]
+    plan = hisa.plan_windows(ks, ke, S, topk=24, block_size=16, block_topk=4)
+    with pytest.raises(ValueError, match="plan: it was read from other ks/ke"):
+        hisa.hisa_index(q, k, w, ks.clone(), ke, plan=plan, **kw)
+    with pytest.raises(ValueError, match="plan: read for"):
+        hisa.hisa_index(q, k, w, ks, ke, plan=plan, **{**kw, "block_topk": 5})
+    with pytest.raises(ValueError, match="plan: read for"):
+        hisa.hisa_index(q, k, w, ks, ke, plan=plan, super_size=2, super_topk=2, **kw)
+    shorter = ke.clamp_max(S - 1)                       # valid for one key less too
+    with pytest.raises(ValueError, match="plan: read for num_keys"):
+        hisa.hisa_index(q, k[:-1], w, ks, shorter, plan=hisa.plan_windows(
+            ks, shorter, S, topk=24, block_size=16, block_topk=4), **{
+            **kw, "k_scale": inp.k_scale[:-1]})
+    with pytest.raises(TypeError, match="plan: expected the WindowPlan"):
+        hisa.hisa_index(q, k, w, ks, ke, plan=(0, 1), **kw)
+    ke[0] -= 1                                           # an in-place write after the read
+    with pytest.raises(ValueError, match="written in place"):
+        hisa.hisa_index(q, k, w, ks, ke, plan=plan, **kw)

@@ -28,7 +28,7 @@ from ..cache.paged import paged_cache_append
 from ..ops.dsa.index import dsa_index
 from ..ops.dsa.paged import NEXT_N_SUPPORTED, dsa_index_paged
 from ..ops.indexer.decode import hisa_index_paged
-from ..ops.indexer.prefill import hisa_index
+from ..ops.indexer.prefill import WindowPlan, hisa_index, plan_windows
 from ..utils.backend import resolve_backend
 from ..utils.validate import BACKENDS, FP8_DTYPE
 
@@ -386,29 +386,77 @@ def _check_gather_kernel(head_dim: int) -> None:
         raise ValueError(f"head_dim: the Triton gather needs a power of two, got {head_dim}")
 
 
-def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor,
-                   req_of_query: torch.Tensor, keys: RequestKeys, *, topk: int,
-                   options: PluginOptions, out: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class PrefillWindows:
+    """A prefill chunk's query windows in its gathered key buffer, and their plan.
+
+    They depend on the step's metadata alone (request lengths, each query's request and
+    causal length), not on the layer: the first indexer layer of a step builds them, with the
+    call's one host read (:func:`hisa.plan_windows`, which validates them), and every later
+    layer of the step passes them to :func:`prefill_select` and reads nothing. ``plan`` is
+    None in flat mode (``dsa_index`` reads its windows itself).
+    """
+
+    ks: torch.Tensor            # int32 [T]
+    ke: torch.Tensor            # int32 [T]
+    plan: WindowPlan | None
+    #: (rows of the key buffer, page count, top-k, options) the windows were planned for.
+    key: tuple
+
+
+def prefill_windows(keys: RequestKeys, lengths: torch.Tensor, req_of_query: torch.Tensor, *,
+                    topk: int, options: PluginOptions) -> PrefillWindows:
+    """The windows of :func:`prefill_select` and, in HISA mode, their plan (one host sync).
+
+    A page outside the cache (``keys.bad_pages``) empties every window the wrong way round
+    (ks > ke), so the plan's window read fails and the page is named instead.
+    """
+    ks = keys.starts[req_of_query]                                              # int32
+    ke = ks + lengths.to(torch.int32)
+    num_keys = keys.k.shape[0]
+    key = (num_keys, None if keys._source is None else keys._source[2], topk, options)
+    checked = ks if keys.bad_pages is None else torch.where(keys.bad_pages, ke + 1, ks)
+    if options.mode == "flat":
+        return PrefillWindows(checked, ke, None, key)
+    try:
+        plan = plan_windows(checked, ke, num_keys, topk=topk, block_size=options.block_size,
+                            block_topk=options.block_topk,
+                            fused=False if options.backend == "torch" else None)
+    except ValueError:
+        keys.raise_if_bad_pages()         # the page, not the poisoned windows it caused
+        raise
+    return PrefillWindows(checked, ke, plan, key)
+
+
+def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor | None,
+                   req_of_query: torch.Tensor | None, keys: RequestKeys, *, topk: int,
+                   options: PluginOptions, out: torch.Tensor | None = None,
+                   windows: PrefillWindows | None = None) -> torch.Tensor:
     """Top-k of packed prefill queries over their requests' gathered keys.
 
     Query ``t`` of request ``r = req_of_query[t]`` sees the first ``lengths[t]`` keys of its
     request (the engines' ``ke - ks``). Returns int32 [T, topk] offsets from the request start
     (= positions in the request), -1 padded: the engines' compressed-row index convention;
     written into ``out`` (int32 [T, topk], contiguous) when given.
+
+    ``windows``: this chunk's :func:`prefill_windows` from an earlier layer of the same step
+    (``lengths`` and ``req_of_query`` are then not read): the call makes no host sync.
+    Without it they are built here (one host sync).
     """
-    ks = keys.starts[req_of_query]                                              # int32
-    ke = ks + lengths.to(torch.int32)
-    if keys.bad_pages is not None:
-        # An out-of-cache page empties every window the wrong way round (ks > ke), so the
-        # op's own window read (its one host sync) fails, and the page is named here.
-        ks = torch.where(keys.bad_pages, ke + 1, ks)
+    if windows is None:
+        windows = prefill_windows(keys, lengths, req_of_query, topk=topk, options=options)
+    elif windows.key != (keys.k.shape[0], None if keys._source is None else keys._source[2],
+                         topk, options):
+        raise ValueError(f"windows: planned for (key rows, pages, topk, options) = "
+                         f"{windows.key}, used with {keys.k.shape[0]} key rows and topk={topk}")
+    ks, ke = windows.ks, windows.ke
     try:
         if options.mode == "flat":
             return dsa_index(q, keys.k, weights, ks, ke, k_scale=keys.k_scale, topk=topk,
                              out=out, backend=options.backend)
         return hisa_index(q, keys.k, weights, ks, ke, k_scale=keys.k_scale, topk=topk,
                           block_size=options.block_size, block_topk=options.block_topk,
-                          out=out, backend=options.backend)
+                          out=out, plan=windows.plan, backend=options.backend)
     except ValueError:
         keys.raise_if_bad_pages()         # the page, not the poisoned windows it caused
         raise

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -34,7 +35,7 @@ from ..utils.backend import resolve_backend
 from ._engine_common import (PluginOptions, PooledCacheRegistry, as_engine_pages, logger,
                              carry_pooled_rows, decode_select, gather_request_keys,
                              log_fallback, options_reason, parse_options, pool_step, step_tokens,
-                             prefill_select)
+                             prefill_select, prefill_windows)
 
 ENV_VAR = "HISA_SGLANG"
 PINNED_VERSION = "0.5.23"
@@ -195,24 +196,41 @@ def shared_step_tokens(forward_batch, layer_id: int | None, slots: torch.Tensor,
     are constants to a graph and tokens derived inside a capture hold their values only at
     replay, so neither is reused across that line.
     """
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    key = (num_pages, capturing) + tuple(
-        None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype)
-        for t in (slots, positions, block_table, req))
-    kept = getattr(forward_batch, "_hisa_step_tokens", None)
+    key = (num_pages, _capturing()) + _addresses(slots, positions, block_table, req)
+
+    def build():
+        rows = torch.arange(slots.shape[0], device=slots.device) if req is None else req
+        return step_tokens(slots, positions, block_table, rows, num_pages)
+
+    return kept_for_pass(forward_batch, "_hisa_step_tokens", layer_id, key, build)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _addresses(*tensors) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype)
+                 for t in tensors)
+
+
+def kept_for_pass(forward_batch, name: str, layer_id: int | None, key: tuple,
+                  build: Callable[[], object]):
+    """``build()``, once per forward pass: kept on ``forward_batch`` as ``name`` and reused
+    by a later layer of the same pass with an equal ``key`` (the rules and why: see
+    :func:`shared_step_tokens`)."""
+    kept = getattr(forward_batch, name, None)
     if (kept is not None and layer_id is not None and kept[0] == key
             and kept[2] is not None and layer_id > kept[2]):
-        forward_batch._hisa_step_tokens = (key, kept[1], layer_id)
+        setattr(forward_batch, name, (key, kept[1], layer_id))
         return kept[1]
-    if req is None:
-        req = torch.arange(slots.shape[0], device=slots.device)
-    tokens = step_tokens(slots, positions, block_table, req, num_pages)
+    value = build()
     if forward_batch is not None:
         try:
-            forward_batch._hisa_step_tokens = (key, tokens, layer_id)
+            setattr(forward_batch, name, (key, value, layer_id))
         except (AttributeError, TypeError):        # a frozen or slotted batch object
             pass
-    return tokens
+    return value
 
 
 def topk_ragged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
@@ -239,8 +257,14 @@ def topk_ragged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
     total = int(metadata.get_indexer_seq_len_cpu().sum())
     keys = gather_request_keys(pages, table, seq_lens, total=total, head_dim=HEAD_DIM,
                                block_size=options.block_size, backend=options.backend)
-    local = prefill_select(q_fp8[:T], weights[:T, :, 0].contiguous(), ke - ks, req, keys,
-                           topk=topk, options=options)
+    # The windows and their plan (the one host read) once per pass, as the step's tokens.
+    windows = kept_for_pass(
+        forward_batch, "_hisa_prefill_windows", layer_id,
+        (_capturing(), pages.shape[0], keys.k.shape[0], topk, options)
+        + _addresses(ks, ke, req, table, seq_lens),
+        lambda: prefill_windows(keys, ke - ks, req, topk=topk, options=options))
+    local = prefill_select(q_fp8[:T], weights[:T, :, 0].contiguous(), None, None, keys,
+                           topk=topk, options=options, windows=windows)
     topk_result[:T] = transform_output(local, metadata, fused=FACTS.fused_topk, row_batch=req,
                                        backend=options.backend)
     return topk_result

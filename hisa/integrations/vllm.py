@@ -32,10 +32,10 @@ import sys
 import torch
 
 from ..utils.validate import FP8_DTYPE
-from ._engine_common import (PluginOptions, PooledCacheRegistry, StepTokens, after_import,
-                             as_engine_pages, decode_select, gather_request_keys, log_fallback,
-                             logger, options_reason, parse_options, pool_step, prefill_select,
-                             rows_view, step_tokens)
+from ._engine_common import (PluginOptions, PooledCacheRegistry, PrefillWindows, StepTokens,
+                             after_import, as_engine_pages, decode_select, gather_request_keys,
+                             log_fallback, logger, options_reason, parse_options, pool_step,
+                             prefill_select, prefill_windows, rows_view, step_tokens)
 
 ENV_VAR = "HISA_VLLM"
 PINNED_VERSION = "0.33.0"
@@ -209,6 +209,27 @@ def pool_vllm_step(pages: torch.Tensor, pooled: torch.Tensor, md, *, head_dim: i
                   backend=options.backend)
 
 
+def chunk_windows(chunk, keys, topk: int, options: PluginOptions) -> PrefillWindows:
+    """The chunk's :func:`prefill_windows`, built by the step's first indexer layer (the one
+    host read of the windows) and kept on the chunk, which vLLM builds afresh every step and
+    shares between the layers (as :func:`vllm_step_tokens` relies on): every later layer
+    calls the indexer op with their plan and no host sync, so the host runs ahead of the GPU
+    instead of draining it once per layer. Kept windows are reused only for the same key
+    buffer size, page count, top-k and options (:class:`PrefillWindows` ``key``).
+    """
+    kept = getattr(chunk, "_hisa_prefill_windows", None)
+    if kept is not None and kept.key == (keys.k.shape[0], keys._source[2], topk, options):
+        return kept
+    ks, ke = chunk.cu_seqlen_ks, chunk.cu_seqlen_ke
+    windows = prefill_windows(keys, ke - ks, chunk_requests(chunk, ks), topk=topk,
+                              options=options)
+    try:
+        chunk._hisa_prefill_windows = windows
+    except (AttributeError, TypeError):           # a frozen or slotted metadata object
+        pass
+    return windows
+
+
 def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOptions) -> None:
     """HISA (or flat) top-k of every prefill chunk into ``topk_indices_buffer``.
 
@@ -243,8 +264,14 @@ def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOpti
             buf[start:end, :topk] = -1
             continue
         out = rows_view(buf, start, end, topk)
-        idx = prefill_select(q_all[start:end], w_all[start:end], ke - ks,
-                             chunk_requests(chunk, ks), keys, topk=topk, options=options, out=out)
+        if shard is None:
+            idx = prefill_select(q_all[start:end], w_all[start:end], None, None, keys,
+                                 topk=topk, options=options, out=out,
+                                 windows=chunk_windows(chunk, keys, topk, options))
+        else:
+            idx = prefill_select(q_all[start:end], w_all[start:end], ke - ks,
+                                 chunk_requests(chunk, ks), keys, topk=topk, options=options,
+                                 out=out)
         if out is None:
             buf[start:end, :topk] = idx
     if shard is not None:

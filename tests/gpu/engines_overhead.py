@@ -7,12 +7,12 @@ that layer (read the step's keys back from the cache, ``paged_cache_append`` the
 step's token grid (slots, positions, block-table rows), which the plugin builds once per step
 for all layers, is timed separately (``grid_ms``, once per step, not per layer). The SGLang paged
 hook (pooling + HISA + the fused page-table transform) against the direct ops plus that
-transform (the plugin's transform is one Triton launch, :mod:`hisa.cache.slots`; the direct
-side writes it with torch ops, as a hand integration would), timed as a step of
+transform (one Triton launch on both sides, :mod:`hisa.cache.slots`), timed as a step of
 ``SGLANG_LAYERS`` layers (both sides build the step's token grid
 once per step, as the hook does since it keeps the grid on the ForwardBatch) and reported per
-layer. Prefill: the vLLM replacement for one chunk (B-aligned gather +
-HISA) against gathering the request's keys and calling ``hisa_index``. Each row is preceded by a
+layer. Prefill: the vLLM replacement for one chunk (B-aligned gather + HISA) against gathering
+the request's keys and calling ``hisa_index``, timed as a step of ``PREFILL_LAYERS`` layers in
+which both sides read the windows once (``hisa.plan_windows``). Each row is preceded by a
 check that both sides select the same indices. Target: overhead <= 2 %.
 
 Run on a GPU (no vLLM / SGLang needed):
@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 
 import hisa
+from hisa.cache.slots import positions_to_slots
 from hisa.bench.rows import append_rows, environment, make_row
 from hisa.bench.timer import time_op
 from hisa.integrations import sglang as sgl_plugin
@@ -48,6 +49,9 @@ DEVICE = "cuda"
 #: Indexer layers per timed SGLang step (both sides build the step's token grid once and run
 #: the layer's work this many times; DSA models have 61-78 layers, so 4 is conservative).
 SGLANG_LAYERS = 4
+#: Indexer layers of a timed vLLM prefill step (each with its own cache; the step's first
+#: layer reads the windows, the later ones reuse them, on both sides).
+PREFILL_LAYERS = 4
 
 
 def fill_context(sim, reqs):
@@ -165,9 +169,7 @@ def sglang_decode_case(batch: int, context: int):
             local = hisa.hisa_index_paged(q.unsqueeze(1), pages, pooled, w, seq.view(-1, 1), bt,
                                           topk=TOPK, block_size=OPTS.block_size,
                                           block_topk=OPTS.block_topk)
-            p = local.long().clamp_min(0)
-            out = torch.where(local >= 0, bt.long()[req.unsqueeze(1), p // PAGE] * PAGE +
-                              p % PAGE, -1)
+            out = positions_to_slots(local, table=bt)
         return out
 
     ok = same_rows(plugin(), direct())
@@ -183,28 +185,41 @@ def prefill_case(context: int, queries: int):
     md = to_device(vllm_step_metadata(Step([], [(r, queries)], width=context // PAGE + 4)),
                    DEVICE)
     engine_quant_and_cache(sim.kv, r.keys[context - queries:].to(DEVICE), md.slot_mapping)
+    caches = [sim.kv] + [sim.kv.clone() for _ in range(PREFILL_LAYERS - 1)]   # one per layer
     q, w = (x.to(DEVICE) for x in random_queries(queries, H, 11))
-    call = vllm_call(sim.kv, md, q, w, topk=TOPK)
-    call["topk_indices_buffer"] = torch.full((queries, TOPK), -1, dtype=torch.int32,
-                                             device=DEVICE)
-    call["skip_topk_buffer_clear"] = True
+    calls = []
+    for kv in caches:
+        call = vllm_call(kv, md, q, w, topk=TOPK)
+        call["topk_indices_buffer"] = torch.full((queries, TOPK), -1, dtype=torch.int32,
+                                                 device=DEVICE)
+        call["skip_topk_buffer_clear"] = True
+        calls.append(call)
     opts = dataclasses.replace(OPTS, decode=False)
     engine = FakeVllmEngine(md)
     c = md.prefill.chunks[0]
     lens = c.cu_seqlen_ke - c.cu_seqlen_ks
+    starts = torch.zeros_like(lens)
     row = torch.tensor(r.pages, dtype=torch.int32, device=DEVICE)
 
     def plugin():
-        run_indexer(call, md, engine, opts, sim.registry)
+        for chunk in md.prefill.chunks:       # a new step: the engine builds new metadata
+            chunk.__dict__.pop("_hisa_prefill_windows", None)
+        for call in calls:
+            run_indexer(call, md, engine, opts, sim.registry)
 
     def direct():
-        k, s = hisa.cache.gather_request_keys(as_engine_pages(sim.kv, D), row, context, D)
-        return hisa.hisa_index(q, k.contiguous(), w, torch.zeros_like(lens), lens,
-                               k_scale=s.contiguous(), topk=TOPK, block_size=OPTS.block_size,
-                               block_topk=OPTS.block_topk)
+        # A hand integration reads the step's windows once for all layers, as the plugin does.
+        plan = hisa.plan_windows(starts, lens, context, topk=TOPK, block_size=OPTS.block_size,
+                                 block_topk=OPTS.block_topk)
+        for kv in caches:
+            k, s = hisa.cache.gather_request_keys(as_engine_pages(kv, D), row, context, D)
+            idx = hisa.hisa_index(q, k.contiguous(), w, starts, lens, k_scale=s.contiguous(),
+                                  topk=TOPK, block_size=OPTS.block_size,
+                                  block_topk=OPTS.block_topk, plan=plan)
+        return idx
 
     plugin()
-    ok = same_rows(call["topk_indices_buffer"][:queries, :TOPK], direct())
+    ok = same_rows(calls[-1]["topk_indices_buffer"][:queries, :TOPK], direct())
     return plugin, direct, ok, None
 
 
@@ -224,7 +239,8 @@ def main() -> None:
         plugin, direct, ok, grid = make(**shape)
         if not ok:
             raise SystemExit(f"{name} {shape}: plugin and direct ops select different indices")
-        layers = SGLANG_LAYERS if name.startswith("sglang") else 1
+        layers = (SGLANG_LAYERS if name.startswith("sglang") else
+                  PREFILL_LAYERS if name.endswith("prefill") else 1)
         t_plugin = time_op(plugin, cuda_graph=graph, runs=50).median_ms / layers
         t_direct = time_op(direct, cuda_graph=graph, runs=50).median_ms / layers
         overhead = t_plugin / t_direct - 1.0

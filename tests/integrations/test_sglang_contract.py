@@ -189,3 +189,25 @@ def test_layers_of_a_step_share_the_token_grid(sim, monkeypatch):
     assert len(built) == 4
     sim.decode([a, b], HISA)
     assert len(built) == 5 and sim.original_calls == 0
+
+
+def test_layers_of_an_extend_pass_share_the_windows_and_their_plan(sim, monkeypatch):
+    """The extend's windows and their plan (the call's one host read) are built by the pass's
+    first indexer layer; a later layer of the pass reuses them and selects what a fresh build
+    selects, and a new pass (a layer not above the last one) builds them again."""
+    from .engine_ref import Req, random_keys
+    built = []
+    real = plug.prefill_windows
+    monkeypatch.setattr(plug, "prefill_windows",
+                        lambda *a, **kw: built.append(1) or real(*a, **kw))
+    a, b = Req(random_keys(700, 12)), Req(random_keys(300, 13))
+    res = sim.extend([(a, 639), (b, 255)], HISA)
+    assert len(built) == 1
+
+    def layer(i):
+        return plug.around_get_topk_ragged(sim._original_ragged, sim.indexer, False, res.fb,
+                                           i, res.q, res.w.unsqueeze(-1), res.md,
+                                           options=HISA)
+    assert torch.equal(layer(1), res.out) and len(built) == 1
+    assert torch.equal(layer(0), res.out) and len(built) == 2
+    assert sim.original_calls == 0

@@ -110,10 +110,13 @@ def test_short_window_repair_still_runs_when_the_plan_flags_it():
     assert torch.equal(got[0].sort().values, flat[0].sort().values)
 
 
-def test_vllm_prefill_chunk_makes_the_ops_one_host_sync():
-    """The plugin's prefill chunk (request-aligned gather + HISA) reads the host once, as the
-    bare op does: a sync in the gather (its page check) left the GPU idle while the host
-    launched the rest (H200: the plugin's chunk took 30 % longer than the direct ops)."""
+def test_vllm_prefill_reads_the_windows_once_per_step():
+    """The plugin's prefill chunk (request-aligned gather + HISA) reads the host once in the
+    step's first indexer layer, as the bare op does per call (a sync in the gather, its page
+    check, once left the GPU idle while the host launched the rest: 30 % over the direct ops
+    on an H200), and never in the step's later layers: they reuse the chunk's windows and
+    plan, so the host runs ahead of the GPU. A later layer (other keys, same pages) selects
+    what a freshly planned call selects; the next step's metadata plans again."""
     from hisa.integrations._engine_common import PluginOptions
     from hisa.integrations.vllm import run_indexer
     from integrations.engine_ref import (PAGE, FakeVllmEngine, Req, Step, VllmSim,
@@ -124,11 +127,46 @@ def test_vllm_prefill_chunk_makes_the_ops_one_host_sync():
     r = Req(random_keys(context, 300))
     r.done = context - queries
     r.grow(sim.alloc, context)
-    engine_quant_and_cache(sim.kv, r.keys, torch.tensor(r.slots(0, context)))
-    md = vllm_step_metadata(Step([], [(r, queries)], width=context // PAGE + 2))
+    slots = torch.tensor(r.slots(0, context))
+    engine_quant_and_cache(sim.kv, r.keys, slots)
+    other = torch.zeros_like(sim.kv)                      # a second layer's cache, same pages
+    engine_quant_and_cache(other, random_keys(context, 301), slots)
+    step = Step([], [(r, queries)], width=context // PAGE + 2)
     q, w = random_queries(queries, H, 11)
-    call = vllm_call(sim.kv, md, q, w, topk=topk)
-    call["topk_indices_buffer"] = torch.full((queries, topk), -1, dtype=torch.int32)
     opts = PluginOptions(block_size=B, block_topk=M, decode=False, backend="triton")
-    work = measure(lambda: run_indexer(call, md, FakeVllmEngine(md), opts, sim.registry))
+
+    def layer(md, kv):
+        call = vllm_call(kv, md, q, w, topk=topk)
+        call["topk_indices_buffer"] = torch.full((queries, topk), -1, dtype=torch.int32)
+        return lambda: run_indexer(call, md, FakeVllmEngine(md), opts, sim.registry)
+
+    md = vllm_step_metadata(step)
+    first = layer(md, sim.kv)
+    first()                                   # compile (kernels are shared by the steps)
+    md = vllm_step_metadata(step)             # a new step: nothing kept
+    first = layer(md, sim.kv)
+    with count_host_work() as work:
+        first()
     assert work.num_syncs == CALL_SYNCS, work.report()
+    second = layer(md, other)
+    with count_host_work() as work:
+        got = second()
+    assert work.num_syncs == 0, work.report()
+    fresh_md = vllm_step_metadata(step)
+    with count_host_work() as work:
+        want = layer(fresh_md, other)()
+    assert work.num_syncs == CALL_SYNCS, work.report()
+    assert torch.equal(got, want)
+    assert not torch.equal(got, layer(vllm_step_metadata(step), sim.kv)())   # keys matter
+
+
+@pytest.mark.parametrize("sup", [{}, {"super_size": 2, "super_topk": 2}], ids=["2L", "3L"])
+def test_a_call_with_a_plan_makes_no_host_sync(sup):
+    """With the plan of its windows read beforehand (``hisa.plan_windows``, the one sync), a
+    pruning call reads nothing: the layers of an engine step share one read."""
+    inp = _inputs([400], [8])
+    plan = hisa.plan_windows(inp.ks, inp.ke, inp.k.shape[0], topk=K, block_size=B,
+                             block_topk=M, **sup)
+    work = measure(_hisa(inp, plan=plan, **sup))
+    assert work.num_syncs == 0, work.report()
+    assert work.num_launches == (THREE_LEVEL_LAUNCHES if sup else TWO_LEVEL_LAUNCHES)

@@ -1,7 +1,7 @@
 """Public HISA indexer for packed prefill: block-then-token selection."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -70,6 +70,46 @@ class WindowPlan:
     nothing_pruned: bool
     short_pruned: bool
     span: tuple[int, int]
+    #: What the facts were read from (see :func:`check_plan`): the ``ks`` / ``ke`` tensors,
+    #: their in-place write counters, ``num_keys`` and the selection parameters.
+    made_for: tuple | None = field(default=None, compare=False, repr=False)
+
+
+def _write_counter(t: torch.Tensor) -> int | None:
+    """``t``'s in-place write counter (views share their base's), or None for an inference
+    tensor, which keeps none (an engine's forward runs under ``torch.inference_mode``)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _plan_key(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, params: dict) -> tuple:
+    return (_write_counter(ks), _write_counter(ke), num_keys, tuple(sorted(params.items())))
+
+
+def check_plan(plan: "WindowPlan", ks: torch.Tensor, ke: torch.Tensor, num_keys: int,
+               **params) -> None:
+    """A caller's ``plan`` must have been read by :func:`plan_windows` from these very ``ks`` /
+    ``ke`` tensors (identity, not equal values: comparing values would read them, the host
+    sync the plan exists to avoid), unwritten since by torch ops, with the same ``num_keys``
+    and selection parameters: the kernels size their grids and workspaces from it, so a plan
+    of other windows would drop blocks or index past a buffer. Writes by other kernels through
+    a raw pointer are not seen; a plan is for windows the caller does not change.
+    """
+    if not isinstance(plan, WindowPlan) or plan.made_for is None:
+        raise TypeError(f"plan: expected the WindowPlan plan_windows returns, got "
+                        f"{type(plan).__name__}")
+    plan_ks, plan_ke, key = plan.made_for
+    if plan_ks is not ks or plan_ke is not ke:
+        raise ValueError("plan: it was read from other ks/ke tensors; a plan holds only for "
+                         "the tensors plan_windows read (pass those, or no plan)")
+    now = _plan_key(ks, ke, num_keys, params)
+    if now[:2] != key[:2]:
+        raise ValueError("plan: ks or ke were written in place after plan_windows read them")
+    if now[2:] != key[2:]:
+        raise ValueError(f"plan: read for num_keys={key[2]} and {dict(key[3])}, used with "
+                         f"num_keys={num_keys} and {dict(now[3])}")
 
 
 def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int,
@@ -84,9 +124,13 @@ def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int
     of about twenty torch kernels; None picks it for CUDA windows when Triton is installed
     (``hisa_index(backend="torch")`` passes False: that backend must not need Triton).
     """
+    made_for = (ks, ke, _plan_key(ks, ke, num_keys, dict(
+        topk=topk, block_size=block_size, block_topk=block_topk, super_size=super_size,
+        super_topk=super_topk)))
     if ks.numel() == 0:
         check_windows(ks, ke, num_keys)
-        return WindowPlan(0, 0, 0, 0, nothing_pruned=True, short_pruned=False, span=(0, 0))
+        return WindowPlan(0, 0, 0, 0, nothing_pruned=True, short_pruned=False, span=(0, 0),
+                          made_for=made_for)
     if fused is None:
         fused = ks.device.type == "cuda" and triton_installed()
     if fused:
@@ -113,7 +157,7 @@ def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int
     return WindowPlan(first_block=lo // block_size, max_blocks=max_blocks,
                       first_super=lo // (block_size * super_size) if super_size else 0,
                       max_supers=max_supers, nothing_pruned=nothing,
-                      short_pruned=short, span=(lo, hi))
+                      short_pruned=short, span=(lo, hi), made_for=made_for)
 
 
 #: dtypes a caller may hand in as precomputed block representatives (``pooled=``).
@@ -159,7 +203,7 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
                block_size: int = 128, block_topk: int = 64, super_size: int | None = None,
                super_topk: int | None = None, return_scores: bool = False,
                out: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-               backend: str = "auto"):
+               plan: WindowPlan | None = None, backend: str = "auto"):
     """HISA selection: score mean-pooled key blocks, keep the best ``block_topk`` (the first
     and last eligible block always among them), then keep the top ``topk`` tokens of those
     blocks by the exact DSA score. With ``super_size`` / ``super_topk`` a level above blocks
@@ -192,6 +236,12 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             (a super-block neither first nor last for a query holds no first or last block).
             The Triton path stores them like its own pooling does (fp32,
             :mod:`hisa.ops.indexer.reps`).
+        plan: the :class:`WindowPlan` :func:`plan_windows` read from these ``ks`` / ``ke``
+            (same tensors, same ``num_keys`` = ``k.shape[0]`` and parameters; checked by
+            :func:`check_plan`). Every window fact the call needs is then known and the call
+            makes no host sync: a caller that runs many calls over the same windows (the
+            layers of one engine step) reads them once. Without it the call reads them itself
+            (one host sync), validating them as it does.
 
     Returns:
         int32 [T, topk] offsets relative to ks[t], -1 padded (and fp32 scores when asked).
@@ -206,9 +256,14 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     sup = check_super_params(block_topk=block_topk, super_size=super_size,
                              super_topk=super_topk)
     check_out_buffer(out, T, topk, q.device)
-    # One host transfer for every window fact of the call (validation included).
-    plan = plan_windows(ks, ke, S, topk=topk, block_size=block_size, block_topk=block_topk,
-                        fused=False if backend == "torch" else None, **sup)
+    if plan is None:
+        # One host transfer for every window fact of the call (validation included).
+        plan = plan_windows(ks, ke, S, topk=topk, block_size=block_size,
+                            block_topk=block_topk, fused=False if backend == "torch" else None,
+                            **sup)
+    else:
+        check_plan(plan, ks, ke, S, topk=topk, block_size=block_size, block_topk=block_topk,
+                   super_size=sup.get("super_size"), super_topk=sup.get("super_topk"))
     if pooled is not None:
         check_pooled(pooled, k, block_size)
     if resolve_backend(backend, q.device,

@@ -404,6 +404,13 @@ class PrefillWindows:
     key: tuple
 
 
+def windows_key(keys: RequestKeys, topk: int, options: PluginOptions) -> tuple:
+    """What kept :class:`PrefillWindows` must match to serve another layer's ``keys``: the key
+    buffer's rows, the cache's page count (a page outside a smaller cache would go unnamed),
+    the top-k and the options."""
+    return (keys.k.shape[0], None if keys._source is None else keys._source[2], topk, options)
+
+
 def prefill_windows(keys: RequestKeys, lengths: torch.Tensor, req_of_query: torch.Tensor, *,
                     topk: int, options: PluginOptions) -> PrefillWindows:
     """The windows of :func:`prefill_select` and, in HISA mode, their plan (one host sync).
@@ -414,7 +421,7 @@ def prefill_windows(keys: RequestKeys, lengths: torch.Tensor, req_of_query: torc
     ks = keys.starts[req_of_query]                                              # int32
     ke = ks + lengths.to(torch.int32)
     num_keys = keys.k.shape[0]
-    key = (num_keys, None if keys._source is None else keys._source[2], topk, options)
+    key = windows_key(keys, topk, options)
     checked = ks if keys.bad_pages is None else torch.where(keys.bad_pages, ke + 1, ks)
     if options.mode == "flat":
         return PrefillWindows(checked, ke, None, key)
@@ -445,8 +452,7 @@ def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor
     """
     if windows is None:
         windows = prefill_windows(keys, lengths, req_of_query, topk=topk, options=options)
-    elif windows.key != (keys.k.shape[0], None if keys._source is None else keys._source[2],
-                         topk, options):
+    elif windows.key != windows_key(keys, topk, options):
         raise ValueError(f"windows: planned for (key rows, pages, topk, options) = "
                          f"{windows.key}, used with {keys.k.shape[0]} key rows and topk={topk}")
     ks, ke = windows.ks, windows.ke

@@ -35,7 +35,8 @@ from ..utils.validate import FP8_DTYPE
 from ._engine_common import (PluginOptions, PooledCacheRegistry, PrefillWindows, StepTokens,
                              after_import, as_engine_pages, decode_select, gather_request_keys,
                              log_fallback, logger, options_reason, parse_options, pool_step,
-                             prefill_select, prefill_windows, rows_view, step_tokens)
+                             prefill_select, prefill_windows, rows_view, step_tokens,
+                             windows_key)
 
 ENV_VAR = "HISA_VLLM"
 PINNED_VERSION = "0.33.0"
@@ -218,7 +219,7 @@ def chunk_windows(chunk, keys, topk: int, options: PluginOptions) -> PrefillWind
     buffer size, page count, top-k and options (:class:`PrefillWindows` ``key``).
     """
     kept = getattr(chunk, "_hisa_prefill_windows", None)
-    if kept is not None and kept.key == (keys.k.shape[0], keys._source[2], topk, options):
+    if kept is not None and kept.key == windows_key(keys, topk, options):
         return kept
     ks, ke = chunk.cu_seqlen_ks, chunk.cu_seqlen_ke
     windows = prefill_windows(keys, ke - ks, chunk_requests(chunk, ks), topk=topk,

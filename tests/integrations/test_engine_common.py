@@ -10,8 +10,8 @@ from hisa.integrations import _engine_common as common
 from hisa.integrations import sglang as sgl_plugin
 from hisa.integrations import vllm as vllm_plugin
 from hisa.integrations._engine_common import (PluginOptions, PooledCacheRegistry, after_import,
-                                              as_engine_pages, gather_request_keys, prefill_select,
-                                              parse_options)
+                                              as_engine_pages, gather_request_keys, parse_options,
+                                              prefill_select, prefill_windows)
 
 from .engine_ref import PAGE, ROW, D, engine_gather, engine_quant_and_cache, new_cache
 
@@ -113,6 +113,15 @@ def test_a_missing_page_is_named_at_the_ops_one_window_read(mode):
     idx = prefill_select(q, torch.ones(3, 4), torch.tensor([98, 99, 100]),
                          torch.zeros(3, dtype=torch.long), good, topk=16, options=opts)
     assert idx.shape == (3, 16)
+    # Windows kept from a layer serve a later layer only for the same buffer, pages, top-k
+    # and options; otherwise the call is refused (their plan would size the kernels wrongly).
+    kept = prefill_windows(good, torch.tensor([98, 99, 100]), torch.zeros(3, dtype=torch.long),
+                           topk=16, options=opts)
+    assert torch.equal(prefill_select(q, torch.ones(3, 4), None, None, good, topk=16,
+                                      options=opts, windows=kept), idx)
+    with pytest.raises(ValueError, match="windows: planned for"):
+        prefill_select(q, torch.ones(3, 4), None, None, good, topk=8, options=opts,
+                       windows=kept)
 
 
 def test_registry_capture_and_stale():

@@ -68,10 +68,13 @@ _INDEXING = frozenset({"__getitem__", "__setitem__", "index_put_", "index_put"})
 
 @dataclass(frozen=True)
 class Event:
-    """One counted thing: what (a function, kernel or aten op name) and where (the site)."""
+    """One counted thing: what (a function, kernel or aten op name) and where (the site);
+    a launch also carries ``kernel``, the kernel's module-qualified name (two modules may
+    name their kernels alike: ``_block_scores_kernel`` is both a prefill and a decode one)."""
 
     what: str
     site: str
+    kernel: str = ""
 
 
 @dataclass
@@ -272,6 +275,16 @@ def _launch_classes() -> list[type]:
     return classes
 
 
+def _kernel_name(jitted) -> str:
+    return getattr(getattr(jitted, "fn", None), "__name__", type(jitted).__name__)
+
+
+def kernel_key(jitted) -> str:
+    """``module.name`` of a ``@triton.jit`` function (compiled or interpreted)."""
+    fn = getattr(jitted, "fn", None)
+    return f"{getattr(fn, '__module__', '?')}.{_kernel_name(jitted)}"
+
+
 @contextlib.contextmanager
 def _hook_launches(state: _Counter):
     originals = [(cls, cls.__dict__["run"]) for cls in _launch_classes() if "run" in cls.__dict__]
@@ -281,8 +294,8 @@ def _hook_launches(state: _Counter):
             if kwargs.get("warmup"):
                 return run(self, *args, **kwargs)
             if not state.in_launch:
-                name = getattr(getattr(self, "fn", None), "__name__", type(self).__name__)
-                state.work.launches.append(Event(name, state.site()))
+                state.work.launches.append(Event(_kernel_name(self), state.site(),
+                                                 kernel_key(self)))
             state.in_launch += 1
             try:
                 return run(self, *args, **kwargs)
@@ -319,6 +332,17 @@ def count_host_work(package: str = "hisa") -> Iterator[HostWork]:
     """
     state = _Counter(package)
     with _hook_launches(state), _FunctionMode(state), _DispatchMode(state):
+        yield state.work
+
+
+@contextlib.contextmanager
+def count_launches(package: str = "hisa") -> Iterator[HostWork]:
+    """Only the Triton launches (and ``torch.cuda.synchronize`` calls) of the code run inside
+    the block: no torch modes, so the torch work around the launches runs as it would
+    unmeasured (tests/gpu/racecheck_kernels.py runs kernels under compute-sanitizer with it).
+    """
+    state = _Counter(package)
+    with _hook_launches(state):
         yield state.work
 
 

@@ -8,10 +8,15 @@ from .utils.validate import check_hisa_params, check_super_params
 
 
 #: What the super-block level costs per query besides its scores, in scored-pair equivalents:
-#: the super-block pooling, one more selection and two more launches. A first-principles
-#: estimate (a launch is ~3 us, the order of 100 pair-scores per query of a 1,024-query chunk,
-#: or of a decode batch at 1M); benchmarks/run_long_context.sh measures the real crossover.
-SUPER_LEVEL_OVERHEAD_PAIRS = 256
+#: the super-block pooling, one more selection and two more launches. Calibrated on the H200
+#: sweep (benchmarks/results/round3/long_*_h200.jsonl, three levels against two, FP8 keys,
+#: B = 128, m = 64): 2 x 128 paid at 1M keys (1.03-1.14x decode, 1.10-1.13x chunks) and not
+#: at 512K (0.82-0.99x), so 1,792 <= X < 3,840; 16 x 64 paid for decode at 512K (1.06-1.13x)
+#: and not at 256K (0.84-0.96x), so 896 <= X < 2,816. 2,048 puts the crossovers at 576K keys
+#: (2 x 128) and 410K (16 x 64). One measured point disagrees: 16 x 64 prefill chunks at 512K
+#: (0.89x; decode pays there). The first-principles guess this replaces (256) sent every
+#: 256K-512K call to a third level that was 5-18 % slower.
+SUPER_LEVEL_OVERHEAD_PAIRS = 2048
 
 
 @dataclass(frozen=True)

@@ -238,6 +238,15 @@ def test_routing_rule_follows_the_cost_model():
     assert not hisa.HisaConfig().super_level_pays(one_m)
 
 
+@pytest.mark.parametrize("setting,pays_from", [((2, 128), 1024), ((16, 64), 512)])
+def test_routing_rule_matches_the_h200_crossovers(setting, pays_from):
+    """The rule's decisions at the contexts the H200 sweep measured (config.py cites the rows):
+    2 x 128 paid only at 1M keys, 16 x 64 from 512K (decode); neither at 256K."""
+    cfg = hisa.HisaConfig(super_size=setting[0], super_topk=setting[1])
+    for k in (256, 512, 1024):
+        assert cfg.super_level_pays(k * 1024) == (k >= pays_from), (setting, k)
+
+
 def test_empty_key_buffer_and_empty_windows():
     q, w = torch.randn(3, 2, 16), torch.randn(3, 2)
     z = torch.zeros(3, dtype=torch.int32)

@@ -141,3 +141,29 @@ def test_a_plan_of_other_windows_or_parameters_is_refused():
     ke[0] -= 1                                           # an in-place write after the read
     with pytest.raises(ValueError, match="written in place"):
         hisa.hisa_index(q, k, w, ks, ke, plan=plan, **kw)
+
+
+def test_plan_windows_checks_its_arguments_as_hisa_index_does():
+    """The public plan checks the windows and each parameter as hisa_index does, with its
+    errors (a block_size of 0 divided by zero deep inside, float windows were planned)."""
+    import hisa
+    ks, ke = _t([0, 0]), _t([5, 9])
+    kw = dict(topk=8, block_size=16, block_topk=4)
+    with pytest.raises(ValueError, match="block_size: expected an int >= 1"):
+        hisa.plan_windows(ks, ke, 9, **{**kw, "block_size": 0})
+    with pytest.raises(ValueError, match="block_topk: expected an int >= 2"):
+        hisa.plan_windows(ks, ke, 9, **{**kw, "block_topk": 1})
+    with pytest.raises(TypeError, match="topk: expected an int"):
+        hisa.plan_windows(ks, ke, 9, **{**kw, "topk": 8.0})
+    with pytest.raises(ValueError, match="super_size/super_topk: expected both"):
+        hisa.plan_windows(ks, ke, 9, super_size=2, **kw)
+    with pytest.raises(TypeError, match="ks: expected dtype int32"):
+        hisa.plan_windows(ks.float(), ke, 9, **kw)
+    with pytest.raises(TypeError, match="ke: expected dtype int32"):
+        hisa.plan_windows(ks, ke.long(), 9, **kw)
+    with pytest.raises(ValueError, match="ke: expected shape \\[2\\]"):
+        hisa.plan_windows(ks, _t([5, 9, 9]), 9, **kw)
+    with pytest.raises(ValueError, match="num_keys: expected an int >= 0"):
+        hisa.plan_windows(ks, ke, -1, **kw)
+    with pytest.raises(TypeError, match="num_keys: expected an int"):
+        hisa.plan_windows(ks, ke, 9.0, **kw)

@@ -454,7 +454,7 @@ def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor
         windows = prefill_windows(keys, lengths, req_of_query, topk=topk, options=options)
     elif windows.key != windows_key(keys, topk, options):
         raise ValueError(f"windows: planned for (key rows, pages, topk, options) = "
-                         f"{windows.key}, used with {keys.k.shape[0]} key rows and topk={topk}")
+                         f"{windows.key}, used with {windows_key(keys, topk, options)}")
     ks, ke = windows.ks, windows.ke
     try:
         if options.mode == "flat":

@@ -211,3 +211,24 @@ def test_layers_of_an_extend_pass_share_the_windows_and_their_plan(sim, monkeypa
     assert torch.equal(layer(1), res.out) and len(built) == 1
     assert torch.equal(layer(0), res.out) and len(built) == 2
     assert sim.original_calls == 0
+
+
+def test_kept_windows_serve_only_the_metadata_they_were_read_from(sim, monkeypatch):
+    """A later layer on the same batch object with other extend metadata (other windows over
+    a key buffer of the same size, pages, top-k and options) builds its own windows: the
+    pass's key names the metadata tensors, not only the sizes a plan was checked against."""
+    from .engine_ref import Req, random_keys
+    built = []
+    real = plug.prefill_windows
+    monkeypatch.setattr(plug, "prefill_windows",
+                        lambda *a, **kw: built.append(1) or real(*a, **kw))
+    first = sim.extend([(Req(random_keys(639, 14)), 639), (Req(random_keys(255, 15)), 255)],
+                       HISA)
+    other = sim.extend([(Req(random_keys(600, 16)), 600), (Req(random_keys(294, 17)), 294)],
+                       HISA)                                  # 894 keys over 2 requests too
+    assert len(built) == 2
+    other.fb._hisa_prefill_windows = first.fb._hisa_prefill_windows    # kept at layer 0
+    got = plug.around_get_topk_ragged(sim._original_ragged, sim.indexer, False, other.fb, 1,
+                                      other.q, other.w.unsqueeze(-1), other.md, options=HISA)
+    assert len(built) == 3 and torch.equal(got, other.out)
+    assert sim.original_calls == 0

@@ -59,9 +59,10 @@ def test_three_levels_route_only_when_no_super_block_is_dropped(monkeypatch):
     # Windows of M blocks that straddle super-blocks of 2 blocks: 3 super-blocks > super_topk
     # = 2 for an unaligned window, so the super stage may drop one and the pipeline must run.
     plan = dict(topk=K, block_size=B, block_topk=M, super_size=2, super_topk=2)
-    assert not P.plan_windows(torch.tensor([B]), torch.tensor([B + M * B]), B + M * B,
-                              **plan).nothing_pruned
-    assert P.plan_windows(torch.tensor([0]), torch.tensor([M * B]), M * B,
+    i32 = dict(dtype=torch.int32)
+    assert not P.plan_windows(torch.tensor([B], **i32), torch.tensor([B + M * B], **i32),
+                              B + M * B, **plan).nothing_pruned
+    assert P.plan_windows(torch.tensor([0], **i32), torch.tensor([M * B], **i32), M * B,
                           **plan).nothing_pruned
     got, flat, _ = _run([M * B, 20], super_size=2, super_topk=2)
     assert calls == []

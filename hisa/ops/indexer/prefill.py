@@ -7,9 +7,9 @@ import torch
 
 from ...utils.backend import resolve_backend, triton_installed
 from ...utils.output import check_out_buffer, finish_output
-from ...utils.validate import (check_hisa_params, check_indexer_inputs, check_same_device,
-                               check_shape, check_super_params, check_tensor,
-                               check_windows, raise_bad_windows)
+from ...utils.validate import (check_hisa_params, check_indexer_inputs, check_positive_int,
+                               check_same_device, check_shape, check_super_params,
+                               check_tensor, check_windows, raise_bad_windows)
 from ..dsa.naive import naive_dsa_index
 from .naive import eligible_blocks, naive_hisa_index
 from .naive_super import eligible_supers, naive_hisa_index_super
@@ -94,8 +94,10 @@ def check_plan(plan: "WindowPlan", ks: torch.Tensor, ke: torch.Tensor, num_keys:
     ``ke`` tensors (identity, not equal values: comparing values would read them, the host
     sync the plan exists to avoid), unwritten since by torch ops, with the same ``num_keys``
     and selection parameters: the kernels size their grids and workspaces from it, so a plan
-    of other windows would drop blocks or index past a buffer. Writes by other kernels through
-    a raw pointer are not seen; a plan is for windows the caller does not change.
+    of other windows would drop blocks or index past a buffer. In-place writes are seen through
+    the tensors' write counters, which inference tensors (made under ``torch.inference_mode``,
+    as an engine's forward runs) do not keep: a write to those goes unseen, as does one by
+    another kernel through a raw pointer. A plan is for windows the caller does not change.
     """
     if not isinstance(plan, WindowPlan) or plan.made_for is None:
         raise TypeError(f"plan: expected the WindowPlan plan_windows returns, got "
@@ -123,7 +125,22 @@ def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int
     ``fused``: compute the facts in one Triton launch (:mod:`hisa.ops.window_stats`) instead
     of about twenty torch kernels; None picks it for CUDA windows when Triton is installed
     (``hisa_index(backend="torch")`` passes False: that backend must not need Triton).
+
+    The windows and each parameter are checked as :func:`hisa_index` checks them; the rule
+    ``block_topk * block_size >= topk`` is left to the call the plan serves (the facts are
+    defined without it, and a call refuses such parameters before it reads a plan).
     """
+    check_tensor("ks", ks, dtypes=(torch.int32,), ndim=1)
+    check_tensor("ke", ke, dtypes=(torch.int32,), ndim=1)
+    check_shape("ke", ke, tuple(ks.shape))
+    check_same_device(ks=ks, ke=ke)
+    num_keys = check_positive_int("num_keys", num_keys, minimum=0)
+    topk = check_positive_int("topk", topk)
+    block_size = check_positive_int("block_size", block_size)
+    block_topk = check_positive_int("block_topk", block_topk, minimum=2)
+    sup = check_super_params(block_topk=block_topk, super_size=super_size,
+                             super_topk=super_topk)
+    super_size, super_topk = sup.get("super_size"), sup.get("super_topk")
     made_for = (ks, ke, _plan_key(ks, ke, num_keys, dict(
         topk=topk, block_size=block_size, block_topk=block_topk, super_size=super_size,
         super_topk=super_topk)))
@@ -238,10 +255,15 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             :mod:`hisa.ops.indexer.reps`).
         plan: the :class:`WindowPlan` :func:`plan_windows` read from these ``ks`` / ``ke``
             (same tensors, same ``num_keys`` = ``k.shape[0]`` and parameters; checked by
-            :func:`check_plan`). Every window fact the call needs is then known and the call
-            makes no host sync: a caller that runs many calls over the same windows (the
-            layers of one engine step) reads them once. Without it the call reads them itself
-            (one host sync), validating them as it does.
+            :func:`check_plan`; an in-place write to inference tensors goes unseen there, so
+            the windows must not change after the plan is read). Every window fact the call
+            needs is then known and the call makes no host sync: a caller that runs many
+            calls over the same windows (the layers of one engine step) reads them once.
+            Exception: a call whose windows prune nothing runs the flat kernels, which read
+            the windows once more when one logits tile cannot hold them all (more than
+            ``FLAT_TILE_QUERIES`` queries, or queries x span over ``FLAT_LOGITS_BYTES``).
+            Without a plan the call reads the windows itself (one host sync), validating
+            them as it does.
 
     Returns:
         int32 [T, topk] offsets relative to ks[t], -1 padded (and fp32 scores when asked).

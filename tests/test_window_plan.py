@@ -167,3 +167,20 @@ def test_plan_windows_checks_its_arguments_as_hisa_index_does():
         hisa.plan_windows(ks, ke, -1, **kw)
     with pytest.raises(TypeError, match="num_keys: expected an int"):
         hisa.plan_windows(ks, ke, 9.0, **kw)
+
+
+def test_a_plan_computes_on_its_own_copies_of_the_windows():
+    """An engine's forward runs under inference mode, where tensors keep no write counter, so
+    an in-place write after planning goes unseen; the call then computes on the windows as
+    planned (the plan's copies), never on windows its grids were not sized for."""
+    import hisa
+    inp, kw = _indexer_call()
+    q, k, w, ks, ke = inp.args()
+    want = hisa.hisa_index(q, k, w, ks, ke, **kw)
+    with torch.inference_mode():
+        ks_i, ke_i = ks.clone(), ke.clone()
+        plan = hisa.plan_windows(ks_i, ke_i, k.shape[0], topk=24, block_size=16, block_topk=4)
+        ks_i.zero_()                        # every window now starts at key 0: unseen
+        got = hisa.hisa_index(q, k, w, ks_i, ke_i, plan=plan, **kw)
+    assert torch.equal(got, want)
+    assert plan.windows[0] is not ks_i and torch.equal(plan.windows[0], ks)

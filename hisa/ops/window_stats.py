@@ -1,6 +1,6 @@
 """Every window fact a HISA prefill call reads on the host, from one Triton launch.
 
-:func:`hisa.ops.indexer.prefill.plan_windows` needs, per call: whether some ``ks > ke``, min(ks),
+:func:`hisa.ops.indexer.prefill.read_window_plan` needs, per call: whether some ``ks > ke``, min(ks),
 max(ke), the largest number of blocks (and super-blocks) a window spans, and whether a window
 of at most ``topk`` keys spans more blocks than are kept. With torch ops that is 18 small
 kernels (28 at three levels; pinned in tests/interpret/test_window_stats.py) launched back to
@@ -9,7 +9,7 @@ back before the call's one host read, while the GPU waits: host time, and a like
 indexer called directly on an H200. One program here walks the windows in tiles of
 ``BLOCK`` and writes the six facts; the host reads them in the same single transfer.
 
-Twin: the torch ops of :func:`hisa.ops.indexer.prefill.plan_windows` (``fused=False``).
+Twin: the torch ops of :func:`hisa.ops.indexer.prefill.read_window_plan` (``fused=False``).
 """
 from __future__ import annotations
 

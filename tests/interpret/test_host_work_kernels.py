@@ -170,3 +170,20 @@ def test_a_call_with_a_plan_makes_no_host_sync(sup):
     work = measure(_hisa(inp, plan=plan, **sup))
     assert work.num_syncs == 0, work.report()
     assert work.num_launches == (THREE_LEVEL_LAUNCHES if sup else TWO_LEVEL_LAUNCHES)
+
+
+def test_a_plan_carries_the_flat_routes_tiles(monkeypatch):
+    """On the flat route (nothing pruned) the logits tiles need the windows read when one
+    tile cannot hold every query; the plan reads them with its facts, so the call given it
+    reads nothing, and selects what the unplanned call selects."""
+    import hisa.ops.dsa.prefill as flat
+    monkeypatch.setattr(flat, "FLAT_TILE_QUERIES", 4)           # 10 queries: 3 tiles
+    inp = _inputs([M * B], [10])
+    plan = hisa.plan_windows(inp.ks, inp.ke, inp.k.shape[0], topk=K, block_size=B,
+                             block_topk=M)
+    assert plan.nothing_pruned and len(plan.flat_tiles) == 3
+    work = measure(_hisa(inp, plan=plan))
+    assert work.num_syncs == 0, work.report()
+    unplanned = measure(_hisa(inp))
+    assert unplanned.num_syncs == 2, unplanned.report()          # facts, then the tiles
+    assert torch.equal(_hisa(inp, plan=plan)(), _hisa(inp)())

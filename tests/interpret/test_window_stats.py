@@ -1,10 +1,10 @@
 """The one-launch window facts (:mod:`hisa.ops.window_stats`, under the interpreter) equal the
-torch ops of :func:`plan_windows` on random windows, at two and three levels, and raise the
+torch ops of :func:`read_window_plan` on random windows, at two and three levels, and raise the
 same errors in the same order on bad ones."""
 import pytest
 import torch
 
-from hisa.ops.indexer.prefill import plan_windows
+from hisa.ops.indexer.prefill import read_window_plan
 
 
 def random_windows(g, T, S, topk=64):
@@ -26,13 +26,13 @@ def test_fused_plan_equals_torch_plan(T, levels):
     for topk in (64, 2048):
         ks, ke = random_windows(g, T, S, topk)
         kw = dict(topk=topk, block_size=128, block_topk=8, **sup)
-        assert plan_windows(ks, ke, S, fused=True, **kw) == \
-            plan_windows(ks, ke, S, fused=False, **kw)
+        assert read_window_plan(ks, ke, S, fused=True, **kw) == \
+            read_window_plan(ks, ke, S, fused=False, **kw)
         # strided windows (every other entry of a longer tensor)
         ks2 = torch.stack([ks, ks]).t().reshape(-1)[::2]
         ke2 = torch.stack([ke, ke]).t().reshape(-1)[::2]
-        assert plan_windows(ks2, ke2, S, fused=True, **kw) == \
-            plan_windows(ks, ke, S, fused=False, **kw)
+        assert read_window_plan(ks2, ke2, S, fused=True, **kw) == \
+            read_window_plan(ks, ke, S, fused=False, **kw)
 
 
 @pytest.mark.parametrize("breakage", ["order", "negative", "past_end"])
@@ -49,9 +49,9 @@ def test_fused_plan_raises_the_same_errors(breakage):
         ke[250] = S + 1
     kw = dict(topk=64, block_size=128, block_topk=8)
     with pytest.raises(ValueError) as want:
-        plan_windows(ks, ke, S, fused=False, **kw)
+        read_window_plan(ks, ke, S, fused=False, **kw)
     with pytest.raises(ValueError) as got:
-        plan_windows(ks, ke, S, fused=True, **kw)
+        read_window_plan(ks, ke, S, fused=True, **kw)
     assert str(got.value) == str(want.value)
 
 
@@ -67,15 +67,15 @@ def test_fused_plan_edges(levels):
     ke = torch.full((T,), 9000, dtype=torch.int32)    # 4000 keys: pruned, longer than topk
     for exact in (True, False):
         ke[1300] = 5000 + 2048 + (0 if exact else 1)
-        plan = plan_windows(ks, ke, 20000, fused=True, **kw)
-        assert plan == plan_windows(ks, ke, 20000, fused=False, **kw)
+        plan = read_window_plan(ks, ke, 20000, fused=True, **kw)
+        assert plan == read_window_plan(ks, ke, 20000, fused=False, **kw)
         assert plan.short_pruned is exact
     ks[1400], ke[1400] = 0, 128 * 30              # ends on a block boundary: 30 blocks
-    plan = plan_windows(ks, ke, 20000, fused=True, **kw)
-    assert plan == plan_windows(ks, ke, 20000, fused=False, **kw)
+    plan = read_window_plan(ks, ke, 20000, fused=True, **kw)
+    assert plan == read_window_plan(ks, ke, 20000, fused=False, **kw)
     assert plan.max_blocks == 32 and plan.span == (0, 9000)      # [5000, 9000): blocks 39-70
-    one = plan_windows(ks[1400:1401], ke[1400:1401], 20000, fused=True, **kw)
-    assert one.max_blocks == 30 and one == plan_windows(ks[1400:1401], ke[1400:1401], 20000,
+    one = read_window_plan(ks[1400:1401], ke[1400:1401], 20000, fused=True, **kw)
+    assert one.max_blocks == 30 and one == read_window_plan(ks[1400:1401], ke[1400:1401], 20000,
                                                         fused=False, **kw)
 
 
@@ -87,7 +87,7 @@ def test_fused_plan_is_one_launch(sup):
     ke = torch.arange(4000, 4064, dtype=torch.int32)
     ks = torch.zeros_like(ke)
     kw = dict(topk=256, block_size=128, block_topk=8, **sup)
-    fused = measure(lambda: plan_windows(ks, ke, 5000, fused=True, **kw))
-    ops = measure(lambda: plan_windows(ks, ke, 5000, fused=False, **kw))
+    fused = measure(lambda: read_window_plan(ks, ke, 5000, fused=True, **kw))
+    ops = measure(lambda: read_window_plan(ks, ke, 5000, fused=False, **kw))
     assert (fused.num_launches, fused.num_syncs, fused.num_aten_kernels) == (1, 1, 1)
     assert ops.num_syncs == 1 and ops.num_aten_kernels >= 18, ops.report()

@@ -150,6 +150,12 @@ def dsa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
 FLAT_TILE_QUERIES = 16384
 
 
+def tiles_need_windows(T: int, span: tuple[int, int], cap_bytes: int) -> bool:
+    """Whether :func:`query_tiles` must read the windows: more than one tile, or no query."""
+    lo, hi = span
+    return not (0 < T <= FLAT_TILE_QUERIES and T * max(hi - lo, 1) <= max(1, cap_bytes // 4))
+
+
 def query_tiles(ks: torch.Tensor, ke: torch.Tensor, cap_bytes: int,
                 span: tuple[int, int] | None = None) -> list[tuple[int, int, int, int]]:
     """Split the queries into (t0, rows, lo, W) tiles whose fp32 logits fit ``cap_bytes``.
@@ -160,10 +166,9 @@ def query_tiles(ks: torch.Tensor, ke: torch.Tensor, cap_bytes: int,
     """
     T = ks.shape[0]
     max_rows = max(1, cap_bytes // 4)
-    if span is not None and 0 < T <= FLAT_TILE_QUERIES:
+    if span is not None and not tiles_need_windows(T, span, cap_bytes):
         lo, hi = span
-        if T * max(hi - lo, 1) <= max_rows:
-            return [(0, T, lo, max(hi - lo, 0))]
+        return [(0, T, lo, max(hi - lo, 0))]
     windows = torch.stack([ks, ke]).cpu().numpy().astype(np.int64)        # [2, T]
     ks_h, ke_h = windows[0], windows[1]
     tiles, t0 = [], 0
@@ -193,12 +198,14 @@ def flat_workspace_bytes(ks: torch.Tensor, ke: torch.Tensor, *, programs: int
 def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                      ke: torch.Tensor, *, k_scale: torch.Tensor | None, topk: int,
                      out: torch.Tensor | None = None, need_scores: bool = False,
-                     span: tuple[int, int] | None = None
+                     span: tuple[int, int] | None = None, tiles: tuple | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat DSA selection with Triton kernels (inputs validated by :func:`hisa.dsa_index`).
 
     ``span``: (min(ks), max(ke)) as :func:`check_windows` returned them; it spares the window
-    read of :func:`query_tiles` when one logits tile holds every query.
+    read of :func:`query_tiles` when one logits tile holds every query. ``tiles``: the
+    :func:`query_tiles` of these windows, already read (a HISA call's window plan carries
+    them), which spares that read in every case.
 
     Returns:
         (int32 [T, topk] offsets relative to ks, -1 padded — ``out`` itself when given;
@@ -214,7 +221,8 @@ def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks
     vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None
     if T == 0:
         return idx, vals
-    tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES, span)
+    if tiles is None:
+        tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES, span)
     max_elems = max(n * W for _, n, _, W in tiles)
     buf = torch.empty(max(max_elems, 1), dtype=torch.float32, device=q.device)
     grid = persistent_programs(max(n for _, n, _, _ in tiles), q.device, 8)

@@ -1,7 +1,7 @@
 """Public HISA indexer for packed prefill: block-then-token selection."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -73,6 +73,12 @@ class WindowPlan:
     #: What the facts were read from (see :func:`check_plan`): the ``ks`` / ``ke`` tensors,
     #: their in-place write counters, ``num_keys`` and the selection parameters.
     made_for: tuple | None = field(default=None, compare=False, repr=False)
+    #: The plan's own copies of ``(ks, ke)``, taken before the read: a call given the plan
+    #: computes on them (:func:`plan_windows`).
+    windows: tuple | None = field(default=None, compare=False, repr=False)
+    #: The flat route's logits tiles ``(t0, rows, lo, W)`` when they needed the windows read
+    #: (more than one tile): read with the plan, so a call given it reads nothing.
+    flat_tiles: tuple | None = field(default=None, compare=False, repr=False)
 
 
 def _write_counter(t: torch.Tensor) -> int | None:
@@ -117,18 +123,23 @@ def check_plan(plan: "WindowPlan", ks: torch.Tensor, ke: torch.Tensor, num_keys:
 def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int,
                  block_size: int, block_topk: int, super_size: int | None = None,
                  super_topk: int | None = None, fused: bool | None = None) -> WindowPlan:
-    """:func:`check_windows` (same errors, same order) and the call's :class:`WindowPlan`, in
-    one host transfer: the window statistics every later step reads (the kernels' limits, the
-    exact-regime route, the pipeline's pooling start and selection rows, the short-window
-    repair) come from here instead of each step reading the windows again.
+    """Every window fact a :func:`hisa_index` call over these windows reads on the host, in
+    one read (validation included, as the call does it), for ``hisa_index(..., plan=)``: a
+    caller running many calls over the same windows (the layers of one engine step) pays the
+    host sync once.
 
-    ``fused``: compute the facts in one Triton launch (:mod:`hisa.ops.window_stats`) instead
-    of about twenty torch kernels; None picks it for CUDA windows when Triton is installed
-    (``hisa_index(backend="torch")`` passes False: that backend must not need Triton).
+    The plan keeps its own copies of ``ks`` / ``ke`` (two small device copies, no sync),
+    reads its facts from them, and a call given the plan computes on them. The kernels size
+    grids and workspaces from the facts, so windows changed after planning in a way the checks
+    of :func:`check_plan` cannot see (an inference tensor written in place, a raw-pointer
+    write) cannot make them index past a buffer: the call selects for the windows as planned.
 
-    The windows and each parameter are checked as :func:`hisa_index` checks them; the rule
-    ``block_topk * block_size >= topk`` is left to the call the plan serves (the facts are
-    defined without it, and a call refuses such parameters before it reads a plan).
+    On the flat route (nothing pruned) with more than one logits tile of queries, the tiles
+    are read too (a second sync, here instead of in every call). ``fused``: as in
+    :func:`read_window_plan`. The windows and each parameter are checked as
+    :func:`hisa_index` checks them; the rule ``block_topk * block_size >= topk`` is left to
+    the call the plan serves (the facts are defined without it, and a call refuses such
+    parameters before it reads a plan).
     """
     check_tensor("ks", ks, dtypes=(torch.int32,), ndim=1)
     check_tensor("ke", ke, dtypes=(torch.int32,), ndim=1)
@@ -140,14 +151,36 @@ def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int
     block_topk = check_positive_int("block_topk", block_topk, minimum=2)
     sup = check_super_params(block_topk=block_topk, super_size=super_size,
                              super_topk=super_topk)
-    super_size, super_topk = sup.get("super_size"), sup.get("super_topk")
     made_for = (ks, ke, _plan_key(ks, ke, num_keys, dict(
-        topk=topk, block_size=block_size, block_topk=block_topk, super_size=super_size,
-        super_topk=super_topk)))
+        topk=topk, block_size=block_size, block_topk=block_topk,
+        super_size=sup.get("super_size"), super_topk=sup.get("super_topk"))))
+    own = (ks.clone(), ke.clone())
+    plan = read_window_plan(*own, num_keys, topk=topk, block_size=block_size,
+                            block_topk=block_topk, fused=fused, flat_tiles=True, **sup)
+    return replace(plan, made_for=made_for, windows=own)
+
+
+def read_window_plan(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int,
+                     block_size: int, block_topk: int, super_size: int | None = None,
+                     super_topk: int | None = None, fused: bool | None = None,
+                     flat_tiles: bool | None = None) -> WindowPlan:
+    """:func:`check_windows` (same errors, same order) and the call's :class:`WindowPlan`, in
+    one host transfer: the window statistics every later step reads (the kernels' limits, the
+    exact-regime route, the pipeline's pooling start and selection rows, the short-window
+    repair) come from here instead of each step reading the windows again. Arguments as
+    :func:`hisa_index` validated them (the op's own read; :func:`plan_windows` is the public
+    one).
+
+    ``fused``: compute the facts in one Triton launch (:mod:`hisa.ops.window_stats`) instead
+    of about twenty torch kernels; None picks it for CUDA windows when Triton is installed
+    (``hisa_index(backend="torch")`` passes False: that backend must not need Triton).
+    ``flat_tiles``: on the flat route, read the logits tiles too when one tile cannot hold
+    every query (a second read, which the flat kernels would otherwise make); None does it
+    for CUDA windows, False never.
+    """
     if ks.numel() == 0:
         check_windows(ks, ke, num_keys)
-        return WindowPlan(0, 0, 0, 0, nothing_pruned=True, short_pruned=False, span=(0, 0),
-                          made_for=made_for)
+        return WindowPlan(0, 0, 0, 0, nothing_pruned=True, short_pruned=False, span=(0, 0))
     if fused is None:
         fused = ks.device.type == "cuda" and triton_installed()
     if fused:
@@ -171,10 +204,15 @@ def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int
     if super_size is None:
         max_supers = 0
     nothing = max_blocks <= block_topk and (super_size is None or max_supers <= super_topk)
+    tiles = None
+    if nothing and (ks.device.type == "cuda" if flat_tiles is None else flat_tiles):
+        from ..dsa.prefill import FLAT_LOGITS_BYTES, query_tiles, tiles_need_windows
+        if tiles_need_windows(ks.shape[0], (lo, hi), FLAT_LOGITS_BYTES):
+            tiles = tuple(query_tiles(ks, ke, FLAT_LOGITS_BYTES, (lo, hi)))
     return WindowPlan(first_block=lo // block_size, max_blocks=max_blocks,
                       first_super=lo // (block_size * super_size) if super_size else 0,
                       max_supers=max_supers, nothing_pruned=nothing,
-                      short_pruned=short, span=(lo, hi), made_for=made_for)
+                      short_pruned=short, span=(lo, hi), flat_tiles=tiles)
 
 
 #: dtypes a caller may hand in as precomputed block representatives (``pooled=``).
@@ -255,15 +293,14 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             :mod:`hisa.ops.indexer.reps`).
         plan: the :class:`WindowPlan` :func:`plan_windows` read from these ``ks`` / ``ke``
             (same tensors, same ``num_keys`` = ``k.shape[0]`` and parameters; checked by
-            :func:`check_plan`; an in-place write to inference tensors goes unseen there, so
-            the windows must not change after the plan is read). Every window fact the call
-            needs is then known and the call makes no host sync: a caller that runs many
-            calls over the same windows (the layers of one engine step) reads them once.
-            Exception: a call whose windows prune nothing runs the flat kernels, which read
-            the windows once more when one logits tile cannot hold them all (more than
-            ``FLAT_TILE_QUERIES`` queries, or queries x span over ``FLAT_LOGITS_BYTES``).
-            Without a plan the call reads the windows itself (one host sync), validating
-            them as it does.
+            :func:`check_plan`). Every window fact the call needs is then known and the call
+            makes no host sync (the flat route's logits tiles included): a caller that runs
+            many calls over the same windows (the layers of one engine step) reads them once.
+            The call computes on the plan's copies of the windows, so it selects for the
+            windows as planned (an in-place write to inference tensors after planning goes
+            unseen by the check; it cannot push the kernels past their buffers). Without a
+            plan the call reads the windows itself (one host sync), validating them as it
+            does.
 
     Returns:
         int32 [T, topk] offsets relative to ks[t], -1 padded (and fp32 scores when asked).
@@ -280,12 +317,14 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     check_out_buffer(out, T, topk, q.device)
     if plan is None:
         # One host transfer for every window fact of the call (validation included).
-        plan = plan_windows(ks, ke, S, topk=topk, block_size=block_size,
-                            block_topk=block_topk, fused=False if backend == "torch" else None,
-                            **sup)
+        on_torch = backend == "torch"
+        plan = read_window_plan(ks, ke, S, topk=topk, block_size=block_size,
+                                block_topk=block_topk, fused=False if on_torch else None,
+                                flat_tiles=False if on_torch else None, **sup)
     else:
         check_plan(plan, ks, ke, S, topk=topk, block_size=block_size, block_topk=block_topk,
                    super_size=sup.get("super_size"), super_topk=sup.get("super_topk"))
+        ks, ke = plan.windows          # the windows the facts were read from
     if pooled is not None:
         check_pooled(pooled, k, block_size)
     if resolve_backend(backend, q.device,
@@ -306,7 +345,7 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
             from ..dsa.prefill import dsa_index_triton
             idx, scores = dsa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,
                                            out=out, need_scores=return_scores,
-                                           span=plan.span)
+                                           span=plan.span, tiles=plan.flat_tiles)
         else:
             from .pipeline import hisa_index_triton
             idx, scores = hisa_index_triton(q, k, weights, ks, ke, k_scale=k_scale, topk=topk,

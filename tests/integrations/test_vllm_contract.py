@@ -428,3 +428,30 @@ def test_step_rejects_token_counts_the_request_cannot_give():
         with pytest.raises(ValueError, match="new tokens"):
             Step([], [(r, n)])
     Step([], [(r, 130)])
+
+
+def test_kept_prefill_windows_serve_only_a_matching_layer(monkeypatch):
+    """A prefill chunk's windows and plan, kept by the step's first layer, serve a later
+    layer over a cache of the same page count; a layer whose cache has another page count
+    (a page outside a smaller cache would go unnamed) plans its own, and selects the same."""
+    from hisa.integrations import vllm as plug
+
+    from .engine_ref import new_cache
+    built = []
+    real = plug.prefill_windows
+    monkeypatch.setattr(plug, "prefill_windows",
+                        lambda *a, **kw: built.append(1) or real(*a, **kw))
+    sim = VllmSim()
+    a = sim.request(700, 31)
+    res = sim.step([], [(a, 700)], HISA, topk=TOPK)
+    assert len(built) == 1
+    md, call = res.md, {**res.call, "skip_k_cache_insert": True}
+
+    def layer(kv):
+        buf = torch.full_like(res.buf, 7777)
+        run_indexer({**call, "kv_cache": kv, "topk_indices_buffer": buf}, md,
+                    FakeVllmEngine(md), HISA, sim.registry)
+        return buf
+    assert torch.equal(layer(call["kv_cache"]), res.buf) and len(built) == 1
+    bigger = torch.cat([call["kv_cache"], new_cache(4)])     # the same pages, and 4 more
+    assert torch.equal(layer(bigger), res.buf) and len(built) == 2

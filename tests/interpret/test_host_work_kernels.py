@@ -122,7 +122,7 @@ def test_vllm_prefill_reads_the_windows_once_per_step():
     from integrations.engine_ref import (PAGE, FakeVllmEngine, Req, Step, VllmSim,
                                          engine_quant_and_cache, random_keys, random_queries,
                                          vllm_call, vllm_step_metadata)
-    context, queries, topk = 1024, 32, 64
+    context, queries, topk = 1024, 8, 64
     sim = VllmSim(num_pages=context // PAGE + 4, heads=H, device="cpu")
     r = Req(random_keys(context, 300))
     r.done = context - queries
@@ -177,8 +177,8 @@ def test_a_plan_carries_the_flat_routes_tiles(monkeypatch):
     tile cannot hold every query; the plan reads them with its facts, so the call given it
     reads nothing, and selects what the unplanned call selects."""
     import hisa.ops.dsa.prefill as flat
-    monkeypatch.setattr(flat, "FLAT_TILE_QUERIES", 4)           # 10 queries: 3 tiles
-    inp = _inputs([M * B], [10])
+    monkeypatch.setattr(flat, "FLAT_TILE_QUERIES", 2)           # 5 queries: 3 tiles
+    inp = _inputs([M * B], [5])
     plan = hisa.plan_windows(inp.ks, inp.ke, inp.k.shape[0], topk=K, block_size=B,
                              block_topk=M)
     assert plan.nothing_pruned and len(plan.flat_tiles) == 3

@@ -32,10 +32,10 @@ import torch
 
 from ..cache.layout import PAGE_SIZE
 from ..utils.backend import resolve_backend
-from ._engine_common import (PluginOptions, PooledCacheRegistry, as_engine_pages, logger,
-                             carry_pooled_rows, decode_select, gather_request_keys,
-                             log_fallback, options_reason, parse_options, pool_step, step_tokens,
-                             prefill_select, prefill_windows)
+from ._engine_common import (PluginOptions, PooledCacheRegistry, as_engine_pages,
+                             carry_pooled_rows, decode_select, gather_request_keys, keep_on,
+                             log_fallback, logger, options_reason, parse_options, pool_step,
+                             prefill_select, prefill_windows, step_tokens)
 
 ENV_VAR = "HISA_SGLANG"
 PINNED_VERSION = "0.5.23"
@@ -226,10 +226,7 @@ def kept_for_pass(forward_batch, name: str, layer_id: int | None, key: tuple,
         return kept[1]
     value = build()
     if forward_batch is not None:
-        try:
-            setattr(forward_batch, name, (key, value, layer_id))
-        except (AttributeError, TypeError):        # a frozen or slotted batch object
-            pass
+        keep_on(forward_batch, name, (key, value, layer_id))
     return value
 
 

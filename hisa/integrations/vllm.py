@@ -34,9 +34,9 @@ import torch
 from ..utils.validate import FP8_DTYPE
 from ._engine_common import (PluginOptions, PooledCacheRegistry, PrefillWindows, StepTokens,
                              after_import, as_engine_pages, decode_select, gather_request_keys,
-                             log_fallback, logger, options_reason, parse_options, pool_step,
-                             prefill_select, prefill_windows, rows_view, step_tokens,
-                             windows_key)
+                             keep_on, log_fallback, logger, options_reason, parse_options,
+                             pool_step, prefill_select, prefill_windows, rows_view,
+                             step_tokens, windows_key)
 
 ENV_VAR = "HISA_VLLM"
 PINNED_VERSION = "0.33.0"
@@ -194,10 +194,7 @@ def vllm_step_tokens(md, num_pages: int, *, capturing: bool = False) -> list[Ste
         slot = torch.where(valid, slots[tok.clamp_max(max(slots.shape[0] - 1, 0))].long(), -1)
         out.append(step_tokens(slot.flatten(), pos.flatten(),
                                md.decode.block_table[:tok.shape[0]], req.flatten(), num_pages))
-    try:
-        md._hisa_step_tokens = (key, out)
-    except (AttributeError, TypeError):           # a frozen or slotted metadata object
-        pass
+    keep_on(md, "_hisa_step_tokens", (key, out))
     return out
 
 
@@ -224,10 +221,7 @@ def chunk_windows(chunk, keys, topk: int, options: PluginOptions) -> PrefillWind
     ks, ke = chunk.cu_seqlen_ks, chunk.cu_seqlen_ke
     windows = prefill_windows(keys, ke - ks, chunk_requests(chunk, ks), topk=topk,
                               options=options)
-    try:
-        chunk._hisa_prefill_windows = windows
-    except (AttributeError, TypeError):           # a frozen or slotted metadata object
-        pass
+    keep_on(chunk, "_hisa_prefill_windows", windows)
     return windows
 
 

@@ -72,3 +72,27 @@ def assert_same_selection(idx_a: torch.Tensor, idx_b: torch.Tensor, ks: torch.Te
             v = v.item()
             assert abs(v - kth) <= rtol * max(abs(kth), 1e-30) + slack + 1e-30, \
                 f"row {t}: offset {x} (score {v}) selected by one side only; k-th score {kth}"
+
+
+#: One FP8 (e4m3) step relative to a value: three mantissa bits.
+FP8_STEP_RTOL = 2.0 ** -3
+
+
+def assert_pooled_rows_close(got: torch.Tensor, want: torch.Tensor, head_dim: int) -> None:
+    """Assert two pooled (or super-block) caches, uint8 [P, D + 4], hold the same rows up to
+    one FP8 step: the same rows unknown (NaN scale), and every known row's scale and
+    dequantized values within :data:`FP8_STEP_RTOL` (plus a floor of 2^-8 of the largest
+    scale for values near zero). Means of rows that are themselves rounded (a super-block
+    averages FP8 block rows with plain fp32 scales) are sums whose order changes the last bit,
+    and a quantization at a rounding boundary then moves one FP8 step: byte equality holds
+    only for exact means (keys with power-of-two scales at the block level)."""
+    from hisa.cache.layout import pooled_views
+    (va, sa), (vb, sb) = pooled_views(got, head_dim), pooled_views(want, head_dim)
+    assert torch.equal(torch.isnan(sa), torch.isnan(sb)), "different rows are unknown"
+    torch.testing.assert_close(sa, sb, rtol=FP8_STEP_RTOL, atol=0, equal_nan=True)
+    known = ~torch.isnan(sb)
+    if bool(known.any()):
+        fa = va.contiguous().view(torch.float8_e4m3fn).float() * sa[:, None]
+        fb = vb.contiguous().view(torch.float8_e4m3fn).float() * sb[:, None]
+        torch.testing.assert_close(fa[known], fb[known], rtol=FP8_STEP_RTOL,
+                                   atol=float(sb[known].max()) * 2 ** -8)

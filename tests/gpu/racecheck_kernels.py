@@ -245,15 +245,19 @@ def window_stats(ctx):
 
 
 def paged_cache_append(ctx):
-    """Block and super-block pooling of appends (exact keys, so every pooled mean is exact and
-    the Triton cache's bytes equal the torch cache's), and the raw-key quantization."""
+    """Block and super-block pooling of appends (exact keys, so every block mean is exact and
+    the Triton cache's key and block bytes equal the torch cache's; super rows within one FP8
+    step), and the raw-key quantization."""
     from hisa.cache import PagedIndexerCache
+    from hisa.testing.compare import assert_pooled_rows_close
     got = ctx.paged_inputs(1, BS)
     want = ctx.paged_inputs(1, BS, backend="torch")
     _sync(ctx)
     assert torch.equal(got.cache.kv_cache, want.cache.kv_cache), "key pages differ"
     assert torch.equal(got.cache.pooled_cache, want.cache.pooled_cache), "pooled rows differ"
-    assert torch.equal(got.cache.super_cache, want.cache.super_cache), "super rows differ"
+    # A super row averages FP8 block rows with plain fp32 scales: not an exact sum, so the
+    # GPU's reduction order can move a value one FP8 step (an H200 run did).
+    assert_pooled_rows_close(got.cache.super_cache, want.cache.super_cache, D)
     g = torch.Generator(device=ctx.device).manual_seed(7)
     raw = torch.randn(300, D, generator=g, device=ctx.device) * 3          # quantized in-kernel
     slots = torch.arange(300, device=ctx.device)

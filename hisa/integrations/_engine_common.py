@@ -325,9 +325,45 @@ def _first_bad_page(block_table: torch.Tensor, seq_lens: torch.Tensor, num_pages
             f"[0, {num_pages})")
 
 
+@dataclass(frozen=True)
+class RequestLayout:
+    """Where each of R requests' keys go in a B-aligned gather buffer (:class:`RequestKeys`):
+    request ``r`` at rows ``[starts[r], starts[r] + lens[r])`` of ``size`` rows.
+
+    The same for every indexer layer of an engine step (it depends on the step's sequence
+    lengths alone), so the plugins build it once per step (:func:`request_layout`) and pass it
+    to each layer's :func:`gather_request_keys`: the few small device ops it takes would
+    otherwise be host time of every layer, which the GPU waits for once the step's window read
+    has drained it (the vLLM prefill plugin's host time per layer exceeded its kernels' time).
+    """
+
+    lens: torch.Tensor          # int32 [R], contiguous
+    starts: torch.Tensor        # int32 [R]
+    #: keys of all requests (the engines' host-side total), and rows of the buffer
+    total: int
+    size: int
+    block_size: int
+
+
+def request_layout(seq_lens: torch.Tensor, *, total: int, block_size: int) -> RequestLayout:
+    """The :class:`RequestLayout` of requests with ``seq_lens`` (int [R], device) keys,
+    ``total`` = their sum (known on the host), each aligned to ``block_size``. No host sync."""
+    R = seq_lens.shape[0]
+    size = total + R * (block_size - 1)
+    if size > INT32_MAX:
+        raise ValueError(f"seq_lens: {total} keys over {R} requests need {size} B-aligned rows, "
+                         f"more than the int32 windows of the indexer ops address")
+    # int32 like the windows the starts become (prefill_select: no casts per call)
+    lens = seq_lens.to(torch.int32).contiguous()
+    padded = (lens + block_size - 1) // block_size * block_size
+    starts = torch.cumsum(padded, 0, dtype=torch.int32) - padded                # [R]
+    return RequestLayout(lens, starts, total, size, block_size)
+
+
 def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                         *, total: int, head_dim: int, block_size: int,
-                        backend: str = "auto") -> RequestKeys:
+                        backend: str = "auto", layout: RequestLayout | None = None
+                        ) -> RequestKeys:
     """Gather requests' keys from the paged cache into a B-aligned buffer (see RequestKeys).
 
     Args:
@@ -338,6 +374,9 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
             gathers), so the buffer size needs no host sync.
         backend: "auto" (one Triton launch on CUDA, :mod:`hisa.cache.gather`; the torch ops
             elsewhere), "triton" or "torch".
+        layout: this step's :func:`request_layout` of ``seq_lens`` from an earlier layer (built
+            here when None); ValueError when it was built for another block size, request
+            count or total.
 
     No host sync: a page outside the cache is clamped for the gather and flagged in
     ``bad_pages``; :func:`prefill_select` folds the flag into the one window read of the
@@ -349,14 +388,13 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
     """
     R = block_table.shape[0]
     dev = pages.device
-    size = total + R * (block_size - 1)
-    if size > INT32_MAX:
-        raise ValueError(f"seq_lens: {total} keys over {R} requests need {size} B-aligned rows, "
-                         f"more than the int32 windows of the indexer ops address")
-    # int32 like the windows the starts become (prefill_select: no casts per call)
-    lens = seq_lens.to(torch.int32)
-    padded = (lens + block_size - 1) // block_size * block_size
-    starts = torch.cumsum(padded, 0, dtype=torch.int32) - padded                # [R]
+    if layout is None:
+        layout = request_layout(seq_lens, total=total, block_size=block_size)
+    elif (layout.block_size, layout.lens.shape[0], layout.total) != (block_size, R, total):
+        raise ValueError(f"layout: built for (block_size, requests, total) = "
+                         f"{(layout.block_size, layout.lens.shape[0], layout.total)}, used with "
+                         f"{(block_size, R, total)}")
+    lens, starts, size = layout.lens, layout.starts, layout.size
     values, scales = page_views(pages, head_dim)
     num_pages = pages.shape[0]
     if total and num_pages == 0:
@@ -366,8 +404,8 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
     source = (block_table, seq_lens, num_pages)
     if total and resolve_backend(backend, dev, lambda: _check_gather_kernel(head_dim)) == "triton":
         from ..cache.gather import gather_request_keys_triton
-        k, k_scale, bad = gather_request_keys_triton(values, scales, block_table,
-                                                     lens.contiguous(), starts, size)
+        k, k_scale, bad = gather_request_keys_triton(values, scales, block_table, lens, starts,
+                                                     size)
         return RequestKeys(k.view(FP8_DTYPE), k_scale, starts, bad, source)
     k = torch.zeros(size, head_dim, dtype=torch.uint8, device=dev)
     k_scale = torch.ones(size, dtype=torch.float32, device=dev)

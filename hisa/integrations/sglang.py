@@ -35,7 +35,7 @@ from ..utils.backend import resolve_backend
 from ._engine_common import (PluginOptions, PooledCacheRegistry, as_engine_pages,
                              carry_pooled_rows, decode_select, gather_request_keys, keep_on,
                              log_fallback, logger, options_reason, parse_options, pool_step,
-                             prefill_select, prefill_windows, step_tokens)
+                             prefill_select, prefill_windows, request_layout, step_tokens)
 
 ENV_VAR = "HISA_SGLANG"
 PINNED_VERSION = "0.5.23"
@@ -251,9 +251,15 @@ def topk_ragged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
     if table.shape[0] == 0 or T == 0:
         return topk_result
     seq_lens = metadata.get_indexer_seq_len()
-    total = int(metadata.get_indexer_seq_len_cpu().sum())
-    keys = gather_request_keys(pages, table, seq_lens, total=total, head_dim=HEAD_DIM,
-                               block_size=options.block_size, backend=options.backend)
+    # Where each request's keys go (the same for every layer), then each layer's gather.
+    layout = kept_for_pass(
+        forward_batch, "_hisa_request_layout", layer_id,
+        (options.block_size,) + _addresses(seq_lens),
+        lambda: request_layout(seq_lens, total=int(metadata.get_indexer_seq_len_cpu().sum()),
+                               block_size=options.block_size))
+    keys = gather_request_keys(pages, table, seq_lens, total=layout.total, head_dim=HEAD_DIM,
+                               block_size=options.block_size, backend=options.backend,
+                               layout=layout)
     # The windows and their plan (the one host read) once per pass, as the step's tokens.
     windows = kept_for_pass(
         forward_batch, "_hisa_prefill_windows", layer_id,

@@ -32,11 +32,11 @@ import sys
 import torch
 
 from ..utils.validate import FP8_DTYPE
-from ._engine_common import (PluginOptions, PooledCacheRegistry, PrefillWindows, StepTokens,
-                             after_import, as_engine_pages, decode_select, gather_request_keys,
-                             keep_on, log_fallback, logger, options_reason, parse_options,
-                             pool_step, prefill_select, prefill_windows, rows_view,
-                             step_tokens, windows_key)
+from ._engine_common import (PluginOptions, PooledCacheRegistry, PrefillWindows, RequestLayout,
+                             StepTokens, after_import, as_engine_pages, decode_select,
+                             gather_request_keys, keep_on, log_fallback, logger, options_reason,
+                             parse_options, pool_step, prefill_select, prefill_windows,
+                             request_layout, rows_view, step_tokens, windows_key)
 
 ENV_VAR = "HISA_VLLM"
 PINNED_VERSION = "0.33.0"
@@ -207,6 +207,20 @@ def pool_vllm_step(pages: torch.Tensor, pooled: torch.Tensor, md, *, head_dim: i
                   backend=options.backend)
 
 
+def chunk_layout(chunk, block_size: int) -> RequestLayout:
+    """The chunk's :func:`request_layout` (its requests' key counts from ``cu_seq_lens``),
+    built by the step's first indexer layer and kept on the chunk like its windows
+    (:func:`chunk_windows`), for the same block size and key total."""
+    total = int(chunk.total_seq_lens)
+    kept = getattr(chunk, "_hisa_request_layout", None)
+    if kept is not None and (kept.block_size, kept.total) == (block_size, total):
+        return kept
+    lens = chunk.cu_seq_lens[1:] - chunk.cu_seq_lens[:-1]
+    layout = request_layout(lens, total=total, block_size=block_size)
+    keep_on(chunk, "_hisa_request_layout", layout)
+    return layout
+
+
 def chunk_windows(chunk, keys, topk: int, options: PluginOptions) -> PrefillWindows:
     """The chunk's :func:`prefill_windows`, built by the step's first indexer layer (the one
     host read of the windows) and kept on the chunk, which vLLM builds afresh every step and
@@ -237,11 +251,12 @@ def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOpti
     shard = engine.row_shard(md.prefill, md.num_decode_tokens)
     keys = None
     for chunk in md.prefill.chunks:
-        lens = chunk.cu_seq_lens[1:] - chunk.cu_seq_lens[:-1]
         if keys is None or not chunk.skip_kv_gather:
-            keys = gather_request_keys(pages, chunk.block_table, lens,
-                                       total=int(chunk.total_seq_lens), head_dim=D,
-                                       block_size=options.block_size, backend=options.backend)
+            layout = chunk_layout(chunk, options.block_size)
+            keys = gather_request_keys(pages, chunk.block_table, layout.lens,
+                                       total=layout.total, head_dim=D,
+                                       block_size=options.block_size, backend=options.backend,
+                                       layout=layout)
             if shard is not None:
                 # A rank whose rows all lie elsewhere calls no indexer op, which is where a
                 # bad page is named: every rank must raise before the exchange (one sync).

@@ -203,7 +203,8 @@ def prefill_case(context: int, queries: int):
 
     def plugin():
         for chunk in md.prefill.chunks:       # a new step: the engine builds new metadata
-            chunk.__dict__.pop("_hisa_prefill_windows", None)
+            for name in [n for n in vars(chunk) if n.startswith("_hisa_")]:
+                delattr(chunk, name)
         for call in calls:
             run_indexer(call, md, engine, opts, sim.registry)
 

@@ -2,10 +2,13 @@
 4,096 queries, the 4-layer step of engines_overhead.py): for each side, the step's wall time,
 its host time (the call returning, before the GPU finishes), the GPU's busy time (the union of
 kernel intervals), the longest idle gaps between kernels with the kernels on either side and
-the host ops running during the gap, and CUDA time by kernel, from torch.profiler.
+the host ops running during the gap, and CUDA time by kernel, from torch.profiler; then the
+host functions by own time over 20 steps (cProfile).
 
     PYTHONPATH=. python3 tests/gpu/profile_vllm_prefill.py
 """
+import cProfile
+import pstats
 import time
 
 import torch
@@ -82,6 +85,16 @@ def main() -> None:
         report_gaps(*kernel_timeline(prof))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
                                         max_name_column_width=60))
+    for name, fn in (("plugin", plugin), ("direct", direct)):
+        print(f"== {name}: host functions by own time, 20 steps")
+        torch.cuda.synchronize()
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(20):
+            fn()
+        host.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(host).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from hisa.integrations import sglang as sgl_plugin
 from hisa.integrations import vllm as vllm_plugin
 from hisa.integrations._engine_common import (PluginOptions, PooledCacheRegistry, after_import,
                                               as_engine_pages, gather_request_keys, parse_options,
-                                              prefill_select, prefill_windows)
+                                              prefill_select, prefill_windows, request_layout)
 
 from .engine_ref import PAGE, ROW, D, engine_gather, engine_quant_and_cache, new_cache
 
@@ -86,6 +86,18 @@ def test_aligned_gather_matches_engine_gather():
         assert torch.equal(keys.k[s0:s0 + L].view(torch.uint8),
                            k_ref[int(cu[r]):int(cu[r]) + L].view(torch.uint8))
         assert torch.equal(keys.k_scale[s0:s0 + L], s_ref[int(cu[r]):int(cu[r]) + L])
+    # A layout built once for the step (as the plugins keep it) gathers the same buffer; one
+    # built for another block size, request count or total is refused.
+    layout = request_layout(torch.tensor(lens), total=sum(lens), block_size=128)
+    again = gather_request_keys(as_engine_pages(kv, D), bt, torch.tensor(lens), total=sum(lens),
+                                head_dim=D, block_size=128, layout=layout)
+    assert torch.equal(again.k.view(torch.uint8), keys.k.view(torch.uint8))
+    assert torch.equal(again.starts, keys.starts)
+    for wrong in (request_layout(torch.tensor(lens), total=sum(lens), block_size=64),
+                  request_layout(torch.tensor(lens[:3]), total=sum(lens[:3]), block_size=128)):
+        with pytest.raises(ValueError, match="layout: built for"):
+            gather_request_keys(as_engine_pages(kv, D), bt, torch.tensor(lens), total=sum(lens),
+                                head_dim=D, block_size=128, layout=wrong)
 
 
 @pytest.mark.parametrize("mode", ["hisa", "flat"])

@@ -3,6 +3,8 @@
 
 Run: PYTHONPATH=. python3 -m pytest -q tests/gpu/test_fuzz_gpu.py
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,9 +87,11 @@ def test_fuzz_decode_ops_gpu(fuzz_examples):
     run()
 
 
-def test_fuzz_cache_append_gpu(fuzz_examples):
+def test_fuzz_cache_append_gpu(fuzz_examples, fuzz_max_keys):
+    profile = GPU if fuzz_max_keys is None else dataclasses.replace(GPU, max_keys=fuzz_max_keys)
+
     @fuzz(fuzz_examples or EXAMPLES)
-    @given(F.append_cases(GPU))
+    @given(F.append_cases(profile))
     def run(case):
-        F.check_append(case, GPU)
+        F.check_append(case, profile)
     run()

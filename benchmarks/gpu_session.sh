@@ -17,7 +17,7 @@
 #   super_peak     tests/gpu/test_super_gpu.py -k peak (workspace model)  (120)
 #   replay         tests/gpu/replay_fuzz.py --list, then --all             (300)
 #   hardening      tests/gpu/test_hardening_gpu.py                        (200)
-#   overhead       tests/gpu/engines_overhead.py                          (150)
+#   overhead       tests/gpu/engines_overhead.py                          (240)
 #   flat_probe     benchmarks/flat_probe.py                               (150)
 #   decode_tests   tests/gpu/test_decode_gpu.py                           (200)
 #   long           SKIP_TESTS=1 benchmarks/run_long_context.sh            (330)
@@ -51,7 +51,7 @@ step_cmd() {
     super_peak) echo "120 python3 -m pytest -q tests/gpu/test_super_gpu.py -k peak -rs -s" ;;
     replay) echo "300 python3 tests/gpu/replay_fuzz.py --list > $out/replay_list.txt && head -1 $out/replay_list.txt && python3 tests/gpu/replay_fuzz.py --device cuda --all --keep-going --save-inputs $out/failing" ;;
     hardening) echo "200 python3 -m pytest -q tests/gpu/test_hardening_gpu.py -rs" ;;
-    overhead) echo "150 python3 tests/gpu/engines_overhead.py --commit $commit --out $out/engines_overhead.jsonl" ;;
+    overhead) echo "240 python3 tests/gpu/engines_overhead.py --commit $commit --out $out/engines_overhead.jsonl" ;;
     flat_probe) echo "150 python3 benchmarks/flat_probe.py --out $out/flat_probe.jsonl --commit $commit" ;;
     decode_tests) echo "200 python3 -m pytest -q tests/gpu/test_decode_gpu.py -rs" ;;
     long) echo "330 env SKIP_TESTS=1 OUT=$out bash benchmarks/run_long_context.sh $commit" ;;

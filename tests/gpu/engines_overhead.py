@@ -11,9 +11,12 @@ transform (one Triton launch on both sides, :mod:`hisa.cache.slots`), timed as a
 ``SGLANG_LAYERS`` layers (both sides build the step's token grid
 once per step, as the hook does since it keeps the grid on the ForwardBatch) and reported per
 layer. Prefill: the vLLM replacement for one chunk (B-aligned gather + HISA) against gathering
-the request's keys and calling ``hisa_index``, timed as a step of ``PREFILL_LAYERS`` layers in
-which both sides read the windows once (``hisa.plan_windows``). Each row is preceded by a
-check that both sides select the same indices. Target: overhead <= 2 %.
+the request's keys and calling ``hisa_index``, timed as steps of each of
+``PREFILL_LAYER_COUNTS`` layers in which both sides read the windows once
+(``hisa.plan_windows``), then a line through each side's step times splits them into a fixed
+part per step and a part per layer, projected to DeepSeek-V3.2's 61 indexer layers (the fit
+row). Each row is preceded by a check that both sides select the same indices. Target:
+overhead <= 2 %.
 
 Run on a GPU (no vLLM / SGLang needed):
 
@@ -49,9 +52,14 @@ DEVICE = "cuda"
 #: Indexer layers per timed SGLang step (both sides build the step's token grid once and run
 #: the layer's work this many times; DSA models have 61-78 layers, so 4 is conservative).
 SGLANG_LAYERS = 4
-#: Indexer layers of a timed vLLM prefill step (each with its own cache; the step's first
-#: layer reads the windows, the later ones reuse them, on both sides).
-PREFILL_LAYERS = 4
+#: Indexer layers of the timed vLLM prefill steps (each layer with its own cache; the step's
+#: first layer reads the windows, the later ones reuse them, on both sides). A step costs a
+#: fixed part (the first layer's work before its window read, exposed while the GPU waits)
+#: plus a part per layer: the steps of several lengths separate the two (a line through the
+#: times), and the fit row gives the overhead per layer at MODEL_LAYERS.
+PREFILL_LAYER_COUNTS = (1, 4, 16)
+#: Indexer layers of DeepSeek-V3.2 (every one of its 61 layers has one).
+MODEL_LAYERS = 61
 
 
 def fill_context(sim, reqs):
@@ -176,7 +184,7 @@ def sglang_decode_case(batch: int, context: int):
     return plugin, direct, ok, None
 
 
-def prefill_case(context: int, queries: int):
+def prefill_case(context: int, queries: int, layers: int):
     sim = VllmSim(num_pages=context // PAGE + 8, heads=H, device=DEVICE)
     r = Req(random_keys(context, 300))
     r.done = context - queries
@@ -185,7 +193,7 @@ def prefill_case(context: int, queries: int):
     md = to_device(vllm_step_metadata(Step([], [(r, queries)], width=context // PAGE + 4)),
                    DEVICE)
     engine_quant_and_cache(sim.kv, r.keys[context - queries:].to(DEVICE), md.slot_mapping)
-    caches = [sim.kv] + [sim.kv.clone() for _ in range(PREFILL_LAYERS - 1)]   # one per layer
+    caches = [sim.kv] + [sim.kv.clone() for _ in range(layers - 1)]   # one per layer
     q, w = (x.to(DEVICE) for x in random_queries(queries, H, 11))
     calls = []
     for kv in caches:
@@ -224,6 +232,33 @@ def prefill_case(context: int, queries: int):
     return plugin, direct, ok, None
 
 
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ``points`` (x, y)."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - slope * mx, slope
+
+
+def step_fit_row(env: dict, steps: list[tuple[int, float, float]]) -> dict:
+    """The prefill steps' times as fixed + per-layer parts on each side, and the overhead per
+    layer they give at the model's layer count (and of one more layer)."""
+    fixed_p, per_p = fit_line([(n, p) for n, p, _ in steps])
+    fixed_d, per_d = fit_line([(n, d) for n, _, d in steps])
+    at_model = (fixed_p + MODEL_LAYERS * per_p) / (fixed_d + MODEL_LAYERS * per_d) - 1.0
+    return make_row(env, op="vllm prefill plugin overhead, fit over step lengths", mode="hisa",
+                    ms=(fixed_p + MODEL_LAYERS * per_p) / MODEL_LAYERS,
+                    direct_ms=(fixed_d + MODEL_LAYERS * per_d) / MODEL_LAYERS,
+                    overhead=at_model, within_target=at_model <= TARGET_OVERHEAD,
+                    layers_per_step=MODEL_LAYERS, fitted_from_layers=[n for n, _, _ in steps],
+                    fixed_ms_plugin=fixed_p, fixed_ms_direct=fixed_d,
+                    per_layer_ms_plugin=per_p, per_layer_ms_direct=per_d,
+                    marginal_layer_overhead=per_p / per_d - 1.0, cuda_graph=False,
+                    context=32768, queries=4096)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="append JSON rows to this file")
@@ -234,16 +269,19 @@ def main() -> None:
     rows = []
     cases = [("vllm decode", dict(batch=32, context=32768, next_n=1), decode_case, True),
              ("vllm decode", dict(batch=8, context=65536, next_n=2), decode_case, True),
-             ("sglang decode", dict(batch=32, context=32768), sglang_decode_case, True),
-             ("vllm prefill", dict(context=32768, queries=4096), prefill_case, False)]
+             ("sglang decode", dict(batch=32, context=32768), sglang_decode_case, True)]
+    cases += [("vllm prefill", dict(context=32768, queries=4096, layers=n), prefill_case, False)
+              for n in PREFILL_LAYER_COUNTS]
+    steps = []                                   # (layers, plugin ms, direct ms) of prefill
     for name, shape, make, graph in cases:
         plugin, direct, ok, grid = make(**shape)
         if not ok:
             raise SystemExit(f"{name} {shape}: plugin and direct ops select different indices")
-        layers = (SGLANG_LAYERS if name.startswith("sglang") else
-                  PREFILL_LAYERS if name.endswith("prefill") else 1)
+        layers = SGLANG_LAYERS if name.startswith("sglang") else shape.get("layers", 1)
         t_plugin = time_op(plugin, cuda_graph=graph, runs=50).median_ms / layers
         t_direct = time_op(direct, cuda_graph=graph, runs=50).median_ms / layers
+        if name.endswith("prefill"):
+            steps.append((layers, t_plugin * layers, t_direct * layers))
         overhead = t_plugin / t_direct - 1.0
         grid_ms = time_op(grid, runs=50).median_ms if grid is not None else None
         row = make_row(env, op=f"{name} plugin overhead", mode="hisa", ms=t_plugin,
@@ -254,6 +292,8 @@ def main() -> None:
                        next_n=shape.get("next_n"), queries=shape.get("queries"))
         rows.append(row)
         print(json.dumps(row))
+    rows.append(step_fit_row(env, steps))
+    print(json.dumps(rows[-1]))
     if args.out:
         append_rows(args.out, rows)
 

@@ -71,7 +71,7 @@ def report_gaps(kernels: list, host: list) -> None:
 
 
 def main() -> None:
-    plugin, direct, ok, _ = prefill_case(context=32768, queries=4096)
+    plugin, direct, ok, _ = prefill_case(context=32768, queries=4096, layers=4)
     print("same selection:", ok)
     for name, fn in (("plugin", plugin), ("direct", direct)):
         for _ in range(3):

@@ -40,7 +40,7 @@ import torch
 
 from ..ops.indexer.naive import naive_pool_blocks
 from ..ops.indexer.naive_super import naive_pool_supers
-from ..utils.backend import resolve_backend
+from ..utils.backend import resolve_backend, runs_on_device_of
 from ..utils.quant import quantize_fp8
 from ..utils.validate import (FP8_DTYPE, check_device, check_key_scale, check_positive_int,
                               check_same_device, check_shape, check_tensor)
@@ -242,6 +242,7 @@ def _naive_pool_super_rows(pooled_cache, super_cache, page, pos, valid, block_ta
         sup_scale[last] = ss[0]
 
 
+@runs_on_device_of("k")
 def paged_cache_append(kv_cache: torch.Tensor, pooled_cache: torch.Tensor | None,
                        k: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor, *,
                        k_scale: torch.Tensor | None = None,

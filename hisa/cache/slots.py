@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils.backend import runs_on_device_of
 from .layout import PAGE_SIZE
 
 #: Entries of a row per program.
@@ -49,6 +50,7 @@ def _slots_kernel(local_ptr, local_stride, K, table_ptr, table_stride_r, table_s
     tl.store(out_ptr + r * K + c, tl.where(valid, slot, -1).to(tl.int32), mask=inside)
 
 
+@runs_on_device_of("local")
 def positions_to_slots(local: torch.Tensor, *, table: torch.Tensor | None = None,
                        rows: torch.Tensor | None = None,
                        offset: torch.Tensor | None = None) -> torch.Tensor:

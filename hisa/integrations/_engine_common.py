@@ -29,7 +29,7 @@ from ..ops.dsa.index import dsa_index
 from ..ops.dsa.paged import NEXT_N_SUPPORTED, dsa_index_paged
 from ..ops.indexer.decode import hisa_index_paged
 from ..ops.indexer.prefill import WindowPlan, hisa_index, plan_windows
-from ..utils.backend import resolve_backend
+from ..utils.backend import resolve_backend, runs_on_device_of
 from ..utils.validate import BACKENDS, FP8_DTYPE
 
 logger = logging.getLogger("hisa.integrations")
@@ -360,6 +360,7 @@ def request_layout(seq_lens: torch.Tensor, *, total: int, block_size: int) -> Re
     return RequestLayout(lens, starts, total, size, block_size)
 
 
+@runs_on_device_of("pages")
 def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
                         *, total: int, head_dim: int, block_size: int,
                         backend: str = "auto", layout: RequestLayout | None = None

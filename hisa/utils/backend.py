@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 from typing import Callable
 
@@ -50,3 +51,38 @@ def resolve_backend(backend: str, device: torch.device,
         raise ValueError(f"backend: 'triton' needs CUDA tensors (or TRITON_INTERPRET=1), got "
                          f"tensors on {device}")
     return "triton"
+
+
+def _cuda_index(t) -> int | None:
+    """The CUDA device index of tensor ``t``, None for anything else."""
+    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+        return t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return None
+
+
+def runs_on_device_of(arg: str):
+    """Decorator of a public op: while it runs, the CUDA device of its tensor argument ``arg``
+    is the current one.
+
+    Triton launches a kernel on the current device and its current stream, not on the device
+    of the tensors it is given: with the tensors on cuda:1 and cuda:0 current (a model spread
+    over two GPUs, a layer on the second) the launch fails ("cannot be accessed from Triton")
+    or, with peer access, runs on the other device's stream, unordered with the torch ops that
+    wrote its inputs. The guard is entered only when the devices differ, so a call on the
+    current device pays one device query.
+    """
+    def wrap(fn):
+        position = list(inspect.signature(fn).parameters).index(arg)
+
+        @functools.wraps(fn)
+        def on_device(*args, **kwargs):
+            t = args[position] if position < len(args) else kwargs.get(arg)
+            index = _cuda_index(t)
+            if index is not None and index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        on_device.runs_on_device_of = arg
+        return on_device
+    return wrap

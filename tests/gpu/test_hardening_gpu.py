@@ -157,3 +157,38 @@ def test_torch_backend_needs_no_triton_launch(monkeypatch):
     plan = dict(topk=256, block_size=128, block_topk=8)
     assert plan_windows(ks, ke, S, fused=True, **plan) == plan_windows(ks, ke, S, fused=False,
                                                                        **plan)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_run_on_their_tensors_device_not_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current (a model spread over two GPUs): every op
+    launches on cuda:1 and selects what the same call on cuda:0 selects (Triton alone would
+    launch on cuda:0). The paged inputs are drawn on each device from the same seed (the
+    CUDA generator's sequence does not depend on the device)."""
+    from hisa.testing.inputs import IndexerInputs
+    results = {}
+    torch.cuda.set_device(0)
+    host = make_exact_indexer_inputs([3000, 700], heads=64, head_dim=128,
+                                     dtype=torch.float8_e4m3fn, query_lens=[40, 9], seed=4)
+    for dev in ("cuda:0", "cuda:1"):
+        inp = IndexerInputs(*(t.to(dev) for t in (*host.args(), host.k_scale)))
+        kw = dict(k_scale=inp.k_scale, topk=256, backend="triton")
+        plan = hisa.plan_windows(inp.ks, inp.ke, inp.k.shape[0], topk=256, block_size=64,
+                                 block_topk=8)
+        prefill = [hisa.dsa_index(*inp.args(), **kw),
+                   hisa.hisa_index(*inp.args(), block_size=64, block_topk=8, **kw),
+                   hisa.hisa_index(*inp.args(), block_size=64, block_topk=8, plan=plan, **kw)]
+        paged = make_paged_inputs([3000, 100], next_n=2, heads=64, head_dim=128, block_size=64,
+                                  exact=True, q_dtype=torch.float32, device=dev,
+                                  backend="triton")
+        decode = [paged.cache.dsa_index(paged.q, paged.weights, paged.seq_lens,
+                                        paged.block_table, topk=256, backend="triton"),
+                  paged.cache.hisa_index(paged.q, paged.weights, paged.seq_lens,
+                                         paged.block_table, topk=256, block_topk=4,
+                                         backend="triton")]
+        torch.cuda.synchronize(dev)
+        assert torch.cuda.current_device() == 0
+        results[dev] = [t.cpu() for t in prefill + decode + [paged.cache.kv_cache,
+                                                             paged.cache.pooled_cache]]
+    for a, b in zip(results["cuda:0"], results["cuda:1"]):
+        assert torch.equal(a, b)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ...utils.backend import resolve_backend
+from ...utils.backend import resolve_backend, runs_on_device_of
 from ...utils.output import check_out_buffer, finish_output
 from ...utils.validate import check_indexer_inputs, check_positive_int, check_windows
 from .naive import naive_dsa_index
@@ -14,6 +14,7 @@ def _kernel_check(q: torch.Tensor, k: torch.Tensor) -> None:
     check_kernel_shapes(q, k)
 
 
+@runs_on_device_of("q")
 def dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
               ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
               return_scores: bool = False, out: torch.Tensor | None = None,

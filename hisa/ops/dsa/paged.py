@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...cache.layout import PAGE_SIZE, as_pages, cache_head_dim, gather_request_keys
-from ...utils.backend import resolve_backend
+from ...utils.backend import resolve_backend, runs_on_device_of
 from ...utils.output import check_out_buffer, finish_output
 from ...utils.validate import (FLOAT_DTYPES, check_positive_int, check_same_device, check_shape,
                                check_tensor)
@@ -129,6 +129,7 @@ def _kernel_check(q: torch.Tensor, pages: torch.Tensor) -> None:
     decode_operands(q, pages)
 
 
+@runs_on_device_of("q")
 def dsa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, weights: torch.Tensor,
                     seq_lens: torch.Tensor, block_table: torch.Tensor, *, topk: int = 2048,
                     return_scores: bool = False, out: torch.Tensor | None = None,

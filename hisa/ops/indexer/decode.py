@@ -12,7 +12,7 @@ import torch
 
 from ...cache.layout import check_pooled_cache, gather_request_keys, gather_request_pooled
 from ...cache.paged import check_block_size
-from ...utils.backend import resolve_backend
+from ...utils.backend import resolve_backend, runs_on_device_of
 from ...utils.output import check_out_buffer, finish_output
 from ...utils.validate import (FP8_DTYPE, check_hisa_params, check_same_device,
                                check_super_params)
@@ -63,6 +63,7 @@ def _kernel_check(q, pages, block_table, block_size: int, block_topk: int,
         check_decode_super_params(block_size, super_size, super_topk, block_table.shape[1])
 
 
+@runs_on_device_of("q")
 def hisa_index_paged(q: torch.Tensor, kv_cache: torch.Tensor, pooled_cache: torch.Tensor,
                      weights: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, *,
                      topk: int = 2048, block_size: int = 128, block_topk: int = 64,

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ...utils.backend import resolve_backend, triton_installed
+from ...utils.backend import resolve_backend, runs_on_device_of, triton_installed
 from ...utils.output import check_out_buffer, finish_output
 from ...utils.validate import (check_hisa_params, check_indexer_inputs, check_positive_int,
                                check_same_device, check_shape, check_super_params,
@@ -120,6 +120,7 @@ def check_plan(plan: "WindowPlan", ks: torch.Tensor, ke: torch.Tensor, num_keys:
                          f"num_keys={num_keys} and {dict(now[3])}")
 
 
+@runs_on_device_of("ks")
 def plan_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *, topk: int,
                  block_size: int, block_topk: int, super_size: int | None = None,
                  super_topk: int | None = None, fused: bool | None = None) -> WindowPlan:
@@ -253,6 +254,7 @@ def _kernel_check(q: torch.Tensor, k: torch.Tensor, ks: torch.Tensor, ke: torch.
                                                                      plan.max_supers))
 
 
+@runs_on_device_of("q")
 def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
                ke: torch.Tensor, *, k_scale: torch.Tensor | None = None, topk: int = 2048,
                block_size: int = 128, block_topk: int = 64, super_size: int | None = None,

@@ -96,14 +96,26 @@ def test_help_texts_name_only_files_the_repository_has():
             assert (ROOT / name).exists(), f"`{parser.prog} --help` names {name}"
 
 
-def test_bench_help_states_every_default():
+def test_every_commands_help_states_every_default():
+    """``hisa bench --help``, ``hisa eval --help`` and the others: every option says its
+    default (the eval help once gave none)."""
     from hisa.cli import build_parser
-    bench = next(p for p in _all_parsers(build_parser()) if p.prog.endswith(" bench"))
-    for action in bench._actions:
-        if isinstance(action, argparse._HelpAction):
-            continue
-        text = bench._get_formatter()._get_help_string(action)
-        assert "default" in text, f"hisa bench {action.option_strings}: {text!r}"
+    parsers = _all_parsers(build_parser())
+    assert {"hisa bench", "hisa eval", "hisa distill"} <= {p.prog for p in parsers}
+    skip = (argparse._HelpAction, argparse._SubParsersAction, argparse._VersionAction)
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, skip):
+                continue
+            text = parser._get_formatter()._get_help_string(action)
+            assert "default" in (text or ""), f"{parser.prog} {action.option_strings}: {text!r}"
+
+
+def test_eval_results_go_to_the_git_ignored_folder_the_readme_names():
+    from hisa.eval.cli import DEFAULT_OUT
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert f"/{DEFAULT_OUT}/" in ignored
+    assert f"`{DEFAULT_OUT}/` (git-ignored)" in (ROOT / "README.md").read_text()
 
 
 def test_version_is_single_sourced():

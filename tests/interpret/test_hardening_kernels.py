@@ -305,6 +305,42 @@ def test_duplicate_slots_last_writer_wins_and_loser_never_pools(monkeypatch):
         assert torch.equal(c2.kv_cache, w2.kv_cache), scan_max
 
 
+def test_auto_falls_back_end_to_end_past_the_block_limit(monkeypatch):
+    """``backend="auto"`` on a window of more than 32,768 blocks, as on a CUDA tensor (the
+    backend choice is told the device is CUDA): the call runs the reference, selects what
+    ``backend="torch"`` selects, and pools nothing on the way (it once pooled, then raised)."""
+    import hisa.ops.indexer.pipeline as pipeline
+    import hisa.ops.indexer.prefill as prefill
+    from hisa.utils import backend as backend_module
+    S = 32768 * 16 + 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 16, 64, generator=g).to(torch.float8_e4m3fn)
+    k = torch.randn(S, 64, generator=g).to(torch.float8_e4m3fn)
+    w = torch.rand(2, 16, generator=g)
+    ks = torch.tensor([0, S - 10], dtype=torch.int32)
+    ke = torch.tensor([S, S], dtype=torch.int32)
+    scale = torch.ones(S)
+    args = (q, k, w, ks, ke)
+    kw = dict(k_scale=scale, topk=32, block_size=16, block_topk=4)
+    want = hisa.hisa_index(*args, **kw, backend="torch")
+    chosen = []
+
+    def as_if_cuda(backend, device, kernel_check=None):
+        chosen.append(backend_module.resolve_backend(backend, torch.device("cuda"),
+                                                     kernel_check))
+        return chosen[-1]
+
+    def no_pool(*a, **kw):
+        raise AssertionError("pooled before the limit check")
+
+    monkeypatch.setattr(backend_module, "triton_installed", lambda: True)
+    monkeypatch.setattr(prefill, "resolve_backend", as_if_cuda)
+    monkeypatch.setattr(pipeline, "pool_blocks", no_pool)
+    got = hisa.hisa_index(*args, **kw, backend="auto")
+    assert chosen == ["torch"]
+    assert torch.equal(got, want)
+
+
 def test_prefill_block_limit_is_checked_before_pooling(monkeypatch):
     """A window of more than 32,768 blocks (B = 16: 524,288 keys) exceeds the register block
     selection: the Triton pipeline raises before any launch, and the check used by "auto"

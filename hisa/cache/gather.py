@@ -73,7 +73,7 @@ def _gather_kernel(values_ptr, scales_ptr, page_stride, scale_page_stride, table
 
 def gather_request_keys_triton(values: torch.Tensor, scales: torch.Tensor,
                                block_table: torch.Tensor, lens: torch.Tensor,
-                               starts: torch.Tensor, size: int
+                               starts: torch.Tensor, size: int, bad: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k uint8 [size, D], k_scale fp32 [size], bad 0-d bool) of the gather described above.
 
@@ -84,6 +84,8 @@ def gather_request_keys_triton(values: torch.Tensor, scales: torch.Tensor,
         block_table: int32 [R, W]; lens: int32 [R] keys per request; starts: int32 [R] each
             request's first row (non-decreasing, ``starts[r] + lens[r] <= starts[r + 1]``).
         size: rows of the buffer; rows past the last request are zero keys too.
+        bad: a uint8 0-d flag to raise (zeroed by the caller, :mod:`.chunk_windows`'s layout
+            launch; it is only ever set), instead of a fresh zeroed one.
     """
     P, page, D = values.shape
     if page != PAGE_SIZE or values.stride(1) != D or values.stride(2) != 1:
@@ -94,7 +96,7 @@ def gather_request_keys_triton(values: torch.Tensor, scales: torch.Tensor,
     dev = values.device
     k = torch.empty(size, D, dtype=torch.uint8, device=dev)
     k_scale = torch.empty(size, dtype=torch.float32, device=dev)
-    bad = torch.zeros((), dtype=torch.uint8, device=dev)
+    bad = torch.zeros((), dtype=torch.uint8, device=dev) if bad is None else bad.view(torch.uint8)
     if size == 0:
         return k, k_scale, bad.view(torch.bool)
     grid = (triton.cdiv(size, GATHER_ROWS),)

@@ -343,21 +343,44 @@ class RequestLayout:
     total: int
     size: int
     block_size: int
+    #: uint8 0-d bad-page flag, zeroed, for the Triton gathers of this layout to raise (the
+    #: layout launch zeroes it: one fill fewer per gather); None: each gather zeroes its own.
+    bad: torch.Tensor | None = None
 
 
-def request_layout(seq_lens: torch.Tensor, *, total: int, block_size: int) -> RequestLayout:
-    """The :class:`RequestLayout` of requests with ``seq_lens`` (int [R], device) keys,
-    ``total`` = their sum (known on the host), each aligned to ``block_size``. No host sync."""
-    R = seq_lens.shape[0]
+def _aligned_size(total: int, R: int, block_size: int) -> int:
     size = total + R * (block_size - 1)
     if size > INT32_MAX:
         raise ValueError(f"seq_lens: {total} keys over {R} requests need {size} B-aligned rows, "
                          f"more than the int32 windows of the indexer ops address")
+    return size
+
+
+def request_layout(seq_lens: torch.Tensor, *, total: int, block_size: int) -> RequestLayout:
+    """The :class:`RequestLayout` of requests with ``seq_lens`` (int [R], device) keys,
+    ``total`` = their sum (known on the host), each aligned to ``block_size``; a negative
+    count is an empty request. No host sync."""
+    size = _aligned_size(total, seq_lens.shape[0], block_size)
     # int32 like the windows the starts become (prefill_select: no casts per call)
-    lens = seq_lens.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).clamp_min(0).contiguous()
     padded = (lens + block_size - 1) // block_size * block_size
     starts = torch.cumsum(padded, 0, dtype=torch.int32) - padded                # [R]
     return RequestLayout(lens, starts, total, size, block_size)
+
+
+def packed_request_layout(cu_seq_lens: torch.Tensor, *, total: int, block_size: int,
+                          backend: str = "auto") -> RequestLayout:
+    """:func:`request_layout` of the requests packed end to end by ``cu_seq_lens`` (int
+    [R + 1], device; vLLM's chunk metadata): one Triton launch on CUDA, which also zeroes the
+    gathers' bad-page flag (:mod:`hisa.cache.chunk_windows`), the torch ops elsewhere."""
+    R = cu_seq_lens.shape[0] - 1
+    if resolve_backend(backend, cu_seq_lens.device) == "triton":
+        from ..cache.chunk_windows import chunk_layout_triton
+        size = _aligned_size(total, R, block_size)
+        lens, starts, bad = chunk_layout_triton(cu_seq_lens, block_size)
+        return RequestLayout(lens, starts, total, size, block_size, bad)
+    return request_layout(cu_seq_lens[1:] - cu_seq_lens[:-1], total=total,
+                          block_size=block_size)
 
 
 @runs_on_device_of("pages")
@@ -406,7 +429,7 @@ def gather_request_keys(pages: torch.Tensor, block_table: torch.Tensor, seq_lens
     if total and resolve_backend(backend, dev, lambda: _check_gather_kernel(head_dim)) == "triton":
         from ..cache.gather import gather_request_keys_triton
         k, k_scale, bad = gather_request_keys_triton(values, scales, block_table, lens, starts,
-                                                     size)
+                                                     size, bad=layout.bad)
         return RequestKeys(k.view(FP8_DTYPE), k_scale, starts, bad, source)
     k = torch.zeros(size, head_dim, dtype=torch.uint8, device=dev)
     k_scale = torch.ones(size, dtype=torch.float32, device=dev)
@@ -469,9 +492,19 @@ def prefill_windows(keys: RequestKeys, lengths: torch.Tensor, req_of_query: torc
     """
     ks = keys.starts[req_of_query]                                              # int32
     ke = ks + lengths.to(torch.int32)
+    checked = ks if keys.bad_pages is None else torch.where(keys.bad_pages, ke + 1, ks)
+    return planned_windows(keys, checked, ke, topk=topk, options=options)
+
+
+def planned_windows(keys: RequestKeys, ks: torch.Tensor, ke: torch.Tensor, *, topk: int,
+                    options: PluginOptions) -> PrefillWindows:
+    """:class:`PrefillWindows` of windows ``ks`` / ``ke`` (int32 [T]) over ``keys``, already
+    poisoned for a bad page (as :func:`prefill_windows` and
+    :func:`hisa.cache.chunk_windows.chunk_windows_triton` do): their plan in HISA mode (the
+    one host sync), a ValueError naming the page when the read fails because of one."""
     num_keys = keys.k.shape[0]
     key = windows_key(keys, topk, options)
-    checked = ks if keys.bad_pages is None else torch.where(keys.bad_pages, ke + 1, ks)
+    checked = ks
     if options.mode == "flat":
         return PrefillWindows(checked, ke, None, key)
     try:

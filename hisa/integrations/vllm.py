@@ -32,11 +32,13 @@ import sys
 import torch
 
 from ..utils.validate import FP8_DTYPE
+from ..utils.backend import resolve_backend
 from ._engine_common import (PluginOptions, PooledCacheRegistry, PrefillWindows, RequestLayout,
                              StepTokens, after_import, as_engine_pages, decode_select,
                              gather_request_keys, keep_on, log_fallback, logger, options_reason,
-                             parse_options, pool_step, prefill_select, prefill_windows,
-                             request_layout, rows_view, step_tokens, windows_key)
+                             packed_request_layout, parse_options, planned_windows, pool_step,
+                             prefill_select, prefill_windows, rows_view, step_tokens,
+                             windows_key)
 
 ENV_VAR = "HISA_VLLM"
 PINNED_VERSION = "0.33.0"
@@ -207,16 +209,16 @@ def pool_vllm_step(pages: torch.Tensor, pooled: torch.Tensor, md, *, head_dim: i
                   backend=options.backend)
 
 
-def chunk_layout(chunk, block_size: int) -> RequestLayout:
-    """The chunk's :func:`request_layout` (its requests' key counts from ``cu_seq_lens``),
+def chunk_layout(chunk, options: PluginOptions) -> RequestLayout:
+    """The chunk's request layout (:func:`packed_request_layout` of its ``cu_seq_lens``),
     built by the step's first indexer layer and kept on the chunk like its windows
     (:func:`chunk_windows`), for the same block size and key total."""
     total = int(chunk.total_seq_lens)
     kept = getattr(chunk, "_hisa_request_layout", None)
-    if kept is not None and (kept.block_size, kept.total) == (block_size, total):
+    if kept is not None and (kept.block_size, kept.total) == (options.block_size, total):
         return kept
-    lens = chunk.cu_seq_lens[1:] - chunk.cu_seq_lens[:-1]
-    layout = request_layout(lens, total=total, block_size=block_size)
+    layout = packed_request_layout(chunk.cu_seq_lens, total=total,
+                                   block_size=options.block_size, backend=options.backend)
     keep_on(chunk, "_hisa_request_layout", layout)
     return layout
 
@@ -233,8 +235,14 @@ def chunk_windows(chunk, keys, topk: int, options: PluginOptions) -> PrefillWind
     if kept is not None and kept.key == windows_key(keys, topk, options):
         return kept
     ks, ke = chunk.cu_seqlen_ks, chunk.cu_seqlen_ke
-    windows = prefill_windows(keys, ke - ks, chunk_requests(chunk, ks), topk=topk,
-                              options=options)
+    if resolve_backend(options.backend, ks.device) == "triton":
+        # One launch for every query's request, aligned window and bad-page poison.
+        from ..cache.chunk_windows import chunk_windows_triton
+        aligned = chunk_windows_triton(chunk.cu_seq_lens, ks, ke, keys.starts, keys.bad_pages)
+        windows = planned_windows(keys, *aligned, topk=topk, options=options)
+    else:
+        windows = prefill_windows(keys, ke - ks, chunk_requests(chunk, ks), topk=topk,
+                                  options=options)
     keep_on(chunk, "_hisa_prefill_windows", windows)
     return windows
 
@@ -252,7 +260,7 @@ def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOpti
     keys = None
     for chunk in md.prefill.chunks:
         if keys is None or not chunk.skip_kv_gather:
-            layout = chunk_layout(chunk, options.block_size)
+            layout = chunk_layout(chunk, options)
             keys = gather_request_keys(pages, chunk.block_table, layout.lens,
                                        total=layout.total, head_dim=D,
                                        block_size=options.block_size, backend=options.backend,

@@ -343,6 +343,29 @@ def request_gather(ctx):
     return f"requests {DECODE_LENS} D={D} B={B}"
 
 
+def chunk_windows(ctx):
+    """The vLLM chunk's layout and window launches against their torch twins (requests of the
+    decode cache's lengths, a few queries each at its request's end)."""
+    from hisa.cache.chunk_windows import chunk_layout_triton, chunk_windows_triton
+    from hisa.integrations._engine_common import request_layout
+    dev = ctx.device
+    lens = torch.tensor(DECODE_LENS, device=dev)
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(torch.int32)
+    ks = torch.cat([cu[r].repeat(3) for r in range(len(DECODE_LENS)) if DECODE_LENS[r] >= 3])
+    ke = torch.cat([cu[r] + DECODE_LENS[r] - 2 + torch.arange(3, device=dev)
+                    for r in range(len(DECODE_LENS)) if DECODE_LENS[r] >= 3]).to(torch.int32)
+    got_lens, got_starts, bad = chunk_layout_triton(cu, B)
+    got_ks, got_ke = chunk_windows_triton(cu, ks, ke, got_starts, bad)
+    _sync(ctx)
+    want = request_layout(lens, total=sum(DECODE_LENS), block_size=B)
+    assert torch.equal(got_lens, want.lens) and torch.equal(got_starts, want.starts), "layout"
+    req = torch.searchsorted(cu[1:].contiguous(), ks, right=True)
+    assert torch.equal(got_ks, want.starts[req]), "window starts differ"
+    assert torch.equal(got_ke, want.starts[req] + (ke - ks)), "window ends differ"
+    assert int(bad) == 0, "bad-page flag not zeroed"
+    return f"requests {DECODE_LENS} B={B}, {ks.numel()} queries"
+
+
 def slot_transform(ctx):
     """Positions -> KV slots through the page table (rows given: prefill rows read their
     request's table row) and ragged offsets, against the torch ops of transform_output."""
@@ -408,6 +431,8 @@ CASES = [
                    "decode_super._candidate_select_kernel")),
     Case("request_gather", request_gather, launches=("gather._gather_kernel",)),
     Case("slot_transform", slot_transform, launches=("slots._slots_kernel",)),
+    Case("chunk_windows", chunk_windows, launches=("chunk_windows._layout_kernel",
+                                                   "chunk_windows._windows_kernel")),
 ]
 
 

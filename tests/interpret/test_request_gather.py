@@ -70,8 +70,9 @@ def test_a_request_longer_than_its_table_row_is_flagged(backend):
 
 def test_the_triton_gather_is_one_launch_and_no_sync():
     """Host work of the gather (hisa.testing.launches): the Triton path is one launch, no host
-    sync and at most 9 small aten kernels (the starts, the allocations); the torch path it
-    replaces dispatches 36 (at this commit) and no launch."""
+    sync and at most 10 small aten kernels (the layout's 7, negative counts clamped to empty
+    since the layout launch does so too, and the 3 allocations); the torch path it replaces
+    dispatches 36 (at this commit) and no launch."""
     from hisa.testing.launches import measure
     kv = new_cache(40)
     engine_quant_and_cache(kv, torch.randn(40 * PAGE, D), torch.arange(40 * PAGE))
@@ -85,5 +86,5 @@ def test_the_triton_gather_is_one_launch_and_no_sync():
                                                    backend=backend))
     fused, torch_ops = gather("triton"), gather("torch")
     assert (fused.num_launches, fused.num_syncs) == (1, 0)
-    assert fused.num_aten_kernels <= 9, fused.report()
+    assert fused.num_aten_kernels <= 10, fused.report()
     assert torch_ops.num_syncs == 0 and torch_ops.num_aten_kernels > 3 * fused.num_aten_kernels

@@ -116,7 +116,9 @@ def variants(out_dir):
     var = {"split": dict(fuse_block_select=False, radix=1),
            "split_r2": dict(fuse_block_select=False, radix=2),
            "fused_r1": dict(fuse_block_select=True, radix=1),
-           "fused_r2": dict(fuse_block_select=True, radix=2)}
+           "fused_r2": dict(fuse_block_select=True, radix=2),
+           "split_r8": dict(fuse_block_select=False, radix=8),
+           "fused_r8": dict(fuse_block_select=True, radix=8)}
     print(f"{'ctx':>7} {'b':>4} {'flat':>7} " + " ".join(f"{k:>9}" for k in var)
           + f" {'blk':>6} {'+tok':>6} {'same':>5}")
     lines = []

@@ -247,10 +247,11 @@ def test_triton_decode_is_deterministic():
 
 
 @pytest.mark.parametrize("fuse,radix,programs", [(False, 1, None), (False, 2, 1),
-                                                 (True, 1, 3), (True, 2, None)])
+                                                 (True, 1, 3), (True, 2, None), (False, 8, 2),
+                                                 (True, 8, None)])
 def test_hisa_decode_variants_match_reference(fuse, radix, programs):
-    """Every kernel variant (block selection fused or not, 1- or 2-bit selection passes, any
-    token programs per row) selects the reference's set."""
+    """Every kernel variant (block selection fused or not, 1- or 2-bit or byte-histogram
+    selection passes, any token programs per row) selects the reference's set."""
     B, M = 64, 4
     inp = make_paged_inputs(LENGTHS, next_n=2, heads=H, head_dim=D, block_size=B,
                             q_dtype=torch.float32, seed=11)
@@ -265,7 +266,33 @@ def test_hisa_decode_variants_match_reference(fuse, radix, programs):
     assert_same_selection(got, ref, torch.zeros_like(lens), full_logits(inp), rtol=1e-5)
 
 
-@pytest.mark.parametrize("radix", [1, 2])
+@pytest.mark.parametrize("K", [1, 7, 300, 1023])
+def test_byte_histogram_selection_equals_the_bit_passes(K):
+    """RADIX = 8 (a 256-bin histogram per byte) selects exactly RADIX = 1's entries, in the
+    same output slots, on rows whose keys tie in their high bytes (a few distinct values),
+    share all but the last byte, hold NaN / +-inf / outside markers, or have fewer selectable
+    keys than K."""
+    N = 1024
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(6, N, generator=g)
+    x[0] = torch.randint(0, 4, (N,), generator=g).float()             # 4 values: ties
+    x[1] = 1.0 + torch.randint(0, 200, (N,), generator=g).float() * 2 ** -23   # last byte
+    x[2, ::3] = float("nan")
+    x[2, 1::7] = float("inf")
+    x[2, 2::11] = float("-inf")
+    mark_outside(x[3], torch.arange(N) % 5 != 0)                       # 205 selectable
+    mark_outside(x[4], torch.arange(N) >= 3)                           # 3 selectable
+    x[5] = -x[5].abs()                                                 # negatives only
+    outs = []
+    for radix in (1, 8):
+        out = torch.empty(6, N, dtype=torch.int32)
+        _select_rows_kernel[(6,)](x, out, K=K, N=N, R=radix)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert int((outs[1][4] >= 0).sum()) == min(K, 3)
+
+
+@pytest.mark.parametrize("radix", [1, 2, 8])
 def test_decode_select_ties_and_short_rows(radix):
     """Massive ties (early exit never fires), fewer selectable keys than k, distinct keys, and
     non-finite scores: the selection keeps the k largest, ties to the lower index,

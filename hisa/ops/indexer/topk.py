@@ -136,16 +136,36 @@ def _radix_threshold(keys, need, RADIX: tl.constexpr):
     or above it (that set already is the top ``need``), which for continuous scores skips the
     low mantissa bits. ``RADIX = 2`` settles two bits per pass by counting three candidates in
     one int64 ``tl.sum`` of packed indicators; on H200 rows of 1K-8K keys it measured slower
-    than ``RADIX = 1`` (benchmarks/decode_notes.md). Returns 0 when fewer than ``need`` keys
+    than ``RADIX = 1`` (benchmarks/decode_notes.md). ``RADIX = 8`` settles a byte per pass
+    (at most 4): one 256-bin ``tl.histogram`` of the next byte of the keys that match the bits
+    settled so far, then the byte whose suffix count first reaches the keys still needed
+    (a radix select; its early exit is the same). Returns 0 when fewer than ``need`` keys
     are positive.
     """
     thr = tl.zeros([], dtype=tl.uint32)
     shift = tl.full([], 32, tl.int32)
+    rem = tl.zeros([], dtype=tl.int32) + need       # RADIX 8: keys still to take at the prefix
     go = shift > 0
     while go:
         shift -= RADIX
         one = tl.full([], 1, tl.uint32) << shift.to(tl.uint32)
-        if RADIX == 2:
+        if RADIX == 8:
+            upper = shift + 8                             # bits >= upper are settled in thr
+            high = tl.full([], 0xFFFFFFFF, tl.uint32) << tl.minimum(upper, 31).to(tl.uint32)
+            high = tl.where(upper >= 32, tl.zeros_like(high), high)
+            match = (keys & high) == thr
+            digit = ((keys >> shift.to(tl.uint32)) & 0xFF).to(tl.int32)
+            hist = tl.histogram(digit, 256, mask=match)                            # [256]
+            bins = tl.arange(0, 256)
+            at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist     # digit >= bin
+            d = tl.maximum(tl.sum((at_least >= rem).to(tl.int32), axis=0) - 1, 0)
+            ge_d = tl.sum(tl.where(bins == d, at_least, 0), axis=0)
+            above = ge_d - tl.sum(tl.where(bins == d, hist, 0), axis=0)           # digit > d
+            thr = thr | (d.to(tl.uint32) << shift.to(tl.uint32))
+            # Exactly the keys still needed at or above this byte: the top set is settled.
+            cnt = tl.where(ge_d == rem, need, -1)
+            rem = rem - above
+        elif RADIX == 2:
             c1 = thr | one
             c2 = thr | (one << 1)
             c3 = c2 | one

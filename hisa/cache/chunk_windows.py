@@ -11,8 +11,9 @@ plugins gather the keys request-aligned instead (each request starting at a mult
 * ``_windows_kernel`` (one program per ``WINDOW_ROWS`` queries): each query's request by a
   binary search over ``cu_seq_lens`` (the requests ending at or before its ``ks``), then
   ``[start, start + ke - ks)``; a window is turned the wrong way round (``ks = ke + 1``) when
-  the gather raised the bad-page flag or the query's ``ks`` lies past the last request, so the
-  window read of the indexer op fails and the caller names the page (or the windows).
+  the gather raised the bad-page flag or the query's ``ks`` lies past the last request (read
+  at the last request's start), so the window read of the indexer op fails and the caller
+  names the page (or the windows).
 
 The first layer of a step waits for these at its window read while the host launches them:
 each small torch kernel there is host time the GPU idles for (an H200 profile of the vLLM
@@ -74,7 +75,9 @@ def _windows_kernel(cu_ptr, cks_ptr, cke_ptr, starts_ptr, bad_ptr, ks_ptr, ke_pt
         lo = tl.where(go_right, mid + 1, lo)
         hi = tl.where(searching & ~go_right, mid, hi)
     known = lo < R
-    start = tl.load(starts_ptr + lo, mask=live & known, other=0).to(tl.int64)
+    # Past the last request: that request's start (the torch twin clamps alike), poisoned.
+    start = tl.load(starts_ptr + tl.minimum(lo, R - 1), mask=live & (R > 0),
+                    other=0).to(tl.int64)
     ke = start + (cke - cks)
     poisoned = (tl.load(bad_ptr) != 0) | ~known
     tl.store(ks_ptr + t, tl.where(poisoned, ke + 1, start).to(tl.int32), mask=live)
@@ -104,6 +107,9 @@ def chunk_windows_triton(cu_seq_lens: torch.Tensor, cu_seqlen_ks: torch.Tensor,
     or the query's ``ks`` lies past the last request."""
     T = cu_seqlen_ks.shape[0]
     R = cu_seq_lens.shape[0] - 1
+    if starts.shape[0] != R:
+        raise ValueError(f"starts: expected one start per request of cu_seq_lens ({R}), got "
+                         f"{starts.shape[0]} (keys gathered for another chunk's requests?)")
     dev = cu_seqlen_ks.device
     if bad is None:
         bad = torch.zeros((), dtype=torch.uint8, device=dev)

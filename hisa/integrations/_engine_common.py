@@ -484,15 +484,21 @@ def windows_key(keys: RequestKeys, topk: int, options: PluginOptions) -> tuple:
 
 
 def prefill_windows(keys: RequestKeys, lengths: torch.Tensor, req_of_query: torch.Tensor, *,
-                    topk: int, options: PluginOptions) -> PrefillWindows:
+                    topk: int, options: PluginOptions,
+                    invalid: torch.Tensor | None = None) -> PrefillWindows:
     """The windows of :func:`prefill_select` and, in HISA mode, their plan (one host sync).
 
     A page outside the cache (``keys.bad_pages``) empties every window the wrong way round
-    (ks > ke), so the plan's window read fails and the page is named instead.
+    (ks > ke), so the plan's window read fails and the page is named instead; ``invalid``
+    (bool [T], optional) does the same for the queries it marks (a request index the caller
+    found out of range and clamped).
     """
     ks = keys.starts[req_of_query]                                              # int32
     ke = ks + lengths.to(torch.int32)
-    checked = ks if keys.bad_pages is None else torch.where(keys.bad_pages, ke + 1, ks)
+    poison = keys.bad_pages
+    if invalid is not None:
+        poison = invalid if poison is None else poison | invalid
+    checked = ks if poison is None else torch.where(poison, ke + 1, ks)
     return planned_windows(keys, checked, ke, topk=topk, options=options)
 
 

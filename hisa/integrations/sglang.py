@@ -251,13 +251,14 @@ def topk_ragged(indexer, forward_batch, layer_id: int, q_fp8: torch.Tensor,
     if table.shape[0] == 0 or T == 0:
         return topk_result
     seq_lens = metadata.get_indexer_seq_len()
-    # Where each request's keys go (the same for every layer), then each layer's gather.
+    total = int(metadata.get_indexer_seq_len_cpu().sum())       # host tensor: no sync
+    # Where each request's keys go (the same for every layer), then each layer's gather,
+    # which refuses a kept layout built for another total.
     layout = kept_for_pass(
         forward_batch, "_hisa_request_layout", layer_id,
-        (options.block_size,) + _addresses(seq_lens),
-        lambda: request_layout(seq_lens, total=int(metadata.get_indexer_seq_len_cpu().sum()),
-                               block_size=options.block_size))
-    keys = gather_request_keys(pages, table, seq_lens, total=layout.total, head_dim=HEAD_DIM,
+        (options.block_size, total) + _addresses(seq_lens),
+        lambda: request_layout(seq_lens, total=total, block_size=options.block_size))
+    keys = gather_request_keys(pages, table, seq_lens, total=total, head_dim=HEAD_DIM,
                                block_size=options.block_size, backend=options.backend,
                                layout=layout)
     # The windows and their plan (the one host read) once per pass, as the step's tokens.

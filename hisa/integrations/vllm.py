@@ -32,7 +32,7 @@ import sys
 import torch
 
 from ..utils.validate import FP8_DTYPE
-from ..utils.backend import resolve_backend
+from ..utils.backend import on_device_of, resolve_backend
 from ._engine_common import (PluginOptions, PooledCacheRegistry, PrefillWindows, RequestLayout,
                              StepTokens, after_import, as_engine_pages, decode_select,
                              gather_request_keys, keep_on, log_fallback, logger, options_reason,
@@ -241,8 +241,12 @@ def chunk_windows(chunk, keys, topk: int, options: PluginOptions) -> PrefillWind
         aligned = chunk_windows_triton(chunk.cu_seq_lens, ks, ke, keys.starts, keys.bad_pages)
         windows = planned_windows(keys, *aligned, topk=topk, options=options)
     else:
-        windows = prefill_windows(keys, ke - ks, chunk_requests(chunk, ks), topk=topk,
-                                  options=options)
+        # A ks at or past the last request's end (inconsistent metadata) names no request:
+        # clamped for the read and its window poisoned, as the launch above does.
+        req = chunk_requests(chunk, ks)
+        last = keys.starts.shape[0] - 1
+        windows = prefill_windows(keys, ke - ks, req.clamp_max(last), topk=topk,
+                                  options=options, invalid=req > last)
     keep_on(chunk, "_hisa_prefill_windows", windows)
     return windows
 
@@ -262,7 +266,7 @@ def run_prefill(call: dict, md, pages: torch.Tensor, engine, options: PluginOpti
         if keys is None or not chunk.skip_kv_gather:
             layout = chunk_layout(chunk, options)
             keys = gather_request_keys(pages, chunk.block_table, layout.lens,
-                                       total=layout.total, head_dim=D,
+                                       total=int(chunk.total_seq_lens), head_dim=D,
                                        block_size=options.block_size, backend=options.backend,
                                        layout=layout)
             if shard is not None:
@@ -350,7 +354,16 @@ def run_decode(call: dict, md, pages: torch.Tensor, pooled: torch.Tensor | None,
 
 def run_indexer(call: dict, md, engine, options: PluginOptions,
                 registry: PooledCacheRegistry = POOLED) -> torch.Tensor:
-    """The replacement of vLLM's ``sparse_attn_indexer`` for one layer's call.
+    """The replacement of vLLM's ``sparse_attn_indexer`` for one layer's call, with the CUDA
+    device of the layer's cache current (every launch of the call on one device and stream:
+    the prefill chunk's layout and windows launches are not public ops of their own)."""
+    with on_device_of(call["kv_cache"]):
+        return _run_indexer(call, md, engine, options, registry)
+
+
+def _run_indexer(call: dict, md, engine, options: PluginOptions,
+                 registry: PooledCacheRegistry) -> torch.Tensor:
+    """:func:`run_indexer` on the current device.
 
     ``md`` is the layer's ``DeepseekV32IndexerMetadata``. ``engine`` provides ``original(call,
     md)`` (the engine's own function, with the metadata narrowed to one half when given),

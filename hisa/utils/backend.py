@@ -1,6 +1,7 @@
 """Backend choice shared by the public ops: "torch" references or "triton" kernels."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -60,6 +61,15 @@ def _cuda_index(t) -> int | None:
     return None
 
 
+def on_device_of(t):
+    """A context in which the CUDA device of tensor ``t`` is current (a no-op when it already
+    is, or ``t`` is not a CUDA tensor): see :func:`runs_on_device_of`."""
+    index = _cuda_index(t)
+    if index is not None and index != torch.cuda.current_device():
+        return torch.cuda.device(index)
+    return contextlib.nullcontext()
+
+
 def runs_on_device_of(arg: str):
     """Decorator of a public op: while it runs, the CUDA device of its tensor argument ``arg``
     is the current one.
@@ -76,12 +86,8 @@ def runs_on_device_of(arg: str):
 
         @functools.wraps(fn)
         def on_device(*args, **kwargs):
-            t = args[position] if position < len(args) else kwargs.get(arg)
-            index = _cuda_index(t)
-            if index is not None and index != torch.cuda.current_device():
-                with torch.cuda.device(index):
-                    return fn(*args, **kwargs)
-            return fn(*args, **kwargs)
+            with on_device_of(args[position] if position < len(args) else kwargs.get(arg)):
+                return fn(*args, **kwargs)
 
         on_device.runs_on_device_of = arg
         return on_device

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from hisa.cache.chunk_windows import LAYOUT_TILE, chunk_layout_triton, chunk_windows_triton
-from hisa.integrations._engine_common import packed_request_layout, request_layout
+from hisa.integrations import vllm as vllm_plugin
+from hisa.integrations._engine_common import (PluginOptions, RequestKeys,
+                                              packed_request_layout, request_layout)
 from hisa.integrations.vllm import chunk_requests
 
 
@@ -56,8 +58,9 @@ def test_layout_and_windows_equal_the_torch_ops(seed):
 
 def test_a_query_past_the_last_request_gets_a_poisoned_window():
     """Inconsistent metadata (a ks at or past the last request's end) is not read out of the
-    starts: the window comes back the wrong way round, so the op's window check names it; a
-    negative key count is an empty request, as in the torch twin."""
+    starts: the window comes back the wrong way round, so the op's window check names it, on
+    the torch path too; a negative key count is an empty request in both; starts of another
+    request count are refused."""
     cu = torch.tensor([0, 100, 90, 300], dtype=torch.int32)          # request 1: -10 keys
     lens, starts, bad = chunk_layout_triton(cu, 64)
     want = request_layout(cu[1:] - cu[:-1], total=300, block_size=64)
@@ -68,3 +71,11 @@ def test_a_query_past_the_last_request_gets_a_poisoned_window():
     got_ks, got_ke = chunk_windows_triton(cu, ks, ke, starts, None)
     assert got_ks[0] == 0 and got_ke[0] == 5
     assert bool((got_ks[1:] > got_ke[1:]).all())
+    # The vLLM plugin's torch path poisons the same windows (it indexed past the starts).
+    chunk = SimpleNamespace(cu_seq_lens=cu, cu_seqlen_ks=ks, cu_seqlen_ke=ke)
+    keys = RequestKeys(torch.zeros(500, 64, dtype=torch.float8_e4m3fn), torch.ones(500), starts)
+    opts = PluginOptions(block_size=64, block_topk=2, mode="flat", backend="torch")
+    twin = vllm_plugin.chunk_windows(chunk, keys, 16, opts)
+    assert torch.equal(twin.ks, got_ks) and torch.equal(twin.ke, got_ke)
+    with pytest.raises(ValueError, match="starts: expected one start per request"):
+        chunk_windows_triton(cu, ks, ke, starts[:2], None)

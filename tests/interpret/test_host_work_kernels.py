@@ -46,13 +46,13 @@ THREE_LEVEL_ATEN_BUDGET = 40
 #: gather's 2 buffers, the row clear, the pipeline's 8 buffers); 19 when every layer rebuilt
 #: the request layout of the gather (lengths, padding, starts) that the step now keeps, 12
 #: while each gather zeroed its own bad-page flag.
-VLLM_LATER_LAYER_ATEN_BUDGET = 12
+VLLM_LATER_LAYER_ATEN_BUDGET = 11
 #: The step's first layer (measured 36 under the interpreter, whose window plan is torch ops:
 #: the 2 layout and windows launches' 5 buffers instead of 11 small torch kernels, the plan's
 #: 20, the gather's and pipeline's buffers, the row clear); 45 before those launches. On a GPU
 #: the plan is one launch too, so the first layer's kernels before its window read are 7
 #: (layout, gather, windows, two window copies, the plan's launch and its read), not 17.
-VLLM_FIRST_LAYER_ATEN_BUDGET = 37
+VLLM_FIRST_LAYER_ATEN_BUDGET = 36
 
 
 def _inputs(seq, ql=None):

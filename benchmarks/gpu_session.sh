@@ -26,6 +26,7 @@
 #   san_race       sanitize.sh, racecheck-kernels only (16 cases, ~25 s each) (540)
 #   san_fuzz       sanitize.sh, the memcheck fuzz families + racecheck-fuzz-decode (540)
 #   decode_variants benchmarks/decode_probe.py --variants (selection radix 1/2/8, fused) (200)
+#   select_probe   benchmarks/select_probe.py (prefill token select: warps, radix 1/8) (150)
 # Exits 1 when any step failed or ran out of time (its log says how), 0 otherwise.
 set -u
 commit=${1:?commit}
@@ -58,6 +59,7 @@ step_cmd() {
     long) echo "330 env SKIP_TESTS=1 OUT=$out bash benchmarks/run_long_context.sh $commit" ;;
     sanitize) echo "540 bash tests/gpu/sanitize.sh $out/san" ;;
     profile_vllm) echo "120 python3 tests/gpu/profile_vllm_prefill.py" ;;
+    select_probe) echo "150 python3 benchmarks/select_probe.py" ;;
     decode_variants) echo "200 python3 benchmarks/decode_probe.py --variants --out $out/decode_variants" ;;
     san_race) echo "540 env SANITIZE_ONLY=racecheck-kernels bash tests/gpu/sanitize.sh $out/san" ;;
     san_fuzz) echo "540 env 'SANITIZE_ONLY=memcheck-fuzz-exact memcheck-fuzz-prefill memcheck-fuzz-decode memcheck-fuzz-append racecheck-fuzz-decode' bash tests/gpu/sanitize.sh $out/san" ;;

@@ -8,6 +8,10 @@ Outcome (H200): select_tokens 4 / 8 / 16 warps: 4.15 / 6.07 / 6.82 ms; topk_rows
 2.43 ms; all identical outputs. Second probe: 2 warps (prediction: a little faster still, or
 equal, as reductions get cheaper but each thread serialises 128 keys). Outcome: 2 warps
 5.40 ms / 2.17 ms, slower than 4: four warps stay the default.
+Third probe (session 7): the byte-histogram threshold search (`radix=8`: at most 4 passes of
+one 256-bin `tl.histogram` instead of ~20 single-bit reductions). Prediction: select_tokens at
+64K x 8,192 from ~4.1 ms to 2-3 ms at 4 warps; slower instead if the histogram serializes on
+shared-memory atomics. Outcome: not yet measured.
 Every variant's output is compared with the default's (identical indices required).
 Run: PYTHONPATH=. python3 benchmarks/select_probe.py
 """
@@ -33,11 +37,13 @@ def main():
     ids = torch.arange(M, device=dev, dtype=torch.int32).repeat(T, 1)
     ks = torch.zeros(T, dtype=torch.int32, device=dev)
     ref, _ = select_tokens(scores, ids, ks, block_size=B, topk=K)
-    for w in (2, 4, 8):
-        out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w)
+    for w, r in ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8)):
+        out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w, radix=r)
         same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
-        ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w))
-        print(f"select_tokens T={T} MB={M * B} warps={w}: {ms:.3f} ms same={same}", flush=True)
+        ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w,
+                                         radix=r))
+        print(f"select_tokens T={T} MB={M * B} warps={w} radix={r}: {ms:.3f} ms same={same}",
+              flush=True)
     del scores
     R, W = 4096, 65536
     x = torch.randn(R, W, device=dev)

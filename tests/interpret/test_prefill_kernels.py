@@ -212,7 +212,7 @@ def test_hisa_index_matches_naive_pipeline(dtype):
 
 
 def test_prefill_stages_compute_the_end_to_end_result():
-    inp = _inputs([100, 0, 9, 12], torch.float8_e4m3fn, seed=10)
+    inp = _inputs([100, 0, 9, 12], torch.float8_e4m3fn, seed=10, query_lens=[16, 0, 9, 12])
     idx, _ = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
                                block_topk=M)
     # FP8 keys: the FP8 pre-selection, then the re-score on the fp32 reps (the default)
@@ -307,3 +307,24 @@ def test_rescore_margin_is_validated():
             hisa_index_triton(*inp.args(), rescore_margin=bad, **kw)
     with pytest.raises(ValueError, match="rescore_margin"):
         hisa_index_triton(*inp.args(), rescore_margin=2, reps_dtype=torch.float8_e4m3fn, **kw)
+
+
+def test_token_selection_by_byte_histogram_equals_the_bit_passes():
+    """``select_tokens(radix=8)`` (the byte-histogram threshold search, a probe variant)
+    returns RADIX = 1's indices and scores, slot for slot: continuous scores, scores tied in
+    their high bytes, rows with fewer selectable candidates than k, NaN and infinities."""
+    T, M, B, K = 6, 4, 16, 20
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randn(T, M * B, generator=g)
+    scores[1] = torch.randint(0, 3, (M * B,), generator=g).float()           # 3 values
+    scores[2] = 1.0 + torch.randint(0, 9, (M * B,), generator=g).float() * 2 ** -23
+    mark_outside(scores[3], torch.arange(M * B) >= 11)                        # 11 < K
+    scores[4, ::5] = float("nan")
+    scores[4, 1::9] = float("inf")
+    scores[5, ::2] = float("-inf")
+    ids = torch.randint(0, 50, (T, M), generator=g, dtype=torch.int32)
+    ks = torch.randint(0, 8, (T,), generator=g, dtype=torch.int32)
+    a = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True)
+    b = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True, radix=8)
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32))

@@ -36,9 +36,9 @@ def _forget(md):
 
 def test_triton_path_selects_what_the_torch_path_selects():
     sim = VllmSim(heads=16)
-    reqs = [sim.request(n, s) for n, s in ((200, 1), (110, 2), (60, 3))]
+    reqs = [sim.request(n, s) for n, s in ((150, 1), (80, 2), (40, 3))]
     res = sim.step([], [(r, r.keys.shape[0]) for r in reqs], TRITON, topk=32,
-                   chunk_budget=210, query_split=80)
+                   chunk_budget=160, query_split=60)
     assert len(res.md.prefill.chunks) >= 2
     assert any(c.skip_kv_gather for c in res.md.prefill.chunks)
     _forget(res.md)

@@ -41,13 +41,15 @@ def _select_block_row(src_ptr, n, first, ids_ptr, M: tl.constexpr, M_PAD: tl.con
 @triton.jit
 def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
                       B: tl.constexpr, MB: tl.constexpr, MB_PAD: tl.constexpr,
-                      K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr):
+                      K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr,
+                      RADIX: tl.constexpr = 1):
     """Top-K of the MB candidate scores src[0:MB] (candidate c = token c % B of block
-    ids[c // B]); writes offsets relative to s0 (and scores), -1 / -inf padded."""
+    ids[c // B]); writes offsets relative to s0 (and scores), -1 / -inf padded. ``RADIX``: bits
+    settled per pass of the threshold search (:func:`~.topk._radix_threshold`)."""
     i = tl.arange(0, MB_PAD)
     v = tl.load(src_ptr + i, mask=i < MB, other=0.0, cache_modifier=".cg")
     keys = _masked_key(v, i < MB)
-    thr = _radix_threshold(keys, K, 1)
+    thr = _radix_threshold(keys, K, RADIX)
     sel = _select_mask(keys, K, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     blk = tl.load(ids_ptr + i // B, mask=sel, other=0)
@@ -78,11 +80,12 @@ def _select_blocks_kernel(scores_ptr, stride_s, ks_ptr, ke_ptr, ids_ptr, T,
 @triton.jit
 def _select_tokens_kernel(scores_ptr, ids_ptr, ks_ptr, out_idx_ptr, out_val_ptr,
                           B: tl.constexpr, M: tl.constexpr, MB_PAD: tl.constexpr,
-                          K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr):
+                          K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr,
+                          RADIX: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     _select_token_row(scores_ptr + t * (M * B), ids_ptr + t * M, tl.load(ks_ptr + t),
                       out_idx_ptr + t * K, out_val_ptr + t * K, B, M * B, MB_PAD, K, K_PAD,
-                      WRITE_VALS)
+                      WRITE_VALS, RADIX)
 
 
 #: Warps per program of the prefill token selection (8,192 candidates a row). Measured on H200
@@ -117,8 +120,12 @@ def select_blocks(block_scores: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
 def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch.Tensor, *,
                   block_size: int, topk: int, out: torch.Tensor | None = None,
                   need_scores: bool = False, out_scores: torch.Tensor | None = None,
-                  num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  num_warps: int | None = None, radix: int = 1
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k of fp32 [T, m*B] candidate scores mapped to offsets relative to ks.
+
+    ``num_warps`` and ``radix`` (1, 2 or 8 bits per pass of the threshold search) override the
+    defaults, for probes (benchmarks/select_probe.py): the selected entries are the same.
 
     Returns (int32 [T, topk], -1 padded; fp32 [T, topk] or None). Twin:
     ``naive_to_offsets(*naive_select_tokens(...)[:1], ks)``.
@@ -140,6 +147,6 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
                                     vals if vals is not None else token_scores,
                                     B=block_size, M=M, MB_PAD=mb_pad, K=topk,
                                     K_PAD=triton.next_power_of_2(topk),
-                                    WRITE_VALS=vals is not None,
+                                    WRITE_VALS=vals is not None, RADIX=radix,
                                     num_warps=num_warps or SELECT_TOKENS_WARPS)
     return idx, vals

@@ -5,7 +5,7 @@
 Builds one paged cache per context (random clustered keys written through the Triton append,
 pooled rows included), checks the kernels against the references on a small shape first, then
 times flat / HISA / auto for batch x context (next_n = 1, plus a next_n = 2 subset), printing a
-compact table and writing JSON rows (targets.md format) to ``DIR/decode.jsonl``.
+compact table and writing JSON rows (:mod:`hisa.bench.rows` format) to ``DIR/decode.jsonl``.
 ``--variants`` instead times the HISA kernel variants (fused block selection on/off, select
 radix 1/2) and cumulative stage prefixes at a few shapes (see benchmarks/decode_notes.md).
 """

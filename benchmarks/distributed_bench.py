@@ -12,7 +12,7 @@ exactly the single-GPU flat sets (each key's score does not depend on where it l
 merge breaks ties as the kernels do), and sharded HISA must agree with single-GPU HISA at IoU
 >= HISA_MIN_IOU (its block scores come from the flat kernel over pooled pages instead of HISA's
 own kernel, so FP8-MMA rounding may swap near-tied blocks). A failed check raises; no row is
-written for it. Rows are JSON lines (targets.md's format plus world_size, layout, unit,
+written for it. Rows are JSON lines (:mod:`hisa.bench.rows` format plus world_size, layout, unit,
 single_gpu_ms, vs_single_gpu, comm_bytes_per_rank, comm_steps); ``ms`` is the slowest rank's
 median, ``speedup_vs_flat`` compares the sharded HISA and sharded flat times of the same run.
 """

@@ -1,4 +1,5 @@
-"""Result rows in the format of targets.md ("Result rows"), one JSON object per line."""
+"""Result rows, one JSON object per line: the keys of :data:`ROW_KEYS` first (what ran, its
+time and throughput, the GPU, torch, Triton, commit and command), then any extra keys."""
 from __future__ import annotations
 
 import json

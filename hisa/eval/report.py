@@ -1,4 +1,4 @@
-"""Result rows (targets.md "Result rows" format plus extra keys), the printed table, its legend,
+"""Result rows (:mod:`hisa.bench.rows` format plus extra keys), the printed table, its legend,
 the one-line conclusion, and the Markdown tables of docs/fidelity.md. Plots: :mod:`.plots`."""
 from __future__ import annotations
 

@@ -484,22 +484,22 @@ def windows_key(keys: RequestKeys, topk: int, options: PluginOptions) -> tuple:
 
 
 def prefill_windows(keys: RequestKeys, lengths: torch.Tensor, req_of_query: torch.Tensor, *,
-                    topk: int, options: PluginOptions,
-                    invalid: torch.Tensor | None = None) -> PrefillWindows:
+                    topk: int, options: PluginOptions) -> PrefillWindows:
     """The windows of :func:`prefill_select` and, in HISA mode, their plan (one host sync).
 
     A page outside the cache (``keys.bad_pages``) empties every window the wrong way round
-    (ks > ke), so the plan's window read fails and the page is named instead; ``invalid``
-    (bool [T], optional) does the same for the queries it marks (a request index the caller
-    found out of range and clamped).
+    (ks > ke), so the plan's window read fails and the page is named instead. A request index
+    outside ``keys`` (inconsistent engine metadata, e.g. vLLM's ``cu_seqlen_ks`` past the last
+    request) does the same for its query, read at the nearest request instead of past the
+    starts (a device assert on CUDA); :mod:`hisa.cache.chunk_windows` follows the same rule.
     """
-    ks = keys.starts[req_of_query]                                              # int32
+    last = max(keys.starts.shape[0] - 1, 0)
+    outside = (req_of_query < 0) | (req_of_query > last)
+    ks = keys.starts[req_of_query.clamp(0, last)]                               # int32
     ke = ks + lengths.to(torch.int32)
-    poison = keys.bad_pages
-    if invalid is not None:
-        poison = invalid if poison is None else poison | invalid
-    checked = ks if poison is None else torch.where(poison, ke + 1, ks)
-    return planned_windows(keys, checked, ke, topk=topk, options=options)
+    poison = outside if keys.bad_pages is None else outside | keys.bad_pages
+    return planned_windows(keys, torch.where(poison, ke + 1, ks), ke, topk=topk,
+                           options=options)
 
 
 def planned_windows(keys: RequestKeys, ks: torch.Tensor, ke: torch.Tensor, *, topk: int,
@@ -510,17 +510,16 @@ def planned_windows(keys: RequestKeys, ks: torch.Tensor, ke: torch.Tensor, *, to
     one host sync), a ValueError naming the page when the read fails because of one."""
     num_keys = keys.k.shape[0]
     key = windows_key(keys, topk, options)
-    checked = ks
     if options.mode == "flat":
-        return PrefillWindows(checked, ke, None, key)
+        return PrefillWindows(ks, ke, None, key)
     try:
-        plan = plan_windows(checked, ke, num_keys, topk=topk, block_size=options.block_size,
+        plan = plan_windows(ks, ke, num_keys, topk=topk, block_size=options.block_size,
                             block_topk=options.block_topk,
                             fused=False if options.backend == "torch" else None)
     except ValueError:
         keys.raise_if_bad_pages()         # the page, not the poisoned windows it caused
         raise
-    return PrefillWindows(checked, ke, plan, key)
+    return PrefillWindows(ks, ke, plan, key)
 
 
 def prefill_select(q: torch.Tensor, weights: torch.Tensor, lengths: torch.Tensor | None,

@@ -241,12 +241,8 @@ def chunk_windows(chunk, keys, topk: int, options: PluginOptions) -> PrefillWind
         aligned = chunk_windows_triton(chunk.cu_seq_lens, ks, ke, keys.starts, keys.bad_pages)
         windows = planned_windows(keys, *aligned, topk=topk, options=options)
     else:
-        # A ks at or past the last request's end (inconsistent metadata) names no request:
-        # clamped for the read and its window poisoned, as the launch above does.
-        req = chunk_requests(chunk, ks)
-        last = keys.starts.shape[0] - 1
-        windows = prefill_windows(keys, ke - ks, req.clamp_max(last), topk=topk,
-                                  options=options, invalid=req > last)
+        windows = prefill_windows(keys, ke - ks, chunk_requests(chunk, ks), topk=topk,
+                                  options=options)
     keep_on(chunk, "_hisa_prefill_windows", windows)
     return windows
 

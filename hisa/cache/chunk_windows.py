@@ -17,8 +17,8 @@ plugins gather the keys request-aligned instead (each request starting at a mult
 
 The first layer of a step waits for these at its window read while the host launches them:
 each small torch kernel there is host time the GPU idles for (an H200 profile of the vLLM
-prefill plugin: its first layer's launches before the read were most of its 9 % over the
-direct ops, tests/gpu/profile_vllm_prefill.py). Negative key counts (inconsistent metadata)
+prefill plugin, tests/gpu/profile_vllm_prefill.py, found its longest idle gaps there; how much
+of its 9 % over the direct ops these two launches recover is not yet measured). Negative key counts (inconsistent metadata)
 count as empty, as in the torch twin.
 
 Twins: :func:`hisa.integrations._engine_common.request_layout` and

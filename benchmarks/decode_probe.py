@@ -7,7 +7,9 @@ pooled rows included), checks the kernels against the references on a small shap
 times flat / HISA / auto for batch x context (next_n = 1, plus a next_n = 2 subset), printing a
 compact table and writing JSON rows (:mod:`hisa.bench.rows` format) to ``DIR/decode.jsonl``.
 ``--variants`` instead times the HISA kernel variants (fused block selection on/off, select
-radix 1/2) and cumulative stage prefixes at a few shapes (see benchmarks/decode_notes.md).
+radix 1/2/8) and cumulative stage prefixes at a few shapes; ``--select`` times each of the
+four launches alone and the two selection kernels at several warp counts (every variant's
+output compared with the default's; see benchmarks/decode_notes.md).
 """
 from __future__ import annotations
 
@@ -161,10 +163,79 @@ def variants(out_dir):
         f.write("\n".join(lines) + "\n")
 
 
+def select_stages(out_dir):
+    """Each HISA launch alone (CUDA graphs), then the block and token selections at several
+    warp counts, at 128K keys, batch 1 / 8 / 32 (next_n = 1); outputs compared with the
+    default launch's."""
+    from hisa.ops.dsa.decode_kernels import decode_operands
+    from hisa.ops.indexer import decode_kernels as dk
+    from hisa.ops.indexer.select import select_warps
+    ctx, lines = 131072, []
+    cache, bt_all = build(32, ctx)
+    pages = as_pages(cache.kv_cache, D)
+    for batch in (1, 8, 32):
+        q, w = queries(batch, 1)
+        bt = bt_all[:batch].contiguous()
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+        qq, _, _, prec = decode_operands(q, pages)
+        common = dict(block_size=B, prec=prec, hisa_min_keys=-1)
+        js = dk.block_scores_paged(qq, cache.pooled_cache, w, lens, bt, num_pages=pages.shape[0],
+                                   **common)
+        ids = dk.block_select(qq, cache.pooled_cache, w, lens, bt, block_topk=M,
+                              num_pages=pages.shape[0], **common)
+        cand = dk.token_scores_paged(qq, pages, w, lens, bt, ids, **common)
+        nb_pad, mb_pad = js.shape[1], triton.next_power_of_2(M * B)
+        idx = torch.empty(batch, TOPK, dtype=torch.int32, device="cuda")
+
+        def block_sel(o, warps):
+            dk._block_select_kernel[(batch,)](
+                js, lens, o, bt.shape[1], -1, NEXT_N=1, B=B, SEQ_2D=False, M=M, M_PAD=M,
+                NB_PAD=nb_pad, PAGE=PAGE_SIZE, RADIX=1, num_warps=warps)
+
+        def token_sel(o, warps):
+            dk._token_select_kernel[(batch,)](
+                cand, ids, lens, o, cand, bt.shape[1], -1, NEXT_N=1, SEQ_2D=False, B=B, M=M,
+                MB_PAD=mb_pad, K=TOPK, K_PAD=TOPK, PAGE=PAGE_SIZE, WRITE_VALS=False, RADIX=1,
+                num_warps=warps)
+
+        t = {"block_scores": graph_time_us(lambda: dk.block_scores_paged(
+                 qq, cache.pooled_cache, w, lens, bt, num_pages=pages.shape[0], out=js,
+                 **common)),
+             "token_scores": graph_time_us(lambda: dk.token_scores_paged(
+                 qq, pages, w, lens, bt, ids, **common)),
+             "all4": graph_time_us(lambda: dk.hisa_decode(
+                 q, pages, cache.pooled_cache, w, lens, bt, topk=TOPK, block_size=B,
+                 block_topk=M, out=idx))}
+        ref_ids, ref_idx = torch.empty_like(ids), torch.empty_like(idx)
+        block_sel(ref_ids, select_warps(nb_pad))
+        token_sel(ref_idx, select_warps(mb_pad))
+        same = torch.equal(ref_ids, ids)
+        for warps in (2, 4, 8, 16):
+            o = torch.empty_like(ids)
+            t[f"block_select w{warps}"] = graph_time_us(lambda: block_sel(o, warps))
+            same &= torch.equal(o, ref_ids)
+        for warps in (4, 8, 16, 32):
+            o = torch.empty_like(idx)
+            t[f"token_select w{warps}"] = graph_time_us(lambda: token_sel(o, warps))
+            same &= torch.equal(o, ref_idx)
+        same &= torch.equal(idx, ref_idx)
+        line = (f"128K x {batch} (default warps: block {select_warps(nb_pad)}, token "
+                f"{select_warps(mb_pad)}), us: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
+                + f"; same={same}")
+        print(line, flush=True)
+        lines.append(line)
+    if os.environ.get("HISA_NCU_LAUNCH"):            # one eager launch for ncu to catch
+        token_sel(torch.empty_like(idx), select_warps(mb_pad))
+        torch.cuda.synchronize()
+    with open(os.path.join(out_dir, "select_stages.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--select", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -174,6 +245,9 @@ def main():
     gate()
     if args.variants:
         variants(args.out)
+        return
+    if args.select:
+        select_stages(args.out)
         return
     bw = copy_bandwidth_gbs()
     print(f"{gpu}: copy bandwidth {bw:.0f} GB/s")

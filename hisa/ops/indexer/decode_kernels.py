@@ -54,7 +54,8 @@ TOKEN_PROGS_PER_SM = 8
 #: 29.1 us, x 32: 49.8 vs 43.6 us), the redundant selections cost more than the launch saved.
 FUSE_BLOCK_SELECT = False
 #: Bits settled per reduction pass of the register selections (:mod:`.decode_select`); 1 with
-#: the early exit measured 1.5-2 us faster than the packed 2-bit passes on an H200.
+#: the early exit measured 1.5-2 us faster than the packed 2-bit passes on an H200, and 7-10
+#: us faster than the byte-histogram passes (8) at batch 1-8 (benchmarks/decode_notes.md).
 SELECT_RADIX = 1
 #: Warps of the score kernels.
 SCORE_WARPS = 4

@@ -81,3 +81,12 @@ def window_stats(ks: torch.Tensor, ke: torch.Tensor, *, topk: int, block_size: i
                                super_topk if two else 0, TWO_LEVELS=two, BLOCK=STATS_BLOCK)
     bad, lo, hi, most0, most1, short = out.tolist()
     return bool(bad), lo, hi, most0, most1, bool(short)
+
+
+def window_bounds(ks: torch.Tensor, ke: torch.Tensor) -> tuple[bool, int, int]:
+    """(any ks > ke, min(ks), max(ke)) of int32 windows [T], T >= 1, in one launch and one host
+    read: what :func:`hisa.utils.validate.check_windows` reads with four torch reductions and a
+    stack (five launches), for the flat op on CUDA (:func:`hisa.dsa_index`). The same kernel
+    with blocks of one key that are never pruned (its block facts are unused here)."""
+    bad, lo, hi, _, _, _ = window_stats(ks, ke, topk=0, block_size=1, block_topk=2**31 - 1)
+    return bad, lo, hi

@@ -32,7 +32,8 @@ THREE_LEVEL_LAUNCHES = 6
 #: The flat path: logits, then top-k (one logits tile).
 FLAT_LAUNCHES = 2
 #: aten ops of the flat op (measured 9: the window check's 5, the 4 buffers) plus slack for
-#: a small change; the 3 host syncs of commit 222f707 came with 12.
+#: a small change; the 3 host syncs of commit 222f707 came with 12. On a GPU the window check
+#: is one launch and its output buffer (``read_flat_windows``, tests/interpret/test_window_stats.py).
 FLAT_ATEN_BUDGET = 10
 #: aten ops the window plan adds to the window check (measured 13 at two levels: the block
 #: counts, the route and the short-window mask); before it the separate reads cost 23 more.

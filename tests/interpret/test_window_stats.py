@@ -1,10 +1,15 @@
 """The one-launch window facts (:mod:`hisa.ops.window_stats`, under the interpreter) equal the
 torch ops of :func:`read_window_plan` on random windows, at two and three levels, and raise the
-same errors in the same order on bad ones."""
+same errors in the same order on bad ones; so do the flat op's (:func:`read_flat_windows`)
+against :func:`check_windows`."""
 import pytest
 import torch
 
+import hisa
+from hisa.ops.dsa.index import read_flat_windows
 from hisa.ops.indexer.prefill import read_window_plan
+from hisa.testing.launches import count_host_work
+from hisa.utils.validate import check_windows
 
 
 def random_windows(g, T, S, topk=64):
@@ -91,3 +96,70 @@ def test_fused_plan_is_one_launch(sup):
     ops = measure(lambda: read_window_plan(ks, ke, 5000, fused=False, **kw))
     assert (fused.num_launches, fused.num_syncs, fused.num_aten_kernels) == (1, 1, 1)
     assert ops.num_syncs == 1 and ops.num_aten_kernels >= 18, ops.report()
+
+
+# The flat op's window read (hisa.dsa_index): one launch in place of check_windows' five
+# torch kernels, the same facts and errors.
+
+@pytest.mark.parametrize("T", [1, 7, 1024, 2500])
+def test_fused_flat_windows_equal_check_windows(T):
+    g = torch.Generator().manual_seed(T)
+    S = 20000
+    ks, ke = random_windows(g, T, S)
+    want = tuple(check_windows(ks, ke, S))
+    assert read_flat_windows(ks, ke, S, fused=True) == want
+    ks2 = torch.stack([ks, ks]).t().reshape(-1)[::2]            # strided windows
+    ke2 = torch.stack([ke, ke]).t().reshape(-1)[::2]
+    assert read_flat_windows(ks2, ke2, S, fused=True) == want
+
+
+@pytest.mark.parametrize("breakage", ["order", "negative", "past_end"])
+def test_fused_flat_windows_raise_the_same_errors(breakage):
+    g = torch.Generator().manual_seed(4)
+    S = 5000
+    ks, ke = random_windows(g, 300, S)
+    if breakage == "order":
+        ks[17], ke[17] = 40, 30
+        ks[200] = -1                              # the order error is named first
+    elif breakage == "negative":
+        ks[5] = -3
+    else:
+        ke[250] = S + 1
+    with pytest.raises(ValueError) as want:
+        check_windows(ks, ke, S)
+    with pytest.raises(ValueError) as got:
+        read_flat_windows(ks, ke, S, fused=True)
+    assert str(got.value) == str(want.value)
+
+
+def test_fused_flat_windows_are_one_launch_and_one_read():
+    g = torch.Generator().manual_seed(5)
+    ks, ke = random_windows(g, 64, 4000)
+    with count_host_work() as fused:
+        read_flat_windows(ks, ke, 4000, fused=True)
+    with count_host_work() as torch_ops:
+        read_flat_windows(ks, ke, 4000, fused=False)
+    assert fused.num_syncs == torch_ops.num_syncs == 1, (fused.report(), torch_ops.report())
+    assert fused.num_launches == 1 and fused.num_aten_kernels == 1, fused.report()   # + out
+    assert torch_ops.num_launches == 0 and torch_ops.num_aten_kernels == 5, torch_ops.report()
+    assert read_flat_windows(ks[:0], ke[:0], 4000, fused=True) == (0, 0)     # no query: no read
+
+
+def test_the_torch_backend_reads_windows_without_triton(monkeypatch):
+    """``dsa_index(backend="torch")`` must not need Triton, on CUDA tensors too: it asks for
+    the torch ops; the other backends let the device decide."""
+    from hisa.ops.dsa import index as flat_index
+    seen = []
+    real = flat_index.read_flat_windows
+
+    def spy(ks, ke, num_keys, *, fused=None):
+        seen.append(fused)
+        return real(ks, ke, num_keys, fused=fused)
+
+    monkeypatch.setattr(flat_index, "read_flat_windows", spy)
+    T, H, D = 8, 16, 64
+    q, k, w = torch.randn(T, H, D), torch.randn(T, D), torch.randn(T, H)
+    ks, ke = torch.zeros(T, dtype=torch.int32), torch.arange(1, T + 1, dtype=torch.int32)
+    for backend in ("torch", "triton", "auto"):
+        hisa.dsa_index(q, k, w, ks, ke, topk=4, backend=backend)
+    assert seen == [False, None, None]

@@ -3,15 +3,36 @@ from __future__ import annotations
 
 import torch
 
-from ...utils.backend import resolve_backend, runs_on_device_of
+from ...utils.backend import resolve_backend, runs_on_device_of, triton_installed
 from ...utils.output import check_out_buffer, finish_output
-from ...utils.validate import check_indexer_inputs, check_positive_int, check_windows
+from ...utils.validate import (check_indexer_inputs, check_positive_int, check_windows,
+                               raise_bad_windows)
 from .naive import naive_dsa_index
 
 
 def _kernel_check(q: torch.Tensor, k: torch.Tensor) -> None:
     from .prefill import check_kernel_shapes
     check_kernel_shapes(q, k)
+
+
+def read_flat_windows(ks: torch.Tensor, ke: torch.Tensor, num_keys: int, *,
+                      fused: bool | None = None) -> tuple[int, int]:
+    """:func:`check_windows` for the flat op (same errors, same order): (min(ks), max(ke)).
+
+    ``fused``: read the facts from one Triton launch (:func:`hisa.ops.window_stats.window_bounds`)
+    instead of five torch kernels; the call waits for the read either way, so on a host-bound
+    call (a 1,024-query chunk) the launches saved are latency saved. None picks it for CUDA
+    windows when Triton is installed; ``dsa_index(backend="torch")`` passes False (that
+    backend must not need Triton).
+    """
+    if fused is None:
+        fused = ks.device.type == "cuda" and triton_installed()
+    if not fused or ks.numel() == 0:
+        return check_windows(ks, ke, num_keys)
+    from ..window_stats import window_bounds
+    any_bad, lo, hi = window_bounds(ks, ke)
+    raise_bad_windows(ks, ke, num_keys, any_bad=any_bad, lo=lo, hi=hi)
+    return lo, hi
 
 
 @runs_on_device_of("q")
@@ -48,7 +69,7 @@ def dsa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch
     T, _, _, S = check_indexer_inputs(q, k, weights, ks, ke, k_scale)
     topk = check_positive_int("topk", topk)
     check_out_buffer(out, T, topk, q.device)
-    span = check_windows(ks, ke, S)
+    span = read_flat_windows(ks, ke, S, fused=False if backend == "torch" else None)
     if resolve_backend(backend, q.device, lambda: _kernel_check(q, k)) == "torch":
         idx, scores = naive_dsa_index(q, k, weights, ks, ke, k_scale=k_scale, topk=topk)
     else:

@@ -27,6 +27,10 @@
 #   san_fuzz       sanitize.sh, the memcheck fuzz families + racecheck-fuzz-decode (540)
 #   decode_variants benchmarks/decode_probe.py --variants (selection radix 1/2/8, fused) (200)
 #   select_probe   benchmarks/select_probe.py (prefill token select: warps, radix 1/8) (150)
+#   select_stages  benchmarks/decode_probe.py --select (each decode launch alone, warps) (150)
+#   bench_all      hisa bench: decode grid, prefill 8k-128k, chunks 16k-128k   (540)
+#   host_ab        benchmarks/host_ab.sh ab_base (make_ab_base.sh first; carry ab_base) (330)
+# PACK=1 tars $OUT into $OUT.tgz at the end (the device returns at most 8 files).
 # Exits 1 when any step failed or ran out of time (its log says how), 0 otherwise.
 set -u
 commit=${1:?commit}
@@ -60,6 +64,9 @@ step_cmd() {
     sanitize) echo "540 bash tests/gpu/sanitize.sh $out/san" ;;
     profile_vllm) echo "120 python3 tests/gpu/profile_vllm_prefill.py" ;;
     select_probe) echo "150 python3 benchmarks/select_probe.py" ;;
+    select_stages) echo "150 python3 benchmarks/decode_probe.py --select --out $out/select_stages" ;;
+    bench_all) echo "540 bash -c 'python3 -m hisa.cli bench --mode decode --commit $commit --out $out/decode.jsonl && python3 -m hisa.cli bench --mode prefill --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --commit $commit --out $out/prefill_chunk.jsonl'" ;;
+    host_ab) echo "330 bash benchmarks/host_ab.sh ab_base $out/host_ab" ;;
     decode_variants) echo "200 python3 benchmarks/decode_probe.py --variants --out $out/decode_variants" ;;
     san_race) echo "540 env SANITIZE_ONLY=racecheck-kernels bash tests/gpu/sanitize.sh $out/san" ;;
     san_fuzz) echo "540 env 'SANITIZE_ONLY=memcheck-fuzz-exact memcheck-fuzz-prefill memcheck-fuzz-decode memcheck-fuzz-append racecheck-fuzz-decode' bash tests/gpu/sanitize.sh $out/san" ;;
@@ -85,4 +92,7 @@ for step in "$@"; do
   tail -n 6 "$out/$step.log"
 done
 echo "== total $(( $(date +%s) - start )) s${failed:+, failed:$failed}"
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+fi
 [ -z "$failed" ]

@@ -1,0 +1,117 @@
+"""Static instruction counts of a Triton kernel for the H200 (sm_90), on a machine without a GPU.
+
+Triton compiles to PTX in-process and ships ``ptxas`` and ``nvdisasm``, so the SASS of a kernel
+can be read anywhere. For the decode selections (one program per row, bound by their own
+instruction latency on one SM: ``benchmarks/decode_notes.md``) the executed instruction count
+is nearly the static one plus the threshold loop times its passes, so a change's effect on it
+can be checked before a GPU is lent:
+
+    python benchmarks/sass_count.py token_select [--warps 8] [--top 12]
+    python benchmarks/sass_count.py block_select
+
+Prints the SASS instruction total, the instructions of each loop (label to back branch), the
+shuffles and barriers, and the PTX instructions per source line (the helper line they are
+inlined from), largest first.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from hisa.ops.indexer import decode_kernels as dk  # noqa: E402
+
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+# (kernel, signature, constexprs) at the bench's decode shape: B = 128, m = 64, k = 2048, 128K.
+KERNELS = {
+    "token_select": (dk._token_select_kernel,
+                     {"cand_ptr": "*fp32", "ids_ptr": "*i32", "seq_lens_ptr": "*i32",
+                      "out_idx_ptr": "*i32", "out_val_ptr": "*fp32", "max_pages": "i32",
+                      "hisa_min_keys": "i32"},
+                     {"NEXT_N": 1, "SEQ_2D": False, "B": 128, "M": 64, "MB_PAD": 8192,
+                      "K": 2048, "K_PAD": 2048, "PAGE": 64, "WRITE_VALS": False, "RADIX": 1}),
+    "block_select": (dk._block_select_kernel,
+                     {"scratch_ptr": "*fp32", "seq_lens_ptr": "*i32", "ids_ptr": "*i32",
+                      "max_pages": "i32", "hisa_min_keys": "i32"},
+                     {"NEXT_N": 1, "B": 128, "SEQ_2D": False, "M": 64, "M_PAD": 64,
+                      "NB_PAD": 1024, "PAGE": 64, "RADIX": 1}),
+}
+
+
+def compile_sm90(name: str, warps: int):
+    fn, sig, const = KERNELS[name]
+    sig = dict(sig, **{k: "constexpr" for k in const})
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def sass_lines(cubin: bytes, work: str) -> list[str]:
+    path = os.path.join(work, "kernel.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    text = subprocess.run([os.path.join(NVIDIA_BIN, "nvdisasm"), "-c", path],
+                          capture_output=True, text=True, check=True).stdout
+    return [line for line in text.splitlines()
+            if re.search(r"/\*[0-9a-f]{4}\*/", line) or re.match(r"^\.L_x_\d+:", line)]
+
+
+def loops(lines: list[str]) -> list[tuple[str, int]]:
+    """(label, instructions) of each backward branch's body."""
+    where, out, n = {}, [], 0
+    for line in lines:
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if label:
+            where[label.group(1)] = n
+            continue
+        n += 1
+        target = re.search(r"BRA[^`]*`\((\.L_x_\d+)\)", line)
+        if target and target.group(1) in where:
+            out.append((target.group(1), n - where[target.group(1)]))
+    return out
+
+
+def ptx_per_line(ptx: str) -> collections.Counter:
+    counts, loc = collections.Counter(), "?"
+    for line in ptx.splitlines():
+        s = line.strip()
+        if s.startswith(".loc"):
+            site = line.split("//")[-1].strip() if "//" in line else "?"
+            loc = site.split("@[")[0].strip() + (" in " + site.split("@[")[1].split()[0]
+                                                  if "@[" in site else "")
+        elif s and not s.startswith(("//", ".", "$", "{", "}")) and not s.endswith(":"):
+            counts[loc] += 1
+    return counts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("kernel", choices=sorted(KERNELS))
+    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--work", default="/tmp")
+    args = ap.parse_args()
+    compiled = compile_sm90(args.kernel, args.warps)
+    lines = sass_lines(compiled.asm["cubin"], args.work)
+    ins = [line for line in lines if not line.startswith(".L_x")]
+    print(f"{args.kernel}, {args.warps} warps, sm_90: {len(ins)} SASS instructions, "
+          f"{sum('SHFL' in i for i in ins)} shuffles, {sum('BAR' in i for i in ins)} barriers")
+    for label, n in loops(lines):
+        print(f"  loop {label}: {n} instructions per iteration")
+    print(f"PTX instructions per source line (top {args.top}):")
+    for loc, n in ptx_per_line(compiled.asm["ptx"]).most_common(args.top):
+        print(f"  {n:6d}  {loc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -76,8 +76,8 @@ def loops(lines: list[str]) -> list[tuple[str, int]]:
             continue
         n += 1
         target = re.search(r"BRA[^`]*`\((\.L_x_\d+)\)", line)
-        if target and target.group(1) in where:
-            out.append((target.group(1), n - where[target.group(1)]))
+        if target and target.group(1) in where and n - where[target.group(1)] > 1:
+            out.append((target.group(1), n - where[target.group(1)]))    # not the exit trap
     return out
 
 

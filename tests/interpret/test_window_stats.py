@@ -22,6 +22,20 @@ def random_windows(g, T, S, topk=64):
     return ks.to(torch.int32), ke.to(torch.int32)
 
 
+def broken_windows(breakage, S, seed):
+    """300 random windows over S keys with one kind of bad window (two for "order": the
+    order error must be named before the negative start)."""
+    ks, ke = random_windows(torch.Generator().manual_seed(seed), 300, S)
+    if breakage == "order":
+        ks[17], ke[17] = 40, 30
+        ks[200] = -1                              # the order error is named first
+    elif breakage == "negative":
+        ks[5] = -3
+    else:
+        ke[250] = S + 1
+    return ks, ke
+
+
 @pytest.mark.parametrize("T", [1, 7, 1024, 2500])
 @pytest.mark.parametrize("levels", [2, 3])
 def test_fused_plan_equals_torch_plan(T, levels):
@@ -42,16 +56,8 @@ def test_fused_plan_equals_torch_plan(T, levels):
 
 @pytest.mark.parametrize("breakage", ["order", "negative", "past_end"])
 def test_fused_plan_raises_the_same_errors(breakage):
-    g = torch.Generator().manual_seed(3)
     S = 5000
-    ks, ke = random_windows(g, 300, S)
-    if breakage == "order":
-        ks[17], ke[17] = 40, 30
-        ks[200] = -1                              # the order error is named first
-    elif breakage == "negative":
-        ks[5] = -3
-    else:
-        ke[250] = S + 1
+    ks, ke = broken_windows(breakage, S, seed=3)
     kw = dict(topk=64, block_size=128, block_topk=8)
     with pytest.raises(ValueError) as want:
         read_window_plan(ks, ke, S, fused=False, **kw)
@@ -115,16 +121,8 @@ def test_fused_flat_windows_equal_check_windows(T):
 
 @pytest.mark.parametrize("breakage", ["order", "negative", "past_end"])
 def test_fused_flat_windows_raise_the_same_errors(breakage):
-    g = torch.Generator().manual_seed(4)
     S = 5000
-    ks, ke = random_windows(g, 300, S)
-    if breakage == "order":
-        ks[17], ke[17] = 40, 30
-        ks[200] = -1                              # the order error is named first
-    elif breakage == "negative":
-        ks[5] = -3
-    else:
-        ke[250] = S + 1
+    ks, ke = broken_windows(breakage, S, seed=4)
     with pytest.raises(ValueError) as want:
         check_windows(ks, ke, S)
     with pytest.raises(ValueError) as got:

@@ -1,6 +1,7 @@
 """Decode probe: flat vs HISA paged decode (Triton), CUDA-graph replay timings on one GPU.
 
-    PYTHONPATH=. python3 benchmarks/decode_probe.py [--quick] [--variants] [--out DIR]
+    PYTHONPATH=. python3 benchmarks/decode_probe.py [--quick] [--variants] [--select] [--pdl]
+                                                    [--out DIR]
 
 Builds one paged cache per context (random clustered keys written through the Triton append,
 pooled rows included), checks the kernels against the references on a small shape first, then
@@ -9,7 +10,9 @@ compact table and writing JSON rows (:mod:`hisa.bench.rows` format) to ``DIR/dec
 ``--variants`` instead times the HISA kernel variants (fused block selection on/off, select
 radix 1/2/8) and cumulative stage prefixes at a few shapes; ``--select`` times each of the
 four launches alone and the two selection kernels at several warp counts (every variant's
-output compared with the default's; see benchmarks/decode_notes.md).
+output compared with the default's; see benchmarks/decode_notes.md); ``--pdl`` times the HISA
+step with and without programmatic dependent launch (:mod:`hisa.ops.pdl`), two and three
+levels, in alternating rounds, outputs compared bit for bit.
 """
 from __future__ import annotations
 
@@ -68,12 +71,14 @@ def copy_bandwidth_gbs():
     return 2 * x.numel() * 10 / (s.elapsed_time(e) * 1e-3) / 1e9
 
 
-def build(batch, ctx, seed=0):
-    """A cache holding `batch` requests of `ctx` keys (shuffled pages), block table, seq_lens."""
+def build(batch, ctx, seed=0, super_size=None):
+    """A cache holding `batch` requests of `ctx` keys (shuffled pages), block table, seq_lens
+    (super-block rows too with ``super_size``)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     per = ctx // PAGE_SIZE
     num_pages = batch * per
-    cache = PagedIndexerCache(num_pages, head_dim=D, block_size=B, device="cuda")
+    cache = PagedIndexerCache(num_pages, head_dim=D, block_size=B, super_size=super_size,
+                              device="cuda")
     bt = torch.randperm(num_pages, generator=g, device="cuda").to(torch.int32).view(batch, per)
     pos = torch.arange(ctx, device="cuda")
     for b in range(batch):
@@ -231,11 +236,57 @@ def select_stages(out_dir):
         f.write("\n".join(lines) + "\n")
 
 
+def pdl_ab(out_dir, rounds=3):
+    """HISA decode with PDL off / on, alternating per round (median of the rounds' medians),
+    at the shapes of the decode targets; indices and scores compared bit for bit first."""
+    from hisa.ops.indexer import decode_kernels as dk
+    from hisa.ops.pdl import pdl_supported
+    assert pdl_supported(torch.device("cuda")), "PDL needs sm_90 or later"
+    # (context, batches, super-block level (size, kept) or None)
+    shapes = ((8192, (8,), None), (65536, (1, 8), None), (131072, (1, 8, 32, 128), None),
+              (1 << 20, (1, 8), (16, 64)))
+    lines = []
+    for ctx, batches, sup in shapes:
+        cache, bt_all = build(max(batches), ctx, super_size=sup and sup[0])
+        pages = as_pages(cache.kv_cache, D)
+        extra = {} if sup is None else dict(super_cache=cache.super_cache, super_size=sup[0],
+                                            super_topk=sup[1])
+        for batch in batches:
+            q, w = queries(batch, 1)
+            bt = bt_all[:batch].contiguous()
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+
+            def step(pdl, out=None):
+                return dk.hisa_decode(q, pages, cache.pooled_cache, w, lens, bt, topk=TOPK,
+                                      block_size=B, block_topk=M, out=out, need_scores=True,
+                                      pdl=pdl, **extra)
+            (i0, v0), (i1, v1) = step(False), step(True)
+            same = torch.equal(i0, i1) and torch.equal(v0.view(torch.int32),
+                                                       v1.view(torch.int32))
+            assert same, f"PDL changed the output at {ctx} x {batch}"
+            t = {False: [], True: []}
+            for _ in range(rounds):
+                for pdl in (False, True):
+                    o = torch.empty_like(i0)
+                    t[pdl].append(graph_time_us(lambda pdl=pdl, o=o: step(pdl, o)))
+            off, on = (sorted(t[k])[rounds // 2] for k in (False, True))
+            row = dict(context=ctx, batch=batch, levels=2 if sup is None else 3,
+                       super=sup, plain_us=round(off, 2), pdl_us=round(on, 2),
+                       saved_us=round(off - on, 2), same=same)
+            print(json.dumps(row), flush=True)
+            lines.append(row)
+        del cache, bt_all, pages
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "pdl_ab.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in lines))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--select", action="store_true")
+    ap.add_argument("--pdl", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -248,6 +299,9 @@ def main():
         return
     if args.select:
         select_stages(args.out)
+        return
+    if args.pdl:
+        pdl_ab(args.out)
         return
     bw = copy_bandwidth_gbs()
     print(f"{gpu}: copy bandwidth {bw:.0f} GB/s")

@@ -65,6 +65,7 @@ step_cmd() {
     profile_vllm) echo "120 python3 tests/gpu/profile_vllm_prefill.py" ;;
     select_probe) echo "150 python3 benchmarks/select_probe.py" ;;
     select_stages) echo "150 python3 benchmarks/decode_probe.py --select --out $out/select_stages" ;;
+    pdl_probe) echo "200 python3 benchmarks/decode_probe.py --pdl --out $out/pdl_probe" ;;
     bench_all) echo "540 bash -c 'python3 -m hisa.cli bench --mode decode --commit $commit --out $out/decode.jsonl && python3 -m hisa.cli bench --mode prefill --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --commit $commit --out $out/prefill_chunk.jsonl'" ;;
     host_ab) echo "330 bash benchmarks/host_ab.sh ab_base $out/host_ab" ;;
     decode_variants) echo "200 python3 benchmarks/decode_probe.py --variants --out $out/decode_variants" ;;

@@ -31,6 +31,7 @@ import triton.language as tl
 from ...cache.layout import PAGE_SIZE
 from ..dsa.decode_kernels import (NO_LIMIT, _page_scores, _pick, _request_len, _row_len,
                                   decode_layout, decode_operands, dsa_decode)
+from ..pdl import pdl_launch, pdl_supported, pdl_trigger, pdl_wait
 from .decode_select import _select_row, _select_token_row_fast
 from .select import SELECT_MAX_ROW, select_warps
 from .topk import _force_key, _masked_key, _outside_like, _relu
@@ -59,6 +60,10 @@ FUSE_BLOCK_SELECT = False
 SELECT_RADIX = 1
 #: Warps of the score kernels.
 SCORE_WARPS = 4
+#: Launch the block select, token scores and token select kernels with programmatic dependent
+#: launch (:mod:`hisa.ops.pdl`) where the GPU has it, so each is scheduled while the kernel
+#: before it finishes (the step is four short dependent launches).
+USE_PDL = True
 
 
 @triton.jit
@@ -84,7 +89,10 @@ def _block_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
                          num_pages, max_pages, stride_bt, hisa_min_keys,
                          NEXT_N: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                          B: tl.constexpr, SEQ_2D: tl.constexpr, NB_PAD: tl.constexpr,
-                         TILE: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+                         TILE: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    # The chain's first kernel (launched normally): it only lets the block select in early.
+    pdl_trigger(PDL)
     row = tl.program_id(0)
     j0 = tl.program_id(1) * TILE
     b = row // NEXT_N
@@ -130,7 +138,9 @@ def _store_ids(ids_ptr, bi, sel, pos, n_sel, M: tl.constexpr, M_PAD: tl.constexp
 def _block_select_kernel(scratch_ptr, seq_lens_ptr, ids_ptr, max_pages, hisa_min_keys,
                          NEXT_N: tl.constexpr, B: tl.constexpr, SEQ_2D: tl.constexpr,
                          M: tl.constexpr, M_PAD: tl.constexpr, NB_PAD: tl.constexpr,
-                         PAGE: tl.constexpr, RADIX: tl.constexpr):
+                         PAGE: tl.constexpr, RADIX: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     row = tl.program_id(0)
     b = row // NEXT_N
     max_keys = max_pages * PAGE
@@ -148,28 +158,33 @@ def _token_scores_kernel(q_ptr, kv8_ptr, kv32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
                          B: tl.constexpr, SEQ_2D: tl.constexpr, M: tl.constexpr,
                          M_PAD: tl.constexpr, NB_PAD: tl.constexpr, BPP: tl.constexpr,
                          PAGE: tl.constexpr, PREC: tl.constexpr, FUSE_SELECT: tl.constexpr,
-                         RADIX: tl.constexpr):
+                         RADIX: tl.constexpr, PDL: tl.constexpr = False):
     # FUSE_SELECT: every program selects its row's top-M blocks from the block scores itself
     # (a redundant register selection, in parallel) instead of a separate launch reading them.
+    pdl_trigger(PDL)
     row = tl.program_id(0)
     jb = tl.program_id(1)
     b = row // NEXT_N
     i = row % NEXT_N
     PPB: tl.constexpr = B // PAGE
     max_keys = max_pages * PAGE
-    if _request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D) > hisa_min_keys:
-        n = _row_len(seq_lens_ptr, b, i, max_keys, NEXT_N, SEQ_2D)
-        r64 = row.to(tl.int64)
+    r64 = row.to(tl.int64)
+    # The query, its weights and the lengths are the chain's inputs: read before the wait, so
+    # under PDL these loads overlap the block selection's tail.
+    h = tl.arange(0, H)
+    d = tl.arange(0, D)
+    q_t = tl.load(q_ptr + r64 * (H * D) + h[None, :] * D + d[:, None])              # [D, H]
+    w = tl.load(w_ptr + r64 * H + h)
+    live = _request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D) > hisa_min_keys
+    n = _row_len(seq_lens_ptr, b, i, max_keys, NEXT_N, SEQ_2D)
+    pdl_wait(PDL)
+    if live:
         if FUSE_SELECT:
             bi, sel, pos, n_sel = _row_blocks(scratch_ptr, r64, tl.cdiv(n, B), M, NB_PAD,
                                               RADIX)
             if jb == 0:
                 _store_ids(ids_ptr + r64 * M, bi, sel, pos, n_sel, M, M_PAD)
-        h = tl.arange(0, H)
-        d = tl.arange(0, D)
         one = tl.arange(0, 1)
-        q_t = tl.load(q_ptr + r64 * (H * D) + h[None, :] * D + d[:, None])          # [D, H]
-        w = tl.load(w_ptr + r64 * H + h)
         t = tl.arange(0, PAGE)
         for jj in range(BPP):
             j = jb * BPP + jj
@@ -198,7 +213,9 @@ def _token_select_kernel(cand_ptr, ids_ptr, seq_lens_ptr, out_idx_ptr, out_val_p
                          hisa_min_keys, NEXT_N: tl.constexpr, SEQ_2D: tl.constexpr,
                          B: tl.constexpr, M: tl.constexpr, MB_PAD: tl.constexpr,
                          K: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr,
-                         WRITE_VALS: tl.constexpr, RADIX: tl.constexpr):
+                         WRITE_VALS: tl.constexpr, RADIX: tl.constexpr,
+                         PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     b = row // NEXT_N
     if _request_len(seq_lens_ptr, b, max_pages * PAGE, NEXT_N, SEQ_2D) > hisa_min_keys:
@@ -233,7 +250,7 @@ def _nb_pad(max_pages: int, block_size: int) -> int:
 
 
 def block_scores_paged(q, pooled_cache, weights, seq_lens, block_table, *, block_size,
-                       hisa_min_keys=-1, prec="tf32", num_pages=None, out=None):
+                       hisa_min_keys=-1, prec="tf32", num_pages=None, out=None, pdl=False):
     """fp32 [rows, NB_PAD] block scores J[row, j] on [0, nb): +inf on the forced first and last
     block, the pooled-row score between, garbage beyond nb. Grid (rows, NB_PAD / TILE): a row's
     blocks are spread over programs. Twin: ``naive_block_scores`` on the request's pooled rows."""
@@ -250,12 +267,12 @@ def block_scores_paged(q, pooled_cache, weights, seq_lens, block_table, *, block
             weights, seq_lens, block_table, scratch, _num_pages(pooled_cache, num_pages),
             max_pages, block_table.stride(0), hisa_min_keys, NEXT_N=next_n, H=H, D=D,
             B=block_size, SEQ_2D=seq_lens.dim() == 2, NB_PAD=nb_pad, TILE=tile, PAGE=PAGE_SIZE,
-            PREC=prec, num_warps=SCORE_WARPS)
+            PREC=prec, PDL=pdl, num_warps=SCORE_WARPS)
     return scratch
 
 
 def block_select(q, pooled_cache, weights, seq_lens, block_table, *, block_size, block_topk,
-                 hisa_min_keys=-1, prec="tf32", num_pages=None, radix=None):
+                 hisa_min_keys=-1, prec="tf32", num_pages=None, radix=None, pdl=False):
     """Top-m block ids per row, int32 [rows, m], ascending, -1 padded (rows of requests with at
     most ``hisa_min_keys`` keys are left unwritten): block scores, then one selection program
     per row. Twin: ``naive_block_scores`` + ``naive_select_blocks`` on the request's pooled
@@ -264,7 +281,7 @@ def block_select(q, pooled_cache, weights, seq_lens, block_table, *, block_size,
     rows = batch * next_n
     scratch = block_scores_paged(q, pooled_cache, weights, seq_lens, block_table,
                                  block_size=block_size, hisa_min_keys=hisa_min_keys, prec=prec,
-                                 num_pages=num_pages)
+                                 num_pages=num_pages, pdl=pdl)
     nb_pad = scratch.shape[1]
     ids = torch.empty(rows, block_topk, dtype=torch.int32, device=q.device)
     if rows:
@@ -272,7 +289,8 @@ def block_select(q, pooled_cache, weights, seq_lens, block_table, *, block_size,
             scratch, seq_lens, ids, block_table.shape[1], hisa_min_keys, NEXT_N=next_n,
             B=block_size, SEQ_2D=seq_lens.dim() == 2, M=block_topk,
             M_PAD=triton.next_power_of_2(block_topk), NB_PAD=nb_pad, PAGE=PAGE_SIZE,
-            RADIX=SELECT_RADIX if radix is None else radix, num_warps=select_warps(nb_pad))
+            RADIX=SELECT_RADIX if radix is None else radix, PDL=pdl,
+            num_warps=select_warps(nb_pad), **pdl_launch(pdl))
     return ids
 
 
@@ -287,7 +305,7 @@ def token_programs(rows: int, block_topk: int, device: torch.device) -> int:
 
 def token_scores_paged(q, pages, weights, seq_lens, block_table, block_ids, *, block_size,
                        hisa_min_keys=-1, prec="tf32", block_scores=None, programs=None,
-                       radix=None):
+                       radix=None, pdl=False):
     """fp32 [rows, m*B] exact scores of the kept blocks' tokens, -inf outside the row's window
     and for padding blocks. With ``block_scores`` (from :func:`block_scores_paged`) the programs
     select the blocks themselves and write ``block_ids``; else they read ``block_ids``.
@@ -305,8 +323,8 @@ def token_scores_paged(q, pages, weights, seq_lens, block_table, block_ids, *, b
             block_table.shape[1], block_table.stride(0), hisa_min_keys, NEXT_N=next_n, H=H, D=D,
             B=block_size, SEQ_2D=seq_lens.dim() == 2, M=M, M_PAD=triton.next_power_of_2(M),
             NB_PAD=block_scores.shape[1] if fuse else 16, BPP=bpp, PAGE=PAGE_SIZE, PREC=prec,
-            FUSE_SELECT=fuse, RADIX=SELECT_RADIX if radix is None else radix,
-            num_warps=SCORE_WARPS)
+            FUSE_SELECT=fuse, RADIX=SELECT_RADIX if radix is None else radix, PDL=pdl,
+            num_warps=SCORE_WARPS, **pdl_launch(pdl))
     return cand
 
 
@@ -317,7 +335,7 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
                 hisa_min_keys: int | None = None, fuse_block_select: bool | None = None,
                 radix: int | None = None, programs: int | None = None,
                 super_cache: torch.Tensor | None = None, super_size: int | None = None,
-                super_topk: int | None = None
+                super_topk: int | None = None, pdl: bool | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA paged decode: (int32 [rows, topk] positions, -1 padded; fp32 scores or None).
 
@@ -326,7 +344,8 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     device. Launches: 3 with the fused block selection (block scores, token scores, token
     select), 4 without, 2 more when the routing is live. ``fuse_block_select``, ``radix`` and
     ``programs`` override :data:`FUSE_BLOCK_SELECT`, :data:`SELECT_RADIX` and
-    :func:`token_programs` (variants for tests and probes). With ``super_cache`` /
+    :func:`token_programs`, ``pdl`` :data:`USE_PDL` (variants for tests and probes; PDL is
+    off wherever the GPU lacks it). With ``super_cache`` /
     ``super_size`` / ``super_topk`` the block ids come through the super-block level
     (:mod:`.decode_super`, 4 launches in place of the block stage's 2)."""
     batch, next_n, H, D = q.shape
@@ -355,7 +374,8 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     radix = SELECT_RADIX if radix is None else radix
     fuse = FUSE_BLOCK_SELECT if fuse_block_select is None else fuse_block_select
     q, _, _, prec = decode_operands(q, pages)
-    common = dict(block_size=block_size, hisa_min_keys=thr, prec=prec)
+    pdl = (USE_PDL if pdl is None else pdl) and pdl_supported(q.device)
+    common = dict(block_size=block_size, hisa_min_keys=thr, prec=prec, pdl=pdl)
     if super_cache is not None:
         from .decode_super import super_block_select
         ids = super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_table,
@@ -380,10 +400,10 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
             cand, ids, seq_lens, idx, vals if vals is not None else cand, block_table.shape[1],
             thr, NEXT_N=next_n, SEQ_2D=seq_lens.dim() == 2, B=block_size, M=block_topk,
             MB_PAD=triton.next_power_of_2(mb), K=topk, K_PAD=triton.next_power_of_2(topk),
-            PAGE=PAGE_SIZE, WRITE_VALS=vals is not None, RADIX=radix,
-            num_warps=select_warps(triton.next_power_of_2(mb)))
+            PAGE=PAGE_SIZE, WRITE_VALS=vals is not None, RADIX=radix, PDL=pdl,
+            num_warps=select_warps(triton.next_power_of_2(mb)), **pdl_launch(pdl))
     return idx, vals
 
 
-__all__ = ["HISA_MIN_KEYS", "NO_LIMIT", "block_scores_paged", "block_select", "hisa_decode",
+__all__ = ["HISA_MIN_KEYS", "NO_LIMIT", "USE_PDL", "block_scores_paged", "block_select", "hisa_decode",
            "token_programs", "token_scores_paged"]

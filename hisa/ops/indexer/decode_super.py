@@ -34,6 +34,7 @@ from ...cache.layout import PAGE_SIZE
 from ..dsa.decode_kernels import _request_len, _row_len
 from .decode_kernels import (BLOCK_TILE, SCORE_WARPS, SELECT_RADIX, _nb_pad,
                              _paged_pooled_scores, block_select)
+from ..pdl import pdl_launch, pdl_trigger, pdl_wait
 from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
 from .topk import _force_ends, _masked_key
@@ -57,8 +58,11 @@ def _candidate_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_p
                              NEXT_N: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                              B: tl.constexpr, BS: tl.constexpr, MS: tl.constexpr,
                              C_PAD: tl.constexpr, SEQ_2D: tl.constexpr, TILE: tl.constexpr,
-                             PAGE: tl.constexpr, PREC: tl.constexpr):
+                             PAGE: tl.constexpr, PREC: tl.constexpr,
+                             PDL: tl.constexpr = False):
     C: tl.constexpr = MS * BS
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     row = tl.program_id(0)
     c0 = tl.program_id(1) * TILE
     b = row // NEXT_N
@@ -90,8 +94,10 @@ def _candidate_select_kernel(scratch_ptr, seq_lens_ptr, sup_ptr, ids_ptr, max_pa
                              hisa_min_keys, NEXT_N: tl.constexpr, SEQ_2D: tl.constexpr,
                              BS: tl.constexpr, MS: tl.constexpr, C_PAD: tl.constexpr,
                              M: tl.constexpr, M_PAD: tl.constexpr, PAGE: tl.constexpr,
-                             RADIX: tl.constexpr):
+                             RADIX: tl.constexpr, PDL: tl.constexpr = False):
     C: tl.constexpr = MS * BS
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     row = tl.program_id(0)
     b = row // NEXT_N
     if _request_len(seq_lens_ptr, b, max_pages * PAGE, NEXT_N, SEQ_2D) > hisa_min_keys:
@@ -109,7 +115,7 @@ def _candidate_select_kernel(scratch_ptr, seq_lens_ptr, sup_ptr, ids_ptr, max_pa
 
 def candidate_scores_paged(q, pooled_cache, weights, seq_lens, block_table, super_ids, *,
                            block_size, super_size, hisa_min_keys=-1, prec="tf32",
-                           num_pages=None):
+                           num_pages=None, pdl=False):
     """fp32 [rows, C_PAD] scores of the kept super-blocks' blocks in candidate order (C =
     ms * Bs valid columns): +inf on the forced first and last block, marked outside
     (``OUTSIDE_BITS``) for padding, blocks past the row and pages outside the cache. Twin:
@@ -126,16 +132,17 @@ def candidate_scores_paged(q, pooled_cache, weights, seq_lens, block_table, supe
             pooled_cache.shape[0] if num_pages is None else num_pages, block_table.shape[1],
             block_table.stride(0), hisa_min_keys, NEXT_N=next_n, H=H, D=D, B=block_size,
             BS=super_size, MS=ms, C_PAD=c_pad, SEQ_2D=seq_lens.dim() == 2, TILE=tile,
-            PAGE=PAGE_SIZE, PREC=prec, num_warps=SCORE_WARPS)
+            PAGE=PAGE_SIZE, PREC=prec, PDL=pdl, num_warps=SCORE_WARPS, **pdl_launch(pdl))
     return scratch
 
 
 def super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_table, *,
                        block_size, block_topk, super_size, super_topk, hisa_min_keys=-1,
-                       prec="tf32", num_pages=None, radix=None):
+                       prec="tf32", num_pages=None, radix=None, pdl=False):
     """int32 [rows, m] ascending block ids, -1 padded, through the super-block level (rows of
     requests with at most ``hisa_min_keys`` keys are left unwritten). Four launches: super
-    scores, super selection, candidate scores, candidate selection."""
+    scores, super selection, candidate scores, candidate selection (the last three launched
+    with PDL when ``pdl``)."""
     check_decode_super_params(block_size, super_size, super_topk, block_table.shape[1])
     batch, next_n = q.shape[:2]
     rows = batch * next_n
@@ -143,11 +150,11 @@ def super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_ta
     sids = block_select(q, super_cache, weights, seq_lens, block_table,
                         block_size=block_size * super_size, block_topk=super_topk,
                         hisa_min_keys=hisa_min_keys, prec=prec, num_pages=num_pages,
-                        radix=radix)
+                        radix=radix, pdl=pdl)
     scratch = candidate_scores_paged(q, pooled_cache, weights, seq_lens, block_table, sids,
                                      block_size=block_size, super_size=super_size,
                                      hisa_min_keys=hisa_min_keys, prec=prec,
-                                     num_pages=num_pages)
+                                     num_pages=num_pages, pdl=pdl)
     c_pad = scratch.shape[1]
     ids = torch.empty(rows, block_topk, dtype=torch.int32, device=q.device)
     if rows:
@@ -155,5 +162,5 @@ def super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_ta
             scratch, seq_lens, sids, ids, block_table.shape[1], hisa_min_keys, NEXT_N=next_n,
             SEQ_2D=seq_lens.dim() == 2, BS=super_size, MS=super_topk, C_PAD=c_pad,
             M=block_topk, M_PAD=triton.next_power_of_2(block_topk), PAGE=PAGE_SIZE,
-            RADIX=radix, num_warps=select_warps(c_pad))
+            RADIX=radix, PDL=pdl, num_warps=select_warps(c_pad), **pdl_launch(pdl))
     return ids

@@ -62,8 +62,12 @@ SELECT_RADIX = 1
 SCORE_WARPS = 4
 #: Launch the block select, token scores and token select kernels with programmatic dependent
 #: launch (:mod:`hisa.ops.pdl`) where the GPU has it, so each is scheduled while the kernel
-#: before it finishes (the step is four short dependent launches).
+#: before it finishes (the step is four short dependent launches), for steps of at most
+#: :data:`PDL_MAX_ROWS` rows. H200, CUDA graphs (decode_probe --pdl, benchmarks/decode_notes.md):
+#: 1.4-1.6 us saved at 128K x 1 / 8 / 32, 1.8-2.3 us at 1M x 1 / 8 (three levels), 1.9 us lost at
+#: 128K x 128 (the waiting dependents hold SM slots the wide grids need).
 USE_PDL = True
+PDL_MAX_ROWS = 32
 
 
 @triton.jit
@@ -344,7 +348,7 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     device. Launches: 3 with the fused block selection (block scores, token scores, token
     select), 4 without, 2 more when the routing is live. ``fuse_block_select``, ``radix`` and
     ``programs`` override :data:`FUSE_BLOCK_SELECT`, :data:`SELECT_RADIX` and
-    :func:`token_programs`, ``pdl`` :data:`USE_PDL` (variants for tests and probes; PDL is
+    :func:`token_programs`, ``pdl`` :data:`USE_PDL` and :data:`PDL_MAX_ROWS` (variants for tests and probes; PDL is
     off wherever the GPU lacks it). With ``super_cache`` /
     ``super_size`` / ``super_topk`` the block ids come through the super-block level
     (:mod:`.decode_super`, 4 launches in place of the block stage's 2)."""
@@ -374,7 +378,9 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     radix = SELECT_RADIX if radix is None else radix
     fuse = FUSE_BLOCK_SELECT if fuse_block_select is None else fuse_block_select
     q, _, _, prec = decode_operands(q, pages)
-    pdl = (USE_PDL if pdl is None else pdl) and pdl_supported(q.device)
+    if pdl is None:
+        pdl = USE_PDL and batch * next_n <= PDL_MAX_ROWS
+    pdl = pdl and pdl_supported(q.device)
     common = dict(block_size=block_size, hisa_min_keys=thr, prec=prec, pdl=pdl)
     if super_cache is not None:
         from .decode_super import super_block_select
@@ -405,5 +411,5 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     return idx, vals
 
 
-__all__ = ["HISA_MIN_KEYS", "NO_LIMIT", "USE_PDL", "block_scores_paged", "block_select", "hisa_decode",
+__all__ = ["HISA_MIN_KEYS", "NO_LIMIT", "PDL_MAX_ROWS", "USE_PDL", "block_scores_paged", "block_select", "hisa_decode",
            "token_programs", "token_scores_paged"]

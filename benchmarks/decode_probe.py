@@ -243,7 +243,8 @@ def pdl_ab(out_dir, rounds=3):
     from hisa.ops.pdl import pdl_supported
     assert pdl_supported(torch.device("cuda")), "PDL needs sm_90 or later"
     # (context, batches, super-block level (size, kept) or None)
-    shapes = ((8192, (8,), None), (65536, (1, 8), None), (131072, (1, 8, 32, 128), None),
+    shapes = ((8192, (8,), None), (65536, (1, 8), None),
+              (131072, (1, 8, 32, 48, 64, 96, 128), None),
               (1 << 20, (1, 8), (16, 64)))
     lines = []
     for ctx, batches, sup in shapes:

@@ -64,10 +64,11 @@ SCORE_WARPS = 4
 #: launch (:mod:`hisa.ops.pdl`) where the GPU has it, so each is scheduled while the kernel
 #: before it finishes (the step is four short dependent launches), for steps of at most
 #: :data:`PDL_MAX_ROWS` rows. H200, CUDA graphs (decode_probe --pdl, benchmarks/decode_notes.md):
-#: 1.4-1.6 us saved at 128K x 1 / 8 / 32, 1.8-2.3 us at 1M x 1 / 8 (three levels), 1.9 us lost at
-#: 128K x 128 (the waiting dependents hold SM slots the wide grids need).
+#: 1.4-2.0 us saved at 128K x 1 / 8 / 32 / 48 / 64, 1.8-2.3 us at 1M x 1 / 8 (three levels),
+#: nothing at 128K x 96, 1.5-1.9 us lost at 128K x 128 (the waiting dependents hold SM slots
+#: the wide grids need).
 USE_PDL = True
-PDL_MAX_ROWS = 32
+PDL_MAX_ROWS = 64
 
 
 @triton.jit

@@ -26,34 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from hisa.ops.indexer import decode_kernels as dk  # noqa: E402
+from hisa.testing.sm90 import SELECT_KERNELS, compile_sm90  # noqa: E402
 
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-
-# (kernel, signature, constexprs) at the bench's decode shape: B = 128, m = 64, k = 2048, 128K.
-KERNELS = {
-    "token_select": (dk._token_select_kernel,
-                     {"cand_ptr": "*fp32", "ids_ptr": "*i32", "seq_lens_ptr": "*i32",
-                      "out_idx_ptr": "*i32", "out_val_ptr": "*fp32", "max_pages": "i32",
-                      "hisa_min_keys": "i32"},
-                     {"NEXT_N": 1, "SEQ_2D": False, "B": 128, "M": 64, "MB_PAD": 8192,
-                      "K": 2048, "K_PAD": 2048, "PAGE": 64, "WRITE_VALS": False, "RADIX": 1}),
-    "block_select": (dk._block_select_kernel,
-                     {"scratch_ptr": "*fp32", "seq_lens_ptr": "*i32", "ids_ptr": "*i32",
-                      "max_pages": "i32", "hisa_min_keys": "i32"},
-                     {"NEXT_N": 1, "B": 128, "SEQ_2D": False, "M": 64, "M_PAD": 64,
-                      "NB_PAD": 1024, "PAGE": 64, "RADIX": 1}),
-}
-
-
-def compile_sm90(name: str, warps: int):
-    fn, sig, const = KERNELS[name]
-    sig = dict(sig, **{k: "constexpr" for k in const})
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 def sass_lines(cubin: bytes, work: str) -> list[str]:
@@ -96,7 +72,7 @@ def ptx_per_line(ptx: str) -> collections.Counter:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("kernel", choices=sorted(KERNELS))
+    ap.add_argument("kernel", choices=sorted(SELECT_KERNELS))
     ap.add_argument("--warps", type=int, default=8)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--work", default="/tmp")

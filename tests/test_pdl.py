@@ -20,36 +20,19 @@ def test_pdl_is_off_off_the_gpu():
     assert pdl_launch(True) == {"launch_pdl": True}
 
 
-#: Compiles the two decode selections for sm_90 with PDL on and off, in a process without
-#: TRITON_INTERPRET (the test session's kernels are interpreted, which compiles nothing), and
-#: prints which grid-dependency instructions each PTX holds.
+#: Compiles the two decode selections for sm_90 (small shapes: fast) with PDL on and off, in
+#: a process without TRITON_INTERPRET (the test session's kernels are interpreted, which
+#: compiles nothing), and prints which grid-dependency instructions each PTX holds.
 _COMPILE = r"""
 import json
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from hisa.ops.indexer import decode_kernels as dk
+from hisa.testing.sm90 import compile_sm90
 
-kernels = {
-    "token_select": (dk._token_select_kernel,
-                     {"cand_ptr": "*fp32", "ids_ptr": "*i32", "seq_lens_ptr": "*i32",
-                      "out_idx_ptr": "*i32", "out_val_ptr": "*fp32", "max_pages": "i32",
-                      "hisa_min_keys": "i32"},
-                     {"NEXT_N": 1, "SEQ_2D": False, "B": 64, "M": 4, "MB_PAD": 256, "K": 64,
-                      "K_PAD": 64, "PAGE": 64, "WRITE_VALS": False, "RADIX": 1}),
-    "block_select": (dk._block_select_kernel,
-                     {"scratch_ptr": "*fp32", "seq_lens_ptr": "*i32", "ids_ptr": "*i32",
-                      "max_pages": "i32", "hisa_min_keys": "i32"},
-                     {"NEXT_N": 1, "B": 64, "SEQ_2D": False, "M": 4, "M_PAD": 4,
-                      "NB_PAD": 64, "PAGE": 64, "RADIX": 1}),
-}
+small = {"token_select": dict(B=64, M=4, MB_PAD=256, K=64, K_PAD=64),
+         "block_select": dict(B=64, M=4, M_PAD=4, NB_PAD=64)}
 out = {}
-for name, (fn, sig, const) in kernels.items():
+for name, shape in small.items():
     for pdl in (False, True):
-        c = dict(const, PDL=pdl)
-        src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in c}), constexprs=c)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                             options={"num_warps": 4, "launch_pdl": pdl}).asm["ptx"]
+        ptx = compile_sm90(name, 4, pdl=pdl, **shape).asm["ptx"]
         out[f"{name} {pdl}"] = [op for op in ("griddepcontrol.wait",
                                               "griddepcontrol.launch_dependents") if op in ptx]
 print(json.dumps(out))

@@ -32,9 +32,9 @@ import triton.language as tl
 
 from ...cache.layout import PAGE_SIZE
 from ..dsa.decode_kernels import _request_len, _row_len
+from ..pdl import pdl_launch, pdl_trigger, pdl_wait
 from .decode_kernels import (BLOCK_TILE, SCORE_WARPS, SELECT_RADIX, _nb_pad,
                              _paged_pooled_scores, block_select)
-from ..pdl import pdl_launch, pdl_trigger, pdl_wait
 from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
 from .topk import _force_ends, _masked_key

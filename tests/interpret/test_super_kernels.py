@@ -181,15 +181,19 @@ def test_kernel_limits_raise_value_errors():
 
 
 def _recorded_allocations(monkeypatch):
-    """Bytes of every torch.empty the code under test allocates (a list filled as it runs)."""
-    sizes, real = [], torch.empty
+    """Bytes of every torch.empty / torch.zeros the code under test allocates (a list filled
+    as it runs)."""
+    sizes = []
 
-    def recording(*args, **kwargs):
-        t = real(*args, **kwargs)
-        sizes.append(t.numel() * t.element_size())
-        return t
+    def recording(real):
+        def alloc(*args, **kwargs):
+            t = real(*args, **kwargs)
+            sizes.append(t.numel() * t.element_size())
+            return t
+        return alloc
 
-    monkeypatch.setattr(torch, "empty", recording)
+    monkeypatch.setattr(torch, "empty", recording(torch.empty))
+    monkeypatch.setattr(torch, "zeros", recording(torch.zeros))
     return sizes
 
 
@@ -226,7 +230,8 @@ def test_flat_tiling_under_a_small_cap_is_exact_and_allocates_the_model(monkeypa
     model = fp.flat_workspace_bytes(inp.ks, inp.ke, programs=persistent_programs(70, inp.q.device, 8))
     assert model["logits"] <= fp.FLAT_LOGITS_BYTES
     half = model["topk_scratch"] // 2                     # keys and columns, one buffer each
-    assert sorted(sizes) == sorted([model["logits"], half, half, 4 * 70 * K])  # + the output
+    assert sorted(sizes) == sorted([model["logits"], half, half, model["topk_left"],
+                                    4 * 70 * K])                            # + the output
 
 
 def test_three_level_pipeline_pools_super_blocks_only_from_pooled_rows(monkeypatch):

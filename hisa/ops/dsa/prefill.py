@@ -187,12 +187,15 @@ def query_tiles(ks: torch.Tensor, ke: torch.Tensor, cap_bytes: int,
 def flat_workspace_bytes(ks: torch.Tensor, ke: torch.Tensor, *, programs: int
                          ) -> dict[str, int]:
     """Bytes of the temporaries :func:`dsa_index_triton` allocates for these windows: the
-    logits tile (at most :data:`FLAT_LOGITS_BYTES`, whatever T and S) and the top-k scratch of
-    ``programs`` persistent programs (8 per SM, at most the widest tile's rows)."""
+    logits tile (at most :data:`FLAT_LOGITS_BYTES`, whatever T and S), the top-k scratch of
+    ``programs`` persistent programs (8 per SM, at most the widest tile's rows) and the list of
+    rows the fast top-k leaves to the general one (a count per tile, then the widest tile's
+    rows)."""
     tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES)
     rows = max((n for _, n, _, _ in tiles), default=1)
     return {"logits": 4 * max([n * W for _, n, _, W in tiles] + [1]),
-            "topk_scratch": 2 * 4 * TOPK_SCRATCH * max(1, min(rows, programs))}
+            "topk_scratch": 2 * 4 * TOPK_SCRATCH * max(1, min(rows, programs)),
+            "topk_left": 4 * (len(tiles) + rows)}
 
 
 def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
@@ -225,13 +228,17 @@ def dsa_index_triton(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks
         tiles = query_tiles(ks, ke, FLAT_LOGITS_BYTES, span)
     max_elems = max(n * W for _, n, _, W in tiles)
     buf = torch.empty(max(max_elems, 1), dtype=torch.float32, device=q.device)
-    grid = persistent_programs(max(n for _, n, _, _ in tiles), q.device, 8)
+    rows = max(n for _, n, _, _ in tiles)
+    grid = persistent_programs(rows, q.device, 8)
     scratch = (torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=q.device),
                torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=q.device))
-    for t0, n, lo, W in tiles:
+    # One zeroed count per tile (a single memset), then the list the tiles reuse in turn.
+    left = torch.zeros(len(tiles) + rows, dtype=torch.int32, device=q.device)
+    for i, (t0, n, lo, W) in enumerate(tiles):
         logits = buf[:n * max(W, 1)].view(n, max(W, 1))
         dsa_logits(q, k, weights, ks, ke, k_scale=k_scale, t0=t0, n_rows=n, lo=lo,
                    out=logits, prec=prec)
         topk_rows(logits, ks, ke, t0=t0, lo=lo, topk=topk, out_idx=idx, out_val=vals,
-                  scratch=scratch, num_warps=FLAT_TOPK_WARPS)
+                  scratch=scratch, left=(left[len(tiles):], left[i:i + 1]),
+                  num_warps=FLAT_TOPK_WARPS)
     return idx, vals

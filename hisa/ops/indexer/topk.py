@@ -13,11 +13,17 @@ blocks. "The k largest scores" becomes "the k largest keys", keys > 0 only.
 
 Rows that fit in registers (HISA's m*B = 8,192 candidates, block rows) are selected in one
 program (``select.py`` and the fused stages call these helpers). Wide rows (flat DSA, 8K..256K
-keys) use :func:`topk_rows`: one pass builds a histogram of the top ``NBINS_LOG2`` key bits, a
-second pass writes every key of a higher bin straight to the output and gathers the keys of the
-threshold bin into a per-program scratch (L2-resident), and a register bisection over the
-scratch finishes the low bits. A threshold bin that overflows the scratch (massive ties) falls
-back to bisection passes over the row: slow, never wrong.
+keys) use :func:`topk_rows`, two launches. The fast kernel selects a row whose window fits
+``TOPK_FAST_CAP`` registers directly; a wider row gets a threshold from a strided sample, one
+pass keeps the scores at or above it in a per-program scratch (L2-resident), and the kept ones
+are selected in registers when they are at least k and fit. Every other row (expected to keep
+too many, or the sample missed) is listed, unwritten, for the general kernel: a sampled
+threshold into a wider scratch, else one pass builds a histogram of the top ``TOPK_HIST_BITS``
+key bits, a second writes every key of a higher bin straight to the output and gathers the
+threshold bin into the scratch, and a register bisection finishes the low bits. A threshold bin
+that overflows the scratch (massive ties) falls back to bisection passes over the row: slow,
+never wrong. The split keeps the fast kernel's registers low (the histogram path alone needs
+255 a thread), so more rows run at once.
 """
 from __future__ import annotations
 
@@ -35,6 +41,14 @@ TOPK_HIST_BITS = 12
 TOPK_CHUNK = 2048
 #: Scores sampled per wide row to place the candidate threshold (the fast path).
 TOPK_SAMPLE = 4096
+#: Register width of the fast kernel's selection: rows whose window or sampled candidates
+#: need more go to the general kernel (:func:`topk_rows`).
+TOPK_FAST_CAP = 4096
+#: Warps and register cap of the fast kernel: 4 warps at <= 168 registers a thread (no spill
+#: at the bench's shape on sm_90) leave room for three rows in flight per SM; the general
+#: kernel, with the 4,096-bin histogram, takes 255 registers and runs one or two.
+TOPK_FAST_WARPS = 4
+TOPK_FAST_MAXNREG = 168
 
 
 #: fp32 bits of the outside-the-window marker in score buffers (a signalling NaN).
@@ -208,18 +222,26 @@ def _select_mask(keys, need, thr):
 @triton.jit
 def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                       out_idx_ptr, out_val_ptr, stride_out, scr_key_ptr, scr_col_ptr,
+                      rows_ptr, n_listed_ptr,
                       K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
                       HBITS: tl.constexpr, CAP: tl.constexpr, NS: tl.constexpr,
-                      WRITE_VALS: tl.constexpr):
+                      WRITE_VALS: tl.constexpr, LISTED: tl.constexpr):
     # Row r of x holds key positions [lo, lo + stride_x); query t0 + r reads [ks, ke) of it and
-    # its output row t0 + r gets offsets relative to ks.
+    # its output row t0 + r gets offsets relative to ks. LISTED: only the rows listed at
+    # rows_ptr (their count at n_listed_ptr, written by the fast kernel before this launch).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, CHUNK)
     kk = tl.arange(0, K_PAD)
     scr_key = scr_key_ptr + pid.to(tl.int64) * CAP
     scr_col = scr_col_ptr + pid.to(tl.int64) * CAP
-    for r in range(pid, n_rows, nprog):
+    n_work = n_rows
+    if LISTED:
+        n_work = tl.load(n_listed_ptr)
+    for i in range(pid, n_work, nprog):
+        r = i
+        if LISTED:
+            r = tl.load(rows_ptr + i)
         t = t0 + r
         s0 = tl.load(ks_ptr + t)
         n = tl.load(ke_ptr + t) - s0
@@ -270,6 +292,74 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
         else:
             _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, kk, K,
                                 CHUNK, HBITS, CAP, WRITE_VALS)
+
+
+@triton.jit
+def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
+                           out_idx_ptr, out_val_ptr, stride_out, scr_key_ptr, scr_col_ptr,
+                           left_ptr, n_left_ptr,
+                           K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                           CAP: tl.constexpr, SCR: tl.constexpr, NS: tl.constexpr,
+                           WRITE_VALS: tl.constexpr):
+    # The rows of x as in _topk_rows_kernel. A row is selected here when its window, or the
+    # candidates its sampled threshold keeps, fit CAP registers; any other row is appended to
+    # left_ptr (count at n_left_ptr) for _topk_rows_kernel, unwritten.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs = tl.arange(0, CHUNK)
+    kk = tl.arange(0, K_PAD)
+    ci = tl.arange(0, CAP)
+    scr_key = scr_key_ptr + pid.to(tl.int64) * SCR
+    scr_col = scr_col_ptr + pid.to(tl.int64) * SCR
+    for r in range(pid, n_rows, nprog):
+        t = t0 + r
+        s0 = tl.load(ks_ptr + t)
+        n = tl.load(ke_ptr + t) - s0
+        row = x_ptr + tl.cast(r, tl.int64) * stride_x + (s0 - lo)
+        out_idx = out_idx_ptr + t.to(tl.int64) * stride_out
+        out_val = out_val_ptr + t.to(tl.int64) * stride_out
+        done = n <= CAP
+        key = tl.zeros([CAP], dtype=tl.uint32)
+        col = ci
+        if done:
+            key = _masked_key(tl.load(row + ci, mask=ci < n, other=0.0), ci < n)
+        else:
+            lam = K * NS / n.to(tl.float32)
+            rank = tl.minimum((lam + 4.0 * tl.sqrt(lam) + 4.0).to(tl.int32), NS)
+            # About n * rank / NS scores clear the sampled threshold: rows expected to fill
+            # more than 3/4 of the registers go to the general kernel unread.
+            if n.to(tl.int64) * rank <= (3 * CAP // 4) * NS:
+                si = tl.arange(0, NS)
+                sv = tl.load(row + (si.to(tl.int64) * n) // NS)
+                thr_s = _radix_threshold(_ordered_key(sv), rank, 1)
+                tl.debug_barrier()  # the previous row's scratch reads are done
+                n_c = tl.zeros([], dtype=tl.int32)
+                for c in range(0, n, CHUNK):
+                    m = c + offs < n
+                    kc = _masked_key(tl.load(row + c + offs, mask=m, other=0.0), m)
+                    keep = (kc >= thr_s) & (kc > 0)
+                    pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                    tl.store(scr_key + pk, kc, mask=keep & (pk < CAP))
+                    tl.store(scr_col + pk, c + offs, mask=keep & (pk < CAP))
+                    n_c += tl.sum(keep.to(tl.int32), axis=0)
+                done = (n_c >= K) & (n_c <= CAP)
+                tl.debug_barrier()
+                key = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+                col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+        if done:
+            thr = _radix_threshold(key, K, 1)
+            sel = _select_mask(key, K, thr)
+            ps = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            tl.store(out_idx + ps, col, mask=sel)
+            if WRITE_VALS:
+                tl.store(out_val + ps, _key_to_float(key), mask=sel)
+            n_sel = tl.sum(sel.to(tl.int32), axis=0)
+            tl.store(out_idx + kk, -1, mask=(kk >= n_sel) & (kk < K))
+            if WRITE_VALS:
+                tl.store(out_val + kk, float("-inf"), mask=(kk >= n_sel) & (kk < K))
+        else:
+            slot = tl.atomic_add(n_left_ptr, 1)
+            tl.store(left_ptr + slot, r)
 
 
 @triton.jit
@@ -376,8 +466,10 @@ def persistent_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
 def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, lo: int,
               topk: int, out_idx: torch.Tensor, out_val: torch.Tensor | None,
               scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+              left: tuple[torch.Tensor, torch.Tensor] | None = None,
               num_warps: int = 8) -> None:
-    """Top-``topk`` of each query's window in a tile of logits rows.
+    """Top-``topk`` of each query's window in a tile of logits rows (two launches: the fast
+    kernel, then the general one over the rows it listed; see the module doc).
 
     Args:
         x: fp32 [R, W]; row r holds the scores of query t0 + r for key positions [lo, lo + W).
@@ -386,6 +478,9 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
         out_val: fp32 [T, topk] aligned scores (-inf padded), or None.
         scratch: optional (uint32-as-int32 [P, TOPK_SCRATCH], int32 [P, TOPK_SCRATCH]) buffers
             reused across calls; P must be at least the persistent grid.
+        left: optional (int32 [>= R] list, int32 [1] count, zero) for the rows the fast kernel
+            leaves to the general one; a count must be zero before the call (one per call).
+        num_warps: warps of the general kernel.
     """
     R, W = x.shape
     if R == 0:
@@ -394,10 +489,26 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
     if scratch is None or scratch[0].shape[0] < grid:
         scratch = (torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=x.device),
                    torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=x.device))
+    if left is None:
+        buf = torch.zeros(R + 1, dtype=torch.int32, device=x.device)
+        left = (buf[1:], buf[:1])
     vals = out_val if out_val is not None else out_idx  # never written when WRITE_VALS is off
-    _topk_rows_kernel[(grid,)](
+    rows, n_left = left
+    fast_cap = min(TOPK_FAST_CAP, TOPK_SCRATCH)
+    _topk_rows_fast_kernel[(grid,)](
         x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
-        scratch[0].view(torch.uint32), scratch[1],
+        scratch[0].view(torch.uint32), scratch[1], rows, n_left,
+        K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, CAP=fast_cap,
+        SCR=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=out_val is not None,
+        num_warps=TOPK_FAST_WARPS, **_maxnreg(x.device, TOPK_FAST_MAXNREG))
+    _topk_rows_kernel[(persistent_programs(R, x.device, 1),)](
+        x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
+        scratch[0].view(torch.uint32), scratch[1], rows, n_left,
         K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, HBITS=TOPK_HIST_BITS,
         CAP=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH),
-        WRITE_VALS=out_val is not None, num_warps=num_warps)
+        WRITE_VALS=out_val is not None, LISTED=True, num_warps=num_warps)
+
+
+def _maxnreg(device: torch.device, regs: int) -> dict:
+    """The register cap as a launch option on CUDA (the interpreter takes no such option)."""
+    return {"maxnreg": regs} if device.type == "cuda" else {}

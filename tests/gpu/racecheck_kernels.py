@@ -402,7 +402,8 @@ _TWO = ("pool._pool_blocks_kernel", "block_scores._block_scores_kernel",
 _SUPER = ("pool._pool_blocks_kernel", "super_blocks._pool_supers_kernel",
           "block_scores._block_scores_kernel", "super_blocks._candidate_blocks_kernel",
           "token_scores._token_scores_kernel", "select._select_tokens_kernel")
-_FLAT = ("dsa.prefill._dsa_logits_kernel", "topk._topk_rows_kernel")
+_FLAT = ("dsa.prefill._dsa_logits_kernel", "topk._topk_rows_fast_kernel",
+         "topk._topk_rows_kernel")
 _DECODE_FLAT = ("dsa.decode_kernels._paged_logits_kernel", "decode_kernels._chunk_topk_kernel",
                 "decode_kernels._merge_topk_kernel")
 _DECODE = ("indexer.decode_kernels._block_scores_kernel", "decode_kernels._block_select_kernel",

@@ -32,6 +32,9 @@ FLAT_BS = 128
 #: 565 TFLOP/s (64K, H200, commit 21362b1f9e05); wider N is probed by
 #: benchmarks/flat_probe.py before it becomes the default.
 FLAT_QPD = 1
+#: Software-pipeline depth of the logits kernel's loop over queries (>= 2: the next queries'
+#: q tiles arrive by asynchronous copies during the current MMA; 1: plain loads).
+FLAT_STAGES = 1
 #: Warps per top-k program. H200, 4,096 rows of 32K-64K keys (benchmarks/select_probe.py):
 #: 4 warps 1.82 ms, 8 warps 2.15, 16 warps 2.43 (reduction-latency bound).
 FLAT_TOPK_WARPS = 4
@@ -71,7 +74,8 @@ def prepare_operands(q: torch.Tensor, k: torch.Tensor
 def _dsa_logits_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr,
                        t0, n_rows, lo, W, S,
                        H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BS: tl.constexpr,
-                       QPD: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr):
+                       QPD: tl.constexpr, HAS_SCALE: tl.constexpr, PREC: tl.constexpr,
+                       STAGES: tl.constexpr):
     # out: fp32 [n_rows, W]; entry (r, c) = I[t0 + r, lo + c], written inside the window only.
     # QPD queries share one dot: q^T [D, QPD * H] (their rows are contiguous in q), so the
     # MMA's N is QPD * H; the head sum then runs per query on the [BS, QPD, H] view.
@@ -95,7 +99,7 @@ def _dsa_logits_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, out_ptr
                         mask=smask[:, None], other=0.0)                          # [BS, D]
         if HAS_SCALE:
             scale = tl.load(k_scale_ptr + offs_s, mask=smask, other=0.0)
-        for i in range(0, BQ, QPD):
+        for i in tl.range(0, BQ, QPD, num_stages=STAGES):
             r = pid_q * BQ + i + qq                                              # [QPD]
             r_ok = r < n_rows
             t = (t0 + r).to(tl.int64)
@@ -142,7 +146,8 @@ def dsa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         q, k, k_scale if k_scale is not None else weights, weights, ks, ke, out,
         t0, n_rows, lo, W, S, H=H, D=D, BQ=FLAT_BQ, BS=FLAT_BS,
         QPD=FLAT_QPD if queries_per_dot is None else queries_per_dot,
-        HAS_SCALE=k_scale is not None, PREC=prec, num_warps=4, num_stages=2)
+        HAS_SCALE=k_scale is not None, PREC=prec, STAGES=FLAT_STAGES, num_warps=4,
+        num_stages=2)
     return out
 
 

@@ -23,6 +23,9 @@ from .topk import _outside_like, _relu, persistent_programs
 
 #: Blocks scored per MMA (rows of the dot).
 BLOCK_BN = 64
+#: Software-pipeline depth of the loop over a query's block tiles (the token stage's
+#: TOKEN_STAGES, for the pooled rows); also the three-level candidate kernel's.
+BLOCK_STAGES = 1
 
 
 @triton.jit
@@ -44,7 +47,8 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
                          ids_ptr, T, NB,
                          H: tl.constexpr, D: tl.constexpr, B: tl.constexpr, BN: tl.constexpr,
                          M: tl.constexpr, M_PAD: tl.constexpr, N_PAD: tl.constexpr,
-                         HAS_SCALE: tl.constexpr, SELECT: tl.constexpr, PREC: tl.constexpr):
+                         HAS_SCALE: tl.constexpr, SELECT: tl.constexpr, PREC: tl.constexpr,
+                         STAGES: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     d = tl.arange(0, D)
@@ -70,7 +74,7 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
                 c = c0 + cb
                 tl.store(row + c, _outside_like(c.to(tl.float32)),
                          mask=(c < NB) & ((c < first) | (c >= end)))
-        for c0 in range(first, end, BN):
+        for c0 in tl.range(first, end, BN, num_stages=STAGES):
             c = c0 + cb
             m = c < end
             sc = _pooled_row_scores(p_ptr, p_scale_ptr, c.to(tl.int64), m, q_t, w_t, d, D,
@@ -93,7 +97,7 @@ def _launch(q, pooled, weights, ks, ke, pooled_scale, scores, ids, *, block_size
         q, pooled, pooled_scale if pooled_scale is not None else weights, weights, ks, ke,
         scores, scores.stride(0), ids, T, NB, H=H, D=D, B=block_size, BN=BLOCK_BN,
         M=block_topk, M_PAD=triton.next_power_of_2(block_topk), N_PAD=n_pad,
-        HAS_SCALE=pooled_scale is not None, SELECT=select, PREC=prec,
+        HAS_SCALE=pooled_scale is not None, SELECT=select, PREC=prec, STAGES=BLOCK_STAGES,
         num_warps=select_warps(n_pad) if select else 4)
 
 

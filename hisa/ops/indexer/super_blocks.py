@@ -43,6 +43,10 @@ from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
 from .topk import _force_ends, _masked_key, _outside_like, persistent_programs
 
+#: Software-pipeline depth of the candidate kernel's loop over its block tiles (as
+#: block_scores.BLOCK_STAGES).
+CANDIDATE_STAGES = 1
+
 #: Block reps summed per iteration of the super-block pooling loop.
 POOL_SUPER_CHUNK = 16
 
@@ -174,7 +178,7 @@ def _candidate_blocks_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, s
                              BS: tl.constexpr, MS: tl.constexpr, C_PAD: tl.constexpr,
                              BN: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr,
                              HAS_SCALE: tl.constexpr, SELECT: tl.constexpr,
-                             PREC: tl.constexpr):
+                             PREC: tl.constexpr, STAGES: tl.constexpr):
     C: tl.constexpr = MS * BS
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -195,7 +199,7 @@ def _candidate_blocks_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, s
             tl.debug_barrier()  # the previous query's scratch reads are done
         else:
             row = scores_ptr + t64 * stride_s
-        for c0 in range(0, C, BN):
+        for c0 in tl.range(0, C, BN, num_stages=STAGES):
             c = c0 + cb
             cm = c < C
             g = tl.load(sup_ptr + t64 * MS + c // BS, mask=cm, other=-1).to(tl.int64)
@@ -230,7 +234,8 @@ def _launch(q, pooled, weights, ks, ke, super_ids, pooled_scale, scores, ids, *,
         super_ids, scores, scores.stride(0), ids, T, H=H, D=D, B=block_size, BS=super_size,
         MS=ms, C_PAD=c_pad, BN=BLOCK_BN, M=block_topk,
         M_PAD=triton.next_power_of_2(block_topk), HAS_SCALE=pooled_scale is not None,
-        SELECT=select, PREC=prec, num_warps=select_warps(c_pad) if select else 4)
+        SELECT=select, PREC=prec, STAGES=CANDIDATE_STAGES,
+        num_warps=select_warps(c_pad) if select else 4)
 
 
 def candidate_block_scores(q: torch.Tensor, pooled: torch.Tensor, weights: torch.Tensor,

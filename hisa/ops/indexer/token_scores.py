@@ -24,6 +24,10 @@ from .topk import _outside_like, _relu, persistent_programs
 TOKEN_PROGRAMS_PER_SM = 8
 #: Warps of the token stage (4: one warpgroup per MMA, the fastest in the Hopper probe).
 TOKEN_WARPS = 4
+#: Software-pipeline depth of the loop over a query's blocks: at >= 2 Triton issues the next
+#: blocks' key gathers as asynchronous copies while the current block's MMA runs (at 1 each
+#: gather is a plain load the MMA waits for); sm_90 compiles it in fewer registers too.
+TOKEN_STAGES = 1
 
 
 @triton.jit
@@ -32,7 +36,8 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
                          H: tl.constexpr, D: tl.constexpr, B: tl.constexpr, M: tl.constexpr,
                          MB_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          HAS_SCALE: tl.constexpr, SELECT: tl.constexpr,
-                         WRITE_VALS: tl.constexpr, PREC: tl.constexpr):
+                         WRITE_VALS: tl.constexpr, PREC: tl.constexpr,
+                         STAGES: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     d = tl.arange(0, D)
@@ -49,7 +54,7 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
             tl.debug_barrier()  # the previous query's scratch reads are done
         else:
             row = scores_ptr + t64 * (M * B)
-        for j in range(M):
+        for j in tl.range(M, num_stages=STAGES):
             blk = tl.load(ids_ptr + t64 * M + j)
             pos = blk * B + tok                                                     # [B]
             valid = (blk >= 0) & (pos >= s0) & (pos < s1)
@@ -75,7 +80,8 @@ def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val,
         out_idx, out_val if out_val is not None else scores, T, k.shape[0], H=H, D=D, B=block_size, M=M,
         MB_PAD=triton.next_power_of_2(M * block_size), K=topk,
         K_PAD=triton.next_power_of_2(topk), HAS_SCALE=k_scale is not None, SELECT=select,
-        WRITE_VALS=out_val is not None and select, PREC=prec, num_warps=num_warps)
+        WRITE_VALS=out_val is not None and select, PREC=prec, STAGES=TOKEN_STAGES,
+        num_warps=num_warps)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,

@@ -93,20 +93,24 @@ def test_topk_rows_matches_naive_and_handles_ties(monkeypatch):
 
 
 def test_topk_rows_fast_kernel_lists_exactly_the_rows_it_cannot_select(monkeypatch):
-    """The fast kernel selects narrow rows and rows whose sampled candidates fit; it lists,
-    unwritten, the rows expected to keep too many, the ones whose sample kept too many (ties)
-    or too few (few selectable), and the general kernel selects those."""
+    """The fast kernel selects narrow rows and wide rows whose sampled candidates fit; it
+    lists, unwritten, the rows of the general kernel's one-shot width, the rows expected to
+    keep too many, the ones whose sample kept too many (ties) or whose threshold is no number
+    (mostly outside entries), and the general kernel selects those."""
     g = torch.Generator().manual_seed(11)
-    R, W, k = 6, 8000, 16
+    R, W, k = 8, 8000, 16
     x = torch.randn(R, W, generator=g)
     x[2] = 0.5                                     # all tied: the sample keeps the whole row
     mark_outside(x[4], torch.arange(W) % 200 != 0)  # 10 selectable scores < k
     x[5] = torch.round(x[5] * 2) / 2               # ties at the threshold, fast path
     x[3] = -torch.arange(W).float()                # its sample would keep 188: listed by rule
-    # Fast cap 256, sample 256: row 0 (200 keys) direct; rows 1, 2, 4, 5 (2,000 keys) sampled,
-    # about 2000 * 11 / 256 = 86 kept; row 3 (8,000 keys) is expected
-    # to keep 219 > 192 (3/4 of the cap) and is listed unread.
-    ke = torch.tensor([200, 2000, 2000, 8000, 2000, 2000], dtype=torch.int32)
+    x[7, ::7] = float("nan")                       # NaN and -inf below the threshold: fast
+    x[7, 3::7] = float("-inf")
+    # Fast cap 256, general register row 512, sample 256: row 0 (200 keys) direct; row 6
+    # (400 keys) left to the general kernel's one-shot selection; rows 1, 2, 4, 5, 7 (2,000
+    # keys) sampled, about 2000 * 11 / 256 = 86 kept; row 3 (8,000 keys) is expected to keep
+    # 219 > 208 (13/16 of the cap) and is listed unread.
+    ke = torch.tensor([200, 2000, 2000, 8000, 2000, 2000, 400, 2000], dtype=torch.int32)
     ks = torch.zeros(R, dtype=torch.int32)
     monkeypatch.setattr(topk_mod, "TOPK_CHUNK", 128)
     monkeypatch.setattr(topk_mod, "TOPK_SCRATCH", 512)
@@ -119,7 +123,7 @@ def test_topk_rows_fast_kernel_lists_exactly_the_rows_it_cannot_select(monkeypat
     topk_mod.topk_rows(x, ks, ke, t0=0, lo=0, topk=k, out_idx=idx, out_val=val,
                        left=(left[1:], left[:1]))
     n_left = int(left[0])
-    assert sorted(left[1:1 + n_left].tolist()) == [2, 3, 4]
+    assert sorted(left[1:1 + n_left].tolist()) == [2, 3, 4, 6]
     for r in range(R):
         ref_cols, ref_vals = naive_topk(x[r:r + 1, :int(ke[r])], k)
         assert sorted(idx[r].tolist()) == sorted(ref_cols[0].tolist()), r

@@ -33,8 +33,10 @@ FLAT_BS = 128
 #: benchmarks/flat_probe.py before it becomes the default.
 FLAT_QPD = 1
 #: Software-pipeline depth of the logits kernel's loop over queries (>= 2: the next queries'
-#: q tiles arrive by asynchronous copies during the current MMA; 1: plain loads).
-FLAT_STAGES = 1
+#: q tiles arrive by asynchronous copies during the current MMA; 1: plain loads, what the
+#: loop inside ``if live`` compiled to before). H200 flat prefill 1 / 2 / 3: 32K 17.7 / 16.3
+#: / 16.2 ms, 64K 66.1 / 60.6 / 60.7 ms (benchmarks/stages_probe.py).
+FLAT_STAGES = 2
 #: Warps per top-k program. H200, 4,096 rows of 32K-64K keys (benchmarks/select_probe.py):
 #: 4 warps 1.82 ms, 8 warps 2.15, 16 warps 2.43 (reduction-latency bound).
 FLAT_TOPK_WARPS = 4

@@ -25,7 +25,7 @@ from .topk import _outside_like, _relu, persistent_programs
 BLOCK_BN = 64
 #: Software-pipeline depth of the loop over a query's block tiles (the token stage's
 #: TOKEN_STAGES, for the pooled rows); also the three-level candidate kernel's.
-BLOCK_STAGES = 1
+BLOCK_STAGES = 2
 
 
 @triton.jit

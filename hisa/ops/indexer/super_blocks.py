@@ -45,7 +45,7 @@ from .topk import _force_ends, _masked_key, _outside_like, persistent_programs
 
 #: Software-pipeline depth of the candidate kernel's loop over its block tiles (as
 #: block_scores.BLOCK_STAGES).
-CANDIDATE_STAGES = 1
+CANDIDATE_STAGES = 2
 
 #: Block reps summed per iteration of the super-block pooling loop.
 POOL_SUPER_CHUNK = 16

@@ -42,7 +42,8 @@ TOPK_CHUNK = 2048
 #: Scores sampled per wide row to place the candidate threshold (the fast path).
 TOPK_SAMPLE = 4096
 #: Register width of the fast kernel's selection: rows whose window or sampled candidates
-#: need more go to the general kernel (:func:`topk_rows`).
+#: need more, and windows up to TOPK_SCRATCH keys (faster in the general kernel's one-shot
+#: register selection), go to the general kernel (:func:`topk_rows`).
 TOPK_FAST_CAP = 4096
 #: Warps and register cap of the fast kernel: 4 warps at <= 168 registers a thread (no spill
 #: at the bench's shape on sm_90) leave room for three rows in flight per SM; the general
@@ -301,9 +302,11 @@ def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                            K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
                            CAP: tl.constexpr, SCR: tl.constexpr, NS: tl.constexpr,
                            WRITE_VALS: tl.constexpr):
-    # The rows of x as in _topk_rows_kernel. A row is selected here when its window, or the
-    # candidates its sampled threshold keeps, fit CAP registers; any other row is appended to
-    # left_ptr (count at n_left_ptr) for _topk_rows_kernel, unwritten.
+    # The rows of x as in _topk_rows_kernel. A row is selected here when its window fits CAP
+    # registers, or when it is wider than the general kernel's register row (SCR: narrower
+    # ones are faster in its one-shot selection) and the scores its sampled threshold keeps
+    # fit CAP; any other row is appended to left_ptr (count at n_left_ptr) for
+    # _topk_rows_kernel, unwritten.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, CHUNK)
@@ -327,25 +330,35 @@ def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
             lam = K * NS / n.to(tl.float32)
             rank = tl.minimum((lam + 4.0 * tl.sqrt(lam) + 4.0).to(tl.int32), NS)
             # About n * rank / NS scores clear the sampled threshold: rows expected to fill
-            # more than 3/4 of the registers go to the general kernel unread.
-            if n.to(tl.int64) * rank <= (3 * CAP // 4) * NS:
+            # more than 13/16 of the registers (3 standard deviations at 128K keys) go to the
+            # general kernel unread.
+            if (n > SCR) & (n.to(tl.int64) * rank <= (13 * CAP // 16) * NS):
                 si = tl.arange(0, NS)
                 sv = tl.load(row + (si.to(tl.int64) * n) // NS)
                 thr_s = _radix_threshold(_ordered_key(sv), rank, 1)
-                tl.debug_barrier()  # the previous row's scratch reads are done
-                n_c = tl.zeros([], dtype=tl.int32)
-                for c in range(0, n, CHUNK):
-                    m = c + offs < n
-                    kc = _masked_key(tl.load(row + c + offs, mask=m, other=0.0), m)
-                    keep = (kc >= thr_s) & (kc > 0)
-                    pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                    tl.store(scr_key + pk, kc, mask=keep & (pk < CAP))
-                    tl.store(scr_col + pk, c + offs, mask=keep & (pk < CAP))
-                    n_c += tl.sum(keep.to(tl.int32), axis=0)
-                done = (n_c >= K) & (n_c <= CAP)
-                tl.debug_barrier()
-                key = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
-                col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+                # A threshold at or above -inf's key is a number's: the pass compares the
+                # floats themselves (NaN and the outside marker compare false, as their keys
+                # 1 and 0 fall below it) and keeps their bits; the keys are made once, from
+                # the kept ones. A lower one (a sample of mostly NaN or outside entries)
+                # leaves the row to the general kernel.
+                if thr_s >= 0x7FFFFF:
+                    thr_f = _key_to_float(thr_s)
+                    tl.debug_barrier()  # the previous row's scratch reads are done
+                    n_c = tl.zeros([], dtype=tl.int32)
+                    for c in range(0, n, CHUNK):
+                        m = c + offs < n
+                        v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+                        keep = m & (v >= thr_f)
+                        pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                        tl.store(scr_key + pk, v.to(tl.uint32, bitcast=True),
+                                 mask=keep & (pk < CAP))
+                        tl.store(scr_col + pk, c + offs, mask=keep & (pk < CAP))
+                        n_c += tl.sum(keep.to(tl.int32), axis=0)
+                    done = (n_c >= K) & (n_c <= CAP)
+                    tl.debug_barrier()
+                    kept = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+                    key = _masked_key(kept.to(tl.float32, bitcast=True), ci < n_c)
+                    col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
         if done:
             thr = _radix_threshold(key, K, 1)
             sel = _select_mask(key, K, thr)
@@ -501,7 +514,7 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
         K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, CAP=fast_cap,
         SCR=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=out_val is not None,
         num_warps=TOPK_FAST_WARPS, **_maxnreg(x.device, TOPK_FAST_MAXNREG))
-    _topk_rows_kernel[(persistent_programs(R, x.device, 1),)](
+    _topk_rows_kernel[(grid,)](
         x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
         scratch[0].view(torch.uint32), scratch[1], rows, n_left,
         K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, HBITS=TOPK_HIST_BITS,

@@ -50,6 +50,9 @@ TOPK_FAST_CAP = 4096
 #: kernel, with the 4,096-bin histogram, takes 255 registers and runs one or two.
 TOPK_FAST_WARPS = 4
 TOPK_FAST_MAXNREG = 168
+#: The fast kernel's pass loads chunk c + 1 before it scans chunk c (one chunk of registers
+#: more), so a row's chunks do not each wait a full memory latency.
+TOPK_FAST_PREFETCH = True
 
 
 #: fp32 bits of the outside-the-window marker in score buffers (a signalling NaN).
@@ -301,7 +304,7 @@ def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                            left_ptr, n_left_ptr,
                            K: tl.constexpr, K_PAD: tl.constexpr, CHUNK: tl.constexpr,
                            CAP: tl.constexpr, SCR: tl.constexpr, NS: tl.constexpr,
-                           WRITE_VALS: tl.constexpr):
+                           WRITE_VALS: tl.constexpr, PREFETCH: tl.constexpr):
     # The rows of x as in _topk_rows_kernel. A row is selected here when its window fits CAP
     # registers, or when it is wider than the general kernel's register row (SCR: narrower
     # ones are faster in its one-shot selection) and the scores its sampled threshold keeps
@@ -345,9 +348,16 @@ def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                     thr_f = _key_to_float(thr_s)
                     tl.debug_barrier()  # the previous row's scratch reads are done
                     n_c = tl.zeros([], dtype=tl.int32)
+                    v_next = tl.load(row + offs, mask=offs < n, other=float("-inf"))
                     for c in range(0, n, CHUNK):
                         m = c + offs < n
-                        v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+                        if PREFETCH:
+                            # The next chunk's load is in flight while this one is scanned.
+                            v = v_next
+                            nxt = c + CHUNK + offs
+                            v_next = tl.load(row + nxt, mask=nxt < n, other=float("-inf"))
+                        else:
+                            v = tl.load(row + c + offs, mask=m, other=float("-inf"))
                         keep = m & (v >= thr_f)
                         pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
                         tl.store(scr_key + pk, v.to(tl.uint32, bitcast=True),
@@ -513,7 +523,7 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
         scratch[0].view(torch.uint32), scratch[1], rows, n_left,
         K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, CAP=fast_cap,
         SCR=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=out_val is not None,
-        num_warps=TOPK_FAST_WARPS, **_maxnreg(x.device, TOPK_FAST_MAXNREG))
+        PREFETCH=TOPK_FAST_PREFETCH, num_warps=TOPK_FAST_WARPS, **_maxnreg(x.device, TOPK_FAST_MAXNREG))
     _topk_rows_kernel[(grid,)](
         x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
         scratch[0].view(torch.uint32), scratch[1], rows, n_left,

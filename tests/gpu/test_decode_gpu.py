@@ -209,3 +209,11 @@ def test_pdl_chain_equals_plain_launches(variant):
         torch.cuda.synchronize()
         assert torch.equal(gi, ref_idx)
         assert torch.equal(gv.view(torch.int32), ref_val.view(torch.int32))
+    # Every replay checked, not only the last of a run: the comparison is queued after each
+    # replay on the same stream (no host sync between them), the mismatches summed on the GPU.
+    wrong = torch.zeros((), dtype=torch.int64, device="cuda")
+    for _ in range(20):
+        out.fill_(SENTINEL)
+        g.replay()
+        wrong += (gi != ref_idx).sum() + (gv.view(torch.int32) != ref_val.view(torch.int32)).sum()
+    assert int(wrong) == 0

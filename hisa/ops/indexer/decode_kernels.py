@@ -1,11 +1,15 @@
-"""HISA over the paged FP8 cache in Triton (decode): three launches, no host synchronisation.
+"""HISA over the paged FP8 cache in Triton (decode): four launches (three with the block
+selection fused into the token stage, ``fuse_block_select``; six at three levels, see
+:mod:`.decode_super`), no host synchronisation.
 
 ====================  =====================================================  ===================
 kernel                work                                                   grid
 ====================  =====================================================  ===================
-_block_select_kernel  J[row, j] over the pooled rows of complete blocks,     one program per row
-                      +inf on the first and last eligible block, then the
-                      top-m block ids in registers (ascending, -1 padded)
+_block_scores_kernel  J[row, j] over the pooled rows of complete blocks,     (rows, blocks / TILE)
+                      +inf on the first and last eligible block, to a
+                      scratch row
+_block_select_kernel  the top-m block ids of the scratch row in registers    one program per row
+                      (ascending, -1 padded)
 _token_scores_kernel  exact scores of the kept blocks' tokens, page by page  (rows, m / BLK_PER_P)
 _token_select_kernel  top-k of the m*B candidates -> request positions       one program per row
 ====================  =====================================================  ===================

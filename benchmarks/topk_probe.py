@@ -20,6 +20,13 @@ each score's key (about a third of its instructions), and it loads the next chun
 scanning the current one (the chunks of a row no longer each wait a memory latency; the
 sm_90 compile at the launcher's alignment spills 136 bytes at the 168-register cap with or
 without it): 32K / 64K / 128K rows ~0.7 / 1.2 / 2.5 ms.
+Outcome 2 (H200, c09a9f2): 32K / 64K / 128K rows 0.88 / 1.40 / 2.66 ms (4 of the 128K rows
+listed), without the prefetch 0.90 / 1.47 / 2.84, at 255 registers 0.93 / 1.43 / 2.74, with
+1,024-key chunks 0.69 / 1.04 / 2.08 (1.75-1.94x the general kernel's 1.21 / 2.02 / 3.74);
+8K rows, all listed for the general kernel, 0.45-0.57 against its 0.34 alone. So: a chunk
+of its own for the fast kernel (1,024), and no fast pass over a tile no wider than the
+general kernel's register row. Third run (prediction): 8K back to 0.34; 512-key chunks
+within 5 % of 1,024.
 
 Rows are random (no ties), so each row's top-k set is unique: every variant must return
 torch.topk's set on every row. Rows: R = 4,096 windows [0, ke) with ke uniform in [W/2, W]
@@ -44,12 +51,9 @@ WIDTHS = (8192, 32768, 65536, 131072)
 #: (name, module settings) of the fast kernel; "general" runs the general kernel on every row.
 VARIANTS = [
     ("general", None),
-    ("fast_w4_r168", dict(TOPK_FAST_WARPS=4, TOPK_FAST_MAXNREG=168)),
-    ("fast_w4_r168_noprefetch", dict(TOPK_FAST_WARPS=4, TOPK_FAST_MAXNREG=168,
-                                      TOPK_FAST_PREFETCH=False)),
-    ("fast_w4_r255", dict(TOPK_FAST_WARPS=4, TOPK_FAST_MAXNREG=255)),
-    ("fast_w4_r168_chunk1024", dict(TOPK_FAST_WARPS=4, TOPK_FAST_MAXNREG=168,
-                                     TOPK_CHUNK=1024)),
+    ("fast", {}),
+    ("fast_chunk512", dict(TOPK_FAST_CHUNK=512)),
+    ("fast_chunk1024_noprefetch", dict(TOPK_FAST_PREFETCH=False)),
 ]
 
 
@@ -72,7 +76,8 @@ def main():
     args = ap.parse_args()
     dev = "cuda"
     defaults = {k: getattr(T, k) for k in ("TOPK_FAST_WARPS", "TOPK_FAST_MAXNREG",
-                                           "TOPK_FAST_PREFETCH", "TOPK_SAMPLE", "TOPK_CHUNK")}
+                                           "TOPK_FAST_PREFETCH", "TOPK_FAST_CHUNK", "TOPK_SAMPLE",
+                                           "TOPK_CHUNK")}
     rows = []
     for W in WIDTHS:
         g = torch.Generator(device=dev).manual_seed(W)

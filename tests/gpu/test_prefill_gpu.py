@@ -120,10 +120,11 @@ def test_topk_rows_wide_rows_and_ties():
               left=(left[1:], left[:1]))
     check_index_format(idx, ks, ke, k)
     # The fast kernel lists each row it leaves once (one atomic per program, not per thread):
-    # the tied and the short-of-k rows at least, the random ones (about 3,000 of 4,096 kept)
-    # not.
+    # the tied row (its sample keeps the whole row) and the 8,000-key window (the general
+    # kernel's one-shot width) at least; the random ones (about 3,000 of 4,096 kept) not.
+    # (Row 2's 3,000 selectable scores hold its sample's threshold: it may go either way.)
     listed = left[1:1 + int(left[0])].tolist()
-    assert len(listed) == len(set(listed)) and {1, 2} <= set(listed), listed
+    assert len(listed) == len(set(listed)) and {1, 7} <= set(listed), listed
     assert len(listed) <= 8, listed
     col = torch.arange(W, device="cuda")
     masked = mark_outside(x.clone(), (col[None] < ks[:, None].long()) |

@@ -29,9 +29,9 @@ CALL_SYNCS = 1
 TWO_LEVEL_LAUNCHES = 6
 #: Three levels add the super-block pooling and the candidate-block selection.
 THREE_LEVEL_LAUNCHES = 6
-#: The flat path: logits, then the top-k's fast kernel and its general kernel over the rows
-#: the fast one listed (one logits tile).
-FLAT_LAUNCHES = 3
+#: The flat path: logits, then the top-k (one logits tile no wider than the general kernel's
+#: register row: its one launch; a wider tile adds the fast kernel before it).
+FLAT_LAUNCHES = 2
 #: aten ops of the flat op (measured 9: the window check's 5, the 4 buffers) plus slack for
 #: a small change; the 3 host syncs of commit 222f707 came with 12. On a GPU the window check
 #: is one launch and its output buffer (``read_flat_windows``, tests/interpret/test_window_stats.py).
@@ -91,7 +91,7 @@ def test_pruning_call_three_levels():
 
 def test_exact_regime_costs_the_flat_op_plus_the_plan():
     """A full causal prefill of M * B keys routes to the flat kernels: the HISA call costs
-    what ``dsa_index`` does (one sync, three launches) plus the plan's few small ops."""
+    what ``dsa_index`` does (one sync, two launches) plus the plan's few small ops."""
     inp = _inputs([M * B])
     flat = measure(_flat(inp))
     routed = measure(_hisa(inp))

@@ -113,6 +113,7 @@ def test_topk_rows_fast_kernel_lists_exactly_the_rows_it_cannot_select(monkeypat
     ke = torch.tensor([200, 2000, 2000, 8000, 2000, 2000, 400, 2000], dtype=torch.int32)
     ks = torch.zeros(R, dtype=torch.int32)
     monkeypatch.setattr(topk_mod, "TOPK_CHUNK", 128)
+    monkeypatch.setattr(topk_mod, "TOPK_FAST_CHUNK", 64)     # many chunks: the prefetch chain
     monkeypatch.setattr(topk_mod, "TOPK_SCRATCH", 512)
     monkeypatch.setattr(topk_mod, "TOPK_FAST_CAP", 256)
     monkeypatch.setattr(topk_mod, "TOPK_SAMPLE", 256)

@@ -53,6 +53,10 @@ TOPK_FAST_MAXNREG = 168
 #: The fast kernel's pass loads chunk c + 1 before it scans chunk c (one chunk of registers
 #: more), so a row's chunks do not each wait a full memory latency.
 TOPK_FAST_PREFETCH = True
+#: Row chunk of the fast kernel's pass. H200, 4,096 rows of 32K / 64K / 128K keys
+#: (benchmarks/topk_probe.py): 2,048 -> 0.88 / 1.40 / 2.66 ms, 1,024 -> 0.69 / 1.04 / 2.08 ms
+#: (the general kernel: 1.21 / 2.02 / 3.74 ms).
+TOPK_FAST_CHUNK = 1024
 
 
 #: fp32 bits of the outside-the-window marker in score buffers (a signalling NaN).
@@ -517,11 +521,21 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
         left = (buf[1:], buf[:1])
     vals = out_val if out_val is not None else out_idx  # never written when WRITE_VALS is off
     rows, n_left = left
+    if W <= TOPK_SCRATCH:
+        # Every window fits the general kernel's one-shot register selection: no fast pass
+        # (it would only list every row).
+        _topk_rows_kernel[(grid,)](
+            x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
+            scratch[0].view(torch.uint32), scratch[1], rows, n_left,
+            K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK,
+            HBITS=TOPK_HIST_BITS, CAP=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH),
+            WRITE_VALS=out_val is not None, LISTED=False, num_warps=num_warps)
+        return
     fast_cap = min(TOPK_FAST_CAP, TOPK_SCRATCH)
     _topk_rows_fast_kernel[(grid,)](
         x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
         scratch[0].view(torch.uint32), scratch[1], rows, n_left,
-        K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, CAP=fast_cap,
+        K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_FAST_CHUNK, CAP=fast_cap,
         SCR=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=out_val is not None,
         PREFETCH=TOPK_FAST_PREFETCH, num_warps=TOPK_FAST_WARPS, **_maxnreg(x.device, TOPK_FAST_MAXNREG))
     _topk_rows_kernel[(grid,)](

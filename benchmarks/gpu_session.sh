@@ -29,6 +29,7 @@
 #   select_probe   benchmarks/select_probe.py (prefill token select: warps, radix 1/8) (150)
 #   topk_probe     benchmarks/topk_probe.py (flat top-k: fast kernel settings vs general) (240)
 #   stages_probe   benchmarks/stages_probe.py (prefill loops pipelined 1/2/3, checked)  (300)
+#   flat_tests     the GPU tests of the flat kernels (prefill top-k and logits, paged decode) (150)
 #   select_stages  benchmarks/decode_probe.py --select (each decode launch alone, warps) (150)
 #   bench_all      hisa bench: decode grid, prefill 8k-128k, chunks 16k-128k   (540)
 #   host_ab        benchmarks/host_ab.sh ab_base (make_ab_base.sh first; carry ab_base) (330)
@@ -68,6 +69,7 @@ step_cmd() {
     select_probe) echo "150 python3 benchmarks/select_probe.py" ;;
     topk_probe) echo "240 python3 benchmarks/topk_probe.py --commit $commit --out $out/topk_probe.jsonl" ;;
     stages_probe) echo "300 python3 benchmarks/stages_probe.py --commit $commit --out $out/stages_probe.jsonl" ;;
+    flat_tests) echo "150 python3 -m pytest -q tests/gpu/test_prefill_gpu.py tests/gpu/test_decode_gpu.py -k 'topk or dsa or flat' -rs" ;;
     select_stages) echo "150 python3 benchmarks/decode_probe.py --select --out $out/select_stages" ;;
     pdl_probe) echo "200 python3 benchmarks/decode_probe.py --pdl --out $out/pdl_probe" ;;
     bench_all) echo "540 bash -c 'python3 -m hisa.cli bench --mode decode --commit $commit --out $out/decode.jsonl && python3 -m hisa.cli bench --mode prefill --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --commit $commit --out $out/prefill_chunk.jsonl'" ;;

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.testing
 
+from hisa.bench.rows import append_rows
 from hisa.ops.dsa import prefill as flat_mod
 from hisa.ops.indexer import block_scores as block_mod
 from hisa.ops.indexer import super_blocks as cand_mod
@@ -103,16 +104,15 @@ def main():
     ap.add_argument("--hisa", default="32768,65536,131072")
     ap.add_argument("--flat", default="32768,65536")
     args = ap.parse_args()
+    default = token_mod.TOKEN_STAGES
     rows = []
     for L in (int(x) for x in args.hisa.split(",") if x):
         rows += hisa_rows(L, args)
     for L in (int(x) for x in args.flat.split(",") if x):
         rows += flat_rows(L, args)
-    set_stages(1)
+    set_stages(default)
     if args.out:
-        with open(args.out, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ torch.topk's set on every row. Rows: R = 4,096 windows [0, ke) with ke uniform i
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import triton
 import triton.testing
 
+from hisa.bench.rows import append_rows
 from hisa.ops.indexer import topk as T
 
 K = 2048
@@ -59,14 +59,10 @@ VARIANTS = [
 
 def general_only(x, ks, ke, out, scratch, warps=4):
     """Every row through the general kernel (no fast pass, no list)."""
-    grid = T.persistent_programs(x.shape[0], x.device, 8)
-    dummy = torch.zeros(1, dtype=torch.int32, device=x.device)
-    T._topk_rows_kernel[(grid,)](
-        x, x.shape[1], ks, ke, 0, 0, x.shape[0], out, out, out.stride(0),
-        scratch[0].view(torch.uint32), scratch[1], dummy, dummy,
-        K=K, K_PAD=K, CHUNK=T.TOPK_CHUNK, HBITS=T.TOPK_HIST_BITS, CAP=T.TOPK_SCRATCH,
-        NS=min(T.TOPK_SAMPLE, T.TOPK_SCRATCH), WRITE_VALS=False, LISTED=False,
-        num_warps=warps)
+    T.general_topk_launch(x, ks, ke, t0=0, lo=0, topk=K, out_idx=out, vals=out,
+                          write_vals=False, scratch=scratch,
+                          grid=T.persistent_programs(x.shape[0], x.device, 8), left=None,
+                          num_warps=warps)
 
 
 def main():
@@ -123,9 +119,7 @@ def main():
         del x, ref
         torch.cuda.empty_cache()
     if args.out:
-        with open(args.out, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

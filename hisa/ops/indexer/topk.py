@@ -228,6 +228,44 @@ def _select_mask(keys, need, thr):
 
 
 @triton.jit
+def _tile_row(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, r, out_idx_ptr, out_val_ptr,
+              stride_out):
+    """Row r of a logits tile: its window length, the pointer to its first in-window score
+    and to its output rows (query t0 + r)."""
+    t = t0 + r
+    s0 = tl.load(ks_ptr + t)
+    n = tl.load(ke_ptr + t) - s0
+    row = x_ptr + tl.cast(r, tl.int64) * stride_x + (s0 - lo)
+    return (n, row, out_idx_ptr + t.to(tl.int64) * stride_out,
+            out_val_ptr + t.to(tl.int64) * stride_out)
+
+
+@triton.jit
+def _sample_rank(n, K: tl.constexpr, NS: tl.constexpr):
+    """Rank among NS evenly spaced samples of n scores at which to put the candidate
+    threshold: safely above the expected rank of the K-th score (lam + 4 sqrt(lam) + 4,
+    lam = K * NS / n), so about K * (1 + 4 / sqrt(lam)) scores clear it."""
+    lam = K * NS / n.to(tl.float32)
+    return tl.minimum((lam + 4.0 * tl.sqrt(lam) + 4.0).to(tl.int32), NS)
+
+
+@triton.jit
+def _select_store(key, col, out_idx, out_val, kk, K: tl.constexpr, WRITE_VALS: tl.constexpr):
+    """The top K of a register row of keys (their columns ``col``) written to a query's output
+    row, -1 / -inf padded."""
+    thr = _radix_threshold(key, K, 1)
+    sel = _select_mask(key, K, thr)
+    ps = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(out_idx + ps, col, mask=sel)
+    if WRITE_VALS:
+        tl.store(out_val + ps, _key_to_float(key), mask=sel)
+    n_sel = tl.sum(sel.to(tl.int32), axis=0)
+    tl.store(out_idx + kk, -1, mask=(kk >= n_sel) & (kk < K))
+    if WRITE_VALS:
+        tl.store(out_val + kk, float("-inf"), mask=(kk >= n_sel) & (kk < K))
+
+
+@triton.jit
 def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                       out_idx_ptr, out_val_ptr, stride_out, scr_key_ptr, scr_col_ptr,
                       rows_ptr, n_listed_ptr,
@@ -250,12 +288,8 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
         r = i
         if LISTED:
             r = tl.load(rows_ptr + i)
-        t = t0 + r
-        s0 = tl.load(ks_ptr + t)
-        n = tl.load(ke_ptr + t) - s0
-        row = x_ptr + tl.cast(r, tl.int64) * stride_x + (s0 - lo)
-        out_idx = out_idx_ptr + t.to(tl.int64) * stride_out
-        out_val = out_val_ptr + t.to(tl.int64) * stride_out
+        n, row, out_idx, out_val = _tile_row(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, r,
+                                             out_idx_ptr, out_val_ptr, stride_out)
         ci = tl.arange(0, CAP)
         done = n <= CAP
         n_c = n
@@ -264,14 +298,11 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
             key = _masked_key(tl.load(row + ci, mask=ci < n, other=0.0), ci < n)
             col = ci
         else:
-            # Sample NS evenly spaced scores, take the threshold at a rank safely above the
-            # expected rank of the K-th score (lam + 4 sqrt(lam) + 4, lam = K * NS / n), keep
-            # every score >= it (about K * (1 + 4 / sqrt(lam)) of them) in the scratch.
+            # Sample NS evenly spaced scores, take the threshold at _sample_rank, keep every
+            # score >= it in the scratch.
             si = tl.arange(0, NS)
             sv = tl.load(row + (si.to(tl.int64) * n) // NS)
-            lam = K * NS / n.to(tl.float32)
-            rank = tl.minimum((lam + 4.0 * tl.sqrt(lam) + 4.0).to(tl.int32), NS)
-            thr_s = _radix_threshold(_ordered_key(sv), rank, 1)
+            thr_s = _radix_threshold(_ordered_key(sv), _sample_rank(n, K, NS), 1)
             tl.debug_barrier()  # the previous row's scratch reads are done
             n_c = tl.zeros([], dtype=tl.int32)
             for c in range(0, n, CHUNK):
@@ -287,16 +318,7 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
             key = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
             col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
         if done:
-            thr = _radix_threshold(key, K, 1)
-            sel = _select_mask(key, K, thr)
-            ps = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-            tl.store(out_idx + ps, col, mask=sel)
-            if WRITE_VALS:
-                tl.store(out_val + ps, _key_to_float(key), mask=sel)
-            n_sel = tl.sum(sel.to(tl.int32), axis=0)
-            tl.store(out_idx + kk, -1, mask=(kk >= n_sel) & (kk < K))
-            if WRITE_VALS:
-                tl.store(out_val + kk, float("-inf"), mask=(kk >= n_sel) & (kk < K))
+            _select_store(key, col, out_idx, out_val, kk, K, WRITE_VALS)
         else:
             _topk_row_histogram(row, n, out_idx, out_val, scr_key, scr_col, offs, kk, K,
                                 CHUNK, HBITS, CAP, WRITE_VALS)
@@ -322,20 +344,15 @@ def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
     scr_key = scr_key_ptr + pid.to(tl.int64) * SCR
     scr_col = scr_col_ptr + pid.to(tl.int64) * SCR
     for r in range(pid, n_rows, nprog):
-        t = t0 + r
-        s0 = tl.load(ks_ptr + t)
-        n = tl.load(ke_ptr + t) - s0
-        row = x_ptr + tl.cast(r, tl.int64) * stride_x + (s0 - lo)
-        out_idx = out_idx_ptr + t.to(tl.int64) * stride_out
-        out_val = out_val_ptr + t.to(tl.int64) * stride_out
+        n, row, out_idx, out_val = _tile_row(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, r,
+                                             out_idx_ptr, out_val_ptr, stride_out)
         done = n <= CAP
         key = tl.zeros([CAP], dtype=tl.uint32)
         col = ci
         if done:
             key = _masked_key(tl.load(row + ci, mask=ci < n, other=0.0), ci < n)
         else:
-            lam = K * NS / n.to(tl.float32)
-            rank = tl.minimum((lam + 4.0 * tl.sqrt(lam) + 4.0).to(tl.int32), NS)
+            rank = _sample_rank(n, K, NS)
             # About n * rank / NS scores clear the sampled threshold: rows expected to fill
             # more than 13/16 of the registers (3 standard deviations at 128K keys) go to the
             # general kernel unread.
@@ -374,16 +391,7 @@ def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                     key = _masked_key(kept.to(tl.float32, bitcast=True), ci < n_c)
                     col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
         if done:
-            thr = _radix_threshold(key, K, 1)
-            sel = _select_mask(key, K, thr)
-            ps = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-            tl.store(out_idx + ps, col, mask=sel)
-            if WRITE_VALS:
-                tl.store(out_val + ps, _key_to_float(key), mask=sel)
-            n_sel = tl.sum(sel.to(tl.int32), axis=0)
-            tl.store(out_idx + kk, -1, mask=(kk >= n_sel) & (kk < K))
-            if WRITE_VALS:
-                tl.store(out_val + kk, float("-inf"), mask=(kk >= n_sel) & (kk < K))
+            _select_store(key, col, out_idx, out_val, kk, K, WRITE_VALS)
         else:
             slot = tl.atomic_add(n_left_ptr, 1)
             tl.store(left_ptr + slot, r)
@@ -495,8 +503,9 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
               scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
               left: tuple[torch.Tensor, torch.Tensor] | None = None,
               num_warps: int = 8) -> None:
-    """Top-``topk`` of each query's window in a tile of logits rows (two launches: the fast
-    kernel, then the general one over the rows it listed; see the module doc).
+    """Top-``topk`` of each query's window in a tile of logits rows: the fast kernel, then the
+    general one over the rows it listed; one general launch over every row when the tile is
+    no wider than its register row (``TOPK_SCRATCH``). See the module doc.
 
     Args:
         x: fp32 [R, W]; row r holds the scores of query t0 + r for key positions [lo, lo + W).
@@ -516,34 +525,37 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
     if scratch is None or scratch[0].shape[0] < grid:
         scratch = (torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=x.device),
                    torch.empty(grid, TOPK_SCRATCH, dtype=torch.int32, device=x.device))
-    if left is None:
-        buf = torch.zeros(R + 1, dtype=torch.int32, device=x.device)
-        left = (buf[1:], buf[:1])
     vals = out_val if out_val is not None else out_idx  # never written when WRITE_VALS is off
-    rows, n_left = left
-    if W <= TOPK_SCRATCH:
-        # Every window fits the general kernel's one-shot register selection: no fast pass
-        # (it would only list every row).
-        _topk_rows_kernel[(grid,)](
+    listed = W > TOPK_SCRATCH   # else the fast pass would only list every row
+    if listed:
+        if left is None:
+            buf = torch.zeros(R + 1, dtype=torch.int32, device=x.device)
+            left = (buf[1:], buf[:1])
+        _topk_rows_fast_kernel[(grid,)](
             x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
-            scratch[0].view(torch.uint32), scratch[1], rows, n_left,
-            K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK,
-            HBITS=TOPK_HIST_BITS, CAP=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH),
-            WRITE_VALS=out_val is not None, LISTED=False, num_warps=num_warps)
-        return
-    fast_cap = min(TOPK_FAST_CAP, TOPK_SCRATCH)
-    _topk_rows_fast_kernel[(grid,)](
-        x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
-        scratch[0].view(torch.uint32), scratch[1], rows, n_left,
-        K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_FAST_CHUNK, CAP=fast_cap,
-        SCR=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=out_val is not None,
-        PREFETCH=TOPK_FAST_PREFETCH, num_warps=TOPK_FAST_WARPS, **_maxnreg(x.device, TOPK_FAST_MAXNREG))
+            scratch[0].view(torch.uint32), scratch[1], left[0], left[1],
+            K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_FAST_CHUNK,
+            CAP=min(TOPK_FAST_CAP, TOPK_SCRATCH), SCR=TOPK_SCRATCH,
+            NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=out_val is not None,
+            PREFETCH=TOPK_FAST_PREFETCH, num_warps=TOPK_FAST_WARPS,
+            **_maxnreg(x.device, TOPK_FAST_MAXNREG))
+    general_topk_launch(x, ks, ke, t0=t0, lo=lo, topk=topk, out_idx=out_idx, vals=vals,
+                        write_vals=out_val is not None, scratch=scratch, grid=grid,
+                        left=left if listed else None, num_warps=num_warps)
+
+
+def general_topk_launch(x, ks, ke, *, t0, lo, topk, out_idx, vals, write_vals, scratch, grid,
+                        left, num_warps):
+    """The general kernel over every row of ``x`` (``left`` None) or over the rows listed in
+    ``left`` (list, count); :func:`topk_rows` and the top-k probe launch it so."""
+    R, W = x.shape
+    rows, n_left = left if left is not None else (out_idx, out_idx)   # unread unless listed
     _topk_rows_kernel[(grid,)](
         x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
         scratch[0].view(torch.uint32), scratch[1], rows, n_left,
         K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, HBITS=TOPK_HIST_BITS,
-        CAP=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH),
-        WRITE_VALS=out_val is not None, LISTED=True, num_warps=num_warps)
+        CAP=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=write_vals,
+        LISTED=left is not None, num_warps=num_warps)
 
 
 def _maxnreg(device: torch.device, regs: int) -> dict:

@@ -8,8 +8,12 @@ can be checked before a GPU is lent:
 
     python benchmarks/sass_count.py token_select [--warps 8] [--top 12]
     python benchmarks/sass_count.py block_select
+    python benchmarks/sass_count.py topk_fast --warps 4 --maxnreg 168
+    python benchmarks/sass_count.py topk_general --warps 4
+    python benchmarks/sass_count.py token_scores --warps 4 --set STAGES=1 --set SELECT=1
 
-Prints the SASS instruction total, the instructions of each loop (label to back branch), the
+Prints the registers a thread and the bytes spilled (``cuobjdump --dump-resource-usage``),
+the SASS instruction total, the instructions of each loop (label to back branch), the
 shuffles and barriers, and the PTX instructions per source line (the helper line they are
 inlined from), largest first.
 """
@@ -39,7 +43,17 @@ def sass_lines(cubin: bytes, work: str) -> list[str]:
     text = subprocess.run([os.path.join(NVIDIA_BIN, "nvdisasm"), "-c", path],
                           capture_output=True, text=True, check=True).stdout
     return [line for line in text.splitlines()
-            if re.search(r"/\*[0-9a-f]{4}\*/", line) or re.match(r"^\.L_x_\d+:", line)]
+            if re.search(r"/\*[0-9a-f]{4,}\*/", line) or re.match(r"^\.L_x_\d+:", line)]
+
+
+def resource_usage(cubin: bytes, work: str) -> str:
+    """The kernel's ``REG:`` (registers a thread) and ``STACK:`` (spill bytes) line."""
+    path = os.path.join(work, "kernel.cubin")
+    with open(path, "wb") as f:
+        f.write(cubin)
+    text = subprocess.run([os.path.join(NVIDIA_BIN, "cuobjdump"), "--dump-resource-usage",
+                           path], capture_output=True, text=True, check=True).stdout
+    return " ".join(line.strip() for line in text.splitlines() if "REG:" in line)
 
 
 def loops(lines: list[str]) -> list[tuple[str, int]]:
@@ -74,10 +88,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("kernel", choices=sorted(SELECT_KERNELS))
     ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap (launch option)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=INT",
+                    help="override one of the kernel's integer constexprs (repeatable)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--work", default="/tmp")
     args = ap.parse_args()
-    compiled = compile_sm90(args.kernel, args.warps)
+    sets = {name: int(value) for name, value in (kv.split("=", 1) for kv in args.set)}
+    compiled = compile_sm90(args.kernel, args.warps, maxnreg=args.maxnreg, **sets)
+    print(resource_usage(compiled.asm["cubin"], args.work),
+          f"(shared memory at launch: {compiled.metadata.shared} bytes)")
     lines = sass_lines(compiled.asm["cubin"], args.work)
     ins = [line for line in lines if not line.startswith(".L_x")]
     print(f"{args.kernel}, {args.warps} warps, sm_90: {len(ins)} SASS instructions, "

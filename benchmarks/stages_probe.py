@@ -5,8 +5,10 @@ equal to S = 1's before it is timed.
 Prediction (written before measuring, from the sm_90 compile on the CPU with the launcher's
 16-byte pointer alignment): at S >= 2 the token stage's key-block gather becomes an
 asynchronous copy one block ahead of the MMA (142 -> 118 registers unfused, 42 KB of shared
-memory), the block-scan and candidate kernels prefetch their pooled-row tiles (~160 -> ~128
-registers), the flat logits' q tiles are prefetched (102 -> 105-111 registers). Expected: the
+memory), the block-scan and candidate kernels prefetch their pooled-row tiles, the flat
+logits' q tiles are prefetched (102 -> 105 registers); the counts: `python
+benchmarks/sass_count.py token_scores --warps 4 --set STAGES=1` (and `=2`, and `flat_logits`
+likewise). Expected: the
 unfused token scores 10-25 % faster at 64K (about 12 -> 9-11 ms), the fused token stage less
 (its 255 registers leave one or two programs per SM either way), the block stages 10-20 %,
 the flat logits within 5 % (five programs per SM already hide the loads).
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.testing
 
-from hisa.bench.rows import append_rows
+from hisa.bench.rows import append_rows, environment
 from hisa.ops.dsa import prefill as flat_mod
 from hisa.ops.indexer import block_scores as block_mod
 from hisa.ops.indexer import super_blocks as cand_mod
@@ -45,11 +47,6 @@ def set_stages(s):
     flat_mod.FLAT_STAGES = s
 
 
-def meta(args):
-    return {"commit": args.commit, "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__}
-
-
 def hisa_rows(L, args):
     inp = make_indexer_inputs([L], device="cuda", seed=1, clustered=True)
     rows, base = [], None
@@ -65,7 +62,8 @@ def hisa_rows(L, args):
         same = bool(torch.equal(idx, base))
         st = {name: bench(fn) for name, fn in stages} if same else {}
         row = dict(probe="prefill_stages", op="hisa", context=L, stages=s, same_as_stages_1=same,
-                   stage_ms=st, ms=sum(st.values()) if same else float("nan"), **meta(args))
+                   stage_ms=st, ms=sum(st.values()) if same else float("nan"),
+                   **environment(args.commit))
         rows.append(row)
         print(json.dumps(row), flush=True)
     del inp
@@ -89,7 +87,7 @@ def flat_rows(L, args):
         ms = bench(fn) if same else float("nan")
         pairs = L * (L + 1) / 2
         row = dict(probe="prefill_stages", op="flat", context=L, stages=s, same_as_stages_1=same,
-                   ms=ms, tflops=pairs * 2 * 64 * 128 / ms / 1e9, **meta(args))
+                   ms=ms, tflops=pairs * 2 * 64 * 128 / ms / 1e9, **environment(args.commit))
         rows.append(row)
         print(json.dumps(row), flush=True)
     del inp

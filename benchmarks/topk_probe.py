@@ -6,7 +6,9 @@ in registers and the 4,096-bin histogram, 255 registers a thread (spilling 872 b
 warps): two rows per SM. The fast kernel (4,096-wide selection, no histogram) fits 167
 registers at 4 warps without a spill: three rows per SM, and its final selection has half
 the keys. Expected: 4,096 rows of 32K-64K keys from ~1.8 ms to ~0.9-1.1 ms; the flat 64K
-prefill's top-k from ~21 ms to ~11 ms (flat 65 -> ~55 ms, ~640 TF/s).
+prefill's top-k from ~21 ms to ~11 ms (flat 65 -> ~55 ms, ~640 TF/s). (The register counts
+were from a compile without the launcher's pointer alignment; `benchmarks/sass_count.py
+topk_fast` / `topk_general` give the aligned ones: the fast kernel spills 120 bytes at the cap.)
 
 Outcome 1 (H200, 734124f): 8K / 32K / 64K / 128K rows, general 0.34 / 1.21 / 2.03 / 3.77 ms,
 fast (4 warps, 168 registers) 0.49 / 0.98 / 1.67 / 5.04 ms (1,450 of the 128K rows listed,
@@ -19,7 +21,7 @@ the general launch keeps 8 programs per SM, the rule lists rows expected to keep
 each score's key (about a third of its instructions), and it loads the next chunk before
 scanning the current one (the chunks of a row no longer each wait a memory latency; the
 sm_90 compile at the launcher's alignment spills 136 bytes at the 168-register cap with or
-without it): 32K / 64K / 128K rows ~0.7 / 1.2 / 2.5 ms.
+without it: `benchmarks/sass_count.py topk_fast --warps 4 --maxnreg 168 --set CHUNK=2048`): 32K / 64K / 128K rows ~0.7 / 1.2 / 2.5 ms.
 Outcome 2 (H200, c09a9f2): 32K / 64K / 128K rows 0.88 / 1.40 / 2.66 ms (4 of the 128K rows
 listed), without the prefetch 0.90 / 1.47 / 2.84, at 255 registers 0.93 / 1.43 / 2.74, with
 1,024-key chunks 0.69 / 1.04 / 2.08 (1.75-1.94x the general kernel's 1.21 / 2.02 / 3.74);
@@ -42,7 +44,7 @@ import torch
 import triton
 import triton.testing
 
-from hisa.bench.rows import append_rows
+from hisa.bench.rows import append_rows, environment
 from hisa.ops.indexer import topk as T
 
 K = 2048
@@ -53,6 +55,7 @@ VARIANTS = [
     ("general", None),
     ("fast", {}),
     ("fast_chunk512", dict(TOPK_FAST_CHUNK=512)),
+    ("fast_chunk2048", dict(TOPK_FAST_CHUNK=2048)),
     ("fast_chunk1024_noprefetch", dict(TOPK_FAST_PREFETCH=False)),
 ]
 
@@ -109,9 +112,7 @@ def main():
                 if same else float("nan")
             row = {"probe": "topk_rows", "variant": name, "rows": R, "width": W,
                    "ke": "uniform [W/2, W]", "topk": K, "ms": ms, "same_as_torch_topk": same,
-                   "listed_rows": listed, "settings": settings, "commit": args.commit,
-                   "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": triton.__version__}
+                   "listed_rows": listed, "settings": settings, **environment(args.commit)}
             rows.append(row)
             print(f"W={W:>6} {name:<24} {ms:8.3f} ms same={same} listed={listed}", flush=True)
         for k, v in defaults.items():

@@ -45,9 +45,11 @@ TOPK_SAMPLE = 4096
 #: need more, and windows up to TOPK_SCRATCH keys (faster in the general kernel's one-shot
 #: register selection), go to the general kernel (:func:`topk_rows`).
 TOPK_FAST_CAP = 4096
-#: Warps and register cap of the fast kernel: 4 warps at <= 168 registers a thread (no spill
-#: at the bench's shape on sm_90) leave room for three rows in flight per SM; the general
-#: kernel, with the 4,096-bin histogram, takes 255 registers and runs one or two.
+#: Warps and register cap of the fast kernel: 4 warps at <= 168 registers a thread leave room
+#: for three rows in flight per SM (120 bytes spilled at the bench's shape on sm_90; 220
+#: registers uncapped, two rows); the general kernel, with the 4,096-bin histogram, takes 255
+#: and spills 944 bytes (`python benchmarks/sass_count.py topk_fast --warps 4 --maxnreg 168`,
+#: `... topk_general --warps 4`). H200: the cap was 2-7 % faster (benchmarks/topk_probe.py).
 TOPK_FAST_WARPS = 4
 TOPK_FAST_MAXNREG = 168
 #: The fast kernel's pass loads chunk c + 1 before it scans chunk c (one chunk of registers
@@ -266,6 +268,52 @@ def _select_store(key, col, out_idx, out_val, kk, K: tl.constexpr, WRITE_VALS: t
 
 
 @triton.jit
+def _sampled_candidates(row, n, scr_key, scr_col, offs, ci, K: tl.constexpr,
+                        NS: tl.constexpr, CAP: tl.constexpr, CHUNK: tl.constexpr,
+                        PREFETCH: tl.constexpr):
+    """The scores of a row of n (> CAP) that clear a threshold set from NS evenly spaced
+    samples (at :func:`_sample_rank`), as (ok, keys [CAP], columns [CAP]); ok when at least K
+    and at most CAP cleared it (the K largest are then among them).
+
+    A threshold at or above -inf's key is a number's: the pass compares the floats themselves
+    (NaN and the outside marker compare false, as their keys 1 and 0 fall below it), keeps
+    their bits and columns in the per-program scratch in row order (ties keep the lower
+    index), and the keys are made once, from the kept ones. A lower one (a sample of mostly
+    NaN or outside entries) is not ok. ``PREFETCH``: chunk c + 1's load is in flight while
+    chunk c is scanned (one chunk of registers more)."""
+    si = tl.arange(0, NS)
+    sv = tl.load(row + (si.to(tl.int64) * n) // NS)
+    thr_s = _radix_threshold(_ordered_key(sv), _sample_rank(n, K, NS), 1)
+    ok = tl.full([], False, tl.int1)
+    key = tl.zeros([CAP], dtype=tl.uint32)
+    col = ci
+    if thr_s >= 0x7FFFFF:
+        thr_f = _key_to_float(thr_s)
+        tl.debug_barrier()  # the previous row's scratch reads are done
+        n_c = tl.zeros([], dtype=tl.int32)
+        v_next = tl.load(row + offs, mask=offs < n, other=float("-inf"))
+        for c in range(0, n, CHUNK):
+            m = c + offs < n
+            if PREFETCH:
+                v = v_next
+                nxt = c + CHUNK + offs
+                v_next = tl.load(row + nxt, mask=nxt < n, other=float("-inf"))
+            else:
+                v = tl.load(row + c + offs, mask=m, other=float("-inf"))
+            keep = m & (v >= thr_f)
+            pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            tl.store(scr_key + pk, v.to(tl.uint32, bitcast=True), mask=keep & (pk < CAP))
+            tl.store(scr_col + pk, c + offs, mask=keep & (pk < CAP))
+            n_c += tl.sum(keep.to(tl.int32), axis=0)
+        ok = (n_c >= K) & (n_c <= CAP)
+        tl.debug_barrier()
+        kept = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+        key = _masked_key(kept.to(tl.float32, bitcast=True), ci < n_c)
+        col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+    return ok, key, col
+
+
+@triton.jit
 def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                       out_idx_ptr, out_val_ptr, stride_out, scr_key_ptr, scr_col_ptr,
                       rows_ptr, n_listed_ptr,
@@ -292,31 +340,14 @@ def _topk_rows_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                                              out_idx_ptr, out_val_ptr, stride_out)
         ci = tl.arange(0, CAP)
         done = n <= CAP
-        n_c = n
         if done:
             # The whole window fits in registers: one exact selection.
             key = _masked_key(tl.load(row + ci, mask=ci < n, other=0.0), ci < n)
             col = ci
         else:
-            # Sample NS evenly spaced scores, take the threshold at _sample_rank, keep every
-            # score >= it in the scratch.
-            si = tl.arange(0, NS)
-            sv = tl.load(row + (si.to(tl.int64) * n) // NS)
-            thr_s = _radix_threshold(_ordered_key(sv), _sample_rank(n, K, NS), 1)
-            tl.debug_barrier()  # the previous row's scratch reads are done
-            n_c = tl.zeros([], dtype=tl.int32)
-            for c in range(0, n, CHUNK):
-                m = c + offs < n
-                kc = _masked_key(tl.load(row + c + offs, mask=m, other=0.0), m)
-                keep = (kc >= thr_s) & (kc > 0)
-                pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                tl.store(scr_key + pk, kc, mask=keep & (pk < CAP))
-                tl.store(scr_col + pk, c + offs, mask=keep & (pk < CAP))
-                n_c += tl.sum(keep.to(tl.int32), axis=0)
-            done = (n_c >= K) & (n_c <= CAP)
-            tl.debug_barrier()
-            key = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
-            col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+            # The sampled candidates into the scratch, else the histogram path below.
+            done, key, col = _sampled_candidates(row, n, scr_key, scr_col, offs, ci, K, NS,
+                                                 CAP, CHUNK, False)
         if done:
             _select_store(key, col, out_idx, out_val, kk, K, WRITE_VALS)
         else:
@@ -333,9 +364,9 @@ def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
                            WRITE_VALS: tl.constexpr, PREFETCH: tl.constexpr):
     # The rows of x as in _topk_rows_kernel. A row is selected here when its window fits CAP
     # registers, or when it is wider than the general kernel's register row (SCR: narrower
-    # ones are faster in its one-shot selection) and the scores its sampled threshold keeps
-    # fit CAP; any other row is appended to left_ptr (count at n_left_ptr) for
-    # _topk_rows_kernel, unwritten.
+    # ones are faster in its one-shot selection) and its sampled candidates fit CAP (the same
+    # pass as the general kernel's, in fewer registers); any other row is appended to
+    # left_ptr (count at n_left_ptr) for _topk_rows_kernel, unwritten.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs = tl.arange(0, CHUNK)
@@ -357,39 +388,8 @@ def _topk_rows_fast_kernel(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, n_rows,
             # more than 13/16 of the registers (3 standard deviations at 128K keys) go to the
             # general kernel unread.
             if (n > SCR) & (n.to(tl.int64) * rank <= (13 * CAP // 16) * NS):
-                si = tl.arange(0, NS)
-                sv = tl.load(row + (si.to(tl.int64) * n) // NS)
-                thr_s = _radix_threshold(_ordered_key(sv), rank, 1)
-                # A threshold at or above -inf's key is a number's: the pass compares the
-                # floats themselves (NaN and the outside marker compare false, as their keys
-                # 1 and 0 fall below it) and keeps their bits; the keys are made once, from
-                # the kept ones. A lower one (a sample of mostly NaN or outside entries)
-                # leaves the row to the general kernel.
-                if thr_s >= 0x7FFFFF:
-                    thr_f = _key_to_float(thr_s)
-                    tl.debug_barrier()  # the previous row's scratch reads are done
-                    n_c = tl.zeros([], dtype=tl.int32)
-                    v_next = tl.load(row + offs, mask=offs < n, other=float("-inf"))
-                    for c in range(0, n, CHUNK):
-                        m = c + offs < n
-                        if PREFETCH:
-                            # The next chunk's load is in flight while this one is scanned.
-                            v = v_next
-                            nxt = c + CHUNK + offs
-                            v_next = tl.load(row + nxt, mask=nxt < n, other=float("-inf"))
-                        else:
-                            v = tl.load(row + c + offs, mask=m, other=float("-inf"))
-                        keep = m & (v >= thr_f)
-                        pk = n_c + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                        tl.store(scr_key + pk, v.to(tl.uint32, bitcast=True),
-                                 mask=keep & (pk < CAP))
-                        tl.store(scr_col + pk, c + offs, mask=keep & (pk < CAP))
-                        n_c += tl.sum(keep.to(tl.int32), axis=0)
-                    done = (n_c >= K) & (n_c <= CAP)
-                    tl.debug_barrier()
-                    kept = tl.load(scr_key + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
-                    key = _masked_key(kept.to(tl.float32, bitcast=True), ci < n_c)
-                    col = tl.load(scr_col + ci, mask=ci < n_c, other=0, cache_modifier=".cg")
+                done, key, col = _sampled_candidates(row, n, scr_key, scr_col, offs, ci, K,
+                                                     NS, CAP, CHUNK, PREFETCH)
         if done:
             _select_store(key, col, out_idx, out_val, kk, K, WRITE_VALS)
         else:

@@ -263,6 +263,71 @@ def test_token_scores_and_selection_match_naive(dtype):
                                                                 k_scale=inp.k_scale))
 
 
+def _poison_keys(k, k_scale, rows):
+    """Copies of k (and k_scale) whose ``rows`` hold NaN keys (and infinite scales)."""
+    k, k_scale = k.clone(), None if k_scale is None else k_scale.clone()
+    k.view(torch.uint8)[rows] = 0x7F if k.dtype == torch.float8_e4m3fn else 0
+    if k.dtype != torch.float8_e4m3fn:
+        k[rows] = float("nan")
+    if k_scale is not None:
+        k_scale[rows] = float("inf")
+    return k, k_scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_scores_ignore_the_keys_outside_every_window(dtype):
+    # The token stage reads whole blocks (rows outside the window at a clamped position, no
+    # per-row mask) and marks those rows outside afterwards: keys no window holds, in the
+    # kept blocks and past the last window (a partial tail block), must not change a bit.
+    inp = _inputs([37, 50, 13], dtype, seed=8)
+    ks = torch.minimum(inp.ks + 5, inp.ke)        # windows start inside a block
+    ke = torch.maximum(inp.ke - 3, ks)            # and end before their sequence's last keys
+    S = inp.k.shape[0]
+    covered = torch.zeros(S + 7, dtype=torch.bool)
+    for a, b in zip(ks.tolist(), ke.tolist()):
+        covered[a:b] = True
+    q, k, prec = prepare_operands(inp.q, inp.k)
+    tail = torch.zeros(7, k.shape[1], dtype=k.dtype)          # S + 7 keys: a partial block
+    k = torch.cat([k, tail])
+    k_scale = None if inp.k_scale is None else torch.cat([inp.k_scale, torch.ones(7)])
+    ids = N.naive_select_blocks(N.naive_block_scores(
+        inp.q, pool_blocks(k, k_scale, block_size=B)[0].float(), inp.weights, ks, ke,
+        block_size=B), M)
+    assert (~covered).sum() > 20 and (ids >= 0).sum() > 0
+    bad_k, bad_scale = _poison_keys(k, k_scale, ~covered)
+    clean = token_scores(q, k, inp.weights, ks, ke, ids, block_size=B, k_scale=k_scale,
+                         prec=prec)
+    poisoned = token_scores(q, bad_k, inp.weights, ks, ke, ids, block_size=B,
+                            k_scale=bad_scale, prec=prec)
+    assert torch.equal(poisoned.view(torch.int32), clean.view(torch.int32))
+    ref, _ = N.naive_token_scores(inp.q, k.float() if dtype == torch.float32 else k,
+                                  inp.weights, ks, ke, ids, block_size=B, k_scale=k_scale)
+    _assert_close_with_inf(clean, ref)
+    want = torch.full((ks.shape[0], K), POISON_IDX, dtype=torch.int32)
+    got = want.clone()
+    token_select(q, k, inp.weights, ks, ke, ids, block_size=B, topk=K, k_scale=k_scale,
+                 prec=prec, out=want)
+    token_select(q, bad_k, inp.weights, ks, ke, ids, block_size=B, topk=K, k_scale=bad_scale,
+                 prec=prec, out=got)
+    assert torch.equal(got, want)
+
+
+def test_token_stage_without_keys_reads_nothing():
+    inp = _inputs([0, 0], torch.float32, seed=9)
+    T = 3
+    q = torch.randn(T, H, D)
+    w = torch.randn(T, H)
+    ks = ke = torch.zeros(T, dtype=torch.int32)
+    ids = torch.full((T, M), -1, dtype=torch.int32)
+    k = inp.k[:0]
+    sc = token_scores(q, k, w, ks, ke, ids, block_size=B)
+    assert sc.shape == (T, M * B) and bool(is_outside(sc).all())
+    idx = torch.full((T, K), POISON_IDX, dtype=torch.int32)
+    _, vals = token_select(q, k, w, ks, ke, ids, block_size=B, topk=K, out=idx,
+                           need_scores=True)
+    assert bool((idx == -1).all()) and bool(torch.isneginf(vals).all())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hisa_index_matches_naive_pipeline(dtype):
     # Sequences longer than m*B = 64 keys, so blocks are really pruned; S < B and empty too.

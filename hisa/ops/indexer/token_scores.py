@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dsa.naive import OUTSIDE_BITS
 from .select import SELECT_MAX_ROW, _select_token_row
 from .topk import _outside_like, _relu, persistent_programs
 
@@ -59,12 +60,17 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
             blk = tl.load(ids_ptr + t64 * M + j)
             pos = blk * B + tok                                                     # [B]
             valid = (blk >= 0) & (pos >= s0) & (pos < s1)
-            kb = tl.load(k_ptr + pos[:, None].to(tl.int64) * D + d[None, :],
-                         mask=valid[:, None], other=0.0)                            # [B, D]
+            # Rows outside the window are read from a clamped position instead of under a
+            # mask, and their scores are marked outside below: a per-row mask costs ~60 of
+            # the loop's ~350 instructions (the predicates of every asynchronous copy).
+            # Every position read is a key of the buffer (0 <= at < S; with no keys the
+            # launchers write the result without a launch), so no read leaves it.
+            at = tl.minimum(tl.maximum(pos, 0), S - 1).to(tl.int64)
+            kb = tl.load(k_ptr + at[:, None] * D + d[None, :])                      # [B, D]
             acc = tl.dot(kb, q_t, input_precision=PREC)                             # [B, H]
             sc = tl.sum(_relu(acc) * w_t[None, :], axis=1)                           # [B]
             if HAS_SCALE:
-                sc = sc * tl.load(k_scale_ptr + pos, mask=valid, other=0.0)
+                sc = sc * tl.load(k_scale_ptr + at)
             tl.store(row + j * B + tok, tl.where(valid, sc, _outside_like(sc)))
         if SELECT:
             tl.debug_barrier()
@@ -99,7 +105,9 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: to
         scores = torch.empty(T, M * block_size, dtype=torch.float32, device=q.device)
     else:
         scores = out.view(-1)[:T * M * block_size].view(T, M * block_size)
-    if T:
+    if T and k.shape[0] == 0:   # no keys: every candidate is outside (nothing to read)
+        scores.view(torch.int32).fill_(OUTSIDE_BITS)
+    elif T:
         _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, scores, None,
                 block_size=block_size, topk=1, select=False, prec=prec,
                 grid=persistent_programs(T, q.device, TOKEN_PROGRAMS_PER_SM))
@@ -120,7 +128,11 @@ def token_select(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: to
                          f"per query for the Triton token stage, got {M * block_size}")
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)
     vals = torch.empty(T, topk, dtype=torch.float32, device=q.device) if need_scores else None
-    if T:
+    if T and k.shape[0] == 0:   # no keys: nothing selected (nothing to read)
+        idx.fill_(-1)
+        if vals is not None:
+            vals.fill_(float("-inf"))
+    elif T:
         grid = persistent_programs(T, q.device, TOKEN_PROGRAMS_PER_SM)
         scratch = torch.empty(grid, M * block_size, dtype=torch.float32, device=q.device)
         _launch(q, k, weights, ks, ke, block_ids, k_scale, scratch, idx, vals,

@@ -60,17 +60,15 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
             blk = tl.load(ids_ptr + t64 * M + j)
             pos = blk * B + tok                                                     # [B]
             valid = (blk >= 0) & (pos >= s0) & (pos < s1)
-            # Rows outside the window are read from a clamped position instead of under a
-            # mask, and their scores are marked outside below: a per-row mask costs ~60 of
-            # the loop's ~350 instructions (the predicates of every asynchronous copy).
-            # Every position read is a key of the buffer (0 <= at < S; with no keys the
-            # launchers write the result without a launch), so no read leaves it.
-            at = tl.minimum(tl.maximum(pos, 0), S - 1).to(tl.int64)
-            kb = tl.load(k_ptr + at[:, None] * D + d[None, :])                      # [B, D]
+            # A masked read, not a clamped one: reading the rows outside the window from
+            # a clamped position (no mask) took 31 fewer of 333 instructions per iteration and ran
+            # 1.2-3.8x slower on an H200 (prefill_notes v8).
+            kb = tl.load(k_ptr + pos[:, None].to(tl.int64) * D + d[None, :],
+                         mask=valid[:, None], other=0.0)                            # [B, D]
             acc = tl.dot(kb, q_t, input_precision=PREC)                             # [B, H]
             sc = tl.sum(_relu(acc) * w_t[None, :], axis=1)                           # [B]
             if HAS_SCALE:
-                sc = sc * tl.load(k_scale_ptr + at)
+                sc = sc * tl.load(k_scale_ptr + pos, mask=valid, other=0.0)
             tl.store(row + j * B + tok, tl.where(valid, sc, _outside_like(sc)))
         if SELECT:
             tl.debug_barrier()

@@ -7,10 +7,10 @@
 #
 # BUDGET_S bounds the whole call (keep it under the device's per-call limit); each step gets
 # the smaller of its own limit and what is left. Steps, with their limits in seconds:
-#   prefill_tests  tests/gpu/test_prefill_gpu.py + test_super_gpu.py      (240)
+#   prefill_tests  tests/gpu/test_prefill_gpu.py + test_super_gpu.py      (330)
 #   pooled_cost    benchmarks/pooled_format_cost.py                       (300)
 #   reps_prec      pooled_format_cost.py --precision (1M chunk, rep dots)   (330)
-#   bench          hisa bench, prefill 8k/64k/128k and chunk 16k/128k     (200)
+#   bench          hisa bench, prefill 8k/64k/128k and chunk 16k/128k     (240)
 #   engines        tests/gpu/test_engines_gpu.py                          (150)
 #   fuzz           tests/gpu/test_fuzz_gpu.py -k "exact_inputs or prefill" (200)
 #   fuzz_decode    tests/gpu/test_fuzz_gpu.py -k 'decode or append'     (200)
@@ -50,10 +50,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 step_cmd() {
   case "$1" in
-    prefill_tests) echo "240 python3 -m pytest -q tests/gpu/test_prefill_gpu.py tests/gpu/test_super_gpu.py -rs -s" ;;
+    prefill_tests) echo "330 python3 -m pytest -q tests/gpu/test_prefill_gpu.py tests/gpu/test_super_gpu.py -rs -s" ;;
     pooled_cost) echo "300 python3 benchmarks/pooled_format_cost.py --commit $commit --out $out/pooled_format.jsonl" ;;
     reps_prec) echo "330 python3 benchmarks/pooled_format_cost.py --precision --commit $commit --out $out/reps_prec.jsonl" ;;
-    bench) echo "200 bash -c 'python3 -m hisa.cli bench --mode prefill --contexts 8k,64k,128k --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --contexts 16k,128k --commit $commit --out $out/prefill_chunk.jsonl'" ;;
+    bench) echo "240 bash -c 'python3 -m hisa.cli bench --mode prefill --contexts 8k,64k,128k --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --contexts 16k,128k --commit $commit --out $out/prefill_chunk.jsonl'" ;;
     engines) echo "150 python3 -m pytest -q tests/gpu/test_engines_gpu.py -rs" ;;
     fuzz) echo "200 python3 -m pytest -q tests/gpu/test_fuzz_gpu.py -k 'exact_inputs or prefill' -x" ;;
     fuzz_decode) echo "200 python3 -m pytest -q tests/gpu/test_fuzz_gpu.py -k 'decode or append' -x" ;;

@@ -1,7 +1,7 @@
 """Decode probe: flat vs HISA paged decode (Triton), CUDA-graph replay timings on one GPU.
 
     PYTHONPATH=. python3 benchmarks/decode_probe.py [--quick] [--variants] [--select] [--pdl]
-                                                    [--out DIR]
+                                                    [--table] [--out DIR]
 
 Builds one paged cache per context (random clustered keys written through the Triton append,
 pooled rows included), checks the kernels against the references on a small shape first, then
@@ -12,7 +12,10 @@ radix 1/2/8) and cumulative stage prefixes at a few shapes; ``--select`` times e
 four launches alone and the two selection kernels at several warp counts (every variant's
 output compared with the default's; see benchmarks/decode_notes.md); ``--pdl`` times the HISA
 step with and without programmatic dependent launch (:mod:`hisa.ops.pdl`), two and three
-levels, in alternating rounds, outputs compared bit for bit.
+levels, in alternating rounds, outputs compared bit for bit; ``--table`` times flat and HISA
+at a few contexts with block tables of the request's own width and of a 128K- and a 1M-token
+engine's width (an engine's table is as wide as its longest allowed request), outputs compared
+across widths.
 """
 from __future__ import annotations
 
@@ -282,12 +285,59 @@ def pdl_ab(out_dir, rounds=3):
         f.write("".join(json.dumps(r) + "\n" for r in lines))
 
 
+def table_width(out_dir, commit):
+    """Flat and HISA decode (two levels, CUDA graphs) with the block table as wide as the
+    requests need, as a 128K-token engine's and as a 1M-token engine's (unused columns -1);
+    every width's indices compared with the narrow table's before it is timed."""
+    widths = {"own": None, "128K": 131072 // PAGE_SIZE, "1M": (1 << 20) // PAGE_SIZE}
+    rows = []
+    for ctx in (4096, 32768, 131072):
+        cache, bt_all = build(8, ctx)
+        pages = as_pages(cache.kv_cache, D)
+        for batch in (1, 8):
+            q, w = queries(batch, 1)
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            ref = {}
+            for name, cols in widths.items():
+                bt = bt_all[:batch].contiguous()
+                if cols is not None:
+                    wide = torch.full((batch, cols), -1, dtype=torch.int32, device="cuda")
+                    wide[:, :bt.shape[1]] = bt
+                    bt = wide
+                out = {op: torch.empty(batch, TOPK, dtype=torch.int32, device="cuda")
+                       for op in ("flat", "hisa")}
+                fns = {"flat": lambda bt=bt, o=out["flat"]: hisa.dsa_index_paged(
+                           q, cache.kv_cache, w, lens, bt, topk=TOPK, out=o, backend="triton"),
+                       "hisa": lambda bt=bt, o=out["hisa"]: hisa.hisa_index_paged(
+                           q, cache.kv_cache, cache.pooled_cache, w, lens, bt, topk=TOPK,
+                           block_size=B, block_topk=M, out=o, backend="triton")}
+                for op, fn in fns.items():
+                    fn()
+                    got = torch.sort(out[op], dim=1).values
+                    ref.setdefault(op, got)
+                    assert torch.equal(got, ref[op]), f"{op} at {ctx} x {batch}: table {name} " \
+                        "changed the selection"
+                    row = dict(probe="table_width", op=op, context=ctx, batch=batch, table=name,
+                               table_columns=bt.shape[1], us=round(graph_time_us(fn), 2),
+                               same_as_own=True, gpu=torch.cuda.get_device_name(),
+                               torch=torch.__version__, triton=triton.__version__,
+                               commit=commit, command="benchmarks/decode_probe.py --table")
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+        del cache, bt_all, pages
+        torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "table_width.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--select", action="store_true")
     ap.add_argument("--pdl", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -303,6 +353,9 @@ def main():
         return
     if args.pdl:
         pdl_ab(args.out)
+        return
+    if args.table:
+        table_width(args.out, args.commit or commit)
         return
     bw = copy_bandwidth_gbs()
     print(f"{gpu}: copy bandwidth {bw:.0f} GB/s")

@@ -32,6 +32,7 @@
 #   flat_tests     the GPU tests of the flat kernels (prefill top-k and logits, paged decode) (150)
 #   select_stages  benchmarks/decode_probe.py --select (each decode launch alone, warps) (150)
 #   bench_all      hisa bench: decode grid, prefill 8k-128k, chunks 16k-128k   (540)
+#   table_probe    benchmarks/decode_probe.py --table (block tables of engine width) (150)
 #   host_ab        benchmarks/host_ab.sh ab_base (make_ab_base.sh first; carry ab_base) (330)
 # PACK=1 tars $OUT into $OUT.tgz at the end (the device returns at most 8 files).
 # Exits 1 when any step failed or ran out of time (its log says how), 0 otherwise.
@@ -71,6 +72,7 @@ step_cmd() {
     stages_probe) echo "300 python3 benchmarks/stages_probe.py --commit $commit --out $out/stages_probe.jsonl" ;;
     flat_tests) echo "150 python3 -m pytest -q tests/gpu/test_prefill_gpu.py tests/gpu/test_decode_gpu.py -k 'topk or dsa or flat' -rs" ;;
     select_stages) echo "150 python3 benchmarks/decode_probe.py --select --out $out/select_stages" ;;
+    table_probe) echo "150 python3 benchmarks/decode_probe.py --table --commit $commit --out $out/table_probe" ;;
     pdl_probe) echo "200 python3 benchmarks/decode_probe.py --pdl --out $out/pdl_probe" ;;
     bench_all) echo "540 bash -c 'python3 -m hisa.cli bench --mode decode --commit $commit --out $out/decode.jsonl && python3 -m hisa.cli bench --mode prefill --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --commit $commit --out $out/prefill_chunk.jsonl'" ;;
     host_ab) echo "330 bash benchmarks/host_ab.sh ab_base $out/host_ab" ;;

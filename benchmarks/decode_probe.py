@@ -288,7 +288,10 @@ def pdl_ab(out_dir, rounds=3):
 def table_width(out_dir, commit):
     """Flat and HISA decode (two levels, CUDA graphs) with the block table as wide as the
     requests need, as a 128K-token engine's and as a 1M-token engine's (unused columns -1);
-    every width's indices compared with the narrow table's before it is timed."""
+    HISA with the block selection's narrower tiers off (``tiers: []``) and on (the default);
+    every variant's indices compared with the narrow table's before it is timed."""
+    from hisa.ops.indexer import decode_kernels as dk
+    default_tiers = dk.BLOCK_SELECT_TIERS
     widths = {"own": None, "128K": 131072 // PAGE_SIZE, "1M": (1 << 20) // PAGE_SIZE}
     rows = []
     for ctx in (4096, 32768, 131072):
@@ -311,14 +314,17 @@ def table_width(out_dir, commit):
                        "hisa": lambda bt=bt, o=out["hisa"]: hisa.hisa_index_paged(
                            q, cache.kv_cache, cache.pooled_cache, w, lens, bt, topk=TOPK,
                            block_size=B, block_topk=M, out=o, backend="triton")}
-                for op, fn in fns.items():
+                for op, tiers in (("flat", None), ("hisa", ()), ("hisa", default_tiers)):
+                    fn = fns[op]
+                    dk.BLOCK_SELECT_TIERS = default_tiers if tiers is None else tiers
                     fn()
                     got = torch.sort(out[op], dim=1).values
                     ref.setdefault(op, got)
                     assert torch.equal(got, ref[op]), f"{op} at {ctx} x {batch}: table {name} " \
-                        "changed the selection"
+                        f"(tiers {tiers}) changed the selection"
                     row = dict(probe="table_width", op=op, context=ctx, batch=batch, table=name,
                                table_columns=bt.shape[1], us=round(graph_time_us(fn), 2),
+                               tiers=None if tiers is None else list(tiers),
                                same_as_own=True, gpu=torch.cuda.get_device_name(),
                                torch=torch.__version__, triton=triton.__version__,
                                commit=commit, command="benchmarks/decode_probe.py --table")
@@ -326,6 +332,7 @@ def table_width(out_dir, commit):
                     rows.append(row)
         del cache, bt_all, pages
         torch.cuda.empty_cache()
+    dk.BLOCK_SELECT_TIERS = default_tiers
     with open(os.path.join(out_dir, "table_width.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 

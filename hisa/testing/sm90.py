@@ -39,7 +39,7 @@ SELECT_KERNELS = {
                      {"scratch_ptr": "*fp32", "seq_lens_ptr": "*i32", "ids_ptr": "*i32",
                       "max_pages": "i32", "hisa_min_keys": "i32"},
                      {"NEXT_N": 1, "B": 128, "SEQ_2D": False, "M": 64, "M_PAD": 64,
-                      "NB_PAD": 1024, "PAGE": 64, "RADIX": 1}),
+                      "NB_PAD": 1024, "PAGE": 64, "RADIX": 1, "TIER1": 0, "TIER2": 0}),
     "topk_fast": (topk._topk_rows_fast_kernel,
                   dict(_TOPK_SIG, left_ptr="*i32", n_left_ptr="*i32"),
                   {"K": 2048, "K_PAD": 2048, "CHUNK": topk.TOPK_FAST_CHUNK,

@@ -15,7 +15,8 @@ from hisa.ops.dsa.naive import naive_dsa_logits
 from hisa.ops.dsa.naive import mark_outside
 from hisa.ops.indexer.decode_select import _select_row
 from hisa.ops.indexer.topk import _ordered_key
-from hisa.ops.indexer.decode_kernels import block_select, hisa_decode, token_scores_paged
+from hisa.ops.indexer.decode_kernels import (block_select, block_select_tiers, hisa_decode,
+                                             token_scores_paged)
 from hisa.ops.indexer.naive import (candidate_positions, naive_block_scores, naive_select_blocks,
                                     naive_token_scores)
 from hisa.testing.compare import assert_same_selection, check_index_format
@@ -160,6 +161,18 @@ def full_logits(inp):
     return out
 
 
+def reference_block_ids(inp, b, L, B, M):
+    """The twins' top-M block ids of request b's rows (its L keys, pooled rows from the cache)."""
+    n = inp.next_n
+    rows = slice(b * n, (b + 1) * n)
+    full = L // B
+    pv, ps = inp.cache.request_pooled(inp.block_table[b], full)
+    pooled = torch.cat([pv.float() * ps[:, None], torch.zeros(-(-L // B) - full, D)])
+    js = naive_block_scores(inp.q[b], pooled, inp.weights[rows], torch.zeros(n, dtype=torch.int32),
+                            inp.row_lengths()[rows].int(), block_size=B)
+    return naive_select_blocks(js, M)
+
+
 def test_block_select_and_token_scores_match_twins():
     B, M = 64, 4
     inp = make_paged_inputs(LENGTHS, next_n=2, heads=H, head_dim=D, block_size=B,
@@ -172,12 +185,7 @@ def test_block_select_and_token_scores_match_twins():
     for b, L in enumerate(LENGTHS):
         rows = slice(b * 2, b * 2 + 2)
         z = torch.zeros(2, dtype=torch.int32)
-        full = L // B
-        pv, ps = inp.cache.request_pooled(inp.block_table[b], full)
-        pooled = torch.cat([pv.float() * ps[:, None], torch.zeros(-(-L // B) - full, D)])
-        js = naive_block_scores(inp.q[b], pooled, inp.weights[rows], z, lens[rows].int(),
-                                block_size=B)
-        assert torch.equal(ids[rows], naive_select_blocks(js, M)), f"request {b}"
+        assert torch.equal(ids[rows], reference_block_ids(inp, b, L, B, M)), f"request {b}"
         if L == 0:
             continue
         k, s = gathered(inp, b)
@@ -187,6 +195,28 @@ def test_block_select_and_token_scores_match_twins():
         fin = torch.isfinite(ref)
         assert torch.equal(fin, torch.isfinite(cand[rows]))
         torch.testing.assert_close(cand[rows][fin], ref[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_block_select_tiers_select_what_the_table_width_selects():
+    # An engine's block table is as wide as its longest allowed request: rows of 0-141 blocks
+    # in a 256-block-wide table, selected at the narrowest tier that holds each row.
+    B, M = 64, 4
+    lengths = [0, 200, 700, 3000, 9000]                   # 0, 4, 11, 47, 141 blocks
+    inp = make_paged_inputs(lengths, heads=H, head_dim=D, block_size=B, q_dtype=torch.float32,
+                            extra_columns=100)
+    assert -(-inp.block_table.shape[1] * 64 // B) == 241
+    assert block_select_tiers(256, (16, 64)) == {"TIER1": 16, "TIER2": 64}
+    assert block_select_tiers(256, (32, 4096)) == {"TIER1": 0, "TIER2": 32}
+    args = (inp.q, inp.cache.pooled_cache, inp.weights, inp.seq_lens, inp.block_table)
+    kw = dict(block_size=B, block_topk=M, prec="ieee")
+    table_wide = block_select(*args, tiers=(), **kw)
+    for b, L in enumerate(lengths):
+        assert torch.equal(table_wide[b:b + 1], reference_block_ids(inp, b, L, B, M)), b
+    for tiers in ((16, 64), (32,), (1024,)):
+        assert torch.equal(block_select(*args, tiers=tiers, **kw), table_wide), tiers
+    for bad in ((16, 32, 64), (48,), (8,)):
+        with pytest.raises(ValueError, match="tiers"):
+            block_select_tiers(256, bad)
 
 
 @pytest.mark.parametrize("block_size,next_n,q_dtype", [(64, 1, torch.float32),

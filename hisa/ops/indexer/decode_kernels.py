@@ -73,6 +73,12 @@ SCORE_WARPS = 4
 #: the wide grids need).
 USE_PDL = True
 PDL_MAX_ROWS = 64
+#: Register widths the block selection may use below the block table's (``_nb_pad``): a row
+#: of ``nb`` blocks is selected at the narrowest width here that holds it, else at the table's.
+#: An engine's table is as wide as its longest allowed request (1M tokens: 8,192 blocks of
+#: 128), so without them every request paid the widest selection, whatever its length; the
+#: set selected is the same at any width. ``()`` turns it off (probes compare the two).
+BLOCK_SELECT_TIERS = (256, 2048)
 
 
 @triton.jit
@@ -126,10 +132,12 @@ def _block_scores_kernel(q_ptr, pl8_ptr, pl32_ptr, w_ptr, seq_lens_ptr, bt_ptr, 
 
 @triton.jit
 def _row_blocks(scratch_ptr, r64, nb, M: tl.constexpr, NB_PAD: tl.constexpr,
-                RADIX: tl.constexpr):
-    """(block ids [NB_PAD], selection mask, slot of each selected block, count) of a row's
-    top-M blocks from its scores in the scratch; the first and last block are forced."""
-    bi = tl.arange(0, NB_PAD)
+                RADIX: tl.constexpr, WIDTH: tl.constexpr = 0):
+    """(block ids [WIDTH], selection mask, slot of each selected block, count) of a row's
+    top-M blocks from its scores in the scratch (rows NB_PAD apart); the first and last block
+    are forced. ``WIDTH`` (0: NB_PAD) must hold the row's ``nb`` blocks."""
+    W: tl.constexpr = NB_PAD if WIDTH == 0 else WIDTH
+    bi = tl.arange(0, W)
     v = tl.load(scratch_ptr + r64 * NB_PAD + bi, mask=bi < nb, other=0.0, cache_modifier=".cg")
     keys = _force_key(_masked_key(v, bi < nb), (bi == 0) | (bi == nb - 1))
     sel, pos, n_sel = _select_row(keys, M, RADIX)
@@ -144,10 +152,20 @@ def _store_ids(ids_ptr, bi, sel, pos, n_sel, M: tl.constexpr, M_PAD: tl.constexp
 
 
 @triton.jit
+def _select_store_blocks(scratch_ptr, ids_ptr, r64, nb, M: tl.constexpr, M_PAD: tl.constexpr,
+                         NB_PAD: tl.constexpr, RADIX: tl.constexpr, WIDTH: tl.constexpr):
+    bi, sel, pos, n_sel = _row_blocks(scratch_ptr, r64, nb, M, NB_PAD, RADIX, WIDTH)
+    _store_ids(ids_ptr + r64 * M, bi, sel, pos, n_sel, M, M_PAD)
+
+
+@triton.jit
 def _block_select_kernel(scratch_ptr, seq_lens_ptr, ids_ptr, max_pages, hisa_min_keys,
                          NEXT_N: tl.constexpr, B: tl.constexpr, SEQ_2D: tl.constexpr,
                          M: tl.constexpr, M_PAD: tl.constexpr, NB_PAD: tl.constexpr,
-                         PAGE: tl.constexpr, RADIX: tl.constexpr, PDL: tl.constexpr = False):
+                         PAGE: tl.constexpr, RADIX: tl.constexpr, PDL: tl.constexpr = False,
+                         TIER1: tl.constexpr = 0, TIER2: tl.constexpr = 0):
+    # TIER1 < TIER2 < NB_PAD (0: unused): a row of at most TIER blocks is selected at that
+    # register width (fewer keys a thread in every pass, a shorter slot scan), not the table's.
     pdl_wait(PDL)
     pdl_trigger(PDL)
     row = tl.program_id(0)
@@ -156,8 +174,31 @@ def _block_select_kernel(scratch_ptr, seq_lens_ptr, ids_ptr, max_pages, hisa_min
     if _request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D) > hisa_min_keys:
         r64 = row.to(tl.int64)
         nb = tl.cdiv(_row_len(seq_lens_ptr, b, row % NEXT_N, max_keys, NEXT_N, SEQ_2D), B)
-        bi, sel, pos, n_sel = _row_blocks(scratch_ptr, r64, nb, M, NB_PAD, RADIX)
-        _store_ids(ids_ptr + r64 * M, bi, sel, pos, n_sel, M, M_PAD)
+        ids = ids_ptr
+        if TIER1 > 0:
+            if nb <= TIER1:
+                _select_store_blocks(scratch_ptr, ids, r64, nb, M, M_PAD, NB_PAD, RADIX,
+                                     TIER1)
+                nb = -1                        # done
+        if TIER2 > 0:
+            if (nb >= 0) & (nb <= TIER2):
+                _select_store_blocks(scratch_ptr, ids, r64, nb, M, M_PAD, NB_PAD, RADIX,
+                                     TIER2)
+                nb = -1
+        if nb >= 0:
+            _select_store_blocks(scratch_ptr, ids, r64, nb, M, M_PAD, NB_PAD, RADIX, 0)
+
+
+def block_select_tiers(nb_pad: int, tiers=None) -> dict:
+    """TIER1 / TIER2 of ``_block_select_kernel``: the widths of ``tiers`` (default
+    :data:`BLOCK_SELECT_TIERS`) narrower than ``nb_pad``, at most two, ascending."""
+    tiers = tuple(BLOCK_SELECT_TIERS if tiers is None else tiers)
+    use = sorted(t for t in tiers if t < nb_pad)
+    if len(use) > 2 or any(t & (t - 1) or t < 16 for t in use):
+        raise ValueError(f"tiers: expected at most two powers of two >= 16 below the row "
+                         f"width {nb_pad}, got {tiers}")
+    use = [0] * (2 - len(use)) + use
+    return {"TIER1": use[0], "TIER2": use[1]}
 
 
 @triton.jit
@@ -281,11 +322,13 @@ def block_scores_paged(q, pooled_cache, weights, seq_lens, block_table, *, block
 
 
 def block_select(q, pooled_cache, weights, seq_lens, block_table, *, block_size, block_topk,
-                 hisa_min_keys=-1, prec="tf32", num_pages=None, radix=None, pdl=False):
+                 hisa_min_keys=-1, prec="tf32", num_pages=None, radix=None, pdl=False,
+                 tiers=None):
     """Top-m block ids per row, int32 [rows, m], ascending, -1 padded (rows of requests with at
     most ``hisa_min_keys`` keys are left unwritten): block scores, then one selection program
-    per row. Twin: ``naive_block_scores`` + ``naive_select_blocks`` on the request's pooled
-    rows."""
+    per row, at the narrowest register width of ``tiers`` (default
+    :data:`BLOCK_SELECT_TIERS`) that holds the row. Twin: ``naive_block_scores`` +
+    ``naive_select_blocks`` on the request's pooled rows."""
     batch, next_n = q.shape[:2]
     rows = batch * next_n
     scratch = block_scores_paged(q, pooled_cache, weights, seq_lens, block_table,
@@ -299,7 +342,8 @@ def block_select(q, pooled_cache, weights, seq_lens, block_table, *, block_size,
             B=block_size, SEQ_2D=seq_lens.dim() == 2, M=block_topk,
             M_PAD=triton.next_power_of_2(block_topk), NB_PAD=nb_pad, PAGE=PAGE_SIZE,
             RADIX=SELECT_RADIX if radix is None else radix, PDL=pdl,
-            num_warps=select_warps(nb_pad), **pdl_launch(pdl))
+            num_warps=select_warps(nb_pad), **block_select_tiers(nb_pad, tiers),
+            **pdl_launch(pdl))
     return ids
 
 
@@ -416,5 +460,6 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     return idx, vals
 
 
-__all__ = ["HISA_MIN_KEYS", "NO_LIMIT", "PDL_MAX_ROWS", "USE_PDL", "block_scores_paged", "block_select", "hisa_decode",
+__all__ = ["BLOCK_SELECT_TIERS", "HISA_MIN_KEYS", "NO_LIMIT", "PDL_MAX_ROWS", "USE_PDL",
+           "block_scores_paged", "block_select", "block_select_tiers", "hisa_decode",
            "token_programs", "token_scores_paged"]

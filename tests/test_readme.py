@@ -77,7 +77,7 @@ def test_readme_setup_section_holds_the_two_commands_ci_runs():
     cmds = out.splitlines()
     assert len(cmds) == 2, cmds
     assert cmds[0].startswith("pip install ") and cmds[0].endswith("&& hisa eval")
-    assert '-e ".[dev]"' in cmds[1] and cmds[1].endswith("python -m pytest -q")
+    assert '-e ".[dev]"' in cmds[1] and cmds[1].endswith("python -m pytest -q -n auto")
 
 
 def _all_parsers(parser: argparse.ArgumentParser):

@@ -95,6 +95,28 @@ def test_hisa_paged_decode_matches_reference(block_size, next_n):
     assert recall(idx[~fits], ref[~fits]) >= HISA_MIN_RECALL
 
 
+def test_block_select_tiers_equal_the_table_width_selection_on_gpu():
+    # A 1M-token engine's table (16,384 columns, 8,192 blocks of 128) over requests of 0-33K
+    # keys: each row is selected at the 256 or 2,048 tier, the same ids as at the full width.
+    from hisa.cache.layout import as_pages
+    from hisa.ops.dsa.decode_kernels import decode_operands
+    from hisa.ops.indexer import decode_kernels as dk
+    B, M = 128, 64
+    inp = make_paged_inputs(LENGTHS, heads=H, head_dim=D, block_size=B, device="cuda",
+                            backend="triton", seed=11)
+    bt = torch.full((len(LENGTHS), (1 << 20) // 64), -1, dtype=torch.int32, device="cuda")
+    bt[:, :inp.block_table.shape[1]] = inp.block_table
+    q, _, _, prec = decode_operands(inp.q, as_pages(inp.cache.kv_cache, D))
+    args = (q, inp.cache.pooled_cache, inp.weights, inp.seq_lens, bt)
+    kw = dict(block_size=B, block_topk=M, prec=prec)
+    wide = dk.block_select(*args, tiers=(), **kw)
+    for tiers in (None, (256,), (2048,)):
+        assert torch.equal(dk.block_select(*args, tiers=tiers, **kw), wide), tiers
+    own = dk.block_select(q, inp.cache.pooled_cache, inp.weights, inp.seq_lens,
+                          inp.block_table, tiers=(), **kw)
+    assert torch.equal(own, wide)
+
+
 def test_append_kernel_matches_reference_on_gpu():
     a = make_paged_inputs([5000, 130, 64, 9000], heads=16, device="cuda", backend="triton")
     b = make_paged_inputs([5000, 130, 64, 9000], heads=16, device="cuda", backend="torch")

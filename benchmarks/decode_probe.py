@@ -288,11 +288,12 @@ def pdl_ab(out_dir, rounds=3):
 def table_width(out_dir, commit):
     """Flat and HISA decode (two levels, CUDA graphs) with the block table as wide as the
     requests need, as a 128K-token engine's and as a 1M-token engine's (unused columns -1);
-    HISA with the block selection's narrower tiers off (``tiers: []``) and on (the default);
-    every variant's indices compared with the narrow table's before it is timed."""
+    HISA with the block selection's narrower tiers off (``tiers: []``) and on (the default,
+    :data:`~hisa.ops.indexer.decode_kernels.BLOCK_SELECT_TIERS`). A row is written only after
+    its indices equal those of the request's own table."""
     from hisa.ops.indexer import decode_kernels as dk
-    default_tiers = dk.BLOCK_SELECT_TIERS
     widths = {"own": None, "128K": 131072 // PAGE_SIZE, "1M": (1 << 20) // PAGE_SIZE}
+    variants = (("flat", None), ("hisa", ()), ("hisa", dk.BLOCK_SELECT_TIERS))
     rows = []
     for ctx in (4096, 32768, 131072):
         cache, bt_all = build(8, ctx)
@@ -307,32 +308,30 @@ def table_width(out_dir, commit):
                     wide = torch.full((batch, cols), -1, dtype=torch.int32, device="cuda")
                     wide[:, :bt.shape[1]] = bt
                     bt = wide
-                out = {op: torch.empty(batch, TOPK, dtype=torch.int32, device="cuda")
-                       for op in ("flat", "hisa")}
-                fns = {"flat": lambda bt=bt, o=out["flat"]: hisa.dsa_index_paged(
-                           q, cache.kv_cache, w, lens, bt, topk=TOPK, out=o, backend="triton"),
-                       "hisa": lambda bt=bt, o=out["hisa"]: hisa.hisa_index_paged(
-                           q, cache.kv_cache, cache.pooled_cache, w, lens, bt, topk=TOPK,
-                           block_size=B, block_topk=M, out=o, backend="triton")}
-                for op, tiers in (("flat", None), ("hisa", ()), ("hisa", default_tiers)):
-                    fn = fns[op]
-                    dk.BLOCK_SELECT_TIERS = default_tiers if tiers is None else tiers
+                for op, tiers in variants:
+                    o = torch.empty(batch, TOPK, dtype=torch.int32, device="cuda")
+                    def fn(op=op, bt=bt, o=o, tiers=tiers):
+                        if op == "flat":
+                            return hisa.dsa_index_paged(q, cache.kv_cache, w, lens, bt,
+                                                        topk=TOPK, out=o, backend="triton")
+                        return dk.hisa_decode(q, pages, cache.pooled_cache, w, lens, bt,
+                                              topk=TOPK, block_size=B, block_topk=M, out=o,
+                                              tiers=tiers)
                     fn()
-                    got = torch.sort(out[op], dim=1).values
+                    got = torch.sort(o, dim=1).values
                     ref.setdefault(op, got)
                     assert torch.equal(got, ref[op]), f"{op} at {ctx} x {batch}: table {name} " \
                         f"(tiers {tiers}) changed the selection"
                     row = dict(probe="table_width", op=op, context=ctx, batch=batch, table=name,
                                table_columns=bt.shape[1], us=round(graph_time_us(fn), 2),
                                tiers=None if tiers is None else list(tiers),
-                               same_as_own=True, gpu=torch.cuda.get_device_name(),
-                               torch=torch.__version__, triton=triton.__version__,
-                               commit=commit, command="benchmarks/decode_probe.py --table")
+                               gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                               triton=triton.__version__, commit=commit,
+                               command="benchmarks/decode_probe.py --table")
                     print(json.dumps(row), flush=True)
                     rows.append(row)
         del cache, bt_all, pages
         torch.cuda.empty_cache()
-    dk.BLOCK_SELECT_TIERS = default_tiers
     with open(os.path.join(out_dir, "table_width.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 

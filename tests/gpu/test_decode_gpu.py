@@ -102,19 +102,21 @@ def test_block_select_tiers_equal_the_table_width_selection_on_gpu():
     from hisa.ops.dsa.decode_kernels import decode_operands
     from hisa.ops.indexer import decode_kernels as dk
     B, M = 128, 64
+    pages_needed = -(-max(LENGTHS) // 64)
     inp = make_paged_inputs(LENGTHS, heads=H, head_dim=D, block_size=B, device="cuda",
-                            backend="triton", seed=11)
-    bt = torch.full((len(LENGTHS), (1 << 20) // 64), -1, dtype=torch.int32, device="cuda")
-    bt[:, :inp.block_table.shape[1]] = inp.block_table
+                            backend="triton", seed=11,
+                            extra_columns=(1 << 20) // 64 - pages_needed)
+    assert inp.block_table.shape[1] == (1 << 20) // 64
     q, _, _, prec = decode_operands(inp.q, as_pages(inp.cache.kv_cache, D))
-    args = (q, inp.cache.pooled_cache, inp.weights, inp.seq_lens, bt)
     kw = dict(block_size=B, block_topk=M, prec=prec)
-    wide = dk.block_select(*args, tiers=(), **kw)
+
+    def select(table, tiers):
+        return dk.block_select(q, inp.cache.pooled_cache, inp.weights, inp.seq_lens, table,
+                               tiers=tiers, **kw)
+    wide = select(inp.block_table, ())
     for tiers in (None, (256,), (2048,)):
-        assert torch.equal(dk.block_select(*args, tiers=tiers, **kw), wide), tiers
-    own = dk.block_select(q, inp.cache.pooled_cache, inp.weights, inp.seq_lens,
-                          inp.block_table, tiers=(), **kw)
-    assert torch.equal(own, wide)
+        assert torch.equal(select(inp.block_table, tiers), wide), tiers
+    assert torch.equal(select(inp.block_table[:, :pages_needed + 1].contiguous(), ()), wide)
 
 
 def test_append_kernel_matches_reference_on_gpu():

@@ -174,19 +174,21 @@ def _block_select_kernel(scratch_ptr, seq_lens_ptr, ids_ptr, max_pages, hisa_min
     if _request_len(seq_lens_ptr, b, max_keys, NEXT_N, SEQ_2D) > hisa_min_keys:
         r64 = row.to(tl.int64)
         nb = tl.cdiv(_row_len(seq_lens_ptr, b, row % NEXT_N, max_keys, NEXT_N, SEQ_2D), B)
-        ids = ids_ptr
+        # The tiers are compile-time guards around runtime tests (an unused tier compiles
+        # to nothing); a row selected in a tier leaves nb = -1 so that no later one takes it
+        # (a separate `done` flag compiled to 149 registers a thread at 8 warps, this to 128).
         if TIER1 > 0:
             if nb <= TIER1:
-                _select_store_blocks(scratch_ptr, ids, r64, nb, M, M_PAD, NB_PAD, RADIX,
+                _select_store_blocks(scratch_ptr, ids_ptr, r64, nb, M, M_PAD, NB_PAD, RADIX,
                                      TIER1)
-                nb = -1                        # done
+                nb = -1
         if TIER2 > 0:
             if (nb >= 0) & (nb <= TIER2):
-                _select_store_blocks(scratch_ptr, ids, r64, nb, M, M_PAD, NB_PAD, RADIX,
+                _select_store_blocks(scratch_ptr, ids_ptr, r64, nb, M, M_PAD, NB_PAD, RADIX,
                                      TIER2)
                 nb = -1
         if nb >= 0:
-            _select_store_blocks(scratch_ptr, ids, r64, nb, M, M_PAD, NB_PAD, RADIX, 0)
+            _select_store_blocks(scratch_ptr, ids_ptr, r64, nb, M, M_PAD, NB_PAD, RADIX, 0)
 
 
 def block_select_tiers(nb_pad: int, tiers=None) -> dict:
@@ -388,7 +390,8 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
                 hisa_min_keys: int | None = None, fuse_block_select: bool | None = None,
                 radix: int | None = None, programs: int | None = None,
                 super_cache: torch.Tensor | None = None, super_size: int | None = None,
-                super_topk: int | None = None, pdl: bool | None = None
+                super_topk: int | None = None, pdl: bool | None = None,
+                tiers: tuple[int, ...] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HISA paged decode: (int32 [rows, topk] positions, -1 padded; fp32 scores or None).
 
@@ -397,7 +400,8 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     device. Launches: 3 with the fused block selection (block scores, token scores, token
     select), 4 without, 2 more when the routing is live. ``fuse_block_select``, ``radix`` and
     ``programs`` override :data:`FUSE_BLOCK_SELECT`, :data:`SELECT_RADIX` and
-    :func:`token_programs`, ``pdl`` :data:`USE_PDL` and :data:`PDL_MAX_ROWS` (variants for tests and probes; PDL is
+    :func:`token_programs`, ``pdl`` :data:`USE_PDL` and :data:`PDL_MAX_ROWS`, ``tiers``
+    :data:`BLOCK_SELECT_TIERS` (variants for tests and probes; PDL is
     off wherever the GPU lacks it). With ``super_cache`` /
     ``super_size`` / ``super_topk`` the block ids come through the super-block level
     (:mod:`.decode_super`, 4 launches in place of the block stage's 2)."""
@@ -436,7 +440,7 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
         ids = super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_table,
                                  block_topk=block_topk, super_size=super_size,
                                  super_topk=super_topk, num_pages=pages.shape[0], radix=radix,
-                                 **common)
+                                 tiers=tiers, **common)
         js = None
     elif fuse:
         ids = torch.empty(rows, block_topk, dtype=torch.int32, device=q.device)
@@ -445,7 +449,7 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     else:
         ids = block_select(q, pooled_cache, weights, seq_lens, block_table,
                            block_topk=block_topk, num_pages=pages.shape[0], radix=radix,
-                           **common)
+                           tiers=tiers, **common)
         js = None
     cand = token_scores_paged(q, pages, weights, seq_lens, block_table, ids, block_scores=js,
                               programs=programs, radix=radix, **common)

@@ -138,11 +138,11 @@ def candidate_scores_paged(q, pooled_cache, weights, seq_lens, block_table, supe
 
 def super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_table, *,
                        block_size, block_topk, super_size, super_topk, hisa_min_keys=-1,
-                       prec="tf32", num_pages=None, radix=None, pdl=False):
+                       prec="tf32", num_pages=None, radix=None, pdl=False, tiers=None):
     """int32 [rows, m] ascending block ids, -1 padded, through the super-block level (rows of
     requests with at most ``hisa_min_keys`` keys are left unwritten). Four launches: super
-    scores, super selection, candidate scores, candidate selection (the last three launched
-    with PDL when ``pdl``)."""
+    scores, super selection (at ``block_select``'s ``tiers``), candidate scores, candidate
+    selection (the last three launched with PDL when ``pdl``)."""
     check_decode_super_params(block_size, super_size, super_topk, block_table.shape[1])
     batch, next_n = q.shape[:2]
     rows = batch * next_n
@@ -150,7 +150,7 @@ def super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_ta
     sids = block_select(q, super_cache, weights, seq_lens, block_table,
                         block_size=block_size * super_size, block_topk=super_topk,
                         hisa_min_keys=hisa_min_keys, prec=prec, num_pages=num_pages,
-                        radix=radix, pdl=pdl)
+                        radix=radix, pdl=pdl, tiers=tiers)
     scratch = candidate_scores_paged(q, pooled_cache, weights, seq_lens, block_table, sids,
                                      block_size=block_size, super_size=super_size,
                                      hisa_min_keys=hisa_min_keys, prec=prec,

@@ -312,6 +312,61 @@ def test_token_scores_ignore_the_keys_outside_every_window(dtype):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_scores_stop_at_the_last_kept_block(dtype, monkeypatch):
+    # The MMA loop runs to the last non-padding id only, and the padding after it is marked
+    # outside without a score: a poisoned output buffer must come back exactly as the loop over
+    # all m ids writes it, for trailing padding, padding between kept blocks, no kept block,
+    # and every id kept.
+    from hisa.ops.indexer import token_scores as token_mod
+    inp = _inputs([70], dtype, seed=12)                  # 70 keys: blocks 0..4 of B = 16
+    rows = torch.tensor([69, 69, 40, 69])
+    qf, w = inp.q[rows], inp.weights[rows]
+    ks = torch.zeros(4, dtype=torch.int32)
+    ke = torch.tensor([70, 70, 41, 70], dtype=torch.int32)
+    q, k, prec = prepare_operands(qf, inp.k)
+    ids = torch.tensor([[0, 2, -1, -1], [-1, 1, -1, 3], [-1, -1, -1, -1], [0, 1, 2, 4]],
+                       dtype=torch.int32)
+    runs = {}
+    for trip in ("live", "all"):
+        monkeypatch.setattr(token_mod, "TOKEN_TRIP", trip)
+        buf = torch.full((4 * M * B,), float("nan"))
+        runs[trip] = token_scores(q, k, w, ks, ke, ids, block_size=B, k_scale=inp.k_scale,
+                                  prec=prec, out=buf).clone()
+    assert torch.equal(runs["live"].view(torch.int32), runs["all"].view(torch.int32))
+    ref, pos = N.naive_token_scores(qf, inp.k, w, ks, ke, ids, block_size=B,
+                                    k_scale=inp.k_scale)
+    _assert_close_with_inf(runs["live"], ref)
+    live = runs["live"]
+    assert bool(is_outside(live[2]).all())
+    assert not bool(is_outside(live[3, :3 * B]).any())      # blocks 0-2 whole, block 4 from 64
+    fused = torch.full((4, K), POISON_IDX, dtype=torch.int32)
+    token_select(q, k, w, ks, ke, ids, block_size=B, topk=K, k_scale=inp.k_scale, prec=prec,
+                 out=fused)
+    ref_sel, _ = N.naive_select_tokens(ref, pos, K)
+    assert torch.equal(_canon(fused), _canon(N.naive_to_offsets(ref_sel, ks)))
+
+
+@pytest.mark.parametrize("n_valid", [K - 1, K, K + 1])
+def test_token_selection_around_k_selectable_candidates(n_valid):
+    # Rows with at most K selectable candidates keep them all without the threshold search;
+    # one more and the search runs. Ties and the outside marker included.
+    T = 3
+    g = torch.Generator().manual_seed(n_valid)
+    scores = torch.randn(T, M * B, generator=g).round(decimals=1)     # many ties
+    cols = torch.stack([torch.randperm(M * B, generator=g)[:n_valid] for _ in range(T)])
+    keep = torch.zeros(T, M * B, dtype=torch.bool).scatter_(1, cols, True)
+    mark_outside(scores, ~keep)
+    ids = torch.arange(M, dtype=torch.int32).repeat(T, 1)
+    ks = torch.zeros(T, dtype=torch.int32)
+    idx, vals = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True)
+    pos = N.candidate_positions(ids, B, M * B)
+    ref_sel, ref_vals = N.naive_select_tokens(scores, pos, K)
+    assert torch.equal(_canon(idx), _canon(N.naive_to_offsets(ref_sel, ks)))
+    assert torch.equal(torch.sort(vals, dim=1, descending=True).values, ref_vals)
+    assert int((idx >= 0).sum(1).min()) == min(n_valid, K)
+
+
 def test_token_stage_without_keys_reads_nothing():
     inp = _inputs([0, 0], torch.float32, seed=9)
     T = 3

@@ -3,10 +3,12 @@ fused with the token top-k and the mapping to offsets.
 
     I[t, s] = k_scale[s] * sum_h w[t, h] * ReLU(q[t, h] . k[s]),   s in the m kept blocks
 
-Tokens outside [ks, ke) and padding blocks (id -1) are marked outside (never selected). One persistent program per
-query at a time loops over its m blocks: ``dot(k_blk[B, D], q_t^T[D, H])``, tokens on the MMA
-rows and heads on the columns, the ReLU-weighted head sum inside a row. q_t^T and w_t are
-loaded once per query. With ``SELECT`` the m*B scores go to a per-program scratch row that
+Tokens outside [ks, ke) and padding blocks (id -1) are marked outside (never selected). One
+persistent program per query at a time loops over its kept blocks: ``dot(k_blk[B, D],
+q_t^T[D, H])``, tokens on the MMA rows and heads on the columns, the ReLU-weighted head sum
+inside a row. q_t^T and w_t are loaded once per query. The MMA loop stops after the last kept
+block (ids are -1 padded at the end for queries with fewer than m eligible blocks: half the
+queries of a 16K causal prefill), and the padding's scores are only marked outside. With ``SELECT`` the m*B scores go to a per-program scratch row that
 stays in L2, and the same program selects the top k in registers and writes the final offsets
 (and scores); without it the fp32 [T, m*B] scores are written (the twin's output:
 :func:`~hisa.ops.indexer.naive.naive_token_scores`).
@@ -25,6 +27,10 @@ from .topk import _outside_like, _relu, persistent_programs
 TOKEN_PROGRAMS_PER_SM = 8
 #: Warps of the token stage (4: one warpgroup per MMA, the fastest in the Hopper probe).
 TOKEN_WARPS = 4
+#: How far the MMA loop runs: "live" (default) to the last non-padding block id of the query,
+#: "all" over every one of the m ids (padding blocks as masked reads and a discarded MMA, the
+#: loop before 2026-12; kept for benchmarks/token_trip_probe.py). Outputs are identical.
+TOKEN_TRIP = "live"
 #: Software-pipeline depth of the loop over a query's blocks: at >= 2 Triton issues the next
 #: block's key gather as an asynchronous copy while the current block's MMA runs (at 1 each
 #: gather is a plain load the MMA waits for). H200, 64K (benchmarks/stages_probe.py): 1 /
@@ -39,7 +45,8 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
                          MB_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          HAS_SCALE: tl.constexpr, SELECT: tl.constexpr,
                          WRITE_VALS: tl.constexpr, PREC: tl.constexpr,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, M_PAD: tl.constexpr = 64,
+                         LIVE_TRIP: tl.constexpr = True):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     d = tl.arange(0, D)
@@ -56,7 +63,16 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
             tl.debug_barrier()  # the previous query's scratch reads are done
         else:
             row = scores_ptr + t64 * (M * B)
-        for j in tl.range(M, num_stages=STAGES):
+        if LIVE_TRIP:
+            # One past the last kept block (any padding before it still runs, masked).
+            jm = tl.arange(0, M_PAD)
+            ids_row = tl.load(ids_ptr + t64 * M + jm, mask=jm < M, other=-1)
+            n_live = tl.max(tl.where(ids_row >= 0, jm + 1, 0), axis=0)
+            for j in range(n_live, M):
+                tl.store(row + j * B + tok, _outside_like(tok.to(tl.float32)))
+        else:
+            n_live = M
+        for j in tl.range(n_live, num_stages=STAGES):
             blk = tl.load(ids_ptr + t64 * M + j)
             pos = blk * B + tok                                                     # [B]
             valid = (blk >= 0) & (pos >= s0) & (pos < s1)
@@ -86,7 +102,7 @@ def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val,
         MB_PAD=triton.next_power_of_2(M * block_size), K=topk,
         K_PAD=triton.next_power_of_2(topk), HAS_SCALE=k_scale is not None, SELECT=select,
         WRITE_VALS=out_val is not None and select, PREC=prec, STAGES=TOKEN_STAGES,
-        num_warps=num_warps)
+        M_PAD=triton.next_power_of_2(M), LIVE_TRIP=TOKEN_TRIP == "live", num_warps=num_warps)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,

@@ -35,7 +35,8 @@
 #   table_probe    benchmarks/decode_probe.py --table (block tables of engine width) (150)
 #   host_ab        benchmarks/host_ab.sh ab_base (make_ab_base.sh first; carry ab_base) (330)
 #   trip_probe     benchmarks/token_trip_probe.py (token loop trip, block stage margin, flat) (300)
-#   bench_prefill  hisa bench, prefill 16k-128k (the contexts where HISA prunes)        (240)
+#   bench_prefill  hisa bench, prefill $BENCH_CONTEXTS (default 16k-128k, where HISA prunes) (330)
+#   bench_chunk    hisa bench, 1,024-query chunks at $CHUNK_CONTEXTS (default 16k,64k,128k) (200)
 # PACK=1 tars $OUT into $OUT.tgz at the end (the device returns at most 8 files).
 # Exits 1 when any step failed or ran out of time (its log says how), 0 otherwise.
 set -u
@@ -78,7 +79,8 @@ step_cmd() {
     pdl_probe) echo "200 python3 benchmarks/decode_probe.py --pdl --out $out/pdl_probe" ;;
     bench_all) echo "540 bash -c 'python3 -m hisa.cli bench --mode decode --commit $commit --out $out/decode.jsonl && python3 -m hisa.cli bench --mode prefill --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --commit $commit --out $out/prefill_chunk.jsonl'" ;;
     trip_probe) echo "300 python3 benchmarks/token_trip_probe.py --commit $commit --out $out/trip_probe.jsonl" ;;
-    bench_prefill) echo "240 python3 -m hisa.cli bench --mode prefill --contexts 16k,32k,64k,128k --commit $commit --out $out/prefill.jsonl" ;;
+    bench_prefill) echo "330 python3 -m hisa.cli bench --mode prefill --contexts ${BENCH_CONTEXTS:-16k,32k,64k,128k} --commit $commit --out $out/prefill.jsonl" ;;
+    bench_chunk) echo "200 python3 -m hisa.cli bench --mode prefill_chunk --contexts ${CHUNK_CONTEXTS:-16k,64k,128k} --commit $commit --out $out/prefill_chunk.jsonl" ;;
     host_ab) echo "330 bash benchmarks/host_ab.sh ab_base $out/host_ab" ;;
     decode_variants) echo "200 python3 benchmarks/decode_probe.py --variants --out $out/decode_variants" ;;
     san_race) echo "540 env SANITIZE_ONLY=racecheck-kernels bash tests/gpu/sanitize.sh $out/san" ;;

@@ -56,7 +56,8 @@ M = TOPK // B
 #: Super-blocks of 4 blocks, 4 kept: ms * Bs = m, the smallest the op accepts.
 BS, MS = 4, 4
 #: Prefill: one chunk of a few queries at the end of a sequence of 32 blocks (prunes at two
-#: and three levels, and runs the FP8 pre-selection: 32 > m + m/2 blocks), and a short one.
+#: and three levels; the FP8 pre-selection case lowers the length from which the default
+#: pre-selects so that 32 > m + m/2 blocks run it), and a short one.
 PREFILL_LENS, PREFILL_QLENS = [4096, 300], [4, 2]
 #: 20 blocks: prunes, but within m + m/2, so FP8 keys take the full fp32-rep scan.
 SCAN_LENS = [2560, 300]
@@ -158,10 +159,17 @@ def hisa_index_fp8_preselect(ctx):
     import hisa
     from hisa.ops.indexer.naive import naive_pool_blocks
     from hisa.ops.indexer.naive_super import naive_hisa_index_super
+    from hisa.ops.indexer import pipeline
     inp = _prefill(ctx, FP8)
     kw = dict(k_scale=inp.k_scale, topk=TOPK, block_size=B, block_topk=M)
-    got = hisa.hisa_index(*inp.args(), out=_poisoned(inp), backend="triton", **kw)
-    _sync(ctx)
+    # The default pre-selects past 8 m blocks (16K keys here); a 32-block window stands in.
+    least = pipeline.RESCORE_MIN_BLOCKS_PER_M
+    pipeline.RESCORE_MIN_BLOCKS_PER_M = 1
+    try:
+        got = hisa.hisa_index(*inp.args(), out=_poisoned(inp), backend="triton", **kw)
+        _sync(ctx)
+    finally:
+        pipeline.RESCORE_MIN_BLOCKS_PER_M = least
     means = naive_pool_blocks(inp.k, inp.k_scale, B)                 # fp32 [NB, D], exact here
     fp8_means, fp8_scale = hisa.quantize_fp8(means, group_size=D)
     want, _ = naive_hisa_index_super(*inp.args(), super_size=1, super_topk=M + M // 2,

@@ -73,7 +73,8 @@ def _flat(inp):
                                   out=out)
 
 
-@pytest.mark.parametrize("seq,ql", [([400], [8]), ([300, 40, 200], [6, 40, 4])],
+#: Windows of 600 keys = 38 blocks, past 8 m (the length from which the default pre-selects).
+@pytest.mark.parametrize("seq,ql", [([600], [8]), ([600, 40, 200], [6, 40, 4])],
                          ids=["chunk", "packed"])
 def test_pruning_call_two_levels(seq, ql):
     work = measure(_hisa(_inputs(seq, ql)))
@@ -179,7 +180,7 @@ def test_vllm_prefill_reads_the_windows_once_per_step():
 def test_a_call_with_a_plan_makes_no_host_sync(sup):
     """With the plan of its windows read beforehand (``hisa.plan_windows``, the one sync), a
     pruning call reads nothing: the layers of an engine step share one read."""
-    inp = _inputs([400], [8])
+    inp = _inputs([600], [8])
     plan = hisa.plan_windows(inp.ks, inp.ke, inp.k.shape[0], topk=K, block_size=B,
                              block_topk=M, **sup)
     work = measure(_hisa(inp, plan=plan, **sup))

@@ -404,7 +404,8 @@ def test_hisa_index_matches_naive_pipeline(dtype):
 
 
 def test_prefill_stages_compute_the_end_to_end_result():
-    inp = _inputs([100, 0, 9, 12], torch.float8_e4m3fn, seed=10, query_lens=[16, 0, 9, 12])
+    # 600 keys = 38 blocks, past 8 m: the default runs the pre-selection.
+    inp = _inputs([600, 0, 9, 12], torch.float8_e4m3fn, seed=10, query_lens=[16, 0, 9, 12])
     idx, _ = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
                                block_topk=M)
     # FP8 keys: the FP8 pre-selection, then the re-score on the fp32 reps (the default)
@@ -489,6 +490,19 @@ def test_rescore_default_applies_to_fp8_keys_at_two_levels_only():
         resolve_rescore_margin(5, key_dtype=bf16, reps=fp32, **kw)
     with pytest.raises(ValueError, match="rescore_margin: block_topk \\+ rescore_margin"):
         resolve_rescore_margin(40000, key_dtype=fp8, reps=fp32, **kw)
+
+
+def test_rescore_default_waits_for_windows_past_eight_m_blocks():
+    # Shorter windows take the fp32 scan: the pre-selection's extra launches cost more than it
+    # saves there (H200 16K-64K, RESCORE_MIN_BLOCKS_PER_M).
+    from hisa.ops.indexer.pipeline import AUTO, RESCORE_MIN_BLOCKS_PER_M, resolve_rescore_margin
+    fp8, fp32 = torch.float8_e4m3fn, torch.float32
+    for m in (32, 64):
+        edge = RESCORE_MIN_BLOCKS_PER_M * m
+        kw = dict(key_dtype=fp8, reps=fp32, super_size=None, block_topk=m)
+        assert resolve_rescore_margin(AUTO, max_blocks=edge, **kw) is None
+        assert resolve_rescore_margin(AUTO, max_blocks=edge + 1, **kw) == m // 2
+        assert resolve_rescore_margin(3, max_blocks=m + 4, **kw) == 3     # asked: applies
 
 
 def test_rescore_margin_is_validated():

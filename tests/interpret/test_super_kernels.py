@@ -16,6 +16,7 @@ from hisa.testing.inputs import make_indexer_inputs
 triton = pytest.importorskip("triton")
 
 from hisa.ops.dsa.prefill import prepare_operands  # noqa: E402
+from hisa.ops.indexer import pipeline as pipeline_mod  # noqa: E402
 from hisa.ops.indexer.pipeline import hisa_index_triton, hisa_prefill_stages  # noqa: E402
 from hisa.ops.indexer.pool import pool_blocks  # noqa: E402
 from hisa.ops.indexer.super_blocks import (candidate_block_scores,  # noqa: E402
@@ -286,7 +287,7 @@ def test_three_level_limits_are_per_window(monkeypatch):
     _kernel_check(q, k, short, ke, 16, 4, super_size=2, super_topk=4)
 
 
-def test_fp8_preselect_then_fp32_rescore_matches_its_twin():
+def test_fp8_preselect_then_fp32_rescore_matches_its_twin(monkeypatch):
     # Two levels run as three with super-blocks of one block: FP8 reps pick M + margin blocks,
     # the fp32 reps keep M of them. The twin is the three-level reference given the same reps.
     # (Seed 15: margin 1 changes 5 rows against the fp32-only selection.)
@@ -314,7 +315,9 @@ def test_fp8_preselect_then_fp32_rescore_matches_its_twin():
     assert_same_selection(every, hisa_index_triton(*inp.args(), k_scale=inp.k_scale,
                                                    rescore_margin=None, **kw)[0],
                           inp.ks, logits)
-    # The default for FP8 keys at two levels is the margin M // 2.
+    # The default for FP8 keys at two levels is the margin M // 2 (on windows past 8 M
+    # blocks; these short ones stand in for them).
+    monkeypatch.setattr(pipeline_mod, "RESCORE_MIN_BLOCKS_PER_M", 1)
     assert torch.equal(hisa_index_triton(*inp.args(), k_scale=inp.k_scale, **kw)[0],
                        hisa_index_triton(*inp.args(), k_scale=inp.k_scale,
                                          rescore_margin=M // 2, **kw)[0])

@@ -90,6 +90,14 @@ def _window_plan(ks, ke, *, block_size, super_size, super_topk, windows=None
 #: still but miss 0.995 (0.93-0.99).
 AUTO = "auto"
 
+#: The default pre-selects only when the longest window has more than this many times m
+#: blocks (512 at the defaults: windows past 64K keys). Its two extra launches and the
+#: re-score of m + m/2 candidates cost more than the fp32 scan saves on shorter windows. H200,
+#: full causal prefill end to end, same selections (IoU 1.0; 2443cf1,
+#: benchmarks/results/round3/token_trip_h200_2443cf1.jsonl), pre-selection vs fp32 scan:
+#: 16K 4.64 vs 4.20 ms, 32K 9.43 vs 8.83, 64K 19.30 vs 18.70, 128K 40.24 vs 41.06.
+RESCORE_MIN_BLOCKS_PER_M = 8
+
 
 def resolve_rescore_margin(rescore_margin, *, key_dtype: torch.dtype, reps: torch.dtype,
                            super_size: int | None, block_topk: int, max_blocks: int
@@ -99,8 +107,9 @@ def resolve_rescore_margin(rescore_margin, *, key_dtype: torch.dtype, reps: torc
     The pre-selection runs as three levels with super-blocks of one block, so it has the
     super-block level's limits (:func:`~.super_blocks.check_super_kernel_params`).
     ``"auto"`` (the default) gives ``block_topk // 2`` for FP8 keys at two levels with fp32 or
-    bf16 reps where those limits hold and some window has more than m + m/2 blocks
-    (``max_blocks``, the longest window's), and None otherwise (fp32 or bf16 keys have no cheaper
+    bf16 reps where those limits hold and some window has more than m + m/2 and more than
+    :data:`RESCORE_MIN_BLOCKS_PER_M` * m blocks (``max_blocks``, the longest window's), and
+    None otherwise (fp32 or bf16 keys have no cheaper
     format to pre-select on). An int must meet the same conditions (ValueError naming
     ``rescore_margin``)."""
     if rescore_margin is None:
@@ -115,7 +124,9 @@ def resolve_rescore_margin(rescore_margin, *, key_dtype: torch.dtype, reps: torc
     # The block row (max_blocks) already passed the two-level check (check_window_blocks).
     fits = candidate_row_fits(1, block_topk + margin)
     if auto:   # a pre-selection that keeps every block of the longest window prunes nothing
-        return margin if applies and fits and block_topk + margin < max_blocks else None
+        long = (block_topk + margin < max_blocks
+                and max_blocks > RESCORE_MIN_BLOCKS_PER_M * block_topk)
+        return margin if applies and fits and long else None
     if not applies:
         raise ValueError(f"rescore_margin: expected two levels over FP8 q and k with fp32 or bf16 "
                          f"block reps, got super_size={super_size}, prepared keys {key_dtype}, "

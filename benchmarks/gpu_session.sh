@@ -36,6 +36,7 @@
 #   host_ab        benchmarks/host_ab.sh ab_base (make_ab_base.sh first; carry ab_base) (330)
 #   trip_probe     benchmarks/token_trip_probe.py (token loop trip, block stage margin, flat) (300)
 #   bench_prefill  hisa bench, prefill $BENCH_CONTEXTS (default 16k-128k, where HISA prunes) (330)
+#   long_decode    hisa bench, decode at 1M x batch 1/8/32, flat / 2 levels / 3 levels (200)
 #   bench_chunk    hisa bench, 1,024-query chunks at $CHUNK_CONTEXTS (default 16k,64k,128k) (200)
 # PACK=1 tars $OUT into $OUT.tgz at the end (the device returns at most 8 files).
 # Exits 1 when any step failed or ran out of time (its log says how), 0 otherwise.
@@ -80,6 +81,7 @@ step_cmd() {
     bench_all) echo "540 bash -c 'python3 -m hisa.cli bench --mode decode --commit $commit --out $out/decode.jsonl && python3 -m hisa.cli bench --mode prefill --commit $commit --out $out/prefill.jsonl && python3 -m hisa.cli bench --mode prefill_chunk --commit $commit --out $out/prefill_chunk.jsonl'" ;;
     trip_probe) echo "300 python3 benchmarks/token_trip_probe.py --commit $commit --out $out/trip_probe.jsonl" ;;
     bench_prefill) echo "330 python3 -m hisa.cli bench --mode prefill --contexts ${BENCH_CONTEXTS:-16k,32k,64k,128k} --commit $commit --out $out/prefill.jsonl" ;;
+    long_decode) echo "200 python3 -m hisa.cli bench --mode decode --contexts 1024k --batches 1,8,32 --next-n 1 --no-auto --super-size 2,16 --super-topk 128,64 --commit $commit --out $out/long_decode.jsonl" ;;
     bench_chunk) echo "200 python3 -m hisa.cli bench --mode prefill_chunk --contexts ${CHUNK_CONTEXTS:-16k,64k,128k} --commit $commit --out $out/prefill_chunk.jsonl" ;;
     host_ab) echo "330 bash benchmarks/host_ab.sh ab_base $out/host_ab" ;;
     decode_variants) echo "200 python3 benchmarks/decode_probe.py --variants --out $out/decode_variants" ;;

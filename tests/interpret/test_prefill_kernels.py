@@ -220,8 +220,9 @@ def _pooled(inp):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_block_scores_and_selection_match_naive(dtype):
-    # Packed sequences whose blocks straddle boundaries; an empty one; a 1-token one.
-    inp = _inputs([37, 0, 50, 1, 12], dtype, seed=5)
+    # Packed sequences whose blocks straddle boundaries; an empty one; a 1-token one; windows
+    # of at most m blocks (kept whole without a search) and of up to 7 (scored and searched).
+    inp = _inputs([37, 0, 50, 1, 12, 100], dtype, seed=5)
     q, k, prec, pooled, pscale = _pooled(inp)
     got = block_scores(q, pooled, inp.weights, inp.ks, inp.ke, block_size=B,
                        pooled_scale=pscale, prec=prec)
@@ -236,6 +237,8 @@ def test_block_scores_and_selection_match_naive(dtype):
     block_select(q, pooled, inp.weights, inp.ks, inp.ke, block_size=B, block_topk=M,
                  pooled_scale=pscale, prec=prec, out=fused)
     assert torch.equal(fused, ids)
+    n_blocks = (inp.ke + B - 1) // B - inp.ks // B
+    assert bool((n_blocks <= M).any()) and bool((n_blocks > M).any())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -60,6 +60,15 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
         s1 = tl.load(ke_ptr + t64)
         first = s0 // B
         end = tl.where(s1 > s0, (s1 + B - 1) // B, first)
+        if SELECT:
+            # At most m eligible blocks: every one is kept, ascending (what the selection
+            # returns for them), so the row is neither scored nor searched: two thirds of the
+            # queries of a 12K causal prefill. The loop still runs for every row (empty for
+            # these): a loop inside a branch was not software-pipelined (prefill_notes v7).
+            keep_all = end - first <= M
+        else:
+            keep_all = end < first                                    # never
+        stop = tl.where(keep_all, first, end)
         # [D, H] in the reps' dtype: FP8 queries against bf16 reps upcast exactly (a no-op
         # when the dtypes already agree).
         q_t = tl.load(q_ptr + t64 * (H * D) + h[None, :] * D + d[:, None]).to(
@@ -74,7 +83,7 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
                 c = c0 + cb
                 tl.store(row + c, _outside_like(c.to(tl.float32)),
                          mask=(c < NB) & ((c < first) | (c >= end)))
-        for c0 in tl.range(first, end, BN, num_stages=STAGES):
+        for c0 in tl.range(first, stop, BN, num_stages=STAGES):
             c = c0 + cb
             m = c < end
             sc = _pooled_row_scores(p_ptr, p_scale_ptr, c.to(tl.int64), m, q_t, w_t, d, D,
@@ -83,8 +92,13 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
             tl.store(row + c, sc, mask=m)
         if SELECT:
             tl.debug_barrier()
-            _select_block_row(row + first, end - first, first, ids_ptr + t64 * M, M, M_PAD,
-                              N_PAD)
+            if keep_all:
+                j = tl.arange(0, M_PAD)
+                tl.store(ids_ptr + t64 * M + j,
+                         tl.where(j < end - first, first + j, -1).to(tl.int32), mask=j < M)
+            else:
+                _select_block_row(row + first, end - first, first, ids_ptr + t64 * M, M,
+                                  M_PAD, N_PAD)
 
 
 def _launch(q, pooled, weights, ks, ke, pooled_scale, scores, ids, *, block_size, block_topk,

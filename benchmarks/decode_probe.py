@@ -8,9 +8,10 @@ pooled rows included), checks the kernels against the references on a small shap
 times flat / HISA / auto for batch x context (next_n = 1, plus a next_n = 2 subset), printing a
 compact table and writing JSON rows (:mod:`hisa.bench.rows` format) to ``DIR/decode.jsonl``.
 ``--variants`` instead times the HISA kernel variants (fused block selection on/off, select
-radix 1/2/8) and cumulative stage prefixes at a few shapes; ``--select`` times each of the
-four launches alone and the two selection kernels at several warp counts (every variant's
-output compared with the default's; see benchmarks/decode_notes.md); ``--pdl`` times the HISA
+radix 1/2/8, and 0: the interpolation search) and cumulative stage prefixes at a few shapes;
+``--select`` times each of the four launches alone and the two selection kernels at several
+warp counts (every variant's output compared with the default's; see
+benchmarks/decode_notes.md); ``--pdl`` times the HISA
 step with and without programmatic dependent launch (:mod:`hisa.ops.pdl`), two and three
 levels, in alternating rounds, outputs compared bit for bit; ``--table`` times flat and HISA
 at a few contexts with block tables of the request's own width and of a 128K- and a 1M-token
@@ -128,7 +129,9 @@ def variants(out_dir):
            "fused_r1": dict(fuse_block_select=True, radix=1),
            "fused_r2": dict(fuse_block_select=True, radix=2),
            "split_r8": dict(fuse_block_select=False, radix=8),
-           "fused_r8": dict(fuse_block_select=True, radix=8)}
+           "fused_r8": dict(fuse_block_select=True, radix=8),
+           "split_r0": dict(fuse_block_select=False, radix=0),
+           "fused_r0": dict(fuse_block_select=True, radix=0)}
     print(f"{'ctx':>7} {'b':>4} {'flat':>7} " + " ".join(f"{k:>9}" for k in var)
           + f" {'blk':>6} {'+tok':>6} {'same':>5}")
     lines = []

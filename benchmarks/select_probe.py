@@ -14,6 +14,15 @@ one 256-bin `tl.histogram` instead of ~20 single-bit reductions). Prediction: se
 shared-memory atomics. Outcome (H200, commit 3d1d0c3): 4 warps 10.68 ms, 8 warps 9.91 ms
 against radix 1's 4.32 ms, identical outputs: the histogram costs more than the passes it
 saves; radix 1 stays (benchmarks/results/round3/select_probe_h200_3d1d0c3.txt).
+Fourth probe (session 15, not yet run): the interpolation search (`radix=0`: regula falsi on
+the score values with the Illinois rule, then bisection; `hisa.ops.indexer.topk`) against
+radix 1, on the normal scores below and on real candidate scores (the token stage's buffer of a
+16K clustered prefill). Prediction, from a CPU emulation of both searches
+(`benchmarks/select_passes.py`, setup reductions included): reductions per row 20.2 -> 10.7
+on normal scores, 21.7 -> 12.2 on the clustered candidates (22.4 -> 12.0 at 64K), 18.8 ->
+20.2 on log-normal ones; so select_tokens ~35-45 % faster if its time is the passes' latency
+(64K x 8,192 normal: ~4.3 -> ~2.6 ms; the 16K prefill's rows: ~1.08 -> ~0.65 ms), less if the
+extra scalar float work per pass shows.
 Every variant's output is compared with the default's (identical indices required).
 Run: PYTHONPATH=. python3 benchmarks/select_probe.py
 """
@@ -29,6 +38,27 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
 
 
+def clustered_candidates(K):
+    """radix 1 against 0 on the token stage's own candidate scores (16K clustered prefill)."""
+    from hisa.ops.indexer.pipeline import hisa_prefill_stages
+    from hisa.testing.inputs import make_indexer_inputs
+    inp = make_indexer_inputs([16384], device="cuda", seed=1, clustered=True)
+    state = None
+    for name, fn in hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K,
+                                        block_size=128, block_topk=64):
+        state = fn()
+        if name == "token_scores":
+            break
+    sc, ids, ks = state["scores"], state["ids"], inp.ks
+    ref, _ = select_tokens(sc, ids, ks, block_size=128, topk=K, radix=1)
+    for r in (1, 0):
+        out, _ = select_tokens(sc, ids, ks, block_size=128, topk=K, radix=r)
+        same = torch.equal(out, ref)
+        ms = bench(lambda: select_tokens(sc, ids, ks, block_size=128, topk=K, radix=r))
+        print(f"select_tokens clustered 16K candidates radix={r}: {ms:.3f} ms same={same}",
+              flush=True)
+
+
 def main():
     torch.manual_seed(0)
     dev = "cuda"
@@ -39,7 +69,7 @@ def main():
     ids = torch.arange(M, device=dev, dtype=torch.int32).repeat(T, 1)
     ks = torch.zeros(T, dtype=torch.int32, device=dev)
     ref, _ = select_tokens(scores, ids, ks, block_size=B, topk=K)
-    for w, r in ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8)):
+    for w, r in ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8), (4, 0), (8, 0)):
         out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w, radix=r)
         same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
         ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w,
@@ -47,6 +77,7 @@ def main():
         print(f"select_tokens T={T} MB={M * B} warps={w} radix={r}: {ms:.3f} ms same={same}",
               flush=True)
     del scores
+    clustered_candidates(K)
     R, W = 4096, 65536
     x = torch.randn(R, W, device=dev)
     ks = torch.zeros(R, dtype=torch.int32, device=dev)

@@ -315,15 +315,43 @@ def test_byte_histogram_selection_equals_the_bit_passes(K):
     mark_outside(x[4], torch.arange(N) >= 3)                           # 3 selectable
     x[5] = -x[5].abs()                                                 # negatives only
     outs = []
-    for radix in (1, 8):
+    for radix in (1, 8, 0):     # 0: the interpolation search, held to the same rows
         out = torch.empty(6, N, dtype=torch.int32)
         _select_rows_kernel[(6,)](x, out, K=K, N=N, R=radix)
         outs.append(out)
-    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert int((outs[1][4] >= 0).sum()) == min(K, 3)
 
 
-@pytest.mark.parametrize("radix", [1, 2, 8])
+@pytest.mark.parametrize("K", [1, 2, 100, 511, 1000])
+def test_interpolation_search_selection_equals_the_bit_passes(K):
+    """RADIX = 0 (regula falsi on the score values, then bisection) selects RADIX = 1's
+    entries slot for slot on rows built to defeat interpolation: a dynamic range of 1e-30 to
+    1e30 of both signs, denormals, signed zeros, an exponential tail, one outlier far above a
+    tight cluster, two clusters either side of the k-th score, and plain normal scores."""
+    N = 1024
+    g = torch.Generator().manual_seed(1000 + K)
+    x = torch.randn(8, N, generator=g)
+    sign = torch.where(torch.rand(N, generator=g) < 0.5, -1.0, 1.0)
+    x[0] = sign * 10.0 ** (torch.rand(N, generator=g) * 60 - 30)
+    x[1] = torch.rand(N, generator=g) * 1e-40                          # denormals (and 0)
+    x[2] = torch.where(torch.arange(N) % 2 == 0, 0.0, -0.0)            # signed zeros only
+    x[3] = torch.empty(N).exponential_(1.0, generator=g) ** 4
+    x[4] = 1.0 + torch.randn(N, generator=g) * 1e-6
+    x[4, 17] = 1e30
+    x[5] = torch.where(torch.arange(N) < N // 2, 5.0, -5.0) + torch.randn(N, generator=g) * 1e-3
+    x[6, ::4] = float("inf")
+    x[6, 1::4] = float("nan")
+    mark_outside(x[7], torch.rand(N, generator=g) < 0.3)
+    outs = []
+    for radix in (1, 0):
+        out = torch.empty(8, N, dtype=torch.int32)
+        _select_rows_kernel[(8,)](x, out, K=K, N=N, R=radix)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("radix", [0, 1, 2, 8])
 def test_decode_select_ties_and_short_rows(radix):
     """Massive ties (early exit never fires), fewer selectable keys than k, distinct keys, and
     non-finite scores: the selection keeps the k largest, ties to the lower index,

@@ -534,6 +534,7 @@ def test_token_selection_by_byte_histogram_equals_the_bit_passes():
     ids = torch.randint(0, 50, (T, M), generator=g, dtype=torch.int32)
     ks = torch.randint(0, 8, (T,), generator=g, dtype=torch.int32)
     a = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True)
-    b = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True, radix=8)
-    assert torch.equal(a[0], b[0])
-    assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32))
+    for radix in (8, 0):        # 0: the interpolation search
+        b = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True, radix=radix)
+        assert torch.equal(a[0], b[0])
+        assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32))

@@ -52,9 +52,13 @@ def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
     # A row with at most K selectable candidates (a query with at most K keys in its window,
     # an eighth of a 16K causal prefill) keeps them all: one count instead of the search's
     # 32 passes, each of which would have found fewer than K keys.
-    thr = tl.zeros([], dtype=tl.uint32)
-    if tl.sum((keys > 0).to(tl.int32), axis=0) > K:
+    # (The RADIX = 0 search makes that count itself.)
+    if RADIX == 0:
         thr = _radix_threshold(keys, K, RADIX)
+    else:
+        thr = tl.zeros([], dtype=tl.uint32)
+        if tl.sum((keys > 0).to(tl.int32), axis=0) > K:
+            thr = _radix_threshold(keys, K, RADIX)
     sel = _select_mask(keys, K, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     blk = tl.load(ids_ptr + i // B, mask=sel, other=0)
@@ -129,8 +133,9 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k of fp32 [T, m*B] candidate scores mapped to offsets relative to ks.
 
-    ``num_warps`` and ``radix`` (1, 2 or 8 bits per pass of the threshold search) override the
-    defaults, for probes (benchmarks/select_probe.py): the selected entries are the same.
+    ``num_warps`` and ``radix`` (1, 2 or 8 bits per pass of the threshold search, or 0 for
+    the interpolation search, :func:`~.topk._interp_threshold`) override the defaults, for
+    probes (benchmarks/select_probe.py): the selected entries are the same.
 
     Returns (int32 [T, topk], -1 padded; fp32 [T, topk] or None). Twin:
     ``naive_to_offsets(*naive_select_tokens(...)[:1], ks)``.

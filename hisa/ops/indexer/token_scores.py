@@ -8,9 +8,10 @@ persistent program per query at a time loops over its kept blocks: ``dot(k_blk[B
 q_t^T[D, H])``, tokens on the MMA rows and heads on the columns, the ReLU-weighted head sum
 inside a row. q_t^T and w_t are loaded once per query. The MMA loop stops after the last kept
 block (ids are -1 padded at the end for queries with fewer than m eligible blocks: half the
-queries of a 16K causal prefill), and the padding's scores are only marked outside. With ``SELECT`` the m*B scores go to a per-program scratch row that
-stays in L2, and the same program selects the top k in registers and writes the final offsets
-(and scores); without it the fp32 [T, m*B] scores are written (the twin's output:
+queries of a 16K causal prefill), and the padding's scores are only marked outside. With
+``SELECT`` the m*B scores go to a per-program scratch row that stays in L2, and the same
+program selects the top k in registers and writes the final offsets (and scores); without it
+the fp32 [T, m*B] scores are written (the twin's output:
 :func:`~hisa.ops.indexer.naive.naive_token_scores`).
 """
 from __future__ import annotations

@@ -151,8 +151,79 @@ PACK_BITS2 = tl.constexpr(42)
 PACK_MASK = tl.constexpr((1 << 21) - 1)
 
 
+#: Interpolation steps of the ``RADIX = 0`` search (:func:`_interp_threshold`) before it
+#: falls back to plain bisection of what is left of its bracket: the worst case is
+#: INTERP_STEPS + 32 count passes, against 32 for ``RADIX = 1``.
+INTERP_STEPS = tl.constexpr(12)
+
+
+@triton.jit
+def _interp_threshold(keys, need, STEPS: tl.constexpr):
+    """The ``RADIX = 0`` threshold search: regula falsi on the scores' values.
+
+    Keeps a bracket of keys [lo, hm] holding the k-th largest, #(keys >= lo) > need >
+    #(keys > hm) (at the start the smallest and the largest selectable key), and guesses the
+    next threshold by linear interpolation of the two counts in *value* space (the keys'
+    floats), where a smooth score distribution makes the count nearly linear near the k-th
+    score; the Illinois rule halves the weight of an end kept twice in a row, so the guesses
+    close in from both sides. A guess that is not a finite value strictly inside the bracket,
+    and every pass after ``STEPS`` guesses, bisects the bracket in key space instead. It stops
+    when exactly ``need`` keys are at or above the last guess, or when the bracket is one key
+    (lo is then the k-th largest key, ties at it resolved by ``_select_mask``). Each pass is
+    one count over the row, as one bit of ``RADIX = 1``; the aim is fewer passes (three
+    reductions start it: the selectable count, the smallest and the largest key; CPU
+    emulation, ``benchmarks/select_passes.py``: 12 passes against 22 on real candidate rows,
+    20 against 19 on log-normal scores). Returns 0 when at most ``need`` keys are selectable
+    (all of them are then the selection).
+    """
+    n_pos = tl.sum((keys > 0).to(tl.int32), axis=0)
+    # The k-th largest key lies in [lo, hm] (uint32 throughout: 64-bit scalars cost double).
+    lo = tl.min(tl.where(keys > 0, keys, tl.full(keys.shape, 0xFFFFFFFF, tl.uint32)), axis=0)
+    hm = tl.max(keys, axis=0)
+    f_lo = (n_pos - need).to(tl.float32)                     # count - need at lo (> 0)
+    f_hi = tl.zeros([], dtype=tl.float32) - need             # just above hm (< 0)
+    moved = tl.zeros([], dtype=tl.int32)                     # 1: lo moved last, 2: hm
+    step = tl.zeros([], dtype=tl.int32)
+    go = n_pos > need
+    while go:
+        mid = lo + (hm - lo + 1) // 2                        # in (lo, hm]
+        lo_v = _key_to_float(lo)
+        hi_v = _key_to_float(hm)
+        finite = (tl.abs(lo_v) < float("inf")) & (tl.abs(hi_v) < float("inf"))
+        lo_v = tl.where(finite, lo_v, 0.0)                   # no inf - inf below
+        hi_v = tl.where(finite, hi_v, 0.0)
+        guess = _ordered_key(lo_v + (hi_v - lo_v) * (f_lo / (f_lo - f_hi)))
+        use = (step < STEPS) & finite & (guess > lo) & (guess <= hm)
+        g = tl.where(use, guess, mid)
+        cnt = tl.sum((keys >= g).to(tl.int32), axis=0)
+        f = (cnt - need).to(tl.float32)
+        up = cnt >= need
+        f_hi = tl.where(up & (moved == 1), f_hi * 0.5, f_hi)   # Illinois: hm kept twice
+        f_lo = tl.where(~up & (moved == 2), f_lo * 0.5, f_lo)  # lo kept twice
+        lo = tl.where(up, g, lo)
+        f_lo = tl.where(up, f, f_lo)
+        hm = tl.where(up, hm, g - 1)
+        f_hi = tl.where(up, f_hi, f)
+        moved = tl.where(up, 1, 2)
+        step += 1
+        go = (cnt != need) & (hm > lo)
+    return tl.where(n_pos > need, lo, 0)
+
+
 @triton.jit
 def _radix_threshold(keys, need, RADIX: tl.constexpr):
+    """A key ``thr`` for which ``_select_mask(keys, need, thr)`` is the top ``need`` of keys:
+    ``RADIX`` 1, 2 or 8 bits settled per count pass (:func:`_bit_threshold`), or 0 for the
+    interpolation search (:func:`_interp_threshold`)."""
+    if RADIX == 0:
+        thr = _interp_threshold(keys, need, INTERP_STEPS)
+    else:
+        thr = _bit_threshold(keys, need, RADIX)
+    return thr
+
+
+@triton.jit
+def _bit_threshold(keys, need, RADIX: tl.constexpr):
     """A key ``thr`` for which ``_select_mask(keys, need, thr)`` is the top ``need`` of keys.
 
     The same selected set as a 32-step :func:`_bisect_threshold`, in fewer cross-warp

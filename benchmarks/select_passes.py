@@ -1,0 +1,133 @@
+"""Count the reductions over a row that each threshold search of ``hisa.ops.indexer.topk``
+makes, by emulating both in NumPy on CPU rows: the bit search (``RADIX = 1``: one count per
+bit from the top, stopping once exactly k keys are at or above the threshold; the prefill token
+select counts the selectable keys first) and the interpolation search (``RADIX = 0``:
+``_interp_threshold``, its count, max and min of the keys first). Both must give the same
+selected set on every row (checked). The GPU time per pass is what the select probe measures;
+this only says how many passes there are, to write the prediction before a device run.
+
+    PYTHONPATH=. python3 benchmarks/select_passes.py
+
+Rows: normal, squared-normal and log-normal scores (8,192 per row, k = 2,048), decode-like
+rows (1,024, k = 64), and the real candidate scores of the reference pipeline on clustered
+inputs (16K and 64K context, 32 queries each, B = 128, m = 64).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+INTERP_STEPS = 12      # hisa.ops.indexer.topk.INTERP_STEPS
+
+
+def ordered_keys(v: np.ndarray) -> np.ndarray:
+    """fp32 -> the kernels' uint32 selection keys (as int64; NaN -> 1, -0.0 as +0.0)."""
+    b = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.int64)
+    b = np.where(b == 0x80000000, 0, b)
+    k = np.where((b >> 31) != 0, b ^ 0xFFFFFFFF, b | 0x80000000)
+    return np.where((b & 0x7FFFFFFF) > 0x7F800000, 1, k)
+
+
+def key_value(key: int) -> float:
+    """Inverse of ``ordered_keys`` for one key > 0 (NaN for key 1)."""
+    bits = key ^ 0x80000000 if key >= 0x80000000 else key ^ 0xFFFFFFFF
+    if key == 1:
+        bits = 0x7FC00000
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def bit_search(keys: np.ndarray, need: int) -> tuple[int, int]:
+    """(threshold, reductions) of RADIX = 1 behind the selectable count."""
+    if int((keys > 0).sum()) <= need:
+        return 0, 1
+    thr, n = 0, 1
+    for shift in range(31, -1, -1):
+        cand = thr | (1 << shift)
+        cnt = int((keys >= cand).sum())
+        n += 1
+        if cnt >= need:
+            thr = cand
+        if cnt == need:
+            break
+    return thr, n
+
+
+def interp_search(keys: np.ndarray, need: int) -> tuple[int, int]:
+    """(threshold, reductions) of RADIX = 0, step for step as the kernel."""
+    n_pos = int((keys > 0).sum())
+    if n_pos <= need:
+        return 0, 3
+    lo, hi = int(keys[keys > 0].min()), int(keys.max()) + 1
+    f_lo, f_hi = float(n_pos - need), float(-need)
+    moved, step, n = 0, 0, 3
+    while True:
+        g = lo + (hi - lo) // 2
+        lo_v, hi_v = key_value(lo), key_value(hi - 1)
+        if step < INTERP_STEPS and np.isfinite(lo_v) and np.isfinite(hi_v):
+            guess_v = np.float32(lo_v + (hi_v - lo_v) * (f_lo / (f_lo - f_hi)))
+            guess = int(ordered_keys(np.array([guess_v]))[0])
+            if lo < guess < hi:
+                g = guess
+        cnt = int((keys >= g).sum())
+        n += 1
+        up = cnt >= need
+        if up and moved == 1:
+            f_hi *= 0.5
+        if not up and moved == 2:
+            f_lo *= 0.5
+        if up:
+            lo, f_lo = g, float(cnt - need)
+        else:
+            hi, f_hi = g, float(cnt - need)
+        moved, step = (1 if up else 2), step + 1
+        if cnt == need or hi - lo <= 1:
+            return lo, n
+
+
+def top_set(keys: np.ndarray, need: int, thr: int) -> np.ndarray:
+    """The selected keys (values, not positions: ties make positions the mask's job)."""
+    return np.sort(keys[(keys >= thr) & (keys > 0)])[::-1][:need]
+
+
+def report(label: str, rows: np.ndarray, need: int, outside: np.ndarray | None = None) -> None:
+    """``outside``: entries the kernels key 0 (the outside marker: never selected)."""
+    bits, interp = [], []
+    for i, r in enumerate(rows):
+        k = ordered_keys(r)
+        if outside is not None:
+            k = np.where(outside[i], 0, k)
+        t1, n1 = bit_search(k, need)
+        t0, n0 = interp_search(k, need)
+        assert np.array_equal(top_set(k, need, t1), top_set(k, need, t0)), label
+        bits.append(n1)
+        interp.append(n0)
+    print(f"{label:42s} bit {np.mean(bits):5.1f} (max {max(bits):2d})   "
+          f"interp {np.mean(interp):5.1f} (max {max(interp):2d})", flush=True)
+
+
+def candidate_rows(context: int, queries: int) -> np.ndarray:
+    from hisa.ops.indexer import naive as N
+    from hisa.testing.inputs import make_indexer_inputs
+    inp = make_indexer_inputs([context], query_lens=[queries], seed=2, clustered=True)
+    pooled = N.naive_pool_blocks(inp.k, inp.k_scale, 128)
+    ids = N.naive_select_blocks(N.naive_block_scores(inp.q, pooled, inp.weights, inp.ks,
+                                                     inp.ke, block_size=128), 64)
+    scores, _ = N.naive_token_scores(inp.q, inp.k, inp.weights, inp.ks, inp.ke, ids,
+                                     block_size=128, k_scale=inp.k_scale)
+    return scores.numpy()
+
+
+def main() -> None:
+    rng = np.random.default_rng(0)
+    report("normal, 8,192 x k 2,048", rng.standard_normal((100, 8192)), 2048)
+    report("squared normal", rng.standard_normal((100, 8192)) ** 2, 2048)
+    report("log-normal (sigma 3)", np.exp(3 * rng.standard_normal((100, 8192))), 2048)
+    report("normal, 1,024 x k 64 (decode blocks)", rng.standard_normal((100, 1024)), 64)
+    for context in (16384, 65536):
+        rows = candidate_rows(context, 32)
+        # The outside marker is a NaN bit pattern (the inputs' scores are finite).
+        report(f"clustered candidates, {context // 1024}K context", rows, 2048,
+               outside=np.isnan(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 makes, by emulating both in NumPy on CPU rows: the bit search (``RADIX = 1``: one count per
 bit from the top, stopping once exactly k keys are at or above the threshold; the prefill token
 select counts the selectable keys first) and the interpolation search (``RADIX = 0``:
-``_interp_threshold``, its count, max and min of the keys first). Both must give the same
+``_interp_threshold``, one reduction of the count, min and max of the keys first). Both must give the same
 selected set on every row (checked). The GPU time per pass is what the select probe measures;
 this only says how many passes there are, to write the prediction before a device run.
 
@@ -55,10 +55,10 @@ def interp_search(keys: np.ndarray, need: int) -> tuple[int, int]:
     """(threshold, reductions) of RADIX = 0, step for step as the kernel."""
     n_pos = int((keys > 0).sum())
     if n_pos <= need:
-        return 0, 3
+        return 0, 1
     lo, hi = int(keys[keys > 0].min()), int(keys.max()) + 1
     f_lo, f_hi = float(n_pos - need), float(-need)
-    moved, step, n = 0, 0, 3
+    moved, step, n = 0, 0, 1
     while True:
         g = lo + (hi - lo) // 2
         lo_v, hi_v = key_value(lo), key_value(hi - 1)

@@ -18,11 +18,12 @@ Fourth probe (session 15, not yet run): the interpolation search (`radix=0`: reg
 the score values with the Illinois rule, then bisection; `hisa.ops.indexer.topk`) against
 radix 1, on the normal scores below and on real candidate scores (the token stage's buffer of a
 16K clustered prefill). Prediction, from a CPU emulation of both searches
-(`benchmarks/select_passes.py`, setup reductions included): reductions per row 20.2 -> 10.7
-on normal scores, 21.7 -> 12.2 on the clustered candidates (22.4 -> 12.0 at 64K), 18.8 ->
-20.2 on log-normal ones; so select_tokens ~35-45 % faster if its time is the passes' latency
-(64K x 8,192 normal: ~4.3 -> ~2.6 ms; the 16K prefill's rows: ~1.08 -> ~0.65 ms), less if the
-extra scalar float work per pass shows.
+(`benchmarks/select_passes.py`, setup reductions included): reductions per row 20.2 -> 8.7
+on normal scores, 21.7 -> 10.2 on the clustered candidates (22.4 -> 10.0 at 64K), 18.8 ->
+18.2 on log-normal ones; a pass costs 189 instructions instead of 130 (the decode token
+select's sm_90 SASS, `benchmarks/sass_count.py token_select --set RADIX=0`). So select_tokens
+~40-50 % faster if its time is the passes' latency (64K x 8,192 normal: ~4.3 -> ~2.3 ms; the
+16K prefill's rows: ~1.08 -> ~0.6 ms), ~30 % if it is their instructions (2,821 -> 1,928 a row).
 Every variant's output is compared with the default's (identical indices required).
 Run: PYTHONPATH=. python3 benchmarks/select_probe.py
 """

@@ -158,6 +158,11 @@ INTERP_STEPS = tl.constexpr(12)
 
 
 @triton.jit
+def _count_min_max(c1, lo1, hi1, c2, lo2, hi2):
+    return c1 + c2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2)
+
+
+@triton.jit
 def _interp_threshold(keys, need, STEPS: tl.constexpr):
     """The ``RADIX = 0`` threshold search: regula falsi on the scores' values.
 
@@ -170,16 +175,18 @@ def _interp_threshold(keys, need, STEPS: tl.constexpr):
     and every pass after ``STEPS`` guesses, bisects the bracket in key space instead. It stops
     when exactly ``need`` keys are at or above the last guess, or when the bracket is one key
     (lo is then the k-th largest key, ties at it resolved by ``_select_mask``). Each pass is
-    one count over the row, as one bit of ``RADIX = 1``; the aim is fewer passes (three
-    reductions start it: the selectable count, the smallest and the largest key; CPU
-    emulation, ``benchmarks/select_passes.py``: 12 passes against 22 on real candidate rows,
-    20 against 19 on log-normal scores). Returns 0 when at most ``need`` keys are selectable
+    one count over the row, as one bit of ``RADIX = 1``; the aim is fewer passes (one
+    reduction of three values starts it: the selectable count, the smallest and the largest
+    key; CPU emulation, ``benchmarks/select_passes.py``: 10 passes against 22 on real
+    candidate rows, 18 against 19 on log-normal scores). Returns 0 when at most ``need`` keys are selectable
     (all of them are then the selection).
     """
-    n_pos = tl.sum((keys > 0).to(tl.int32), axis=0)
-    # The k-th largest key lies in [lo, hm] (uint32 throughout: 64-bit scalars cost double).
-    lo = tl.min(tl.where(keys > 0, keys, tl.full(keys.shape, 0xFFFFFFFF, tl.uint32)), axis=0)
-    hm = tl.max(keys, axis=0)
+    # The k-th largest key lies in [lo, hm] (uint32 throughout: 64-bit scalars cost double);
+    # the selectable count and both ends in one reduction.
+    n_pos, lo, hm = tl.reduce(((keys > 0).to(tl.int32),
+                               tl.where(keys > 0, keys, tl.full(keys.shape, 0xFFFFFFFF,
+                                                                tl.uint32)),
+                               keys), 0, _count_min_max)
     f_lo = (n_pos - need).to(tl.float32)                     # count - need at lo (> 0)
     f_hi = tl.zeros([], dtype=tl.float32) - need             # just above hm (< 0)
     moved = tl.zeros([], dtype=tl.int32)                     # 1: lo moved last, 2: hm

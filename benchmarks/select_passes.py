@@ -8,8 +8,8 @@ this only says how many passes there are, to write the prediction before a devic
 
     PYTHONPATH=. python3 benchmarks/select_passes.py
 
-Rows: normal, squared-normal and log-normal scores (8,192 per row, k = 2,048), decode-like
-rows (1,024, k = 64), and the real candidate scores of the reference pipeline on clustered
+Rows: normal, squared-normal and log-normal scores (8,192 per row, k = 2,048), block rows
+(1,024, k = 64, the first and last forced), the decode token select's (no count first), and the real candidate scores of the reference pipeline on clustered
 inputs (16K and 64K context, 32 queries each, B = 128, m = 64).
 """
 from __future__ import annotations
@@ -35,11 +35,16 @@ def key_value(key: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
-def bit_search(keys: np.ndarray, need: int) -> tuple[int, int]:
-    """(threshold, reductions) of RADIX = 1 behind the selectable count."""
-    if int((keys > 0).sum()) <= need:
+FORCED_KEY = 0xFFFFFFFF     # hisa.ops.dsa.naive.FORCED_RANK: a forced block's key
+NEG_INF_KEY, POS_INF_KEY = 0x007FFFFF, 0xFF800000
+
+
+def bit_search(keys: np.ndarray, need: int, precount: bool) -> tuple[int, int]:
+    """(threshold, reductions) of RADIX = 1; ``precount``: behind the prefill token select's
+    count of the selectable keys (the decode selections search at once)."""
+    if precount and int((keys > 0).sum()) <= need:
         return 0, 1
-    thr, n = 0, 1
+    thr, n = 0, int(precount)
     for shift in range(31, -1, -1):
         cand = thr | (1 << shift)
         cnt = int((keys >= cand).sum())
@@ -52,34 +57,42 @@ def bit_search(keys: np.ndarray, need: int) -> tuple[int, int]:
 
 
 def interp_search(keys: np.ndarray, need: int) -> tuple[int, int]:
-    """(threshold, reductions) of RADIX = 0, step for step as the kernel."""
-    n_pos = int((keys > 0).sum())
+    """(threshold, reductions) of RADIX = 0, step for step as the kernel (its guesses in fp32)."""
+    sel = keys > 0
+    low, high = sel & (keys <= NEG_INF_KEY), keys >= POS_INF_KEY
+    fin = sel & ~low & ~high
+    n_pos, n_ge_fin, n_high = int(sel.sum()), int(sel.sum() - low.sum()), int(high.sum())
     if n_pos <= need:
         return 0, 1
-    lo, hi = int(keys[keys > 0].min()), int(keys.max()) + 1
-    f_lo, f_hi = float(n_pos - need), float(-need)
+    if n_ge_fin > need and n_high < need:
+        lo, hm = int(keys[fin].min()), int(keys[fin].max())
+        f_lo, f_hi = np.float32(n_ge_fin - need), np.float32(n_high - need)
+    else:
+        lo, hm = 1, 0xFFFFFFFF
+        f_lo, f_hi = np.float32(n_pos - need), np.float32(-need)
     moved, step, n = 0, 0, 1
     while True:
-        g = lo + (hi - lo) // 2
-        lo_v, hi_v = key_value(lo), key_value(hi - 1)
+        g = lo + (hm - lo + 1) // 2
+        lo_v, hi_v = np.float32(key_value(lo)), np.float32(key_value(hm))
         if step < INTERP_STEPS and np.isfinite(lo_v) and np.isfinite(hi_v):
-            guess_v = np.float32(lo_v + (hi_v - lo_v) * (f_lo / (f_lo - f_hi)))
+            with np.errstate(over="ignore", invalid="ignore"):
+                guess_v = np.float32(lo_v + (hi_v - lo_v) * np.float32(f_lo / (f_lo - f_hi)))
             guess = int(ordered_keys(np.array([guess_v]))[0])
-            if lo < guess < hi:
+            if lo < guess <= hm:
                 g = guess
         cnt = int((keys >= g).sum())
         n += 1
         up = cnt >= need
         if up and moved == 1:
-            f_hi *= 0.5
+            f_hi = np.float32(f_hi * 0.5)
         if not up and moved == 2:
-            f_lo *= 0.5
+            f_lo = np.float32(f_lo * 0.5)
         if up:
-            lo, f_lo = g, float(cnt - need)
+            lo, f_lo = g, np.float32(cnt - need)
         else:
-            hi, f_hi = g, float(cnt - need)
+            hm, f_hi = g - 1, np.float32(cnt - need)
         moved, step = (1 if up else 2), step + 1
-        if cnt == need or hi - lo <= 1:
+        if cnt == need or hm <= lo:
             return lo, n
 
 
@@ -88,19 +101,23 @@ def top_set(keys: np.ndarray, need: int, thr: int) -> np.ndarray:
     return np.sort(keys[(keys >= thr) & (keys > 0)])[::-1][:need]
 
 
-def report(label: str, rows: np.ndarray, need: int, outside: np.ndarray | None = None) -> None:
-    """``outside``: entries the kernels key 0 (the outside marker: never selected)."""
+def report(label: str, rows: np.ndarray, need: int, outside: np.ndarray | None = None,
+           forced: bool = False, precount: bool = True) -> None:
+    """``outside``: entries the kernels key 0 (the outside marker: never selected);
+    ``forced``: the first and last entry keyed FORCED_KEY, as the block selections do."""
     bits, interp = [], []
     for i, r in enumerate(rows):
         k = ordered_keys(r)
         if outside is not None:
             k = np.where(outside[i], 0, k)
-        t1, n1 = bit_search(k, need)
+        if forced:
+            k[0] = k[-1] = FORCED_KEY
+        t1, n1 = bit_search(k, need, precount)
         t0, n0 = interp_search(k, need)
         assert np.array_equal(top_set(k, need, t1), top_set(k, need, t0)), label
         bits.append(n1)
         interp.append(n0)
-    print(f"{label:42s} bit {np.mean(bits):5.1f} (max {max(bits):2d})   "
+    print(f"{label:44s} bit {np.mean(bits):5.1f} (max {max(bits):2d})   "
           f"interp {np.mean(interp):5.1f} (max {max(interp):2d})", flush=True)
 
 
@@ -121,7 +138,10 @@ def main() -> None:
     report("normal, 8,192 x k 2,048", rng.standard_normal((100, 8192)), 2048)
     report("squared normal", rng.standard_normal((100, 8192)) ** 2, 2048)
     report("log-normal (sigma 3)", np.exp(3 * rng.standard_normal((100, 8192))), 2048)
-    report("normal, 1,024 x k 64 (decode blocks)", rng.standard_normal((100, 1024)), 64)
+    report("normal, 1,024 x k 64, ends forced (blocks)", rng.standard_normal((100, 1024)), 64,
+           forced=True, precount=False)
+    report("normal, 8,192 x k 2,048, no precount (decode)",
+           rng.standard_normal((100, 8192)), 2048, precount=False)
     for context in (16384, 65536):
         rows = candidate_rows(context, 32)
         # The outside marker is a NaN bit pattern (the inputs' scores are finite).

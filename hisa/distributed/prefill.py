@@ -152,7 +152,7 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
         block_topk: m; ``block_topk * block_size >= topk``.
         topk, return_scores, out, backend: as in :func:`hisa.hisa_index`. Every block is
             scored on fp32 means for both backends (:mod:`hisa.ops.indexer.reps`), without
-            the single-process Triton default's FP8 pre-selection.
+            the FP8 pre-selection the single-process Triton default runs past 8 m blocks.
 
     Returns:
         int32 [T, topk] offsets relative to ks, -1 padded (and fp32 scores), on every rank.
@@ -170,7 +170,8 @@ def hisa_index(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     check_out_buffer(out, T, topk, q.device)
     # Every block is scored on fp32 means (both backends; rep_dtype gives fp32 for FP8 keys).
     # The single-process Triton default first pre-selects m + m/2 blocks on FP8 copies of them
-    # (pipeline.resolve_rescore_margin); not done here, so near-tied blocks may differ.
+    # on windows past 8 m blocks (pipeline.resolve_rescore_margin); not done here, so
+    # near-tied blocks may differ there.
     reps = rep_dtype(k.dtype)
     pooled, pooled_scale = pool_sharded(k, k_scale, bmap, num_keys, group, rep_dtype=reps)
     pages = pack_pages(k, k_scale)

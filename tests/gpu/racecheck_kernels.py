@@ -447,9 +447,10 @@ CASES = [
 
 def jitted_kernels(package_dir: str | None = None) -> set[str]:
     """``module.name`` of every ``@triton.jit`` kernel under hisa/: the jitted functions that no
-    jitted function calls (the rest are helpers, inlined into their callers). A call is a
-    ``name(`` in a jitted function's body whose name its module binds to a jitted function:
-    two modules may define kernels of the same name, so names alone would not do."""
+    jitted function uses (the rest are helpers, inlined into their callers). A use is a name in
+    a jitted function's body that its module binds to a jitted function, called (``name(``) or
+    passed (the combine function of a ``tl.reduce``): two modules may define kernels of the
+    same name, so names alone would not do."""
     from hisa.testing.launches import _launch_classes, kernel_key
     package_dir = package_dir or os.path.join(ROOT, "hisa")
     classes = tuple(_launch_classes())
@@ -467,7 +468,7 @@ def jitted_kernels(package_dir: str | None = None) -> set[str]:
     called = set()
     for obj in jitted.values():
         body = inspect.getsource(obj.fn).split(":\n", 1)[-1]        # past the signature
-        for ident in re.findall(r"\b(\w+)\s*\(", body):
+        for ident in set(re.findall(r"\b(\w+)\b", body)):
             target = obj.fn.__globals__.get(ident)
             if isinstance(target, classes):
                 called.add(kernel_key(target))

@@ -14,7 +14,7 @@ from hisa.ops.dsa.decode_kernels import paged_logits
 from hisa.ops.dsa.naive import naive_dsa_logits
 from hisa.ops.dsa.naive import mark_outside
 from hisa.ops.indexer.decode_select import _select_row
-from hisa.ops.indexer.topk import _ordered_key
+from hisa.ops.indexer.topk import _force_key, _ordered_key
 from hisa.ops.indexer.decode_kernels import (block_select, block_select_tiers, hisa_decode,
                                              token_scores_paged)
 from hisa.ops.indexer.naive import (candidate_positions, naive_block_scores, naive_select_blocks,
@@ -32,10 +32,14 @@ POOL_RTOL = 2.0 ** -3
 
 
 @triton.jit
-def _select_rows_kernel(x_ptr, o_ptr, K: tl.constexpr, N: tl.constexpr, R: tl.constexpr):
+def _select_rows_kernel(x_ptr, o_ptr, K: tl.constexpr, N: tl.constexpr, R: tl.constexpr,
+                        FORCE: tl.constexpr = False):
     r = tl.program_id(0)
     i = tl.arange(0, N)
-    sel, pos, n_sel = _select_row(_ordered_key(tl.load(x_ptr + r * N + i)), K, R)
+    keys = _ordered_key(tl.load(x_ptr + r * N + i))
+    if FORCE:                   # the block selections' forced first and last entries
+        keys = _force_key(keys, (i == 0) | (i == N - 1))
+    sel, pos, n_sel = _select_row(keys, K, R)
     tl.store(o_ptr + r * N + i, tl.where(sel, pos, -1))
 
 
@@ -328,7 +332,8 @@ def test_interpolation_search_selection_equals_the_bit_passes(K):
     """RADIX = 0 (regula falsi on the score values, then bisection) selects RADIX = 1's
     entries slot for slot on rows built to defeat interpolation: a dynamic range of 1e-30 to
     1e30 of both signs, denormals, signed zeros, an exponential tail, one outlier far above a
-    tight cluster, two clusters either side of the k-th score, and plain normal scores."""
+    tight cluster, two clusters either side of the k-th score, and plain normal scores; each
+    also with its first and last entry forced (above every score, as block rows have)."""
     N = 1024
     g = torch.Generator().manual_seed(1000 + K)
     x = torch.randn(8, N, generator=g)
@@ -343,12 +348,15 @@ def test_interpolation_search_selection_equals_the_bit_passes(K):
     x[6, ::4] = float("inf")
     x[6, 1::4] = float("nan")
     mark_outside(x[7], torch.rand(N, generator=g) < 0.3)
-    outs = []
-    for radix in (1, 0):
-        out = torch.empty(8, N, dtype=torch.int32)
-        _select_rows_kernel[(8,)](x, out, K=K, N=N, R=radix)
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
+    for force in (False, True):     # forced ends: the bracket starts at the finite keys
+        outs = []
+        for radix in (1, 0):
+            out = torch.empty(8, N, dtype=torch.int32)
+            _select_rows_kernel[(8,)](x, out, K=K, N=N, R=radix, FORCE=force)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), force
+        if force and K >= 2:    # (row 7's ends may be outside: never forced)
+            assert bool((outs[0][:7, [0, N - 1]] >= 0).all())
 
 
 @pytest.mark.parametrize("radix", [0, 1, 2, 8])

@@ -22,11 +22,13 @@ H, D, B, M, K = 16, 64, 16, 4, 24
 #: Host syncs of any prefill call: the window check, which carries every window fact the
 #: call needs (kernel limits, route, pooling start, selection rows, short-window repair).
 CALL_SYNCS = 1
-#: Launches of the two-level pipeline over FP8 keys: pool, FP8 copies of the block means,
-#: the FP8 pre-selection of m + m/2 blocks, their re-score on the fp32 means + top-m, token
-#: scores, token selection (one token tile at these sizes). Without the pre-selection (fp32
-#: or bf16 keys): 4, the block stage being one fused launch.
+#: Launches of the two-level pipeline over FP8 keys with windows past 8 m blocks: pool, FP8
+#: copies of the block means, the FP8 pre-selection of m + m/2 blocks, their re-score on the
+#: fp32 means + top-m, token scores, token selection (one token tile at these sizes).
+#: Without the pre-selection (shorter windows, or fp32 / bf16 keys): 4, the block stage being
+#: one fused launch.
 TWO_LEVEL_LAUNCHES = 6
+TWO_LEVEL_SCAN_LAUNCHES = 4
 #: Three levels add the super-block pooling and the candidate-block selection.
 THREE_LEVEL_LAUNCHES = 6
 #: The flat path: logits, then the top-k (one logits tile no wider than the general kernel's
@@ -80,6 +82,14 @@ def test_pruning_call_two_levels(seq, ql):
     work = measure(_hisa(_inputs(seq, ql)))
     assert work.num_syncs == CALL_SYNCS, work.report()
     assert work.num_launches == TWO_LEVEL_LAUNCHES, work.report()
+    assert work.num_aten_kernels <= TWO_LEVEL_ATEN_BUDGET, work.report()
+
+
+def test_pruning_call_on_windows_up_to_eight_m_blocks():
+    # 400 keys = 25 blocks: prunes, but the default scans every block on the fp32 means.
+    work = measure(_hisa(_inputs([400], [8])))
+    assert work.num_syncs == CALL_SYNCS, work.report()
+    assert work.num_launches == TWO_LEVEL_SCAN_LAUNCHES, work.report()
     assert work.num_aten_kernels <= TWO_LEVEL_ATEN_BUDGET, work.report()
 
 

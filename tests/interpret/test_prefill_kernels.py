@@ -322,18 +322,20 @@ def test_token_scores_stop_at_the_last_kept_block(dtype, monkeypatch):
     # all m ids writes it, for trailing padding, padding between kept blocks, no kept block,
     # and every id kept.
     from hisa.ops.indexer import token_scores as token_mod
+    # Nine queries, more than the interpreter's persistent programs, so the fused path reuses
+    # a program's scratch row after a query that filled it.
     inp = _inputs([70], dtype, seed=12)                  # 70 keys: blocks 0..4 of B = 16
-    rows = torch.tensor([69, 69, 40, 69])
+    rows = torch.tensor([69, 69, 40, 69] * 2 + [69])
     qf, w = inp.q[rows], inp.weights[rows]
-    ks = torch.zeros(4, dtype=torch.int32)
-    ke = torch.tensor([70, 70, 41, 70], dtype=torch.int32)
+    ks = torch.zeros(9, dtype=torch.int32)
+    ke = torch.tensor([70, 70, 41, 70] * 2 + [70], dtype=torch.int32)
     q, k, prec = prepare_operands(qf, inp.k)
-    ids = torch.tensor([[0, 2, -1, -1], [-1, 1, -1, 3], [-1, -1, -1, -1], [0, 1, 2, 4]],
-                       dtype=torch.int32)
+    ids = torch.tensor([[0, 2, -1, -1], [-1, 1, -1, 3], [-1, -1, -1, -1], [0, 1, 2, 4]] * 2
+                       + [[3, -1, -1, -1]], dtype=torch.int32)
     runs = {}
     for trip in ("live", "all"):
         monkeypatch.setattr(token_mod, "TOKEN_TRIP", trip)
-        buf = torch.full((4 * M * B,), float("nan"))
+        buf = torch.full((9 * M * B,), float("nan"))
         runs[trip] = token_scores(q, k, w, ks, ke, ids, block_size=B, k_scale=inp.k_scale,
                                   prec=prec, out=buf).clone()
     assert torch.equal(runs["live"].view(torch.int32), runs["all"].view(torch.int32))
@@ -343,7 +345,8 @@ def test_token_scores_stop_at_the_last_kept_block(dtype, monkeypatch):
     live = runs["live"]
     assert bool(is_outside(live[2]).all())
     assert not bool(is_outside(live[3, :3 * B]).any())      # blocks 0-2 whole, block 4 from 64
-    fused = torch.full((4, K), POISON_IDX, dtype=torch.int32)
+    monkeypatch.setattr(token_mod, "TOKEN_TRIP", "live")
+    fused = torch.full((9, K), POISON_IDX, dtype=torch.int32)
     token_select(q, k, w, ks, ke, ids, block_size=B, topk=K, k_scale=inp.k_scale, prec=prec,
                  out=fused)
     ref_sel, _ = N.naive_select_tokens(ref, pos, K)

@@ -200,10 +200,13 @@ def _recorded_allocations(monkeypatch):
 
 @pytest.mark.parametrize("levels", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])  # FP8: the pre-selection
-def test_workspace_model_is_what_the_pipeline_allocates(monkeypatch, levels, dtype):
+@pytest.mark.parametrize("edge", [1, None], ids=["preselect", "scan"])
+def test_workspace_model_is_what_the_pipeline_allocates(monkeypatch, levels, dtype, edge):
     import hisa.ops.indexer.pipeline as pl
     from hisa.ops.indexer.topk import persistent_programs
     monkeypatch.setattr(pl, "TOKEN_TILE_BYTES", 4 * M * B * 5)     # 5 queries per token tile
+    if edge is not None:        # these windows (<= 10 blocks) stand in for ones past 8 m
+        monkeypatch.setattr(pl, "RESCORE_MIN_BLOCKS_PER_M", edge)
     inp = _inputs(LENS, dtype, seed=9, query_lens=QLENS)
     sup = dict(super_size=BS, super_topk=MS) if levels == 3 else {}
     sizes = _recorded_allocations(monkeypatch)

@@ -12,8 +12,9 @@ select_tokens  ``select.select_tokens`` (top-k + offsets)      int32 [T, k] offs
 With the super-block level (``super_size`` / ``super_topk``) the block_select stage becomes
 ``pool_supers``, ``super_select`` and ``block_select`` inside the kept super-blocks
 (:mod:`.super_blocks`); the token stage is unchanged. FP8 keys at two levels run the same three
-stages by default, with super-blocks of one block: FP8 copies of the fp32 block means
-pre-select m + m/2 blocks, the fp32 means keep m of them (:func:`resolve_rescore_margin`).
+stages by default on windows past 8 m blocks, with super-blocks of one block: FP8 copies of
+the fp32 block means pre-select m + m/2 blocks, the fp32 means keep m of them
+(:func:`resolve_rescore_margin`).
 
 The token stage runs unfused (scores to a buffer, then a register selection kernel): on an H100
 the fused kernel (``token_scores.token_select``) measured 26.7 ms at 64K against 12.4 + 7.8 ms
@@ -81,13 +82,14 @@ def _window_plan(ks, ke, *, block_size, super_size, super_topk, windows=None
     return first_super * super_size, 0, first_super, max_supers
 
 
-#: ``rescore_margin`` of the default: for FP8 keys at two levels, pre-select m + m // 2 blocks
-#: on FP8 copies of the reps, then keep the best m by the reps themselves (fp32 by default).
-#: On an H200 (68ad042, benchmarks/results/round3/pooled_format_h200.jsonl) it selected what
-#: the fp32 scan selects at every bench shape (IoU against the exact means 0.9992-1.0), faster
-#: at all but one: 128K prefill 40.3 vs 44.1 ms, 1M chunk 1.52 vs 1.99 ms, 1M chunk at B = 64,
-#: m = 32 2.21 vs 3.54 ms; 64K prefill 20.4 vs 20.2 ms (slower). FP8 reps alone are faster
-#: still but miss 0.995 (0.93-0.99).
+#: ``rescore_margin`` of the default: for FP8 keys at two levels (on windows past
+#: :data:`RESCORE_MIN_BLOCKS_PER_M` * m blocks), pre-select m + m // 2 blocks on FP8 copies of
+#: the reps, then keep the best m by the reps themselves (fp32 by default). On an H200
+#: (68ad042, benchmarks/results/round3/pooled_format_h200.jsonl) it selected what the fp32
+#: scan selects at every bench shape (IoU against the exact means 0.9992-1.0), faster at all
+#: but one: 128K prefill 40.3 vs 44.1 ms, 1M chunk 1.52 vs 1.99 ms, 1M chunk at B = 64, m = 32
+#: 2.21 vs 3.54 ms; 64K prefill 20.4 vs 20.2 ms (slower; 16K-64K measured slower again at
+#: 2443cf1, hence the edge). FP8 reps alone are faster still but miss 0.995 (0.93-0.99).
 AUTO = "auto"
 
 #: The default pre-selects only when the longest window has more than this many times m
@@ -214,7 +216,8 @@ def prefill_workspace_bytes(num_queries: int, num_keys: int, *, head_dim: int, k
                             rescore_margin: int | str | None = AUTO) -> dict[str, int]:
     """Bytes of every temporary :func:`hisa_index_triton` allocates (outputs excluded).
 
-    ``rescore_margin`` as there: with a pre-selection (the default for FP8 keys at two levels)
+    ``rescore_margin`` as there: with a pre-selection (the default for FP8 keys at two levels
+    past 8 m blocks)
     the block stage is modelled as the three-level one with super-blocks of one block and FP8
     super reps.
 
@@ -270,7 +273,7 @@ def hisa_prefill_stages(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor,
                         ) -> list[tuple[str, Callable[[], object]]]:
     """The pipeline as [(stage name, zero-argument callable)], run in order.
 
-    With a re-score margin (the default for FP8 keys at two levels, see
+    With a re-score margin (the default for FP8 keys at two levels past 8 m blocks, see
     :func:`hisa_index_triton`) the block stage is ``pool_supers`` (FP8 copies of the block
     reps), ``super_select`` (the FP8 pre-selection of m + margin blocks) and ``block_select``
     (the best m of those on the reps), as the three-level path with super-blocks of one block.

@@ -65,6 +65,7 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
         else:
             row = scores_ptr + t64 * (M * B)
         if LIVE_TRIP:
+            tl.static_assert(M_PAD >= M)
             # One past the last kept block (any padding before it still runs, masked).
             jm = tl.arange(0, M_PAD)
             ids_row = tl.load(ids_ptr + t64 * M + jm, mask=jm < M, other=-1)

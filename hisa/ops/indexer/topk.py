@@ -151,15 +151,20 @@ PACK_BITS2 = tl.constexpr(42)
 PACK_MASK = tl.constexpr((1 << 21) - 1)
 
 
-#: Interpolation steps of the ``RADIX = 0`` search (:func:`_interp_threshold`) before it
-#: falls back to plain bisection of what is left of its bracket: the worst case is
-#: INTERP_STEPS + 32 count passes, against 32 for ``RADIX = 1``.
+#: Count passes of the ``RADIX = 0`` search (:func:`_interp_threshold`) that may use an
+#: interpolated guess; from then on it bisects what is left of its bracket: the worst case is
+#: INTERP_STEPS + 32 passes, against 32 for ``RADIX = 1``.
 INTERP_STEPS = tl.constexpr(12)
 
 
 @triton.jit
-def _count_min_max(c1, lo1, hi1, c2, lo2, hi2):
-    return c1 + c2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2)
+def _sum_min_max(s1, lo1, hi1, s2, lo2, hi2):
+    return s1 + s2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2)
+
+
+#: Keys of -inf and +inf: the finite scores' keys lie strictly between.
+NEG_INF_KEY = tl.constexpr(0x007FFFFF)
+POS_INF_KEY = tl.constexpr(0xFF800000)
 
 
 @triton.jit
@@ -167,28 +172,41 @@ def _interp_threshold(keys, need, STEPS: tl.constexpr):
     """The ``RADIX = 0`` threshold search: regula falsi on the scores' values.
 
     Keeps a bracket of keys [lo, hm] holding the k-th largest, #(keys >= lo) > need >
-    #(keys > hm) (at the start the smallest and the largest selectable key), and guesses the
-    next threshold by linear interpolation of the two counts in *value* space (the keys'
-    floats), where a smooth score distribution makes the count nearly linear near the k-th
-    score; the Illinois rule halves the weight of an end kept twice in a row, so the guesses
-    close in from both sides. A guess that is not a finite value strictly inside the bracket,
-    and every pass after ``STEPS`` guesses, bisects the bracket in key space instead. It stops
-    when exactly ``need`` keys are at or above the last guess, or when the bracket is one key
-    (lo is then the k-th largest key, ties at it resolved by ``_select_mask``). Each pass is
-    one count over the row, as one bit of ``RADIX = 1``; the aim is fewer passes (one
-    reduction of three values starts it: the selectable count, the smallest and the largest
-    key; CPU emulation, ``benchmarks/select_passes.py``: 10 passes against 22 on real
-    candidate rows, 18 against 19 on log-normal scores). Returns 0 when at most ``need`` keys are selectable
-    (all of them are then the selection).
+    #(keys > hm), and guesses the next threshold by linear interpolation of the two counts
+    in *value* space (the keys' floats), where a smooth score distribution makes the count
+    nearly linear near the k-th score; the Illinois rule halves the weight of an end kept
+    twice in a row, so the guesses close in from both sides. The bracket starts at the
+    smallest and largest *finite* selectable key when the k-th lies between them (the usual
+    case: +inf scores and forced entries, above every finite one, and NaN / -inf ones below
+    are only counted), else at the whole key range. A guess that is not strictly inside the
+    bracket, and every pass from the ``STEPS``-th on, bisects the bracket in key space
+    instead. It stops when exactly ``need`` keys are at or above the last guess, or when the
+    bracket is one key (lo is then the k-th largest key, ties at it resolved by
+    ``_select_mask``). Each pass is one count over the row, as one bit of ``RADIX = 1``; the
+    aim is fewer passes (one reduction starts it: three packed counts and the finite ends;
+    CPU emulation, ``benchmarks/select_passes.py``: 10 passes against 22 on real candidate
+    rows, 18 against 19 on log-normal scores). Returns 0 when at most ``need`` keys are
+    selectable (all of them are then the selection). Rows up to 2**21 - 1 keys (the packed
+    counts).
     """
-    # The k-th largest key lies in [lo, hm] (uint32 throughout: 64-bit scalars cost double);
-    # the selectable count and both ends in one reduction.
-    n_pos, lo, hm = tl.reduce(((keys > 0).to(tl.int32),
-                               tl.where(keys > 0, keys, tl.full(keys.shape, 0xFFFFFFFF,
-                                                                tl.uint32)),
-                               keys), 0, _count_min_max)
-    f_lo = (n_pos - need).to(tl.float32)                     # count - need at lo (> 0)
-    f_hi = tl.zeros([], dtype=tl.float32) - need             # just above hm (< 0)
+    sel = keys > 0
+    low = sel & (keys <= NEG_INF_KEY)                        # NaN (key 1) and -inf
+    high = keys >= POS_INF_KEY                               # +inf and forced entries
+    fin = sel & ~low & ~high
+    packed = (sel.to(tl.int64) + (low.to(tl.int64) << PACK_BITS)
+              + (high.to(tl.int64) << PACK_BITS2))
+    s, lo_f, hm_f = tl.reduce((packed,
+                               tl.where(fin, keys, tl.full(keys.shape, 0xFFFFFFFF, tl.uint32)),
+                               tl.where(fin, keys, tl.zeros_like(keys))), 0, _sum_min_max)
+    n_pos = (s & PACK_MASK).to(tl.int32)
+    n_ge_fin = n_pos - ((s >> PACK_BITS) & PACK_MASK).to(tl.int32)   # keys >= lo_f
+    n_high = (s >> PACK_BITS2).to(tl.int32)                          # keys > hm_f
+    finite_ends = (n_ge_fin > need) & (n_high < need)
+    # uint32 throughout (64-bit scalars cost double); the whole range [1, 2**32 - 1] else.
+    lo = tl.where(finite_ends, lo_f, 1)
+    hm = tl.where(finite_ends, hm_f, 0xFFFFFFFF)
+    f_lo = (tl.where(finite_ends, n_ge_fin, n_pos) - need).to(tl.float32)    # > 0
+    f_hi = (tl.where(finite_ends, n_high, 0) - need).to(tl.float32)          # < 0
     moved = tl.zeros([], dtype=tl.int32)                     # 1: lo moved last, 2: hm
     step = tl.zeros([], dtype=tl.int32)
     go = n_pos > need

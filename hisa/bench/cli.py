@@ -9,7 +9,9 @@ import torch
 from ..utils.validate import check_hisa_params, check_super_params
 from .rows import append_rows, environment
 
-CONTEXTS = {"prefill": [8192, 16384, 32768, 65536, 131072],
+#: 12K: just past the exact regime (windows of at most m * B = 8K keys), where pruning saves
+#: least; the grid covers it for issue 12's "never slower than flat" target.
+CONTEXTS = {"prefill": [8192, 12288, 16384, 32768, 65536, 131072],
             "prefill_chunk": [16384, 65536, 131072],
             "decode": [8192, 32768, 65536, 131072]}
 CHUNK_QUERIES = 1024

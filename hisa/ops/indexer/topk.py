@@ -158,8 +158,8 @@ INTERP_STEPS = tl.constexpr(12)
 
 
 @triton.jit
-def _sum_min_max(s1, lo1, hi1, s2, lo2, hi2):
-    return s1 + s2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2)
+def _sums_min_max(a1, b1, lo1, hi1, a2, b2, lo2, hi2):
+    return a1 + a2, b1 + b2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2)
 
 
 #: Keys of -inf and +inf: the finite scores' keys lie strictly between.
@@ -183,24 +183,24 @@ def _interp_threshold(keys, need, STEPS: tl.constexpr):
     instead. It stops when exactly ``need`` keys are at or above the last guess, or when the
     bracket is one key (lo is then the k-th largest key, ties at it resolved by
     ``_select_mask``). Each pass is one count over the row, as one bit of ``RADIX = 1``; the
-    aim is fewer passes (one reduction starts it: three packed counts and the finite ends;
+    aim is fewer passes (one reduction starts it: three counts and the finite ends;
     CPU emulation, ``benchmarks/select_passes.py``: 10 passes against 22 on real candidate
     rows, 18 against 19 on log-normal scores). Returns 0 when at most ``need`` keys are
-    selectable (all of them are then the selection). Rows up to 2**21 - 1 keys (the packed
-    counts).
+    selectable (all of them are then the selection). Rows up to 65,535 keys (two counts
+    share 32 bits; the register selections hold at most 32,768).
     """
     sel = keys > 0
     low = sel & (keys <= NEG_INF_KEY)                        # NaN (key 1) and -inf
     high = keys >= POS_INF_KEY                               # +inf and forced entries
     fin = sel & ~low & ~high
-    packed = (sel.to(tl.int64) + (low.to(tl.int64) << PACK_BITS)
-              + (high.to(tl.int64) << PACK_BITS2))
-    s, lo_f, hm_f = tl.reduce((packed,
-                               tl.where(fin, keys, tl.full(keys.shape, 0xFFFFFFFF, tl.uint32)),
-                               tl.where(fin, keys, tl.zeros_like(keys))), 0, _sum_min_max)
-    n_pos = (s & PACK_MASK).to(tl.int32)
-    n_ge_fin = n_pos - ((s >> PACK_BITS) & PACK_MASK).to(tl.int32)   # keys >= lo_f
-    n_high = (s >> PACK_BITS2).to(tl.int32)                          # keys > hm_f
+    packed = sel.to(tl.int32) + (low.to(tl.int32) << 16)     # two counts in 32 bits
+    s, n_high, lo_f, hm_f = tl.reduce(
+        (packed, high.to(tl.int32),
+         tl.where(fin, keys, tl.full(keys.shape, 0xFFFFFFFF, tl.uint32)),
+         tl.where(fin, keys, tl.zeros_like(keys))), 0, _sums_min_max)
+    n_pos = s & 0xFFFF
+    n_ge_fin = n_pos - (s >> 16)                             # keys >= lo_f
+    # n_high: keys > hm_f
     finite_ends = (n_ge_fin > need) & (n_high < need)
     # uint32 throughout (64-bit scalars cost double); the whole range [1, 2**32 - 1] else.
     lo = tl.where(finite_ends, lo_f, 1)
@@ -217,7 +217,8 @@ def _interp_threshold(keys, need, STEPS: tl.constexpr):
         finite = (tl.abs(lo_v) < float("inf")) & (tl.abs(hi_v) < float("inf"))
         lo_v = tl.where(finite, lo_v, 0.0)                   # no inf - inf below
         hi_v = tl.where(finite, hi_v, 0.0)
-        guess = _ordered_key(lo_v + (hi_v - lo_v) * (f_lo / (f_lo - f_hi)))
+        # An approximate quotient is enough: any guess inside the bracket is a valid pass.
+        guess = _ordered_key(lo_v + (hi_v - lo_v) * tl.fdiv(f_lo, f_lo - f_hi))
         use = (step < STEPS) & finite & (guess > lo) & (guess <= hm)
         g = tl.where(use, guess, mid)
         cnt = tl.sum((keys >= g).to(tl.int32), axis=0)

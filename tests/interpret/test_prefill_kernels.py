@@ -521,6 +521,29 @@ def test_rescore_margin_is_validated():
         hisa_index_triton(*inp.args(), rescore_margin=2, reps_dtype=torch.float8_e4m3fn, **kw)
 
 
+def test_pipeline_with_the_interpolation_search_selects_the_same(monkeypatch):
+    # SELECT_TOKENS_RADIX = 0 (the switch a GPU measurement would flip) changes no offset of
+    # the end-to-end call.
+    from hisa.ops.indexer import select as select_mod
+    inp = _inputs([100, 0, 9, 12, 70], torch.float8_e4m3fn, seed=13)
+    kw = dict(k_scale=inp.k_scale, topk=K, block_size=B, block_topk=M, need_scores=True)
+    want = hisa_index_triton(*inp.args(), **kw)
+    monkeypatch.setattr(select_mod, "SELECT_TOKENS_RADIX", 0)
+    real, seen = select_mod._select_tokens_kernel, []
+
+    class Spy:                  # records the RADIX each launch of the token select gets
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["RADIX"])
+                return real[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(select_mod, "_select_tokens_kernel", Spy())
+    got = hisa_index_triton(*inp.args(), **kw)
+    assert seen and set(seen) == {0}
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1].view(torch.int32), want[1].view(torch.int32))
+
+
 def test_token_selection_by_byte_histogram_equals_the_bit_passes():
     """``select_tokens(radix=8)`` (the byte-histogram threshold search, a probe variant)
     returns RADIX = 1's indices and scores, slot for slot: continuous scores, scores tied in

@@ -101,6 +101,11 @@ def _select_tokens_kernel(scores_ptr, ids_ptr, ks_ptr, out_idx_ptr, out_val_ptr,
 #: at 64K x 8,192 (benchmarks/select_probe.py): 4 warps 4.15 ms, 8 warps 6.07, 16 warps 6.82:
 #: the selection is bound by its cross-warp reductions, so fewer warps and more rows per SM win.
 SELECT_TOKENS_WARPS = 4
+#: Threshold search of the prefill token select (``RADIX`` of :func:`~.topk._radix_threshold`):
+#: 1, the bit search, measured; 0, the interpolation search, selects the same entries and takes
+#: about half the count passes in a CPU emulation (benchmarks/select_passes.py), not yet timed
+#: on a GPU (benchmarks/select_probe.py).
+SELECT_TOKENS_RADIX = 1
 
 
 def select_warps(n_pad: int) -> int:
@@ -129,7 +134,7 @@ def select_blocks(block_scores: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
 def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch.Tensor, *,
                   block_size: int, topk: int, out: torch.Tensor | None = None,
                   need_scores: bool = False, out_scores: torch.Tensor | None = None,
-                  num_warps: int | None = None, radix: int = 1
+                  num_warps: int | None = None, radix: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k of fp32 [T, m*B] candidate scores mapped to offsets relative to ks.
 
@@ -157,6 +162,7 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
                                     vals if vals is not None else token_scores,
                                     B=block_size, M=M, MB_PAD=mb_pad, K=topk,
                                     K_PAD=triton.next_power_of_2(topk),
-                                    WRITE_VALS=vals is not None, RADIX=radix,
+                                    WRITE_VALS=vals is not None,
+                                    RADIX=SELECT_TOKENS_RADIX if radix is None else radix,
                                     num_warps=num_warps or SELECT_TOKENS_WARPS)
     return idx, vals

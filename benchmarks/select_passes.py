@@ -15,16 +15,17 @@ inputs (16K and 64K context, 32 queries each, B = 128, m = 64).
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from hisa.ops.dsa.naive import FORCED_RANK, selection_rank
 
 INTERP_STEPS = 12      # hisa.ops.indexer.topk.INTERP_STEPS
 
 
-def ordered_keys(v: np.ndarray) -> np.ndarray:
-    """fp32 -> the kernels' uint32 selection keys (as int64; NaN -> 1, -0.0 as +0.0)."""
-    b = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.int64)
-    b = np.where(b == 0x80000000, 0, b)
-    k = np.where((b >> 31) != 0, b ^ 0xFFFFFFFF, b | 0x80000000)
-    return np.where((b & 0x7FFFFFFF) > 0x7F800000, 1, k)
+def ordered_keys(v) -> np.ndarray:
+    """fp32 scores -> the kernels' selection keys (``selection_rank``, the torch twin of
+    ``_ordered_key``: 0 for the outside marker, 1 for NaN), int64."""
+    return selection_rank(torch.as_tensor(np.asarray(v, dtype=np.float32))).numpy()
 
 
 def key_value(key: int) -> float:
@@ -35,7 +36,6 @@ def key_value(key: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
-FORCED_KEY = 0xFFFFFFFF     # hisa.ops.dsa.naive.FORCED_RANK: a forced block's key
 NEG_INF_KEY, POS_INF_KEY = 0x007FFFFF, 0xFF800000
 
 
@@ -101,17 +101,14 @@ def top_set(keys: np.ndarray, need: int, thr: int) -> np.ndarray:
     return np.sort(keys[(keys >= thr) & (keys > 0)])[::-1][:need]
 
 
-def report(label: str, rows: np.ndarray, need: int, outside: np.ndarray | None = None,
-           forced: bool = False, precount: bool = True) -> None:
-    """``outside``: entries the kernels key 0 (the outside marker: never selected);
-    ``forced``: the first and last entry keyed FORCED_KEY, as the block selections do."""
+def report(label: str, rows: np.ndarray, need: int, forced: bool = False,
+           precount: bool = True) -> None:
+    """``forced``: the first and last entry keyed FORCED_RANK, as the block selections do."""
     bits, interp = [], []
-    for i, r in enumerate(rows):
+    for r in rows:
         k = ordered_keys(r)
-        if outside is not None:
-            k = np.where(outside[i], 0, k)
         if forced:
-            k[0] = k[-1] = FORCED_KEY
+            k[0] = k[-1] = FORCED_RANK
         t1, n1 = bit_search(k, need, precount)
         t0, n0 = interp_search(k, need)
         assert np.array_equal(top_set(k, need, t1), top_set(k, need, t0)), label
@@ -143,10 +140,8 @@ def main() -> None:
     report("normal, 8,192 x k 2,048, no precount (decode)",
            rng.standard_normal((100, 8192)), 2048, precount=False)
     for context in (16384, 65536):
-        rows = candidate_rows(context, 32)
-        # The outside marker is a NaN bit pattern (the inputs' scores are finite).
-        report(f"clustered candidates, {context // 1024}K context", rows, 2048,
-               outside=np.isnan(rows))
+        report(f"clustered candidates, {context // 1024}K context", candidate_rows(context, 32),
+               2048)
 
 
 if __name__ == "__main__":

@@ -353,8 +353,9 @@ def test_token_scores_stop_at_the_last_kept_block(dtype, monkeypatch):
     assert torch.equal(_canon(fused), _canon(N.naive_to_offsets(ref_sel, ks)))
 
 
+@pytest.mark.parametrize("radix", [1, 8, 0])
 @pytest.mark.parametrize("n_valid", [K - 1, K, K + 1])
-def test_token_selection_around_k_selectable_candidates(n_valid):
+def test_token_selection_around_k_selectable_candidates(n_valid, radix):
     # Rows with at most K selectable candidates keep them all without the threshold search;
     # one more and the search runs. Ties and the outside marker included.
     T = 3
@@ -365,7 +366,8 @@ def test_token_selection_around_k_selectable_candidates(n_valid):
     mark_outside(scores, ~keep)
     ids = torch.arange(M, dtype=torch.int32).repeat(T, 1)
     ks = torch.zeros(T, dtype=torch.int32)
-    idx, vals = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True)
+    idx, vals = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True,
+                              radix=radix)
     pos = N.candidate_positions(ids, B, M * B)
     ref_sel, ref_vals = N.naive_select_tokens(scores, pos, K)
     assert torch.equal(_canon(idx), _canon(N.naive_to_offsets(ref_sel, ks)))
@@ -521,27 +523,44 @@ def test_rescore_margin_is_validated():
         hisa_index_triton(*inp.args(), rescore_margin=2, reps_dtype=torch.float8_e4m3fn, **kw)
 
 
-def test_pipeline_with_the_interpolation_search_selects_the_same(monkeypatch):
-    # SELECT_TOKENS_RADIX = 0 (the switch a GPU measurement would flip) changes no offset of
-    # the end-to-end call.
+class _RadixSpy:
+    """Stands in for a jitted kernel and records the RADIX each launch is given."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["RADIX"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_the_interpolation_switch_reaches_both_token_selects_and_changes_nothing(monkeypatch):
+    # SELECT_TOKENS_RADIX = 0 (the switch a GPU measurement would flip) reaches the unfused
+    # select of the end-to-end call and the fused token stage, and changes no offset or score.
     from hisa.ops.indexer import select as select_mod
+    from hisa.ops.indexer import token_scores as token_mod
     inp = _inputs([100, 0, 9, 12, 70], torch.float8_e4m3fn, seed=13)
     kw = dict(k_scale=inp.k_scale, topk=K, block_size=B, block_topk=M, need_scores=True)
     want = hisa_index_triton(*inp.args(), **kw)
+    q, k, prec, pooled, pscale = _pooled(inp)
+    ids = block_select(q, pooled, inp.weights, inp.ks, inp.ke, block_size=B, block_topk=M,
+                       pooled_scale=pscale, prec=prec)
+    fused_kw = dict(block_size=B, topk=K, k_scale=inp.k_scale, prec=prec, need_scores=True)
+    fused_want = token_select(q, k, inp.weights, inp.ks, inp.ke, ids, **fused_kw)
     monkeypatch.setattr(select_mod, "SELECT_TOKENS_RADIX", 0)
-    real, seen = select_mod._select_tokens_kernel, []
-
-    class Spy:                  # records the RADIX each launch of the token select gets
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["RADIX"])
-                return real[grid](*args, **kwargs)
-            return launch
-    monkeypatch.setattr(select_mod, "_select_tokens_kernel", Spy())
+    unfused = _RadixSpy(select_mod._select_tokens_kernel)
+    fused = _RadixSpy(token_mod._token_scores_kernel)
+    monkeypatch.setattr(select_mod, "_select_tokens_kernel", unfused)
+    monkeypatch.setattr(token_mod, "_token_scores_kernel", fused)
     got = hisa_index_triton(*inp.args(), **kw)
-    assert seen and set(seen) == {0}
-    assert torch.equal(got[0], want[0])
-    assert torch.equal(got[1].view(torch.int32), want[1].view(torch.int32))
+    fused_got = token_select(q, k, inp.weights, inp.ks, inp.ke, ids, **fused_kw)
+    assert unfused.seen and set(unfused.seen) == {0}
+    assert fused.seen and set(fused.seen) == {0}
+    for a, b in ((got, want), (fused_got, fused_want)):
+        assert torch.equal(a[0], b[0])
+        assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32))
 
 
 def test_token_selection_by_byte_histogram_equals_the_bit_passes():

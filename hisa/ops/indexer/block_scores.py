@@ -60,14 +60,11 @@ def _block_scores_kernel(q_ptr, p_ptr, p_scale_ptr, w_ptr, ks_ptr, ke_ptr, score
         s1 = tl.load(ke_ptr + t64)
         first = s0 // B
         end = tl.where(s1 > s0, (s1 + B - 1) // B, first)
-        if SELECT:
-            # At most m eligible blocks: every one is kept, ascending (what the selection
-            # returns for them), so the row is neither scored nor searched: two thirds of the
-            # queries of a 12K causal prefill. The loop still runs for every row (empty for
-            # these): a loop inside a branch was not software-pipelined (prefill_notes v7).
-            keep_all = end - first <= M
-        else:
-            keep_all = end < first                                    # never
+        # With SELECT, at most m eligible blocks are all kept, ascending (what the selection
+        # returns for them), so the row is neither scored nor searched: two thirds of the
+        # queries of a 12K causal prefill. The loop still runs for every row (empty for
+        # these): a loop inside a branch was not software-pipelined (prefill_notes v7).
+        keep_all = (end - first <= M) & SELECT
         stop = tl.where(keep_all, first, end)
         # [D, H] in the reps' dtype: FP8 queries against bf16 reps upcast exactly (a no-op
         # when the dtypes already agree).

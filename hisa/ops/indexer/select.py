@@ -49,16 +49,7 @@ def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
     i = tl.arange(0, MB_PAD)
     v = tl.load(src_ptr + i, mask=i < MB, other=0.0, cache_modifier=".cg")
     keys = _masked_key(v, i < MB)
-    # A row with at most K selectable candidates (a query with at most K keys in its window,
-    # an eighth of a 16K causal prefill) keeps them all: one count instead of the search's
-    # 32 passes, each of which would have found fewer than K keys.
-    # (The RADIX = 0 search makes that count itself.)
-    if RADIX == 0:
-        thr = _radix_threshold(keys, K, RADIX)
-    else:
-        thr = tl.zeros([], dtype=tl.uint32)
-        if tl.sum((keys > 0).to(tl.int32), axis=0) > K:
-            thr = _radix_threshold(keys, K, RADIX)
+    thr = _radix_threshold(keys, K, RADIX, COUNT_FIRST=True)    # short rows: no search
     sel = _select_mask(keys, K, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     blk = tl.load(ids_ptr + i // B, mask=sel, other=0)
@@ -101,7 +92,8 @@ def _select_tokens_kernel(scores_ptr, ids_ptr, ks_ptr, out_idx_ptr, out_val_ptr,
 #: at 64K x 8,192 (benchmarks/select_probe.py): 4 warps 4.15 ms, 8 warps 6.07, 16 warps 6.82:
 #: the selection is bound by its cross-warp reductions, so fewer warps and more rows per SM win.
 SELECT_TOKENS_WARPS = 4
-#: Threshold search of the prefill token select (``RADIX`` of :func:`~.topk._radix_threshold`):
+#: Threshold search of the prefill token select, unfused and fused (``RADIX`` of
+#: :func:`~.topk._radix_threshold`):
 #: 1, the bit search, measured; 0, the interpolation search, selects the same entries and takes
 #: about half the count passes in a CPU emulation (benchmarks/select_passes.py), not yet timed
 #: on a GPU (benchmarks/select_probe.py).

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..dsa.naive import OUTSIDE_BITS
+from . import select as select_mod
 from .select import SELECT_MAX_ROW, _select_token_row
 from .topk import _outside_like, _relu, persistent_programs
 
@@ -47,7 +48,7 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
                          HAS_SCALE: tl.constexpr, SELECT: tl.constexpr,
                          WRITE_VALS: tl.constexpr, PREC: tl.constexpr,
                          STAGES: tl.constexpr, M_PAD: tl.constexpr = 64,
-                         LIVE_TRIP: tl.constexpr = True):
+                         LIVE_TRIP: tl.constexpr = True, RADIX: tl.constexpr = 1):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     d = tl.arange(0, D)
@@ -91,7 +92,8 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
         if SELECT:
             tl.debug_barrier()
             _select_token_row(row, ids_ptr + t64 * M, s0, out_idx_ptr + t64 * K,
-                              out_val_ptr + t64 * K, B, M * B, MB_PAD, K, K_PAD, WRITE_VALS)
+                              out_val_ptr + t64 * K, B, M * B, MB_PAD, K, K_PAD, WRITE_VALS,
+                              RADIX)
 
 
 def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val, *, block_size,
@@ -104,7 +106,8 @@ def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val,
         MB_PAD=triton.next_power_of_2(M * block_size), K=topk,
         K_PAD=triton.next_power_of_2(topk), HAS_SCALE=k_scale is not None, SELECT=select,
         WRITE_VALS=out_val is not None and select, PREC=prec, STAGES=TOKEN_STAGES,
-        M_PAD=triton.next_power_of_2(M), LIVE_TRIP=TOKEN_TRIP == "live", num_warps=num_warps)
+        M_PAD=triton.next_power_of_2(M), LIVE_TRIP=TOKEN_TRIP == "live",
+        RADIX=select_mod.SELECT_TOKENS_RADIX, num_warps=num_warps)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,

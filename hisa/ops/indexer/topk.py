@@ -217,8 +217,7 @@ def _interp_threshold(keys, need, STEPS: tl.constexpr):
         finite = (tl.abs(lo_v) < float("inf")) & (tl.abs(hi_v) < float("inf"))
         lo_v = tl.where(finite, lo_v, 0.0)                   # no inf - inf below
         hi_v = tl.where(finite, hi_v, 0.0)
-        # An approximate quotient is enough: any guess inside the bracket is a valid pass.
-        guess = _ordered_key(lo_v + (hi_v - lo_v) * tl.fdiv(f_lo, f_lo - f_hi))
+        guess = _ordered_key(lo_v + (hi_v - lo_v) * (f_lo / (f_lo - f_hi)))
         use = (step < STEPS) & finite & (guess > lo) & (guess <= hm)
         g = tl.where(use, guess, mid)
         cnt = tl.sum((keys >= g).to(tl.int32), axis=0)
@@ -237,12 +236,23 @@ def _interp_threshold(keys, need, STEPS: tl.constexpr):
 
 
 @triton.jit
-def _radix_threshold(keys, need, RADIX: tl.constexpr):
+def _radix_threshold(keys, need, RADIX: tl.constexpr, COUNT_FIRST: tl.constexpr = False):
     """A key ``thr`` for which ``_select_mask(keys, need, thr)`` is the top ``need`` of keys:
     ``RADIX`` 1, 2 or 8 bits settled per count pass (:func:`_bit_threshold`), or 0 for the
-    interpolation search (:func:`_interp_threshold`)."""
+    interpolation search (:func:`_interp_threshold`).
+
+    ``COUNT_FIRST``: count the selectable keys before a bit search and skip it (thr = 0: every
+    one of them) when there are at most ``need``; one reduction against up to 32 passes that
+    each find fewer than ``need`` keys, worth it where such rows are common (the prefill token
+    select: the queries with at most k keys in their window, an eighth of a 16K causal
+    prefill), not in the decode selections, whose rows are latency-bound and rarely short.
+    The interpolation search always makes that count (in its first reduction)."""
     if RADIX == 0:
         thr = _interp_threshold(keys, need, INTERP_STEPS)
+    elif COUNT_FIRST:
+        thr = tl.zeros([], dtype=tl.uint32)
+        if tl.sum((keys > 0).to(tl.int32), axis=0) > need:
+            thr = _bit_threshold(keys, need, RADIX)
     else:
         thr = _bit_threshold(keys, need, RADIX)
     return thr

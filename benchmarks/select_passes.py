@@ -2,15 +2,17 @@
 makes, by emulating both in NumPy on CPU rows: the bit search (``RADIX = 1``: one count per
 bit from the top, stopping once exactly k keys are at or above the threshold; the prefill token
 select counts the selectable keys first) and the interpolation search (``RADIX = 0``:
-``_interp_threshold``, one reduction of the count, min and max of the keys first). Both must give the same
-selected set on every row (checked). The GPU time per pass is what the select probe measures;
-this only says how many passes there are, to write the prediction before a device run.
+``_interp_threshold``, one reduction of the counts and the finite ends first). Both must give
+the same selected set on every row (checked). The GPU time per pass is what the select probe
+measures; this only says how many passes there are, to write the prediction before a device
+run.
 
     PYTHONPATH=. python3 benchmarks/select_passes.py
 
 Rows: normal, squared-normal and log-normal scores (8,192 per row, k = 2,048), block rows
-(1,024, k = 64, the first and last forced), the decode token select's (no count first), and the real candidate scores of the reference pipeline on clustered
-inputs (16K and 64K context, 32 queries each, B = 128, m = 64).
+(1,024, k = 64, the first and last forced), the decode token select's (no count first), and
+the real candidate scores of the reference pipeline on clustered inputs (16K and 64K context,
+32 queries each, B = 128, m = 64).
 """
 from __future__ import annotations
 

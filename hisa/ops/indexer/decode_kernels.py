@@ -58,10 +58,11 @@ TOKEN_PROGS_PER_SM = 8
 #: launch; see ``_token_scores_kernel``. Off: measured slower on an H200 (128K x 8: 30.5 vs
 #: 29.1 us, x 32: 49.8 vs 43.6 us), the redundant selections cost more than the launch saved.
 FUSE_BLOCK_SELECT = False
-#: Bits settled per reduction pass of the register selections (:mod:`.decode_select`); 1 with
-#: the early exit measured 1.5-2 us faster than the packed 2-bit passes on an H200, and 7-10
-#: us faster than the byte-histogram passes (8) at batch 1-8 (benchmarks/decode_notes.md).
-SELECT_RADIX = 1
+#: Threshold search of the register selections (:mod:`.decode_select`): 0, the interpolation
+#: search, measured 0.8-2.3 us faster than the bit search (1) on an H200 (128K x 1 / 8 / 32:
+#: 23.1 / 25.0 / 39.8 against 24.9 / 27.3 / 40.6 us); 1 with the early exit beat the packed
+#: 2-bit passes by 1.5-2 us and the byte histograms (8) by 7-10 us (benchmarks/decode_notes.md).
+SELECT_RADIX = 0
 #: Warps of the score kernels.
 SCORE_WARPS = 4
 #: Launch the block select, token scores and token select kernels with programmatic dependent

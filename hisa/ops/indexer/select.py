@@ -93,11 +93,11 @@ def _select_tokens_kernel(scores_ptr, ids_ptr, ks_ptr, out_idx_ptr, out_val_ptr,
 #: the selection is bound by its cross-warp reductions, so fewer warps and more rows per SM win.
 SELECT_TOKENS_WARPS = 4
 #: Threshold search of the prefill token select, unfused and fused (``RADIX`` of
-#: :func:`~.topk._radix_threshold`):
-#: 1, the bit search, measured; 0, the interpolation search, selects the same entries and takes
-#: about half the count passes in a CPU emulation (benchmarks/select_passes.py), not yet timed
-#: on a GPU (benchmarks/select_probe.py).
-SELECT_TOKENS_RADIX = 1
+#: :func:`~.topk._radix_threshold`): 0, the interpolation search, about half the count passes of
+#: the bit search (1) in a CPU emulation (benchmarks/select_passes.py) and measured 4.30 against
+#: 4.41 ms on an H200 (65,536 rows of 8,192 candidates; clustered rows 1.049 vs 1.047 ms,
+#: benchmarks/select_probe.py): each pass costs more, so the halved count gains little.
+SELECT_TOKENS_RADIX = 0
 
 
 def select_warps(n_pad: int) -> int:

@@ -24,6 +24,14 @@ on normal scores, 21.7 -> 10.2 on the clustered candidates (22.4 -> 10.0 at 64K)
 select's sm_90 SASS, `benchmarks/sass_count.py token_select --set RADIX=0`). So select_tokens
 ~40-50 % faster if its time is the passes' latency (64K x 8,192 normal: ~4.3 -> ~2.3 ms; the
 16K prefill's rows: ~1.08 -> ~0.6 ms), ~30 % if it is their instructions (2,821 -> 1,928 a row).
+Outcome (H200, 73a530f): normal rows 4.41 -> 4.30 ms (-2.5 %), clustered 1.047 -> 1.049: far
+short of the prediction, so the passes are not where the time goes; radix 0 is the default since
+(no slower anywhere, and 0.8-2.3 us faster per decode step).
+Fifth probe (session 16): the select's cost without its search. Rows of the same shape with
+exactly k selectable keys (the rest marked outside) take the count-first exit, so they load,
+count, scan and store like a full row but search nothing. Prediction: if the ~20 passes were the
+time, these rows would take a small fraction of 4.3 ms; the fourth probe says they are not, so
+expect ~3-3.5 ms (load, cumsum and scattered stores of 8,192 keys a row).
 Every variant's output is compared with the default's (identical indices required).
 Run: PYTHONPATH=. python3 benchmarks/select_probe.py
 """
@@ -60,6 +68,22 @@ def clustered_candidates(K):
               flush=True)
 
 
+def no_search(scores, ids, ks, B, K):
+    """The same rows with exactly K selectable keys: the count-first exit skips the search."""
+    T, MB = scores.shape
+    live = MB - B // 2                                     # the columns main() left selectable
+    keep = torch.rand(T, live, device=scores.device).argsort(1)[:, :K]
+    short = torch.full_like(scores, 0.0)
+    mark_outside(short, torch.ones_like(scores, dtype=torch.bool))
+    short.scatter_(1, keep, scores.gather(1, keep))
+    out, _ = select_tokens(short, ids, ks, block_size=B, topk=K)
+    want = keep.to(torch.int32)              # ids are 0..M-1 and ks 0: offset = column
+    same = torch.equal(torch.sort(out, 1).values, torch.sort(want, 1).values)
+    ms = bench(lambda: select_tokens(short, ids, ks, block_size=B, topk=K))
+    print(f"select_tokens T={T} MB={MB} exactly K selectable (no search): {ms:.3f} ms "
+          f"same={same}", flush=True)
+
+
 def main():
     torch.manual_seed(0)
     dev = "cuda"
@@ -77,6 +101,7 @@ def main():
                                          radix=r))
         print(f"select_tokens T={T} MB={M * B} warps={w} radix={r}: {ms:.3f} ms same={same}",
               flush=True)
+    no_search(scores, ids, ks, B, K)
     del scores
     clustered_candidates(K)
     R, W = 4096, 65536

@@ -32,8 +32,18 @@ exactly k selectable keys (the rest marked outside) take the count-first exit, s
 count, scan and store like a full row but search nothing. Prediction: if the ~20 passes were the
 time, these rows would take a small fraction of 4.3 ms; the fourth probe says they are not, so
 expect ~3-3.5 ms (load, cumsum and scattered stores of 8,192 keys a row).
+Outcome: 2.98 ms, so the search is ~1.3 ms of the 4.3 and the row's fixed work the rest
+(`benchmarks/prefill_notes.md` v11). The static SASS agrees: 6,580 instructions outside the
+pass loop against 234 (radix 1) or 290 (radix 0) per pass, and 236 registers a thread, so two
+4-warp rows per SM.
+Sixth probe (session 16): register caps (`maxnreg`) of the same select, radix 0 and 1: 168
+(three rows per SM, 104 bytes spilled) and 128 (four, 256 bytes). Prediction: the fast flat
+top-k gained 2-7 % from the same cap (220 -> 168 registers); here 168 ~4.30 -> ~4.0-4.1 ms;
+128 spills in the fixed part only (the pass loop grows 290 -> 293 instructions), so if the
+row's latency is the limit it gains more, ~3.6-3.9 ms.
 Every variant's output is compared with the default's (identical indices required).
-Run: PYTHONPATH=. python3 benchmarks/select_probe.py
+Run: PYTHONPATH=. python3 benchmarks/select_probe.py [--caps]  (--caps: the sixth probe
+and the two rows it is compared with only)
 """
 import torch
 import triton.testing
@@ -84,7 +94,7 @@ def no_search(scores, ids, ks, B, K):
           f"same={same}", flush=True)
 
 
-def main():
+def main(only_caps=False):
     torch.manual_seed(0)
     dev = "cuda"
     T, M, B, K = 65536, 64, 128, 2048
@@ -94,13 +104,24 @@ def main():
     ids = torch.arange(M, device=dev, dtype=torch.int32).repeat(T, 1)
     ks = torch.zeros(T, dtype=torch.int32, device=dev)
     ref, _ = select_tokens(scores, ids, ks, block_size=B, topk=K)
-    for w, r in ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8), (4, 0), (8, 0)):
+    for w, r in ((4, 1), (4, 0)) if only_caps else ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8),
+                                                     (4, 0), (8, 0)):
         out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w, radix=r)
         same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
         ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w,
                                          radix=r))
         print(f"select_tokens T={T} MB={M * B} warps={w} radix={r}: {ms:.3f} ms same={same}",
               flush=True)
+    for r in (0, 1):
+        for cap in (168, 128):
+            out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, radix=r, maxnreg=cap)
+            same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
+            ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, radix=r,
+                                             maxnreg=cap))
+            print(f"select_tokens T={T} MB={M * B} warps=4 radix={r} maxnreg={cap}: {ms:.3f} ms "
+                  f"same={same}", flush=True)
+    if only_caps:
+        return
     no_search(scores, ids, ks, B, K)
     del scores
     clustered_candidates(K)
@@ -122,4 +143,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    main(only_caps="--caps" in sys.argv[1:])

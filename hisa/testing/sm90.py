@@ -15,6 +15,7 @@ from triton.compiler import ASTSource
 
 from ..ops.dsa import prefill as flat
 from ..ops.indexer import decode_kernels as dk
+from ..ops.indexer import select as sel
 from ..ops.indexer import token_scores as tok
 from ..ops.indexer import topk
 
@@ -35,6 +36,11 @@ SELECT_KERNELS = {
                       "hisa_min_keys": "i32"},
                      {"NEXT_N": 1, "SEQ_2D": False, "B": 128, "M": 64, "MB_PAD": 8192,
                       "K": 2048, "K_PAD": 2048, "PAGE": 64, "WRITE_VALS": False, "RADIX": 1}),
+    "prefill_select": (sel._select_tokens_kernel,
+                       {"scores_ptr": "*fp32", "ids_ptr": "*i32", "ks_ptr": "*i32",
+                        "out_idx_ptr": "*i32", "out_val_ptr": "*fp32"},
+                       {"B": 128, "M": 64, "MB_PAD": 8192, "K": 2048, "K_PAD": 2048,
+                        "WRITE_VALS": False, "RADIX": sel.SELECT_TOKENS_RADIX}),
     "block_select": (dk._block_select_kernel,
                      {"scratch_ptr": "*fp32", "seq_lens_ptr": "*i32", "ids_ptr": "*i32",
                       "max_pages": "i32", "hisa_min_keys": "i32"},

@@ -536,9 +536,10 @@ class _RadixSpy:
         return launch
 
 
-def test_the_interpolation_switch_reaches_both_token_selects_and_changes_nothing(monkeypatch):
-    # SELECT_TOKENS_RADIX = 0 (the switch a GPU measurement would flip) reaches the unfused
-    # select of the end-to-end call and the fused token stage, and changes no offset or score.
+def test_the_threshold_search_switch_reaches_both_token_selects_and_changes_nothing(monkeypatch):
+    # SELECT_TOKENS_RADIX (0, the interpolation search, by default; 1 the bit search) reaches
+    # the unfused select of the end-to-end call and the fused token stage, and flipping it
+    # changes no offset or score.
     from hisa.ops.indexer import select as select_mod
     from hisa.ops.indexer import token_scores as token_mod
     inp = _inputs([100, 0, 9, 12, 70], torch.float8_e4m3fn, seed=13)
@@ -549,18 +550,33 @@ def test_the_interpolation_switch_reaches_both_token_selects_and_changes_nothing
                        pooled_scale=pscale, prec=prec)
     fused_kw = dict(block_size=B, topk=K, k_scale=inp.k_scale, prec=prec, need_scores=True)
     fused_want = token_select(q, k, inp.weights, inp.ks, inp.ke, ids, **fused_kw)
-    monkeypatch.setattr(select_mod, "SELECT_TOKENS_RADIX", 0)
+    other = 1 - select_mod.SELECT_TOKENS_RADIX
+    monkeypatch.setattr(select_mod, "SELECT_TOKENS_RADIX", other)
     unfused = _RadixSpy(select_mod._select_tokens_kernel)
     fused = _RadixSpy(token_mod._token_scores_kernel)
     monkeypatch.setattr(select_mod, "_select_tokens_kernel", unfused)
     monkeypatch.setattr(token_mod, "_token_scores_kernel", fused)
     got = hisa_index_triton(*inp.args(), **kw)
     fused_got = token_select(q, k, inp.weights, inp.ks, inp.ke, ids, **fused_kw)
-    assert unfused.seen and set(unfused.seen) == {0}
-    assert fused.seen and set(fused.seen) == {0}
+    assert unfused.seen and set(unfused.seen) == {other}
+    assert fused.seen and set(fused.seen) == {other}
     for a, b in ((got, want), (fused_got, fused_want)):
         assert torch.equal(a[0], b[0])
         assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32))
+
+
+def test_the_token_select_register_cap_is_a_cuda_launch_option_only(monkeypatch):
+    # The cap travels as Triton's maxnreg on CUDA; 0 lifts it; the interpreter gets nothing
+    # (it rejects the option), so the CPU tests above run the same kernel uncapped.
+    from hisa.ops.indexer import select as select_mod
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(select_mod, "SELECT_TOKENS_MAXNREG", 168)
+    assert select_mod._register_cap(cuda, None) == {"maxnreg": 168}
+    assert select_mod._register_cap(cuda, 128) == {"maxnreg": 128}
+    assert select_mod._register_cap(cuda, 0) == {}
+    assert select_mod._register_cap(cpu, None) == {}
+    monkeypatch.setattr(select_mod, "SELECT_TOKENS_MAXNREG", None)
+    assert select_mod._register_cap(cuda, None) == {}
 
 
 def test_token_selection_by_byte_histogram_equals_the_bit_passes():

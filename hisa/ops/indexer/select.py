@@ -98,6 +98,12 @@ SELECT_TOKENS_WARPS = 4
 #: 4.41 ms on an H200 (65,536 rows of 8,192 candidates; clustered rows 1.049 vs 1.047 ms,
 #: benchmarks/select_probe.py): each pass costs more, so the halved count gains little.
 SELECT_TOKENS_RADIX = 0
+#: Register cap of the prefill token select (None: the compiler's choice). Uncapped it takes
+#: 236 registers a thread at 8,192 candidates (two 4-warp rows per SM, a kernel bound by its
+#: own latency); 168 leaves three rows in flight for 104 bytes spilled, 128 four for 256
+#: (`python benchmarks/sass_count.py prefill_select --maxnreg 168`). Timed by
+#: benchmarks/select_probe.py.
+SELECT_TOKENS_MAXNREG = 168
 
 
 def select_warps(n_pad: int) -> int:
@@ -126,13 +132,14 @@ def select_blocks(block_scores: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
 def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch.Tensor, *,
                   block_size: int, topk: int, out: torch.Tensor | None = None,
                   need_scores: bool = False, out_scores: torch.Tensor | None = None,
-                  num_warps: int | None = None, radix: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  num_warps: int | None = None, radix: int | None = None,
+                  maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k of fp32 [T, m*B] candidate scores mapped to offsets relative to ks.
 
-    ``num_warps`` and ``radix`` (1, 2 or 8 bits per pass of the threshold search, or 0 for
-    the interpolation search, :func:`~.topk._interp_threshold`) override the defaults, for
-    probes (benchmarks/select_probe.py): the selected entries are the same.
+    ``num_warps``, ``radix`` (1, 2 or 8 bits per pass of the threshold search, or 0 for
+    the interpolation search, :func:`~.topk._interp_threshold`) and ``maxnreg`` (a register
+    cap, 0 for none) override the defaults, for probes (benchmarks/select_probe.py): the
+    selected entries are the same.
 
     Returns (int32 [T, topk], -1 padded; fp32 [T, topk] or None). Twin:
     ``naive_to_offsets(*naive_select_tokens(...)[:1], ks)``.
@@ -156,5 +163,13 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
                                     K_PAD=triton.next_power_of_2(topk),
                                     WRITE_VALS=vals is not None,
                                     RADIX=SELECT_TOKENS_RADIX if radix is None else radix,
-                                    num_warps=num_warps or SELECT_TOKENS_WARPS)
+                                    num_warps=num_warps or SELECT_TOKENS_WARPS,
+                                    **_register_cap(idx.device, maxnreg))
     return idx, vals
+
+
+def _register_cap(device: torch.device, maxnreg: int | None) -> dict:
+    """Launch option of the token select's register cap: ``maxnreg`` (0: none), else
+    :data:`SELECT_TOKENS_MAXNREG`; nothing on the interpreter, which takes no such option."""
+    regs = SELECT_TOKENS_MAXNREG if maxnreg is None else maxnreg
+    return {"maxnreg": regs} if regs and device.type == "cuda" else {}

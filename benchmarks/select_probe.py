@@ -41,6 +41,11 @@ Sixth probe (session 16): register caps (`maxnreg`) of the same select, radix 0 
 top-k gained 2-7 % from the same cap (220 -> 168 registers); here 168 ~4.30 -> ~4.0-4.1 ms;
 128 spills in the fixed part only (the pass loop grows 290 -> 293 instructions), so if the
 row's latency is the limit it gains more, ~3.6-3.9 ms.
+Outcome (H200, aeb0aa0, whose default cap was already 168, so this run had no uncapped row: the
+cap loop has one since): radix 0 4.146 ms at 168, 4.129 at 128; radix 1 4.118 / 4.069; against
+the uncapped 4.30 / 4.41 of the two earlier runs (other machines, each within 0.1 % of the
+other): -3.5 % for radix 0, -6.7 % for radix 1, as the flat top-k's cap did; 128 no better
+than 168 within 1.5 %. In the pipeline, 12K select_tokens 0.795 ms (0.828 / 0.844 uncapped).
 Every variant's output is compared with the default's (identical indices required).
 Run: PYTHONPATH=. python3 benchmarks/select_probe.py [--caps]  (--caps: the sixth probe
 and the two rows it is compared with only)
@@ -113,7 +118,7 @@ def main(only_caps=False):
         print(f"select_tokens T={T} MB={M * B} warps={w} radix={r}: {ms:.3f} ms same={same}",
               flush=True)
     for r in (0, 1):
-        for cap in (168, 128):
+        for cap in (0, 168, 128):                  # 0: uncapped, the control in the same run
             out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, radix=r, maxnreg=cap)
             same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
             ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, radix=r,

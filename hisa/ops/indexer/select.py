@@ -101,8 +101,9 @@ SELECT_TOKENS_RADIX = 0
 #: Register cap of the prefill token select (None: the compiler's choice). Uncapped it takes
 #: 236 registers a thread at 8,192 candidates (two 4-warp rows per SM, a kernel bound by its
 #: own latency); 168 leaves three rows in flight for 104 bytes spilled, 128 four for 256
-#: (`python benchmarks/sass_count.py prefill_select --maxnreg 168`). Timed by
-#: benchmarks/select_probe.py.
+#: (`python benchmarks/sass_count.py prefill_select --maxnreg 168`). H200 (select_probe.py
+#: --caps, 65,536 rows): 4.15 ms at 168 against 4.30 uncapped in earlier runs (radix 1: 4.12
+#: against 4.41); 128 within 1.5 % of 168. The same-run control is owed.
 SELECT_TOKENS_MAXNREG = 168
 
 

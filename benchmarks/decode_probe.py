@@ -201,12 +201,13 @@ def select_stages(out_dir):
         def block_sel(o, warps):
             dk._block_select_kernel[(batch,)](
                 js, lens, o, bt.shape[1], -1, NEXT_N=1, B=B, SEQ_2D=False, M=M, M_PAD=M,
-                NB_PAD=nb_pad, PAGE=PAGE_SIZE, RADIX=1, num_warps=warps)
+                NB_PAD=nb_pad, PAGE=PAGE_SIZE, RADIX=dk.SELECT_RADIX, num_warps=warps)
 
         def token_sel(o, warps):
             dk._token_select_kernel[(batch,)](
                 cand, ids, lens, o, cand, bt.shape[1], -1, NEXT_N=1, SEQ_2D=False, B=B, M=M,
-                MB_PAD=mb_pad, K=TOPK, K_PAD=TOPK, PAGE=PAGE_SIZE, WRITE_VALS=False, RADIX=1,
+                MB_PAD=mb_pad, K=TOPK, K_PAD=TOPK, PAGE=PAGE_SIZE, WRITE_VALS=False,
+                RADIX=dk.SELECT_RADIX,
                 num_warps=warps)
 
         t = {"block_scores": graph_time_us(lambda: dk.block_scores_paged(

@@ -24,7 +24,7 @@ on normal scores, 21.7 -> 10.2 on the clustered candidates (22.4 -> 10.0 at 64K)
 select's sm_90 SASS, `benchmarks/sass_count.py token_select --set RADIX=0`). So select_tokens
 ~40-50 % faster if its time is the passes' latency (64K x 8,192 normal: ~4.3 -> ~2.3 ms; the
 16K prefill's rows: ~1.08 -> ~0.6 ms), ~30 % if it is their instructions (2,821 -> 1,928 a row).
-Outcome (H200, 73a530f): normal rows 4.41 -> 4.30 ms (-2.5 %), clustered 1.047 -> 1.049: far
+Outcome (H200, 73a530f): normal rows 4.41 -> 4.30 ms (-2.6 %), clustered 1.047 -> 1.049: far
 short of the prediction, so the passes are not where the time goes; radix 0 is the default since
 (no slower anywhere, and 0.8-2.3 us faster per decode step).
 Fifth probe (session 16): the select's cost without its search. Rows of the same shape with
@@ -34,8 +34,8 @@ time, these rows would take a small fraction of 4.3 ms; the fourth probe says th
 expect ~3-3.5 ms (load, cumsum and scattered stores of 8,192 keys a row).
 Outcome: 2.98 ms, so the search is ~1.3 ms of the 4.3 and the row's fixed work the rest
 (`benchmarks/prefill_notes.md` v11). The static SASS agrees: 6,580 instructions outside the
-pass loop against 234 (radix 1) or 290 (radix 0) per pass, and 236 registers a thread, so two
-4-warp rows per SM.
+pass loop with radix 1 (7,382 with radix 0) against 234 (radix 1) or 290 (radix 0) per pass,
+and 236 registers a thread, so two 4-warp rows per SM.
 Sixth probe (session 16): register caps (`maxnreg`) of the same select, radix 0 and 1: 168
 (three rows per SM, 104 bytes spilled) and 128 (four, 256 bytes). Prediction: the fast flat
 top-k gained 2-7 % from the same cap (220 -> 168 registers); here 168 ~4.30 -> ~4.0-4.1 ms;
@@ -44,17 +44,21 @@ row's latency is the limit it gains more, ~3.6-3.9 ms.
 Outcome (H200, aeb0aa0, whose default cap was already 168, so this run had no uncapped row: the
 cap loop has one since): radix 0 4.146 ms at 168, 4.129 at 128; radix 1 4.118 / 4.069; against
 the uncapped 4.30 / 4.41 of the two earlier runs (other machines, each within 0.1 % of the
-other): -3.5 % for radix 0, -6.7 % for radix 1, as the flat top-k's cap did; 128 no better
+other): -3.6 % for radix 0, -6.7 % for radix 1, as the flat top-k's cap did; 128 no better
 than 168 within 1.5 %. In the pipeline, 12K select_tokens 0.795 ms (0.828 / 0.844 uncapped).
+Since (not yet run): the mask's own count gives the number selected (`topk._select_mask_count`:
+one cross-warp reduction fewer a row): static SASS (4 warps, radix 0) 7,672 -> 7,336
+instructions and 236 -> 208 registers uncapped, 7,904 -> 7,456 and 104 -> 96 bytes spilled at
+168. Prediction for `--caps`: 2-4 % under aeb0aa0's rows at the same cap (~4.0 ms at 168).
 Every variant's output is compared with the default's (identical indices required).
-Run: PYTHONPATH=. python3 benchmarks/select_probe.py [--caps]  (--caps: the sixth probe
-and the two rows it is compared with only)
+Run: PYTHONPATH=. python3 benchmarks/select_probe.py [--caps]  (--caps: the sixth probe only,
+uncapped rows included)
 """
 import torch
 import triton.testing
 
 from hisa.ops.dsa.naive import mark_outside
-from hisa.ops.indexer.select import select_tokens
+from hisa.ops.indexer.select import SELECT_TOKENS_MAXNREG, select_tokens
 from hisa.ops.indexer.topk import topk_rows
 
 
@@ -108,15 +112,15 @@ def main(only_caps=False):
     mark_outside(scores, (col >= M * B - B // 2).expand_as(scores))   # half the own block: future
     ids = torch.arange(M, device=dev, dtype=torch.int32).repeat(T, 1)
     ks = torch.zeros(T, dtype=torch.int32, device=dev)
-    ref, _ = select_tokens(scores, ids, ks, block_size=B, topk=K)
-    for w, r in ((4, 1), (4, 0)) if only_caps else ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8),
-                                                     (4, 0), (8, 0)):
+    ref, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, radix=1, maxnreg=0)
+    cap = SELECT_TOKENS_MAXNREG or 0             # these rows launch at the module's cap
+    for w, r in () if only_caps else ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8), (4, 0), (8, 0)):
         out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w, radix=r)
         same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
         ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w,
                                          radix=r))
-        print(f"select_tokens T={T} MB={M * B} warps={w} radix={r}: {ms:.3f} ms same={same}",
-              flush=True)
+        print(f"select_tokens T={T} MB={M * B} warps={w} radix={r} maxnreg={cap}: {ms:.3f} ms "
+              f"same={same}", flush=True)
     for r in (0, 1):
         for cap in (0, 168, 128):                  # 0: uncapped, the control in the same run
             out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, radix=r, maxnreg=cap)

@@ -565,18 +565,51 @@ def test_the_threshold_search_switch_reaches_both_token_selects_and_changes_noth
         assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32))
 
 
-def test_the_token_select_register_cap_is_a_cuda_launch_option_only(monkeypatch):
-    # The cap travels as Triton's maxnreg on CUDA; 0 lifts it; the interpreter gets nothing
-    # (it rejects the option), so the CPU tests above run the same kernel uncapped.
+class _LaunchSpy:
+    """Stands in for a kernel: records each launch's keyword options, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.kwargs = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **{k: v for k, v in kwargs.items()
+                                               if k != "maxnreg"})
+        return launch
+
+
+def test_the_token_select_register_cap_reaches_the_launch_on_cuda_only(monkeypatch):
+    # The cap travels as Triton's maxnreg on CUDA devices; 0 lifts it, None takes the
+    # module default. The launch is spied on with a CUDA-looking cap helper, since the CPU
+    # run itself launches uncapped (the helper returns nothing for a CPU device).
     from hisa.ops.indexer import select as select_mod
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(select_mod, "SELECT_TOKENS_MAXNREG", 168)
     assert select_mod._register_cap(cuda, None) == {"maxnreg": 168}
-    assert select_mod._register_cap(cuda, 128) == {"maxnreg": 128}
+    assert select_mod._register_cap(torch.device("cuda", 1), 128) == {"maxnreg": 128}
     assert select_mod._register_cap(cuda, 0) == {}
     assert select_mod._register_cap(cpu, None) == {}
     monkeypatch.setattr(select_mod, "SELECT_TOKENS_MAXNREG", None)
     assert select_mod._register_cap(cuda, None) == {}
+    monkeypatch.setattr(select_mod, "SELECT_TOKENS_MAXNREG", 168)
+    calls, real_cap = [], select_mod._register_cap
+
+    def as_if_cuda(device, maxnreg):
+        calls.append((device, maxnreg))
+        return real_cap(cuda, maxnreg)
+
+    spy = _LaunchSpy(select_mod._select_tokens_kernel)
+    monkeypatch.setattr(select_mod, "_register_cap", as_if_cuda)
+    monkeypatch.setattr(select_mod, "_select_tokens_kernel", spy)
+    scores = torch.randn(3, M * B)
+    ids = torch.arange(M, dtype=torch.int32).repeat(3, 1)
+    ks = torch.zeros(3, dtype=torch.int32)
+    want, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, maxnreg=0)
+    got, _ = select_tokens(scores, ids, ks, block_size=B, topk=K)
+    assert calls == [(cpu, 0), (cpu, None)]
+    assert "maxnreg" not in spy.kwargs[0] and spy.kwargs[1]["maxnreg"] == 168
+    assert torch.equal(got, want)
 
 
 def test_token_selection_by_byte_histogram_equals_the_bit_passes():
@@ -594,8 +627,8 @@ def test_token_selection_by_byte_histogram_equals_the_bit_passes():
     scores[5, ::2] = float("-inf")
     ids = torch.randint(0, 50, (T, M), generator=g, dtype=torch.int32)
     ks = torch.randint(0, 8, (T,), generator=g, dtype=torch.int32)
-    a = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True)
-    for radix in (8, 0):        # 0: the interpolation search
+    a = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True, radix=1)
+    for radix in (8, 0):        # 0: the interpolation search (the default)
         b = select_tokens(scores, ids, ks, block_size=B, topk=K, need_scores=True, radix=radix)
         assert torch.equal(a[0], b[0])
         assert torch.equal(a[1].view(torch.int32), b[1].view(torch.int32))

@@ -29,8 +29,8 @@ import triton.language as tl
 from ...cache.layout import PAGE_SIZE, page_bytes
 from ...utils.validate import FP8_DTYPE
 from ..indexer.select import SELECT_MAX_ROW, select_warps
-from ..indexer.topk import (_masked_key, _outside_like, _radix_threshold, _relu, _select_mask,
-                            topk_rows)
+from ..indexer.topk import (_masked_key, _outside_like, _radix_threshold, _relu,
+                            _select_mask_count, topk_rows)
 from .prefill import check_kernel_shapes
 
 #: Pages per logits program (256 tokens: enough work per program, many programs per request).
@@ -147,12 +147,11 @@ def _chunk_topk_kernel(logits_ptr, stride_lg, ke_ptr, cval_ptr, cidx_ptr,
     v = tl.load(logits_ptr + row * stride_lg + pos, mask=pos < n, other=0.0)
     keys = _masked_key(v, pos < n)
     thr = _radix_threshold(keys, K, 1)
-    sel = _select_mask(keys, K, thr)
+    sel, n_sel = _select_mask_count(keys, K, thr)
     at = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     base = row * (NC * K) + c * K
     tl.store(cval_ptr + base + at, v, mask=sel)
     tl.store(cidx_ptr + base + at, pos, mask=sel)
-    n_sel = tl.sum(sel.to(tl.int32), axis=0)
     j = tl.arange(0, K_PAD)
     pad = (j >= n_sel) & (j < K)
     tl.store(cval_ptr + base + j, _outside_like(j.to(tl.float32)), mask=pad)
@@ -169,13 +168,12 @@ def _merge_topk_kernel(cval_ptr, cidx_ptr, out_idx_ptr, out_val_ptr,
     v = tl.load(cval_ptr + row * NCK + i, mask=i < NCK, other=0.0)
     keys = _masked_key(v, i < NCK)
     thr = _radix_threshold(keys, K, 1)
-    sel = _select_mask(keys, K, thr)
+    sel, n_sel = _select_mask_count(keys, K, thr)
     at = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     pos = tl.load(cidx_ptr + row * NCK + i, mask=sel, other=-1)
     tl.store(out_idx_ptr + row * K + at, pos, mask=sel)
     if WRITE_VALS:
         tl.store(out_val_ptr + row * K + at, v, mask=sel)
-    n_sel = tl.sum(sel.to(tl.int32), axis=0)
     j = tl.arange(0, K_PAD)
     pad = (j >= n_sel) & (j < K)
     tl.store(out_idx_ptr + row * K + j, -1, mask=pad)

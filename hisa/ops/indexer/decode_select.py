@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .topk import PACK_BITS, _masked_key, _radix_threshold, _select_mask
+from .topk import PACK_BITS, _masked_key, _radix_threshold, _select_mask_count
 
 
 @triton.jit
@@ -19,9 +19,8 @@ def _select_row(keys, need, RADIX: tl.constexpr):
     """(selection mask, output slot of each selected entry, number selected) of the top
     ``need`` of selection keys (``topk._ordered_key``: key 0 never selected; ties to the lower
     index)."""
-    sel = _select_mask(keys, need, _radix_threshold(keys, need, RADIX))
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-    return sel, pos, tl.sum(sel.to(tl.int32), axis=0)
+    sel, n_sel = _select_mask_count(keys, need, _radix_threshold(keys, need, RADIX))
+    return sel, tl.cumsum(sel.to(tl.int32), axis=0) - 1, n_sel
 
 
 @triton.jit

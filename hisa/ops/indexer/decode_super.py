@@ -33,8 +33,9 @@ import triton.language as tl
 from ...cache.layout import PAGE_SIZE
 from ..dsa.decode_kernels import _request_len, _row_len
 from ..pdl import pdl_launch, pdl_trigger, pdl_wait
-from .decode_kernels import (BLOCK_TILE, SCORE_WARPS, SELECT_RADIX, _nb_pad,
-                             _paged_pooled_scores, block_select)
+from . import decode_kernels
+from .decode_kernels import (BLOCK_TILE, SCORE_WARPS, _nb_pad, _paged_pooled_scores,
+                             block_select)
 from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
 from .topk import _force_ends, _masked_key
@@ -146,7 +147,8 @@ def super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_ta
     check_decode_super_params(block_size, super_size, super_topk, block_table.shape[1])
     batch, next_n = q.shape[:2]
     rows = batch * next_n
-    radix = SELECT_RADIX if radix is None else radix
+    # Read at call time, so that the decode switch (and a probe's patch of it) reaches here.
+    radix = decode_kernels.SELECT_RADIX if radix is None else radix
     sids = block_select(q, super_cache, weights, seq_lens, block_table,
                         block_size=block_size * super_size, block_topk=super_topk,
                         hisa_min_keys=hisa_min_keys, prec=prec, num_pages=num_pages,

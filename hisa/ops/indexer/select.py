@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import _force_key, _masked_key, _radix_threshold, _select_mask
+from .topk import _force_key, _masked_key, _maxnreg, _radix_threshold, _select_mask_count
 
 #: Widest row a register selection handles (blocks of a query, or m*B candidates).
 SELECT_MAX_ROW = 32768
@@ -30,10 +30,9 @@ def _select_block_row(src_ptr, n, first, ids_ptr, M: tl.constexpr, M_PAD: tl.con
     v = tl.load(src_ptr + i, mask=i < n, other=0.0, cache_modifier=".cg")
     keys = _force_key(_masked_key(v, i < n), (i == 0) | (i == n - 1))
     thr = _radix_threshold(keys, M, 1)
-    sel = _select_mask(keys, M, thr)
+    sel, n_sel = _select_mask_count(keys, M, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(ids_ptr + pos, (first + i).to(tl.int32), mask=sel)
-    n_sel = tl.sum(sel.to(tl.int32), axis=0)
     j = tl.arange(0, M_PAD)
     tl.store(ids_ptr + j, -1, mask=(j >= n_sel) & (j < M))
 
@@ -50,13 +49,12 @@ def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
     v = tl.load(src_ptr + i, mask=i < MB, other=0.0, cache_modifier=".cg")
     keys = _masked_key(v, i < MB)
     thr = _radix_threshold(keys, K, RADIX, COUNT_FIRST=True)    # short rows: no search
-    sel = _select_mask(keys, K, thr)
+    sel, n_sel = _select_mask_count(keys, K, thr)
     pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     blk = tl.load(ids_ptr + i // B, mask=sel, other=0)
     tl.store(out_idx_ptr + pos, blk * B + (i % B) - s0, mask=sel)
     if WRITE_VALS:
         tl.store(out_val_ptr + pos, v, mask=sel)
-    n_sel = tl.sum(sel.to(tl.int32), axis=0)
     j = tl.arange(0, K_PAD)
     pad = (j >= n_sel) & (j < K)
     tl.store(out_idx_ptr + j, -1, mask=pad)
@@ -98,12 +96,14 @@ SELECT_TOKENS_WARPS = 4
 #: 4.41 ms on an H200 (65,536 rows of 8,192 candidates; clustered rows 1.049 vs 1.047 ms,
 #: benchmarks/select_probe.py): each pass costs more, so the halved count gains little.
 SELECT_TOKENS_RADIX = 0
-#: Register cap of the prefill token select (None: the compiler's choice). Uncapped it takes
-#: 236 registers a thread at 8,192 candidates (two 4-warp rows per SM, a kernel bound by its
-#: own latency); 168 leaves three rows in flight for 104 bytes spilled, 128 four for 256
-#: (`python benchmarks/sass_count.py prefill_select --maxnreg 168`). H200 (select_probe.py
-#: --caps, 65,536 rows): 4.15 ms at 168 against 4.30 uncapped in earlier runs (radix 1: 4.12
-#: against 4.41); 128 within 1.5 % of 168. The same-run control is owed.
+#: Register cap of the unfused prefill token select (None: the compiler's choice; the fused
+#: token stage is not capped: its MMAs need the registers). Uncapped it takes 208 registers
+#: a thread at 8,192 candidates (236 before the mask's count was reused), so two 4-warp rows
+#: per SM for a kernel bound by its own latency; 168 leaves three in flight for 96 bytes
+#: spilled (`python benchmarks/sass_count.py prefill_select --warps 4 --maxnreg 168`). H200
+#: (select_probe.py --caps at 236 registers, 65,536 rows): 4.15 ms at 168 against 4.30
+#: uncapped in earlier runs on other machines (radix 1: 4.12 against 4.41); 128 within 1.5 %
+#: of 168. The same-run control and a GPU test run at the cap are owed.
 SELECT_TOKENS_MAXNREG = 168
 
 
@@ -171,6 +171,6 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
 
 def _register_cap(device: torch.device, maxnreg: int | None) -> dict:
     """Launch option of the token select's register cap: ``maxnreg`` (0: none), else
-    :data:`SELECT_TOKENS_MAXNREG`; nothing on the interpreter, which takes no such option."""
+    :data:`SELECT_TOKENS_MAXNREG`; CUDA only (``topk._maxnreg``)."""
     regs = SELECT_TOKENS_MAXNREG if maxnreg is None else maxnreg
-    return {"maxnreg": regs} if regs and device.type == "cuda" else {}
+    return _maxnreg(device, regs) if regs else {}

@@ -322,8 +322,19 @@ def _bit_threshold(keys, need, RADIX: tl.constexpr):
 
 @triton.jit
 def _select_mask(keys, need, thr):
-    """Keys > thr, plus the first (need - #(> thr)) keys == thr in index order (thr > 0)."""
-    ge = keys >= thr
+    """Keys > thr, plus the first (need - #(> thr)) keys == thr in index order (thr > 0);
+    every selectable key (key > 0) for thr = 0."""
+    sel, _ = _select_mask_count(keys, need, thr)
+    return sel
+
+
+@triton.jit
+def _select_mask_count(keys, need, thr):
+    """(``_select_mask(keys, need, thr)``, the number of entries it selects), from the one
+    count the mask needs anyway: a caller that pads its output after the selected entries
+    would otherwise reduce the mask a second time (a full cross-warp reduction, as costly as
+    a pass of the threshold search in the latency-bound register selections)."""
+    ge = keys >= tl.maximum(thr, 1)          # thr = 0: keys > 0, every selectable one
     n_ge = tl.sum(ge.to(tl.int32), axis=0)
     if (n_ge > need) & (thr > 0):
         # Ties at thr: keep the lowest-index ones (one scan, only on rows that need it).
@@ -332,8 +343,10 @@ def _select_mask(keys, need, thr):
         n_gt = tl.sum(gt.to(tl.int32), axis=0)
         sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= need - n_gt))
     else:
-        sel = ge & (keys > 0)
-    return sel
+        sel = ge
+    # The ties' branch keeps exactly need (n_gt < need < n_ge for thr the need-th key); the
+    # other keeps all n_ge, at most need there (thr = 0 only when at most need are selectable).
+    return sel, tl.minimum(n_ge, need)
 
 
 @triton.jit
@@ -363,12 +376,11 @@ def _select_store(key, col, out_idx, out_val, kk, K: tl.constexpr, WRITE_VALS: t
     """The top K of a register row of keys (their columns ``col``) written to a query's output
     row, -1 / -inf padded."""
     thr = _radix_threshold(key, K, 1)
-    sel = _select_mask(key, K, thr)
+    sel, n_sel = _select_mask_count(key, K, thr)
     ps = tl.cumsum(sel.to(tl.int32), axis=0) - 1
     tl.store(out_idx + ps, col, mask=sel)
     if WRITE_VALS:
         tl.store(out_val + ps, _key_to_float(key), mask=sel)
-    n_sel = tl.sum(sel.to(tl.int32), axis=0)
     tl.store(out_idx + kk, -1, mask=(kk >= n_sel) & (kk < K))
     if WRITE_VALS:
         tl.store(out_val + kk, float("-inf"), mask=(kk >= n_sel) & (kk < K))

@@ -36,6 +36,7 @@ from hisa.bench.rows import append_rows, environment
 from hisa.ops.dsa.prefill import dsa_index_triton
 from hisa.ops.indexer import token_scores as token_mod
 from hisa.ops.indexer.pipeline import hisa_index_triton, hisa_prefill_stages
+from hisa.testing.compare import canonical_rows
 from hisa.testing.inputs import make_indexer_inputs
 
 B, M, K = 128, 64, 2048
@@ -43,11 +44,6 @@ B, M, K = 128, 64, 2048
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=10, rep=150, return_mode="median")
-
-
-def canon(idx):
-    big = torch.iinfo(torch.int32).max
-    return torch.sort(idx.masked_fill(idx < 0, big), dim=1).values
 
 
 def staged(inp, margin):
@@ -96,8 +92,8 @@ def rows_for(L, args):
         fn = lambda: hisa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K,  # noqa: E731
                                        block_size=B, block_topk=M, rescore_margin=margin)
         end = fn()[0]
-        same_as_stages = bool(torch.equal(canon(end), canon(idx)))
-        exact_ok = bool(torch.equal(canon(idx[exact_rows]), canon(flat_idx[exact_rows])))
+        same_as_stages = bool(torch.equal(canonical_rows(end), canonical_rows(idx)))
+        exact_ok = bool(torch.equal(canonical_rows(idx[exact_rows]), canonical_rows(flat_idx[exact_rows])))
         ms = bench(fn) if same_as_stages and exact_ok else float("nan")
         emit(variant=f"margin_{margin}", stage_ms=st, ms=round(ms, 4),
              same_as_stages=same_as_stages, exact_rows_equal_flat=exact_ok,

@@ -26,7 +26,7 @@ from hisa.cache import PAGE_SIZE, PagedIndexerCache, pooled_views
 from hisa.cache.factory import make_paged_inputs
 from hisa.ops.dsa.naive import naive_topk
 from hisa.ops.indexer.naive import eligible_blocks
-from hisa.testing.compare import check_index_format
+from hisa.testing.compare import canonical_rows, check_index_format
 from hisa.testing.inputs import make_exact_indexer_inputs
 
 # Hypothesis (6.170 does) draws some integers from the constants of the project's modules in
@@ -77,12 +77,6 @@ def draw_block_topk(draw, p: Profile, topk: int, block_size: int) -> int:
     return max(m, -(-topk // block_size))
 
 
-def canon(idx: torch.Tensor) -> torch.Tensor:
-    """Rows sorted ascending with -1 last (the order of valid entries is free)."""
-    big = torch.iinfo(torch.int32).max
-    return torch.sort(idx.masked_fill(idx < 0, big), dim=1).values.cpu()
-
-
 def strided(x: torch.Tensor, fill) -> torch.Tensor:
     """The same values with a non-unit innermost stride (every other element of a wider
     buffer whose other elements hold ``fill``)."""
@@ -105,7 +99,8 @@ def inject(tensor: torch.Tensor, value: float, rng: random.Random, count: int = 
 
 
 def selected_match(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert torch.equal(canon(got), canon(want)), "selections differ"
+    # got may come from the GPU and want from the CPU twin: compare on the CPU.
+    assert torch.equal(canonical_rows(got).cpu(), canonical_rows(want).cpu()), "selections differ"
 
 
 def _prefill_cases(draw, p: Profile):

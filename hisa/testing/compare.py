@@ -9,6 +9,14 @@ import torch
 TIE_RTOL = 1e-5
 
 
+def canonical_rows(idx: torch.Tensor) -> torch.Tensor:
+    """int32 index rows sorted ascending with the -1 padding last, on idx's device: two
+    selections of the same sets compare equal however each orders its valid entries (the
+    contract leaves that order free)."""
+    big = torch.iinfo(torch.int32).max
+    return torch.sort(idx.masked_fill(idx < 0, big), dim=1).values
+
+
 def check_index_format(idx: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, topk: int, *,
                        exact_count: bool = True) -> None:
     """Assert the output format of contract section 2 row by row (raises AssertionError).

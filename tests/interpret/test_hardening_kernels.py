@@ -10,7 +10,7 @@ import hisa.ops.dsa.decode_kernels as dk
 from hisa.cache import PAGE_SIZE, PagedIndexerCache, page_bytes, pooled_row_bytes, pooled_views
 from hisa.cache.factory import make_paged_inputs
 from hisa.cache.layout import mark_pooled_unknown
-from hisa.testing.compare import check_index_format
+from hisa.testing.compare import canonical_rows, check_index_format
 from hisa.testing.inputs import make_exact_indexer_inputs
 
 #: Keys of the big-offset tests: row * 128 passes 2**31 from row 2**24 on.
@@ -18,12 +18,6 @@ BIG_KEYS = 2**24 + 1024
 #: Rows of the big buffers actually written (the rest is never touched: torch.empty pages are
 #: committed lazily, so the 2 GiB buffer costs only what is written).
 BIG_TAIL = 1024
-
-
-def canon(idx):
-    """Rows sorted ascending with -1 last (the order of valid entries is free)."""
-    big = torch.iinfo(torch.int32).max
-    return torch.sort(idx.masked_fill(idx < 0, big), dim=1).values
 
 
 def big_prefill_inputs(seed=0):
@@ -48,7 +42,7 @@ def test_flat_prefill_key_offsets_past_2_31_elements():
     (q, k, w, ks, ke), k_scale, small = big_prefill_inputs()
     idx = hisa.dsa_index(q, k, w, ks, ke, k_scale=k_scale, topk=256, backend="triton")
     ref = hisa.dsa_index(*small.args(), k_scale=small.k_scale, topk=256, backend="torch")
-    assert torch.equal(canon(idx), canon(ref))
+    assert torch.equal(canonical_rows(idx), canonical_rows(ref))
 
 
 def test_hisa_prefill_key_offsets_past_2_31_elements():
@@ -57,12 +51,12 @@ def test_hisa_prefill_key_offsets_past_2_31_elements():
     kw = dict(topk=256, block_size=128, block_topk=3)
     idx = hisa.hisa_index(q, k, w, ks, ke, k_scale=k_scale, backend="triton", **kw)
     ref = hisa.hisa_index(*small.args(), k_scale=small.k_scale, backend="triton", **kw)
-    assert torch.equal(canon(idx), canon(ref))
+    assert torch.equal(canonical_rows(idx), canonical_rows(ref))
     exact = hisa.hisa_index(*small.args(), k_scale=small.k_scale, backend="torch", topk=256,
                             block_size=128, block_topk=8)     # every block kept: the flat set
     got = hisa.hisa_index(q, k, w, ks, ke, k_scale=k_scale, backend="triton", topk=256,
                           block_size=128, block_topk=8)
-    assert torch.equal(canon(got), canon(exact))
+    assert torch.equal(canonical_rows(got), canonical_rows(exact))
 
 
 def test_pool_blocks_past_2_31_elements():
@@ -104,7 +98,7 @@ def test_paged_cache_offsets_past_2_31_bytes():
     args = (src.q, src.weights, src.seq_lens, table)
     for fn in (lambda be: cache.dsa_index(*args, topk=64, backend=be),
                lambda be: cache.hisa_index(*args, topk=64, block_topk=3, backend=be)):
-        assert torch.equal(canon(fn("triton")), canon(fn("torch")))
+        assert torch.equal(canonical_rows(fn("triton")), canonical_rows(fn("torch")))
 
 
 def test_strided_prefill_inputs_are_read_by_stride():
@@ -136,12 +130,12 @@ def test_strided_decode_and_append_inputs_are_read_by_stride():
         want = hisa.dsa_index_paged(inp.q, kv, inp.weights, inp.seq_lens, bt, topk=32,
                                     backend="torch")
         got = hisa.dsa_index_paged(inp.q, kv, w_s, lens_s, bt_s, topk=32, backend=backend)
-        assert torch.equal(canon(got), canon(want)), backend
+        assert torch.equal(canonical_rows(got), canonical_rows(want)), backend
         want = hisa.hisa_index_paged(inp.q, kv, pooled, inp.weights, inp.seq_lens, bt, topk=32,
                                      block_size=128, block_topk=2, backend="torch")
         got = hisa.hisa_index_paged(inp.q, kv, pooled, w_s, lens_s, bt_s, topk=32,
                                     block_size=128, block_topk=2, backend=backend)
-        assert torch.equal(canon(got), canon(want)), backend
+        assert torch.equal(canonical_rows(got), canonical_rows(want)), backend
     # append: a strided k_scale and block-table columns
     k, s = inp.keys[0]
     s_s = torch.stack([s, torch.full_like(s, 1e6)], 1)[:, 0]
@@ -210,7 +204,7 @@ def test_hisa_decode_reads_no_block_table_column_past_the_row():
     kw = dict(topk=64, block_size=128, block_topk=2)
     got = hisa.hisa_index_paged(*inp.hisa_args(), backend="triton", **kw)
     ref = hisa.hisa_index_paged(*inp.hisa_args(), backend="torch", **kw)
-    assert torch.equal(canon(got), canon(ref))
+    assert torch.equal(canonical_rows(got), canonical_rows(ref))
 
 
 def test_int32_min_seq_len_is_an_empty_row():
@@ -224,7 +218,7 @@ def test_int32_min_seq_len_is_an_empty_row():
     got = hisa.dsa_index_paged(inp.q, kv, inp.weights, lens, bt, topk=32, backend="triton")
     assert bool((got[2:] == -1).all())
     ref = hisa.dsa_index_paged(inp.q, kv, inp.weights, zero, bt, topk=32, backend="torch")
-    assert torch.equal(canon(got), canon(ref))
+    assert torch.equal(canonical_rows(got), canonical_rows(ref))
     got = hisa.hisa_index_paged(inp.q, kv, pooled, inp.weights, lens, bt, topk=32,
                                 block_size=64, block_topk=2, backend="triton")
     assert bool((got[2:] == -1).all())
@@ -250,7 +244,7 @@ def test_flat_decode_logits_buffer_is_capped(monkeypatch):
     got = hisa.dsa_index_paged(*inp.args(), topk=32, backend="triton")
     monkeypatch.undo()
     assert max(sizes) <= cap, sizes
-    assert torch.equal(canon(got), canon(ref))
+    assert torch.equal(canonical_rows(got), canonical_rows(ref))
 
 
 def test_zero_page_block_table_gives_empty_rows():

@@ -15,17 +15,12 @@ from hisa.cache.factory import make_paged_inputs
 from hisa.cache.layout import mark_pooled_unknown
 from hisa.ops.dsa.naive import mark_outside, naive_topk
 from hisa.ops.indexer import topk as topk_mod
-from hisa.testing.compare import check_index_format
+from hisa.testing.compare import canonical_rows, check_index_format
 from hisa.testing.inputs import make_exact_indexer_inputs
 
 from test_nan_rule import CASES, IDS, INF, NAN, inject
 
 POISON = -7
-
-
-def canon(idx):
-    big = torch.iinfo(torch.int32).max
-    return torch.sort(idx.masked_fill(idx < 0, big), dim=1).values
 
 
 def run(op, *args, backend, **kw):
@@ -52,14 +47,14 @@ def test_prefill_kernels_follow_the_rule(where, value, dtype):
     got = run(hisa.dsa_index, *inp.args(), backend="triton", **kw)
     want = hisa.dsa_index(*inp.args(), backend="torch", **kw)
     check_index_format(got, inp.ks, inp.ke, 24)
-    assert torch.equal(canon(got), canon(want))
+    assert torch.equal(canonical_rows(got), canonical_rows(want))
     # every block kept: HISA's kernels give the flat set
     got = run(hisa.hisa_index, *inp.args(), backend="triton", block_size=16, block_topk=8, **kw)
-    assert torch.equal(canon(got), canon(want))
+    assert torch.equal(canonical_rows(got), canonical_rows(want))
     if dtype == torch.float32:      # fp32 means pool exactly: the pruned selections agree too
         kw.update(block_size=16, block_topk=2)
         got = run(hisa.hisa_index, *inp.args(), backend="triton", **kw)
-        assert torch.equal(canon(got), canon(hisa.hisa_index(*inp.args(), backend="torch",
+        assert torch.equal(canonical_rows(got), canonical_rows(hisa.hisa_index(*inp.args(), backend="torch",
                                                              **kw)))
 
 
@@ -74,12 +69,12 @@ def test_three_level_prefill_kernels_follow_the_rule(where, value, dtype):
     # 32): the three-level kernels give the flat set
     got = run(hisa.hisa_index, *inp.args(), backend="triton", block_size=16, block_topk=8,
               super_size=2, super_topk=4, **kw)
-    assert torch.equal(canon(got), canon(want))
+    assert torch.equal(canonical_rows(got), canonical_rows(want))
     if dtype == torch.float32:      # exact fp32 means: pruning at both levels agrees too
         kw.update(block_size=16, block_topk=2, super_size=2, super_topk=2)
         got = run(hisa.hisa_index, *inp.args(), backend="triton", **kw)
         check_index_format(got, inp.ks, inp.ke, 24, exact_count=False)
-        assert torch.equal(canon(got), canon(hisa.hisa_index(*inp.args(), backend="torch",
+        assert torch.equal(canonical_rows(got), canonical_rows(hisa.hisa_index(*inp.args(), backend="torch",
                                                              **kw)))
 
 
@@ -115,11 +110,11 @@ def test_decode_kernels_follow_the_rule(case):
     got = run(hisa.dsa_index_paged, *inp.args(), topk=40, backend="triton")
     want = hisa.dsa_index_paged(*inp.args(), topk=40, backend="torch")
     check_index_format(got, torch.zeros_like(lens), lens, 40)
-    assert torch.equal(canon(got), canon(want))
+    assert torch.equal(canonical_rows(got), canonical_rows(want))
     # HISA with m = 8 (every block of these requests kept): the flat set again
     got = run(hisa.hisa_index_paged, *inp.hisa_args(), topk=40, block_size=64, block_topk=8,
               backend="triton")
-    assert torch.equal(canon(got), canon(want))
+    assert torch.equal(canonical_rows(got), canonical_rows(want))
 
 
 @pytest.mark.parametrize("case", ["q_nan", "w_inf", "key_nan", "scale_nan", "super_unknown",
@@ -132,13 +127,13 @@ def test_three_level_decode_kernels_follow_the_rule(case):
     # m = 11 blocks, ms = 6 super-blocks: everything kept, the flat set
     got = run(hisa.hisa_index_paged, *inp.hisa_args(), topk=40, block_size=64, block_topk=11,
               backend="triton", **inp.super_kwargs(6))
-    assert torch.equal(canon(got), canon(want))
+    assert torch.equal(canonical_rows(got), canonical_rows(want))
     # Pruning at both levels: the kernels read the same cached rows as the reference
     # (exact inputs: bit-identical scores), so the selections are identical.
     kw = dict(topk=40, block_size=64, block_topk=3, **inp.super_kwargs(3))
     got = run(hisa.hisa_index_paged, *inp.hisa_args(), backend="triton", **kw)
     check_index_format(got, torch.zeros_like(lens), lens, 40, exact_count=False)
-    assert torch.equal(canon(got), canon(hisa.hisa_index_paged(*inp.hisa_args(),
+    assert torch.equal(canonical_rows(got), canonical_rows(hisa.hisa_index_paged(*inp.hisa_args(),
                                                                backend="torch", **kw)))
     unknown = {"super_unknown": range(128, 256), "block_unknown": range(192, 256)}.get(case)
     if unknown is not None:         # an unknown row ranks below every real one: never kept
@@ -187,5 +182,5 @@ def test_decode_chunked_topk_follows_the_rule(monkeypatch):
     inp.weights[0] = NAN                            # request 0, row 0: all NaN
     got = run(hisa.dsa_index_paged, *inp.args(), topk=40, backend="triton")
     want = hisa.dsa_index_paged(*inp.args(), topk=40, backend="torch")
-    assert torch.equal(canon(got), canon(want))
+    assert torch.equal(canonical_rows(got), canonical_rows(want))
     assert sorted(got[0].tolist()) == list(range(40))

@@ -12,7 +12,7 @@ import torch
 from hisa.ops.dsa.naive import (is_outside, mark_outside, naive_dsa_index, naive_dsa_logits,
                                 naive_topk)
 from hisa.ops.indexer import naive as N
-from hisa.testing.compare import assert_same_selection, check_index_format
+from hisa.testing.compare import assert_same_selection, canonical_rows, check_index_format
 from hisa.testing.inputs import make_indexer_inputs
 from hisa.utils.quant import quantize_fp8
 
@@ -40,12 +40,6 @@ B, M, K = 16, 4, 24     # block_size, block_topk, topk: m*B = 64 candidates
 def _inputs(seq_lens, dtype, seed, **kw):
     return make_indexer_inputs(seq_lens, heads=kw.pop("heads", H), head_dim=kw.pop("dim", D),
                                dtype=dtype, seed=seed, clustered=True, **kw)
-
-
-def _canon(idx):
-    """Rows sorted ascending with -1 last (the order of valid entries is free)."""
-    big = torch.iinfo(torch.int32).max
-    return torch.sort(idx.masked_fill(idx < 0, big), dim=1).values
 
 
 def _assert_close_with_inf(a, b):
@@ -256,7 +250,7 @@ def test_token_scores_and_selection_match_naive(dtype):
     # Standalone token selection on the same scores: exact (same tie rule).
     idx, vals = select_tokens(got, ids, inp.ks, block_size=B, topk=K, need_scores=True)
     ref_sel, ref_vals = N.naive_select_tokens(got, pos, K)
-    assert torch.equal(_canon(idx), _canon(N.naive_to_offsets(ref_sel, inp.ks)))
+    assert torch.equal(canonical_rows(idx), canonical_rows(N.naive_to_offsets(ref_sel, inp.ks)))
     assert torch.equal(torch.sort(vals, dim=1, descending=True).values, ref_vals)
     # Fused scores + selection: same offsets.
     fused = torch.full_like(idx, POISON_IDX)
@@ -350,7 +344,7 @@ def test_token_scores_stop_at_the_last_kept_block(dtype, monkeypatch):
     token_select(q, k, w, ks, ke, ids, block_size=B, topk=K, k_scale=inp.k_scale, prec=prec,
                  out=fused)
     ref_sel, _ = N.naive_select_tokens(ref, pos, K)
-    assert torch.equal(_canon(fused), _canon(N.naive_to_offsets(ref_sel, ks)))
+    assert torch.equal(canonical_rows(fused), canonical_rows(N.naive_to_offsets(ref_sel, ks)))
 
 
 @pytest.mark.parametrize("radix", [1, 8, 0])
@@ -370,7 +364,7 @@ def test_token_selection_around_k_selectable_candidates(n_valid, radix):
                               radix=radix)
     pos = N.candidate_positions(ids, B, M * B)
     ref_sel, ref_vals = N.naive_select_tokens(scores, pos, K)
-    assert torch.equal(_canon(idx), _canon(N.naive_to_offsets(ref_sel, ks)))
+    assert torch.equal(canonical_rows(idx), canonical_rows(N.naive_to_offsets(ref_sel, ks)))
     assert torch.equal(torch.sort(vals, dim=1, descending=True).values, ref_vals)
     assert int((idx >= 0).sum(1).min()) == min(n_valid, K)
 

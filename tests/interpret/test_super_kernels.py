@@ -10,7 +10,7 @@ import torch
 import hisa
 from hisa.ops.dsa.naive import naive_dsa_logits
 from hisa.ops.indexer import naive_super as NS
-from hisa.testing.compare import assert_same_selection, check_index_format
+from hisa.testing.compare import assert_same_selection, canonical_rows, check_index_format
 from hisa.testing.inputs import make_indexer_inputs
 
 triton = pytest.importorskip("triton")
@@ -22,7 +22,7 @@ from hisa.ops.indexer.pool import pool_blocks  # noqa: E402
 from hisa.ops.indexer.super_blocks import (candidate_block_scores,  # noqa: E402
                                            candidate_block_select, pool_supers, super_select)
 
-from test_prefill_kernels import _assert_close_with_inf, _canon  # noqa: E402
+from test_prefill_kernels import _assert_close_with_inf  # noqa: E402
 
 DTYPES = [torch.float32, torch.float8_e4m3fn]
 POISON_IDX = -7
@@ -129,7 +129,7 @@ def test_three_level_pipeline_matches_reference(dtype, seq_lens, query_lens):
         # The super level really prunes here: two levels select differently on some row.
         two = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
                                 block_topk=M)[0]
-        assert not torch.equal(_canon(two), _canon(idx))
+        assert not torch.equal(canonical_rows(two), canonical_rows(idx))
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn])
@@ -143,7 +143,7 @@ def test_three_levels_equal_two_when_every_super_block_fits(dtype):
                                 rescore_margin=None, **kw)
     three, v3 = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, need_scores=True,
                                   super_size=BS, super_topk=8, **kw)
-    assert torch.equal(_canon(two), _canon(three))
+    assert torch.equal(canonical_rows(two), canonical_rows(three))
     assert torch.equal(torch.sort(v2, 1).values, torch.sort(v3, 1).values)
 
 
@@ -312,7 +312,7 @@ def test_fp8_preselect_then_fp32_rescore_matches_its_twin(monkeypatch):
         if margin == 1:   # the FP8 pre-selection really matters on these inputs
             plain = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=None,
                                       **kw)[0]
-            assert not torch.equal(_canon(want), _canon(plain))
+            assert not torch.equal(canonical_rows(want), canonical_rows(plain))
     # A margin past every window's block count re-scores every block: the fp32-rep selection.
     every = hisa_index_triton(*inp.args(), k_scale=inp.k_scale, rescore_margin=-(-S // B), **kw)[0]
     assert_same_selection(every, hisa_index_triton(*inp.args(), k_scale=inp.k_scale,

@@ -113,22 +113,22 @@ def main(only_caps=False):
     ids = torch.arange(M, device=dev, dtype=torch.int32).repeat(T, 1)
     ks = torch.zeros(T, dtype=torch.int32, device=dev)
     ref, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, radix=1, maxnreg=0)
-    cap = SELECT_TOKENS_MAXNREG or 0             # these rows launch at the module's cap
-    for w, r in () if only_caps else ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8), (4, 0), (8, 0)):
-        out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w, radix=r)
+
+    def row(warps=4, radix=1, maxnreg=None):
+        """Times one setting of the select, its indices checked against ref first."""
+        kw = dict(block_size=B, topk=K, num_warps=warps, radix=radix, maxnreg=maxnreg)
+        out, _ = select_tokens(scores, ids, ks, **kw)
         same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
-        ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, num_warps=w,
-                                         radix=r))
-        print(f"select_tokens T={T} MB={M * B} warps={w} radix={r} maxnreg={cap}: {ms:.3f} ms "
-              f"same={same}", flush=True)
+        ms = bench(lambda: select_tokens(scores, ids, ks, **kw))
+        cap = (SELECT_TOKENS_MAXNREG or 0) if maxnreg is None else maxnreg
+        print(f"select_tokens T={T} MB={M * B} warps={warps} radix={radix} maxnreg={cap}: "
+              f"{ms:.3f} ms same={same}", flush=True)
+
+    for w, r in () if only_caps else ((2, 1), (4, 1), (8, 1), (4, 8), (8, 8), (4, 0), (8, 0)):
+        row(w, r)                                   # at the module's cap
     for r in (0, 1):
         for cap in (0, 168, 128):                  # 0: uncapped, the control in the same run
-            out, _ = select_tokens(scores, ids, ks, block_size=B, topk=K, radix=r, maxnreg=cap)
-            same = torch.equal(torch.sort(out, 1).values, torch.sort(ref, 1).values)
-            ms = bench(lambda: select_tokens(scores, ids, ks, block_size=B, topk=K, radix=r,
-                                             maxnreg=cap))
-            print(f"select_tokens T={T} MB={M * B} warps=4 radix={r} maxnreg={cap}: {ms:.3f} ms "
-                  f"same={same}", flush=True)
+            row(4, r, cap)
     if only_caps:
         return
     no_search(scores, ids, ks, B, K)

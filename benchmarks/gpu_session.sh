@@ -38,6 +38,8 @@
 #   bench_prefill  hisa bench, prefill $BENCH_CONTEXTS (default 16k-128k, where HISA prunes) (330)
 #   long_decode    hisa bench, decode at 1M x batch 1/8/32, flat / 2 levels / 3 levels (200)
 #   bench_chunk    hisa bench, 1,024-query chunks at $CHUNK_CONTEXTS (default 16k,64k,128k) (200)
+#   kernel_ab      benchmarks/kernel_ab.sh ab_base: select / decode probes + prefill bench, base
+#                  then head (make_ab_base.sh first; carry ab_base)                     (360)
 # PACK=1 tars $OUT into $OUT.tgz at the end (the device returns at most 8 files).
 # Exits 1 when any step failed or ran out of time (its log says how), 0 otherwise.
 set -u
@@ -84,6 +86,7 @@ step_cmd() {
     long_decode) echo "200 python3 -m hisa.cli bench --mode decode --contexts 1024k --batches 1,8,32 --next-n 1 --no-auto --super-size 2,16 --super-topk 128,64 --commit $commit --out $out/long_decode.jsonl" ;;
     bench_chunk) echo "200 python3 -m hisa.cli bench --mode prefill_chunk --contexts ${CHUNK_CONTEXTS:-16k,64k,128k} --commit $commit --out $out/prefill_chunk.jsonl" ;;
     host_ab) echo "330 bash benchmarks/host_ab.sh ab_base $out/host_ab" ;;
+    kernel_ab) echo "360 bash benchmarks/kernel_ab.sh ab_base $out/kernel_ab" ;;
     decode_variants) echo "200 python3 benchmarks/decode_probe.py --variants --out $out/decode_variants" ;;
     san_race) echo "540 env SANITIZE_ONLY=racecheck-kernels bash tests/gpu/sanitize.sh $out/san" ;;
     san_fuzz) echo "540 env 'SANITIZE_ONLY=memcheck-fuzz-exact memcheck-fuzz-prefill memcheck-fuzz-decode memcheck-fuzz-append racecheck-fuzz-decode' bash tests/gpu/sanitize.sh $out/san" ;;

@@ -606,6 +606,41 @@ def test_the_token_select_register_cap_reaches_the_launch_on_cuda_only(monkeypat
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("block_size", [16, 12])
+def test_token_select_slots_per_block_and_per_row_match_the_twin(block_size):
+    # A power-of-two B takes the per-block slot scan of _store_candidates, any other B the
+    # one scan over the row (select_tokens accepts both; the pipeline only the first): each
+    # must write the twin's set, the scores beside their own offsets, the valid entries in
+    # ascending candidate order, then the padding. Blocks of -1 ids hold outside markers,
+    # as the pipeline writes them; one row has fewer selectable candidates than k.
+    T, M, K = 5, 5, 20
+    g = torch.Generator().manual_seed(8)
+    scores = torch.randn(T, M * block_size, generator=g)
+    ids = torch.stack([torch.randperm(40, generator=g)[:M].sort().values for _ in range(T)])
+    ids = ids.to(torch.int32)
+    ids[2, 3:] = -1
+    mark_outside(scores[2], torch.arange(M * block_size) >= 3 * block_size)
+    mark_outside(scores[4], torch.arange(M * block_size) >= 7)                  # 7 < K
+    ks = torch.randint(0, 5, (T,), generator=g, dtype=torch.int32)
+    idx, vals = select_tokens(scores, ids, ks, block_size=block_size, topk=K, need_scores=True)
+    col = torch.arange(M * block_size)
+    pos = (ids.long().repeat_interleave(block_size, 1) * block_size + col % block_size)
+    pos = torch.where(ids.long().repeat_interleave(block_size, 1) >= 0, pos, -1)
+    ref_sel, ref_vals = N.naive_select_tokens(scores, pos, K)
+    assert torch.equal(canonical_rows(idx), canonical_rows(N.naive_to_offsets(ref_sel, ks)))
+    for t in range(T):
+        n = int((idx[t] >= 0).sum())
+        assert (idx[t, n:] == -1).all() and torch.isneginf(vals[t, n:]).all()
+        assert (idx[t, 1:n] > idx[t, :n - 1]).all()              # index order, ids ascending
+        c = (idx[t, :n].long() + ks[t]) // block_size
+        slot_of = {int(b): j for j, b in enumerate(ids[t].tolist())}
+        cand = torch.tensor([slot_of[int(b)] for b in c]) * block_size + \
+            (idx[t, :n].long() + ks[t]) % block_size
+        assert torch.equal(vals[t, :n], scores[t, cand])
+    assert torch.equal(torch.sort(vals, 1, descending=True).values.view(torch.int32),
+                       ref_vals.view(torch.int32))
+
+
 def test_token_selection_by_byte_histogram_equals_the_bit_passes():
     """``select_tokens(radix=8)`` (the byte-histogram threshold search, a probe variant)
     returns RADIX = 1's indices and scores, slot for slot: continuous scores, scores tied in

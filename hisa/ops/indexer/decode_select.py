@@ -2,15 +2,16 @@
 
 The threshold search is :func:`hisa.ops.indexer.topk._radix_threshold` (early exit once exactly
 ``need`` keys sit at or above the threshold; ``RADIX`` bits per reduction pass), shared with the
-prefill selections. ``_select_mask`` then takes the same set as a full bisection would (ties to
-the lower index). Twins: the references' selections (``naive_select_blocks``,
-``naive_select_tokens``).
+prefill selections. ``_select_mask_count`` then takes the same set as a full bisection would
+(ties to the lower index), and ``select._store_candidates`` writes a token row's selection.
+Twins: the references' selections (``naive_select_blocks``, ``naive_select_tokens``).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .select import _store_candidates
 from .topk import PACK_BITS, _masked_key, _radix_threshold, _select_mask_count
 
 
@@ -32,11 +33,9 @@ def _select_token_row_fast(src_ptr, ids_ptr, out_idx_ptr, out_val_ptr, B: tl.con
     ids[c // B]) as request positions (and scores), -1 / -inf padded."""
     i = tl.arange(0, MB_PAD)
     v = tl.load(src_ptr + i, mask=i < MB, other=0.0, cache_modifier=".cg")
-    sel, pos, n_sel = _select_row(_masked_key(v, i < MB), K, RADIX)
-    blk = tl.load(ids_ptr + i // B, mask=sel, other=0)
-    tl.store(out_idx_ptr + pos, blk * B + (i % B), mask=sel)
-    if WRITE_VALS:
-        tl.store(out_val_ptr + pos, v, mask=sel)
+    keys = _masked_key(v, i < MB)
+    sel, n_sel = _select_mask_count(keys, K, _radix_threshold(keys, K, RADIX))
+    _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, 0, B, MB, MB_PAD, WRITE_VALS)
     j = tl.arange(0, K_PAD)
     pad = (j >= n_sel) & (j < K)
     tl.store(out_idx_ptr + j, -1, mask=pad)

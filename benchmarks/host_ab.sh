@@ -10,9 +10,9 @@
 # it imports its own `hisa`. Everything goes into OUT_DIR.tgz (the device returns 8 files).
 set -u
 base=${1:?base tree}
-out=${2:?output folder}
+# Absolute: the bench writes its rows from inside each tree.
+out=$(mkdir -p "${2:?output folder}" && cd "$2" && pwd)
 repo=$(pwd)
-mkdir -p "$out"
 for round in 1 2; do
   for tree in "$base" .; do
     tag=$([ "$tree" = . ] && echo head || echo base)$round

@@ -13,24 +13,26 @@
 # the working folder first). About 330 s a round. Everything goes into OUT_DIR.tgz.
 set -u
 base=${1:?base tree}
-out=${2:?output folder}
+# Absolute: the bench writes its rows from inside each tree.
+out=$(mkdir -p "${2:?output folder}" && cd "$2" && pwd)
 repo=$(pwd)
-mkdir -p "$out"
+failed=0
 for round in $(seq 1 "${ROUNDS:-1}"); do
   for tree in "$base" .; do
     tag=$([ "$tree" = . ] && echo head || echo base)$round
     root=$(cd "$tree" && pwd)
     PYTHONPATH=$root python3 "$repo/benchmarks/select_probe.py" --caps \
-      > "$out/select_$tag.log" 2>&1
+      > "$out/select_$tag.log" 2>&1 || failed=1
     sed "s/^/$tag /" "$out/select_$tag.log" | grep "select_tokens"
     mkdir -p "$out/variants_$tag"
     PYTHONPATH=$root python3 "$repo/benchmarks/decode_probe.py" --variants \
-      --out "$out/variants_$tag" > "$out/variants_$tag.log" 2>&1
+      --out "$out/variants_$tag" > "$out/variants_$tag.log" 2>&1 || failed=1
     sed "s/^/$tag /" "$out/variants_$tag.log" | grep -E "^$tag +[0-9]"
     (cd "$tree" && PYTHONPATH=. python3 -m hisa.cli bench --mode prefill \
         --contexts "${AB_CONTEXTS:-12k,16k,64k}" --commit "$tag" --out "$out/ab.jsonl") \
-      > "$out/bench_$tag.log" 2>&1
+      > "$out/bench_$tag.log" 2>&1 || failed=1
     grep -E "^prefill" "$out/bench_$tag.log" | sort -u | sed "s/^/$tag /"
   done
 done
 tar czf "$out.tgz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+exit $failed          # 1 when a probe or the bench failed (its log in the tarball says how)

@@ -93,7 +93,8 @@ def rows_for(L, args):
                                        block_size=B, block_topk=M, rescore_margin=margin)
         end = fn()[0]
         same_as_stages = bool(torch.equal(canonical_rows(end), canonical_rows(idx)))
-        exact_ok = bool(torch.equal(canonical_rows(idx[exact_rows]), canonical_rows(flat_idx[exact_rows])))
+        exact_ok = bool(torch.equal(canonical_rows(idx[exact_rows]),
+                                    canonical_rows(flat_idx[exact_rows])))
         ms = bench(fn) if same_as_stages and exact_ok else float("nan")
         emit(variant=f"margin_{margin}", stage_ms=st, ms=round(ms, 4),
              same_as_stages=same_as_stages, exact_rows_equal_flat=exact_ok,

@@ -243,8 +243,13 @@ def test_hisa_paged_triton_matches_reference(block_size, next_n, q_dtype):
     inp.block_table[inp.block_table == 10**6] = -1
     ref = hisa.hisa_index_paged(*inp.hisa_args(), backend="torch", **args)
     check_index_format(idx, torch.zeros_like(lens), lens, TOPK)
-    assert_same_selection(idx, ref, torch.zeros_like(lens), full_logits(inp), rtol=1e-5)
+    logits = full_logits(inp)
+    assert_same_selection(idx, ref, torch.zeros_like(lens), logits, rtol=1e-5)
     assert bool((sc[idx < 0] == float("-inf")).all())
+    # Each returned score sits beside its own position (the token select writes both slots).
+    valid = idx >= 0
+    want = logits.gather(1, idx.long().clamp(min=0))
+    torch.testing.assert_close(sc[valid], want[valid], rtol=1e-5, atol=1e-5)
 
 
 def test_auto_routing_sends_short_requests_to_flat():

@@ -54,8 +54,8 @@ def test_prefill_kernels_follow_the_rule(where, value, dtype):
     if dtype == torch.float32:      # fp32 means pool exactly: the pruned selections agree too
         kw.update(block_size=16, block_topk=2)
         got = run(hisa.hisa_index, *inp.args(), backend="triton", **kw)
-        assert torch.equal(canonical_rows(got), canonical_rows(hisa.hisa_index(*inp.args(), backend="torch",
-                                                             **kw)))
+        want = hisa.hisa_index(*inp.args(), backend="torch", **kw)
+        assert torch.equal(canonical_rows(got), canonical_rows(want))
 
 
 @pytest.mark.parametrize("where,value,dtype", KERNEL_CASES,
@@ -74,8 +74,8 @@ def test_three_level_prefill_kernels_follow_the_rule(where, value, dtype):
         kw.update(block_size=16, block_topk=2, super_size=2, super_topk=2)
         got = run(hisa.hisa_index, *inp.args(), backend="triton", **kw)
         check_index_format(got, inp.ks, inp.ke, 24, exact_count=False)
-        assert torch.equal(canonical_rows(got), canonical_rows(hisa.hisa_index(*inp.args(), backend="torch",
-                                                             **kw)))
+        want = hisa.hisa_index(*inp.args(), backend="torch", **kw)
+        assert torch.equal(canonical_rows(got), canonical_rows(want))
 
 
 DECODE_CASES = ["q_nan", "w_inf", "w_neg_inf", "key_nan", "scale_nan", "scale_zero"]

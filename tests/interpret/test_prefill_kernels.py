@@ -616,7 +616,8 @@ def test_token_select_slots_per_block_and_per_row_match_the_twin(block_size):
     T, M, K = 5, 5, 20
     g = torch.Generator().manual_seed(8)
     scores = torch.randn(T, M * block_size, generator=g)
-    ids = torch.stack([torch.randperm(40, generator=g)[:M].sort().values for _ in range(T)])
+    # Ids from 1 up: every offset is then >= B - ks > 0, so no valid entry can read as -1.
+    ids = torch.stack([torch.randperm(40, generator=g)[:M].sort().values + 1 for _ in range(T)])
     ids = ids.to(torch.int32)
     ids[2, 3:] = -1
     mark_outside(scores[2], torch.arange(M * block_size) >= 3 * block_size)

@@ -48,11 +48,11 @@ def _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, base, B: tl.con
     per row: a block's slots are the exclusive prefix of the blocks' counts plus a scan along
     the block, and its id is one load. The same slots as one scan over the whole row, for
     half its shuffles and 40 % of its barriers, which bound these latency-bound selections
-    (static SASS, 8,192 candidates, 4 warps: prefill select 7,456 -> 5,984 instructions at
-    168 registers, no spill; the decode token select at its 8 warps 4,032 -> 3,032 and 35 -> 23
-    barriers; the fused token stage
-    8,000 -> 6,712). The 2-D store converts its addresses through 64 KB of shared memory,
-    which still leaves three rows per SM; keeping the store 1-D cost more registers."""
+    (static SASS, 8,192 candidates, `benchmarks/sass_count.py`: the prefill select at 4 warps
+    and 168 registers 7,456 -> 5,984 instructions, 55 -> 23 barriers, 8 bytes spilled; the
+    decode token select at its 8 warps 4,032 -> 3,032, 35 -> 23 barriers). The 2-D store
+    converts its addresses through 64 KB of shared memory, which still leaves three select
+    rows per SM; keeping the store 1-D (the slots reshaped back) took 255 registers."""
     if (B & (B - 1)) == 0:
         in_block = tl.reshape(sel.to(tl.int32), [MB_PAD // B, B])
         count = tl.sum(in_block, axis=1)
@@ -129,11 +129,12 @@ SELECT_TOKENS_WARPS = 4
 #: benchmarks/select_probe.py): each pass costs more, so the halved count gains little.
 SELECT_TOKENS_RADIX = 0
 #: Register cap of the unfused prefill token select (None: the compiler's choice; the fused
-#: token stage is not capped: its MMAs need the registers). Uncapped it takes 208 registers
-#: a thread at 8,192 candidates (236 before the mask's count was reused), so two 4-warp rows
-#: per SM for a kernel bound by its own latency; 168 leaves three in flight for 96 bytes
-#: spilled (`python benchmarks/sass_count.py prefill_select --warps 4 --maxnreg 168`). H200
-#: (select_probe.py --caps at 236 registers, 65,536 rows): 4.15 ms at 168 against 4.30
+#: token stage is not capped: its MMAs need the registers). Uncapped it takes 177 registers
+#: a thread at 8,192 candidates (236 at aeb0aa0, before the mask's count and the per-block
+#: slots), so two 4-warp rows per SM for a kernel bound by its own latency; 168 leaves three
+#: in flight for 8 bytes spilled (104 at aeb0aa0; `python benchmarks/sass_count.py
+#: prefill_select --warps 4 --maxnreg 168`). H200 (select_probe.py --caps at aeb0aa0, 65,536
+#: rows): 4.15 ms at 168 against 4.30
 #: uncapped in earlier runs on other machines (radix 1: 4.12 against 4.41); 128 within 1.5 %
 #: of 168. The same-run control and a GPU test run at the cap are owed.
 SELECT_TOKENS_MAXNREG = 168

@@ -33,7 +33,8 @@ count, scan and store like a full row but search nothing. Prediction: if the ~20
 time, these rows would take a small fraction of 4.3 ms; the fourth probe says they are not, so
 expect ~3-3.5 ms (load, cumsum and scattered stores of 8,192 keys a row).
 Outcome: 2.98 ms, so the search is ~1.3 ms of the 4.3 and the row's fixed work the rest
-(`benchmarks/prefill_notes.md` v11). The static SASS agrees: 6,580 instructions outside the
+(`benchmarks/prefill_notes.md` v11). The static SASS agrees (`sass_count.py prefill_select
+--warps 4 [--set RADIX=1]` at aeb0aa0): 6,580 instructions outside the
 pass loop with radix 1 (7,382 with radix 0) against 234 (radix 1) or 290 (radix 0) per pass,
 and 236 registers a thread, so two 4-warp rows per SM.
 Sixth probe (session 16): register caps (`maxnreg`) of the same select, radix 0 and 1: 168

@@ -13,7 +13,7 @@ from hisa.cache.factory import make_paged_inputs
 from hisa.ops.dsa.decode_kernels import paged_logits
 from hisa.ops.dsa.naive import naive_dsa_logits
 from hisa.ops.dsa.naive import mark_outside
-from hisa.ops.indexer.decode_select import _select_row
+from hisa.ops.indexer.topk import _select_row
 from hisa.ops.indexer.topk import _force_key, _ordered_key
 from hisa.ops.indexer.decode_kernels import (block_select, block_select_tiers, hisa_decode,
                                              token_scores_paged)

@@ -29,8 +29,7 @@ import triton.language as tl
 from ...cache.layout import PAGE_SIZE, page_bytes
 from ...utils.validate import FP8_DTYPE
 from ..indexer.select import SELECT_MAX_ROW, select_warps
-from ..indexer.topk import (_masked_key, _outside_like, _radix_threshold, _relu,
-                            _select_mask_count, topk_rows)
+from ..indexer.topk import _masked_key, _outside_like, _relu, _select_row, topk_rows
 from .prefill import check_kernel_shapes
 
 #: Pages per logits program (256 tokens: enough work per program, many programs per request).
@@ -146,9 +145,7 @@ def _chunk_topk_kernel(logits_ptr, stride_lg, ke_ptr, cval_ptr, cidx_ptr,
     pos = c * CH + i
     v = tl.load(logits_ptr + row * stride_lg + pos, mask=pos < n, other=0.0)
     keys = _masked_key(v, pos < n)
-    thr = _radix_threshold(keys, K, 1)
-    sel, n_sel = _select_mask_count(keys, K, thr)
-    at = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    sel, at, n_sel = _select_row(keys, K, 1)
     base = row * (NC * K) + c * K
     tl.store(cval_ptr + base + at, v, mask=sel)
     tl.store(cidx_ptr + base + at, pos, mask=sel)
@@ -167,9 +164,7 @@ def _merge_topk_kernel(cval_ptr, cidx_ptr, out_idx_ptr, out_val_ptr,
     i = tl.arange(0, NCK_PAD)
     v = tl.load(cval_ptr + row * NCK + i, mask=i < NCK, other=0.0)
     keys = _masked_key(v, i < NCK)
-    thr = _radix_threshold(keys, K, 1)
-    sel, n_sel = _select_mask_count(keys, K, thr)
-    at = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    sel, at, n_sel = _select_row(keys, K, 1)
     pos = tl.load(cidx_ptr + row * NCK + i, mask=sel, other=-1)
     tl.store(out_idx_ptr + row * K + at, pos, mask=sel)
     if WRITE_VALS:

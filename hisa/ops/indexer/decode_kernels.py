@@ -36,9 +36,8 @@ from ...cache.layout import PAGE_SIZE
 from ..dsa.decode_kernels import (NO_LIMIT, _page_scores, _pick, _request_len, _row_len,
                                   decode_layout, decode_operands, dsa_decode)
 from ..pdl import pdl_launch, pdl_supported, pdl_trigger, pdl_wait
-from .decode_select import _select_row, _select_token_row_fast
-from .select import SELECT_MAX_ROW, select_warps
-from .topk import _force_key, _masked_key, _outside_like, _relu
+from .select import SELECT_MAX_ROW, _select_token_row, select_warps
+from .topk import _force_key, _masked_key, _outside_like, _relu, _select_row
 
 #: Crossover of ``backend="auto"``: requests with at most this many keys take the flat path;
 #: 0 means HISA for every request. Measured on an H100 (benchmarks/decode_probe.py, CUDA
@@ -58,7 +57,7 @@ TOKEN_PROGS_PER_SM = 8
 #: launch; see ``_token_scores_kernel``. Off: measured slower on an H200 (128K x 8: 30.5 vs
 #: 29.1 us, x 32: 49.8 vs 43.6 us), the redundant selections cost more than the launch saved.
 FUSE_BLOCK_SELECT = False
-#: Threshold search of the register selections (:mod:`.decode_select`): 0, the interpolation
+#: Threshold search of the register selections (:func:`.topk._select_row`): 0, the interpolation
 #: search, measured 0.8-2.3 us faster than the bit search (1) on an H200 (128K x 1 / 8 / 32:
 #: 23.1 / 25.0 / 39.8 against 24.9 / 27.3 / 40.6 us); 1 with the early exit beat the packed
 #: 2-bit passes by 1.5-2 us and the byte histograms (8) by 7-10 us (benchmarks/decode_notes.md).
@@ -273,9 +272,10 @@ def _token_select_kernel(cand_ptr, ids_ptr, seq_lens_ptr, out_idx_ptr, out_val_p
     b = row // NEXT_N
     if _request_len(seq_lens_ptr, b, max_pages * PAGE, NEXT_N, SEQ_2D) > hisa_min_keys:
         r64 = row.to(tl.int64)
-        _select_token_row_fast(cand_ptr + r64 * (M * B), ids_ptr + r64 * M,
-                               out_idx_ptr + r64 * K, out_val_ptr + r64 * K, B, M * B, MB_PAD,
-                               K, K_PAD, WRITE_VALS, RADIX)
+        # Request positions (s0 = 0); decode rows are rarely short: no count first.
+        _select_token_row(cand_ptr + r64 * (M * B), ids_ptr + r64 * M, 0,
+                          out_idx_ptr + r64 * K, out_val_ptr + r64 * K, B, M * B, MB_PAD, K,
+                          K_PAD, WRITE_VALS, RADIX, False)
 
 
 def check_decode_params(block_size: int, block_topk: int, max_pages: int, *,

@@ -36,9 +36,8 @@ from ..pdl import pdl_launch, pdl_trigger, pdl_wait
 from . import decode_kernels
 from .decode_kernels import (BLOCK_TILE, SCORE_WARPS, _nb_pad, _paged_pooled_scores,
                              block_select)
-from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
-from .topk import _force_ends, _masked_key
+from .topk import _force_ends, _masked_key, _select_row
 
 
 def check_decode_super_params(block_size: int, super_size: int, super_topk: int,

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import _force_key, _masked_key, _maxnreg, _radix_threshold, _select_mask_count
+from .topk import (_force_key, _masked_key, _maxnreg, _radix_threshold, _select_mask_count,
+                   _select_row)
 
 #: Widest row a register selection handles (blocks of a query, or m*B candidates).
 SELECT_MAX_ROW = 32768
@@ -29,9 +30,7 @@ def _select_block_row(src_ptr, n, first, ids_ptr, M: tl.constexpr, M_PAD: tl.con
     i = tl.arange(0, N_PAD)
     v = tl.load(src_ptr + i, mask=i < n, other=0.0, cache_modifier=".cg")
     keys = _force_key(_masked_key(v, i < n), (i == 0) | (i == n - 1))
-    thr = _radix_threshold(keys, M, 1)
-    sel, n_sel = _select_mask_count(keys, M, thr)
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    sel, pos, n_sel = _select_row(keys, M, 1)
     tl.store(ids_ptr + pos, (first + i).to(tl.int32), mask=sel)
     j = tl.arange(0, M_PAD)
     tl.store(ids_ptr + j, -1, mask=(j >= n_sel) & (j < M))
@@ -52,7 +51,7 @@ def _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, base, B: tl.con
     and 168 registers 7,456 -> 5,984 instructions, 55 -> 23 barriers, 8 bytes spilled; the
     decode token select at its 8 warps 4,032 -> 3,032, 35 -> 23 barriers). The 2-D store
     converts its addresses through 64 KB of shared memory, which still leaves three select
-    rows per SM; keeping the store 1-D (the slots reshaped back) took 255 registers."""
+    rows per SM; keeping the store 1-D (the slots reshaped back, tried) took 255 registers."""
     if (B & (B - 1)) == 0:
         in_block = tl.reshape(sel.to(tl.int32), [MB_PAD // B, B])
         count = tl.sum(in_block, axis=1)
@@ -77,15 +76,16 @@ def _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, base, B: tl.con
 def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
                       B: tl.constexpr, MB: tl.constexpr, MB_PAD: tl.constexpr,
                       K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr,
-                      RADIX: tl.constexpr = 1):
+                      RADIX: tl.constexpr, COUNT_FIRST: tl.constexpr):
     """Top-K of the MB candidate scores src[0:MB] (candidate c = token c % B of block
-    ids[c // B]); writes offsets relative to s0 (and scores), -1 / -inf padded. ``RADIX``: bits
-    settled per pass of the threshold search (:func:`~.topk._radix_threshold`)."""
+    ids[c // B]); writes offsets relative to s0 (and scores), -1 / -inf padded: the prefill
+    token selects (s0 = the query's ks, ``COUNT_FIRST``: short rows skip the search) and the
+    decode one (s0 = 0, request positions). ``RADIX`` and ``COUNT_FIRST`` as in
+    :func:`~.topk._radix_threshold`."""
     i = tl.arange(0, MB_PAD)
     v = tl.load(src_ptr + i, mask=i < MB, other=0.0, cache_modifier=".cg")
     keys = _masked_key(v, i < MB)
-    thr = _radix_threshold(keys, K, RADIX, COUNT_FIRST=True)    # short rows: no search
-    sel, n_sel = _select_mask_count(keys, K, thr)
+    sel, n_sel = _select_mask_count(keys, K, _radix_threshold(keys, K, RADIX, COUNT_FIRST))
     _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, s0, B, MB, MB_PAD, WRITE_VALS)
     j = tl.arange(0, K_PAD)
     pad = (j >= n_sel) & (j < K)
@@ -115,7 +115,7 @@ def _select_tokens_kernel(scores_ptr, ids_ptr, ks_ptr, out_idx_ptr, out_val_ptr,
     t = tl.program_id(0).to(tl.int64)
     _select_token_row(scores_ptr + t * (M * B), ids_ptr + t * M, tl.load(ks_ptr + t),
                       out_idx_ptr + t * K, out_val_ptr + t * K, B, M * B, MB_PAD, K, K_PAD,
-                      WRITE_VALS, RADIX)
+                      WRITE_VALS, RADIX, True)
 
 
 #: Warps per program of the prefill token selection (8,192 candidates a row). Measured on H200

@@ -39,9 +39,8 @@ from ...utils.quant import AMAX_FLOOR, FP8_MAX
 from ...utils.validate import FP8_DTYPE
 from .block_scores import BLOCK_BN, _pooled_row_scores, block_select, window_blocks
 from .reps import check_reps_hold_queries
-from .decode_select import _select_row
 from .select import SELECT_MAX_ROW, select_warps
-from .topk import _force_ends, _masked_key, _outside_like, persistent_programs
+from .topk import _force_ends, _masked_key, _outside_like, _select_row, persistent_programs
 
 #: Software-pipeline depth of the candidate kernel's loop over its block tiles (as
 #: block_scores.BLOCK_STAGES).

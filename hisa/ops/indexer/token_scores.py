@@ -47,8 +47,8 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
                          MB_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                          HAS_SCALE: tl.constexpr, SELECT: tl.constexpr,
                          WRITE_VALS: tl.constexpr, PREC: tl.constexpr,
-                         STAGES: tl.constexpr, M_PAD: tl.constexpr = 64,
-                         LIVE_TRIP: tl.constexpr = True, RADIX: tl.constexpr = 1):
+                         STAGES: tl.constexpr, M_PAD: tl.constexpr, LIVE_TRIP: tl.constexpr,
+                         RADIX: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     d = tl.arange(0, D)
@@ -93,7 +93,7 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
             tl.debug_barrier()
             _select_token_row(row, ids_ptr + t64 * M, s0, out_idx_ptr + t64 * K,
                               out_val_ptr + t64 * K, B, M * B, MB_PAD, K, K_PAD, WRITE_VALS,
-                              RADIX)
+                              RADIX, True)
 
 
 def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val, *, block_size,

@@ -350,6 +350,18 @@ def _select_mask_count(keys, need, thr):
 
 
 @triton.jit
+def _select_row(keys, need, RADIX: tl.constexpr, COUNT_FIRST: tl.constexpr = False):
+    """(selection mask, output slot of each selected entry, number selected) of the top
+    ``need`` of a register row of selection keys (``_ordered_key``: key 0 never selected; ties
+    to the lower index): the threshold search, the mask and one scan for the slots, in index
+    order. Every register selection that writes its entries to consecutive slots uses it but
+    the token rows, whose slots come per block (``select._store_candidates``)."""
+    sel, n_sel = _select_mask_count(keys, need,
+                                    _radix_threshold(keys, need, RADIX, COUNT_FIRST))
+    return sel, tl.cumsum(sel.to(tl.int32), axis=0) - 1, n_sel
+
+
+@triton.jit
 def _tile_row(x_ptr, stride_x, ks_ptr, ke_ptr, t0, lo, r, out_idx_ptr, out_val_ptr,
               stride_out):
     """Row r of a logits tile: its window length, the pointer to its first in-window score
@@ -375,9 +387,7 @@ def _sample_rank(n, K: tl.constexpr, NS: tl.constexpr):
 def _select_store(key, col, out_idx, out_val, kk, K: tl.constexpr, WRITE_VALS: tl.constexpr):
     """The top K of a register row of keys (their columns ``col``) written to a query's output
     row, -1 / -inf padded."""
-    thr = _radix_threshold(key, K, 1)
-    sel, n_sel = _select_mask_count(key, K, thr)
-    ps = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    sel, ps, n_sel = _select_row(key, K, 1)
     tl.store(out_idx + ps, col, mask=sel)
     if WRITE_VALS:
         tl.store(out_val + ps, _key_to_float(key), mask=sel)

@@ -131,7 +131,13 @@ def variants(out_dir):
            "split_r8": dict(fuse_block_select=False, radix=8),
            "fused_r8": dict(fuse_block_select=True, radix=8),
            "split_r0": dict(fuse_block_select=False, radix=0),
-           "fused_r0": dict(fuse_block_select=True, radix=0)}
+           "fused_r0": dict(fuse_block_select=True, radix=0),
+           # The token select's per-block slots off / PDL off (the 64 KB of shared memory
+           # the slots take against the overlap PDL gives the launches).
+           "split_r0_1d": dict(fuse_block_select=False, radix=0, block_slots=False),
+           "r0_nopdl": dict(fuse_block_select=False, radix=0, pdl=False),
+           "r0_1d_nopdl": dict(fuse_block_select=False, radix=0, block_slots=False,
+                               pdl=False)}
     print(f"{'ctx':>7} {'b':>4} {'flat':>7} " + " ".join(f"{k:>9}" for k in var)
           + f" {'blk':>6} {'+tok':>6} {'same':>5}")
     lines = []
@@ -203,11 +209,11 @@ def select_stages(out_dir):
                 js, lens, o, bt.shape[1], -1, NEXT_N=1, B=B, SEQ_2D=False, M=M, M_PAD=M,
                 NB_PAD=nb_pad, PAGE=PAGE_SIZE, RADIX=dk.SELECT_RADIX, num_warps=warps)
 
-        def token_sel(o, warps):
+        def token_sel(o, warps, slots=dk.SELECT_BLOCK_SLOTS):
             dk._token_select_kernel[(batch,)](
                 cand, ids, lens, o, cand, bt.shape[1], -1, NEXT_N=1, SEQ_2D=False, B=B, M=M,
                 MB_PAD=mb_pad, K=TOPK, K_PAD=TOPK, PAGE=PAGE_SIZE, WRITE_VALS=False,
-                RADIX=dk.SELECT_RADIX,
+                RADIX=dk.SELECT_RADIX, BLOCK_SLOTS=slots,
                 num_warps=warps)
 
         t = {"block_scores": graph_time_us(lambda: dk.block_scores_paged(
@@ -230,6 +236,10 @@ def select_stages(out_dir):
             o = torch.empty_like(idx)
             t[f"token_select w{warps}"] = graph_time_us(lambda: token_sel(o, warps))
             same &= torch.equal(o, ref_idx)
+        o = torch.empty_like(idx)
+        t[f"token_select slots={not dk.SELECT_BLOCK_SLOTS}"] = graph_time_us(
+            lambda: token_sel(o, select_warps(mb_pad), not dk.SELECT_BLOCK_SLOTS))
+        same &= torch.equal(o, ref_idx)
         same &= torch.equal(idx, ref_idx)
         line = (f"128K x {batch} (default warps: block {select_warps(nb_pad)}, token "
                 f"{select_warps(mb_pad)}), us: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items())

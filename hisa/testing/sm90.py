@@ -36,7 +36,7 @@ SELECT_KERNELS = {
                       "hisa_min_keys": "i32"},
                      {"NEXT_N": 1, "SEQ_2D": False, "B": 128, "M": 64, "MB_PAD": 8192,
                       "K": 2048, "K_PAD": 2048, "PAGE": 64, "WRITE_VALS": False,
-                      "RADIX": dk.SELECT_RADIX}),
+                      "RADIX": dk.SELECT_RADIX, "BLOCK_SLOTS": dk.SELECT_BLOCK_SLOTS}),
     "prefill_select": (sel._select_tokens_kernel,
                        {"scores_ptr": "*fp32", "ids_ptr": "*i32", "ks_ptr": "*i32",
                         "out_idx_ptr": "*i32", "out_val_ptr": "*fp32"},

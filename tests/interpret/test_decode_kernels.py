@@ -286,19 +286,22 @@ def test_triton_decode_is_deterministic():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fuse,radix,programs", [(False, 1, None), (False, 2, 1),
-                                                 (True, 1, 3), (True, 2, None), (False, 8, 2),
-                                                 (True, 8, None)])
-def test_hisa_decode_variants_match_reference(fuse, radix, programs):
+@pytest.mark.parametrize("fuse,radix,programs,slots", [
+    (False, 1, None, None), (False, 2, 1, None), (True, 1, 3, None), (True, 2, None, None),
+    (False, 8, 2, None), (True, 8, None, None), (False, 0, None, True),
+    (False, 0, None, False)])
+def test_hisa_decode_variants_match_reference(fuse, radix, programs, slots):
     """Every kernel variant (block selection fused or not, 1- or 2-bit or byte-histogram
-    selection passes, any token programs per row) selects the reference's set."""
+    selection passes or the interpolation search, any token programs per row, the token
+    select's slots per block or by one scan) selects the reference's set."""
     B, M = 64, 4
     inp = make_paged_inputs(LENGTHS, next_n=2, heads=H, head_dim=D, block_size=B,
                             q_dtype=torch.float32, seed=11)
     out = torch.full((len(LENGTHS) * 2, TOPK), 4242, dtype=torch.int32)          # poisoned
     got, _ = hisa_decode(inp.q, inp.cache.kv_cache, inp.cache.pooled_cache, inp.weights,
                          inp.seq_lens, inp.block_table, topk=TOPK, block_size=B, block_topk=M,
-                         out=out, fuse_block_select=fuse, radix=radix, programs=programs)
+                         out=out, fuse_block_select=fuse, radix=radix, programs=programs,
+                         block_slots=slots)
     ref = hisa.hisa_index_paged(*inp.hisa_args(), topk=TOPK, block_size=B, block_topk=M,
                                 backend="torch")
     lens = inp.row_lengths()

@@ -62,6 +62,11 @@ FUSE_BLOCK_SELECT = False
 #: 23.1 / 25.0 / 39.8 against 24.9 / 27.3 / 40.6 us); 1 with the early exit beat the packed
 #: 2-bit passes by 1.5-2 us and the byte histograms (8) by 7-10 us (benchmarks/decode_notes.md).
 SELECT_RADIX = 0
+#: The token select's slots per block (``select._store_candidates``) rather than one scan
+#: over the row. Per block, 64 KB of shared memory a program: at 128K x 8 on an H200 every
+#: variant came out 4-6 us slower in the same run as the last tree without it (and the mask's
+#: count), while x 1 gained 1.5 us and x 32 held (``benchmarks/decode_notes.md``, session 17).
+SELECT_BLOCK_SLOTS = True
 #: Warps of the score kernels.
 SCORE_WARPS = 4
 #: Launch the block select, token scores and token select kernels with programmatic dependent
@@ -266,7 +271,7 @@ def _token_select_kernel(cand_ptr, ids_ptr, seq_lens_ptr, out_idx_ptr, out_val_p
                          B: tl.constexpr, M: tl.constexpr, MB_PAD: tl.constexpr,
                          K: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr,
                          WRITE_VALS: tl.constexpr, RADIX: tl.constexpr,
-                         PDL: tl.constexpr = False):
+                         BLOCK_SLOTS: tl.constexpr, PDL: tl.constexpr = False):
     pdl_wait(PDL)
     row = tl.program_id(0)
     b = row // NEXT_N
@@ -275,7 +280,7 @@ def _token_select_kernel(cand_ptr, ids_ptr, seq_lens_ptr, out_idx_ptr, out_val_p
         # Request positions (s0 = 0); decode rows are rarely short: no count first.
         _select_token_row(cand_ptr + r64 * (M * B), ids_ptr + r64 * M, 0,
                           out_idx_ptr + r64 * K, out_val_ptr + r64 * K, B, M * B, MB_PAD, K,
-                          K_PAD, WRITE_VALS, RADIX, False)
+                          K_PAD, WRITE_VALS, RADIX, False, BLOCK_SLOTS)
 
 
 def check_decode_params(block_size: int, block_topk: int, max_pages: int, *,
@@ -390,7 +395,7 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
                 need_scores: bool = False, route_short_to_flat: bool = False,
                 hisa_min_keys: int | None = None, fuse_block_select: bool | None = None,
                 radix: int | None = None, programs: int | None = None,
-                super_cache: torch.Tensor | None = None, super_size: int | None = None,
+                block_slots: bool | None = None, super_cache: torch.Tensor | None = None, super_size: int | None = None,
                 super_topk: int | None = None, pdl: bool | None = None,
                 tiers: tuple[int, ...] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -401,7 +406,7 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
     device. Launches: 3 with the fused block selection (block scores, token scores, token
     select), 4 without, 2 more when the routing is live. ``fuse_block_select``, ``radix`` and
     ``programs`` override :data:`FUSE_BLOCK_SELECT`, :data:`SELECT_RADIX` and
-    :func:`token_programs`, ``pdl`` :data:`USE_PDL` and :data:`PDL_MAX_ROWS`, ``tiers``
+    :func:`token_programs`, ``block_slots`` :data:`SELECT_BLOCK_SLOTS`, ``pdl`` :data:`USE_PDL` and :data:`PDL_MAX_ROWS`, ``tiers``
     :data:`BLOCK_SELECT_TIERS` (variants for tests and probes; PDL is
     off wherever the GPU lacks it). With ``super_cache`` /
     ``super_size`` / ``super_topk`` the block ids come through the super-block level
@@ -460,7 +465,8 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
             cand, ids, seq_lens, idx, vals if vals is not None else cand, block_table.shape[1],
             thr, NEXT_N=next_n, SEQ_2D=seq_lens.dim() == 2, B=block_size, M=block_topk,
             MB_PAD=triton.next_power_of_2(mb), K=topk, K_PAD=triton.next_power_of_2(topk),
-            PAGE=PAGE_SIZE, WRITE_VALS=vals is not None, RADIX=radix, PDL=pdl,
+            PAGE=PAGE_SIZE, WRITE_VALS=vals is not None, RADIX=radix,
+            BLOCK_SLOTS=SELECT_BLOCK_SLOTS if block_slots is None else block_slots, PDL=pdl,
             num_warps=select_warps(triton.next_power_of_2(mb)), **pdl_launch(pdl))
     return idx, vals
 

@@ -38,7 +38,8 @@ def _select_block_row(src_ptr, n, first, ids_ptr, M: tl.constexpr, M_PAD: tl.con
 
 @triton.jit
 def _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, base, B: tl.constexpr,
-                      MB: tl.constexpr, MB_PAD: tl.constexpr, WRITE_VALS: tl.constexpr):
+                      MB: tl.constexpr, MB_PAD: tl.constexpr, WRITE_VALS: tl.constexpr,
+                      BLOCK_SLOTS: tl.constexpr):
     """Writes the selected candidates of a row (candidate c = token c % B of block
     ids[c // B]) to consecutive output slots in index order: the offset ids[c // B] * B +
     c % B - base, and the score v[c] where ``WRITE_VALS``.
@@ -51,8 +52,10 @@ def _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, base, B: tl.con
     and 168 registers 7,456 -> 5,984 instructions, 55 -> 23 barriers, 8 bytes spilled; the
     decode token select at its 8 warps 4,032 -> 3,032, 35 -> 23 barriers). The 2-D store
     converts its addresses through 64 KB of shared memory, which still leaves three select
-    rows per SM; keeping the store 1-D (the slots reshaped back, tried) took 255 registers."""
-    if (B & (B - 1)) == 0:
+    rows per SM; keeping the store 1-D (the slots reshaped back, tried) took 255 registers.
+    ``BLOCK_SLOTS`` off takes the one scan over the row for any B (the decode's choice while
+    the 64 KB cost it more than the shuffles saved, ``decode_kernels.SELECT_BLOCK_SLOTS``)."""
+    if BLOCK_SLOTS and (B & (B - 1)) == 0:
         in_block = tl.reshape(sel.to(tl.int32), [MB_PAD // B, B])
         count = tl.sum(in_block, axis=1)
         slot = (tl.cumsum(count, axis=0) - count)[:, None] + tl.cumsum(in_block, axis=1) - 1
@@ -76,17 +79,19 @@ def _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, base, B: tl.con
 def _select_token_row(src_ptr, ids_ptr, s0, out_idx_ptr, out_val_ptr,
                       B: tl.constexpr, MB: tl.constexpr, MB_PAD: tl.constexpr,
                       K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr,
-                      RADIX: tl.constexpr, COUNT_FIRST: tl.constexpr):
+                      RADIX: tl.constexpr, COUNT_FIRST: tl.constexpr,
+                      BLOCK_SLOTS: tl.constexpr):
     """Top-K of the MB candidate scores src[0:MB] (candidate c = token c % B of block
     ids[c // B]); writes offsets relative to s0 (and scores), -1 / -inf padded: the prefill
     token selects (s0 = the query's ks, ``COUNT_FIRST``: short rows skip the search) and the
     decode one (s0 = 0, request positions). ``RADIX`` and ``COUNT_FIRST`` as in
-    :func:`~.topk._radix_threshold`."""
+    :func:`~.topk._radix_threshold`, ``BLOCK_SLOTS`` as in :func:`_store_candidates`."""
     i = tl.arange(0, MB_PAD)
     v = tl.load(src_ptr + i, mask=i < MB, other=0.0, cache_modifier=".cg")
     keys = _masked_key(v, i < MB)
     sel, n_sel = _select_mask_count(keys, K, _radix_threshold(keys, K, RADIX, COUNT_FIRST))
-    _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, s0, B, MB, MB_PAD, WRITE_VALS)
+    _store_candidates(sel, v, ids_ptr, out_idx_ptr, out_val_ptr, s0, B, MB, MB_PAD, WRITE_VALS,
+                      BLOCK_SLOTS)
     j = tl.arange(0, K_PAD)
     pad = (j >= n_sel) & (j < K)
     tl.store(out_idx_ptr + j, -1, mask=pad)
@@ -115,7 +120,7 @@ def _select_tokens_kernel(scores_ptr, ids_ptr, ks_ptr, out_idx_ptr, out_val_ptr,
     t = tl.program_id(0).to(tl.int64)
     _select_token_row(scores_ptr + t * (M * B), ids_ptr + t * M, tl.load(ks_ptr + t),
                       out_idx_ptr + t * K, out_val_ptr + t * K, B, M * B, MB_PAD, K, K_PAD,
-                      WRITE_VALS, RADIX, True)
+                      WRITE_VALS, RADIX, True, True)
 
 
 #: Warps per program of the prefill token selection (8,192 candidates a row). Measured on H200

@@ -93,7 +93,7 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
             tl.debug_barrier()
             _select_token_row(row, ids_ptr + t64 * M, s0, out_idx_ptr + t64 * K,
                               out_val_ptr + t64 * K, B, M * B, MB_PAD, K, K_PAD, WRITE_VALS,
-                              RADIX, True)
+                              RADIX, True, True)
 
 
 def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val, *, block_size,

@@ -39,7 +39,7 @@ def test_constexpr_overrides_reach_the_compile():
 
 @pytest.mark.parametrize("kernel,args", [
     ("prefill_select", ("--warps", "4", "--maxnreg", "168")),
-    ("token_select", ("--warps", "8")),
+    ("token_select", ("--warps", "8", "--set", "BLOCK_SLOTS=1")),   # the decode default is 1-D
     ("token_scores", ("--warps", "4", "--set", "SELECT=1")),
 ])
 def test_token_selects_fit_an_sm90_block(kernel, args):

@@ -63,10 +63,13 @@ FUSE_BLOCK_SELECT = False
 #: 2-bit passes by 1.5-2 us and the byte histograms (8) by 7-10 us (benchmarks/decode_notes.md).
 SELECT_RADIX = 0
 #: The token select's slots per block (``select._store_candidates``) rather than one scan
-#: over the row. Per block, 64 KB of shared memory a program: at 128K x 8 on an H200 every
-#: variant came out 4-6 us slower in the same run as the last tree without it (and the mask's
-#: count), while x 1 gained 1.5 us and x 32 held (``benchmarks/decode_notes.md``, session 17).
-SELECT_BLOCK_SLOTS = True
+#: over the row. Off: alone the per-block kernel is faster (H200, CUDA graphs, 8 warps:
+#: 11.4 / 11.4 / 13.8 against 12.1 / 11.9 / 14.2 us at 128K x 1 / 8 / 32), but its 64 KB of
+#: shared memory a program keeps it from being scheduled beside the token scores under PDL:
+#: whole steps, same run, slots on / off: 128K x 1 22.1 / 22.6, x 8 30.6 / 24.5, x 32 39.2 /
+#: 38.9 us, 8K x 8 23.6 / 21.5 us; with PDL off the slots win (x 8 25.5 against 26.8), so the
+#: loss is the overlap (``benchmarks/decode_notes.md``, session 17).
+SELECT_BLOCK_SLOTS = False
 #: Warps of the score kernels.
 SCORE_WARPS = 4
 #: Launch the block select, token scores and token select kernels with programmatic dependent

@@ -27,6 +27,7 @@
 #   san_fuzz       sanitize.sh, the memcheck fuzz families + racecheck-fuzz-decode (540)
 #   decode_variants benchmarks/decode_probe.py --variants (selection radix 1/2/8, fused) (200)
 #   select_probe   benchmarks/select_probe.py (prefill token select: warps, radix 1/8) (150)
+#   chunk_select   select_probe.py --chunk (1,024-query chunks: select settings, stages, call) (200)
 #   topk_probe     benchmarks/topk_probe.py (flat top-k: fast kernel settings vs general) (240)
 #   stages_probe   benchmarks/stages_probe.py (prefill loops pipelined 1/2/3, checked)  (300)
 #   flat_tests     the GPU tests of the flat kernels (prefill top-k and logits, paged decode) (150)
@@ -74,6 +75,7 @@ step_cmd() {
     sanitize) echo "540 bash tests/gpu/sanitize.sh $out/san" ;;
     profile_vllm) echo "120 python3 tests/gpu/profile_vllm_prefill.py" ;;
     select_probe) echo "150 python3 benchmarks/select_probe.py" ;;
+    chunk_select) echo "200 python3 benchmarks/select_probe.py --chunk" ;;
     topk_probe) echo "240 python3 benchmarks/topk_probe.py --commit $commit --out $out/topk_probe.jsonl" ;;
     stages_probe) echo "300 python3 benchmarks/stages_probe.py --commit $commit --out $out/stages_probe.jsonl" ;;
     flat_tests) echo "150 python3 -m pytest -q tests/gpu/test_prefill_gpu.py tests/gpu/test_decode_gpu.py -k 'topk or dsa or flat' -rs" ;;

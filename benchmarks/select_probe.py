@@ -51,9 +51,21 @@ Since (not yet run): the mask's own count gives the number selected (`topk._sele
 one cross-warp reduction fewer a row): static SASS (4 warps, radix 0) 7,672 -> 7,336
 instructions and 236 -> 208 registers uncapped, 7,904 -> 7,456 and 104 -> 96 bytes spilled at
 168. Prediction for `--caps`: 2-4 % under aeb0aa0's rows at the same cap (~4.0 ms at 168).
+Seventh probe (session 18): the 1,024-query chunk. `hisa bench` at 23e48e1 timed the 128K
+chunk's select_tokens at 0.259 ms against 0.096 at 64K in the same run (0.112 / 0.112 at
+8bcc448), and the whole 128K chunk 0.88 ms against 0.64 (interleaved host A/B at f2c3b12
+against 8bcc448: 0.87 / 1.13 against 0.70 / 1.05 ms, the host's own spread as large). Here
+each chunk's own candidates (16K / 64K / 128K, the bench's inputs) go through select_tokens
+with each setting (default, radix 1, uncapped, one scan per row), every output checked against
+the default's, then each pipeline stage and the whole call, timed twice with do_bench (50 ms
+of repetitions, CUDA events, so host time between launches shows only where the GPU starves).
+Prediction: the select costs the same at 64K and 128K (same shape, same kind of scores,
+~0.10 ms), so the 0.259 was the stage timer's (10 runs) noise, and the whole-call gap between
+trees is host time: the stages sum to ~0.6 ms at 128K, the call costs more only when the
+host is slower than the GPU.
 Every variant's output is compared with the default's (identical indices required).
-Run: PYTHONPATH=. python3 benchmarks/select_probe.py [--caps]  (--caps: the sixth probe only,
-uncapped rows included)
+Run: PYTHONPATH=. python3 benchmarks/select_probe.py [--caps | --chunk]  (--caps: the sixth
+probe only, uncapped rows included; --chunk: the seventh only)
 """
 import torch
 import triton.testing
@@ -86,6 +98,50 @@ def clustered_candidates(K):
         ms = bench(lambda: select_tokens(sc, ids, ks, block_size=128, topk=K, radix=r))
         print(f"select_tokens clustered 16K candidates radix={r}: {ms:.3f} ms same={same}",
               flush=True)
+
+
+def chunk_candidates(K, B=128, M=64, queries=1024):
+    """The seventh probe: select_tokens settings, the stages and the call, on chunks."""
+    import hisa
+    from hisa.ops.indexer.pipeline import hisa_prefill_stages
+    from hisa.testing.inputs import make_indexer_inputs
+    for ctx in (16384, 65536, 131072):
+        inp = make_indexer_inputs([ctx], query_lens=[queries], device="cuda", clustered=True,
+                                  seed=ctx)
+        stages = hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
+                                     block_topk=M)
+        state = None
+        for name, fn in stages:
+            state = fn()
+            if name == "token_scores":
+                sc, ids = state["scores"].clone(), state["ids"].clone()
+        ks = inp.ks
+        finite = torch.isfinite(sc).sum(1).float()
+        print(f"chunk {ctx}: {queries} queries, finite candidates a row mean {finite.mean():.0f}"
+              f" min {finite.min():.0f}", flush=True)
+        ref, _ = select_tokens(sc, ids, ks, block_size=B, topk=K)
+        for label, kw in (("default", {}), ("radix=1", dict(radix=1)),
+                          ("maxnreg=0", dict(maxnreg=0)), ("block_slots=False",
+                                                           dict(block_slots=False))):
+            out, _ = select_tokens(sc, ids, ks, block_size=B, topk=K, **kw)
+            same = torch.equal(out, ref)
+            ms = [bench(lambda kw=kw: select_tokens(sc, ids, ks, block_size=B, topk=K, **kw))
+                  for _ in range(2)]
+            print(f"chunk {ctx} select_tokens {label}: {ms[0]:.4f} / {ms[1]:.4f} ms "
+                  f"same={same}", flush=True)
+        for name, fn in stages:
+            ms = [bench(fn) for _ in range(2)]
+            print(f"chunk {ctx} stage {name}: {ms[0]:.4f} / {ms[1]:.4f} ms", flush=True)
+        out = torch.empty(queries, K, dtype=torch.int32, device="cuda")
+        call = dict(k_scale=inp.k_scale, topk=K, block_size=B, block_topk=M, backend="triton",
+                    out=out)
+        hisa.hisa_index(*inp.args(), **call)
+        same = torch.equal(torch.sort(out, 1).values, torch.sort(state["idx"], 1).values)
+        ms = [bench(lambda: hisa.hisa_index(*inp.args(), **call)) for _ in range(2)]
+        print(f"chunk {ctx} hisa_index: {ms[0]:.4f} / {ms[1]:.4f} ms same_as_stages={same}",
+              flush=True)
+        del inp, sc, ids, state, stages
+        torch.cuda.empty_cache()
 
 
 def no_search(scores, ids, ks, B, K):
@@ -154,4 +210,7 @@ def main(only_caps=False):
 
 if __name__ == "__main__":
     import sys
-    main(only_caps="--caps" in sys.argv[1:])
+    if "--chunk" in sys.argv[1:]:
+        chunk_candidates(2048)
+    else:
+        main(only_caps="--caps" in sys.argv[1:])

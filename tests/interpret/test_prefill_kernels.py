@@ -606,10 +606,11 @@ def test_the_token_select_register_cap_reaches_the_launch_on_cuda_only(monkeypat
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("block_size", [16, 12])
-def test_token_select_slots_per_block_and_per_row_match_the_twin(block_size):
-    # A power-of-two B takes the per-block slot scan of _store_candidates, any other B the
-    # one scan over the row (select_tokens accepts both; the pipeline only the first): each
+@pytest.mark.parametrize("block_size,slots", [(16, None), (16, False), (12, None)])
+def test_token_select_slots_per_block_and_per_row_match_the_twin(block_size, slots):
+    # A power-of-two B takes the per-block slot scan of _store_candidates unless block_slots
+    # is off, any other B the one scan over the row (select_tokens accepts both; the
+    # pipeline only power-of-two B): each
     # must write the twin's set, the scores beside their own offsets, the valid entries in
     # ascending candidate order, then the padding. Blocks of -1 ids hold outside markers,
     # as the pipeline writes them; one row has fewer selectable candidates than k.
@@ -623,7 +624,8 @@ def test_token_select_slots_per_block_and_per_row_match_the_twin(block_size):
     mark_outside(scores[2], torch.arange(M * block_size) >= 3 * block_size)
     mark_outside(scores[4], torch.arange(M * block_size) >= 7)                  # 7 < K
     ks = torch.randint(0, 5, (T,), generator=g, dtype=torch.int32)
-    idx, vals = select_tokens(scores, ids, ks, block_size=block_size, topk=K, need_scores=True)
+    idx, vals = select_tokens(scores, ids, ks, block_size=block_size, topk=K, need_scores=True,
+                              block_slots=slots)
     col = torch.arange(M * block_size)
     pos = (ids.long().repeat_interleave(block_size, 1) * block_size + col % block_size)
     pos = torch.where(ids.long().repeat_interleave(block_size, 1) >= 0, pos, -1)

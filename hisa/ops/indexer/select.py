@@ -116,11 +116,11 @@ def _select_blocks_kernel(scores_ptr, stride_s, ks_ptr, ke_ptr, ids_ptr, T,
 def _select_tokens_kernel(scores_ptr, ids_ptr, ks_ptr, out_idx_ptr, out_val_ptr,
                           B: tl.constexpr, M: tl.constexpr, MB_PAD: tl.constexpr,
                           K: tl.constexpr, K_PAD: tl.constexpr, WRITE_VALS: tl.constexpr,
-                          RADIX: tl.constexpr):
+                          RADIX: tl.constexpr, BLOCK_SLOTS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     _select_token_row(scores_ptr + t * (M * B), ids_ptr + t * M, tl.load(ks_ptr + t),
                       out_idx_ptr + t * K, out_val_ptr + t * K, B, M * B, MB_PAD, K, K_PAD,
-                      WRITE_VALS, RADIX, True, True)
+                      WRITE_VALS, RADIX, True, BLOCK_SLOTS)
 
 
 #: Warps per program of the prefill token selection (8,192 candidates a row). Measured on H200
@@ -138,11 +138,17 @@ SELECT_TOKENS_RADIX = 0
 #: a thread at 8,192 candidates (236 at aeb0aa0, before the mask's count and the per-block
 #: slots), so two 4-warp rows per SM for a kernel bound by its own latency; 168 leaves three
 #: in flight for 8 bytes spilled (104 at aeb0aa0; `python benchmarks/sass_count.py
-#: prefill_select --warps 4 --maxnreg 168`). H200 (select_probe.py --caps at aeb0aa0, 65,536
-#: rows): 4.15 ms at 168 against 4.30
-#: uncapped in earlier runs on other machines (radix 1: 4.12 against 4.41); 128 within 1.5 %
-#: of 168. The same-run control and a GPU test run at the cap are owed.
+#: prefill_select --warps 4 --maxnreg 168`). H200, same run (select_probe.py --caps at
+#: f2c3b12, 65,536 rows; benchmarks/results/round3/kernel_ab_h200_f2c3b12.txt): radix 0
+#: 3.38 ms uncapped, 2.98 at 168, 2.98 at 128; radix 1 4.07 / 3.38 / 3.27. 168 for the
+#: smaller spill at the same time.
 SELECT_TOKENS_MAXNREG = 168
+#: Slots per block in the prefill token select's store (``_store_candidates``): static SASS
+#: 7,456 -> 5,984 instructions at 168 registers, and with the mask's count (v13) 4.30 -> 3.38
+#: ms uncapped, 4.15 -> 2.98 at the cap (H200, same run against 64652cc). The prefill
+#: selects run without PDL, so the 64 KB of shared memory that costs the decode its overlap
+#: (``decode_kernels.SELECT_BLOCK_SLOTS``) costs them nothing measured.
+SELECT_TOKENS_BLOCK_SLOTS = True
 
 
 def select_warps(n_pad: int) -> int:
@@ -172,13 +178,14 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
                   block_size: int, topk: int, out: torch.Tensor | None = None,
                   need_scores: bool = False, out_scores: torch.Tensor | None = None,
                   num_warps: int | None = None, radix: int | None = None,
-                  maxnreg: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  maxnreg: int | None = None, block_slots: bool | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k of fp32 [T, m*B] candidate scores mapped to offsets relative to ks.
 
     ``num_warps``, ``radix`` (1, 2 or 8 bits per pass of the threshold search, or 0 for
-    the interpolation search, :func:`~.topk._interp_threshold`) and ``maxnreg`` (a register
-    cap, 0 for none) override the defaults, for probes (benchmarks/select_probe.py): the
-    selected entries are the same.
+    the interpolation search, :func:`~.topk._interp_threshold`), ``maxnreg`` (a register
+    cap, 0 for none) and ``block_slots`` (:data:`SELECT_TOKENS_BLOCK_SLOTS`) override the
+    defaults, for probes (benchmarks/select_probe.py): the selected entries are the same.
 
     Returns (int32 [T, topk], -1 padded; fp32 [T, topk] or None). Twin:
     ``naive_to_offsets(*naive_select_tokens(...)[:1], ks)``.
@@ -202,6 +209,8 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
                                     K_PAD=triton.next_power_of_2(topk),
                                     WRITE_VALS=vals is not None,
                                     RADIX=SELECT_TOKENS_RADIX if radix is None else radix,
+                                    BLOCK_SLOTS=(SELECT_TOKENS_BLOCK_SLOTS if block_slots is None
+                                                 else block_slots),
                                     num_warps=num_warps or SELECT_TOKENS_WARPS,
                                     **_register_cap(idx.device, maxnreg))
     return idx, vals

@@ -34,6 +34,24 @@ def test_prefill_point_checks_and_rows_three_levels(fast_timer):
     assert three["speedup_vs_two_level"] == 1.0 and three["iou_vs_reference"] >= HISA_MIN_IOU
     assert list(three["stage_ms"]) == ["pool", "pool_supers", "super_select", "block_select",
                                        "token_scores", "select_tokens"]
+    # A chunk's HISA rows also time the call given its window plan (checked equal first).
+    assert rows[1]["planned_ms"] == 1.0 and three["planned_ms"] == 1.0
+    assert "planned_ms" not in rows[0]
+
+
+def test_planned_chunk_call_must_select_what_the_unplanned_did(fast_timer, monkeypatch):
+    real = bench_prefill.hisa.hisa_index
+
+    def wrong_when_planned(*args, plan=None, out=None, **kw):
+        got = real(*args, plan=plan, out=out, **kw)
+        if plan is not None:
+            out[0, 0] = -5                          # one index off in the planned call only
+        return got
+    monkeypatch.setattr(bench_prefill.hisa, "hisa_index", wrong_when_planned)
+    with pytest.raises(RuntimeError, match="planned call selected other indices"):
+        bench_prefill.bench_prefill_point(
+            300, queries=12, env=environment("t"), topk=24, block_size=16, block_topk=4,
+            heads=16, head_dim=64, check_reps="kernel", device="cpu")
 
 
 def test_prefill_check_rejects_a_wrong_selection():

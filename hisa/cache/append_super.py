@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils.sizes import next_pow2
 from .append import _store_pooled_row
 from .layout import PAGE_SIZE
 
@@ -89,4 +90,4 @@ def pool_super_rows(pooled_cache: torch.Tensor, super_cache: torch.Tensor,
         block_table, pooled_cache.view(torch.float8_e4m3fn), pooled_cache.view(torch.float32),
         super_cache.view(torch.float8_e4m3fn), super_cache.view(torch.float32), num_pages,
         block_table.stride(0), block_table.shape[0], block_table.shape[1], D=D, B=block_size,
-        BS=super_size, BS_PAD=triton.next_power_of_2(super_size), PAGE=PAGE_SIZE, num_warps=4)
+        BS=super_size, BS_PAD=next_pow2(super_size), PAGE=PAGE_SIZE, num_warps=4)

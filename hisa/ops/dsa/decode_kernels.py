@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ...cache.layout import PAGE_SIZE, page_bytes
+from ...utils.sizes import next_pow2
 from ...utils.validate import FP8_DTYPE
 from ..indexer.select import SELECT_MAX_ROW, select_warps
 from ..indexer.topk import _masked_key, _outside_like, _relu, _select_row, topk_rows
@@ -185,8 +186,8 @@ def decode_topk(logits: torch.Tensor, ke: torch.Tensor, *, topk: int, out_idx: t
     rows, width = logits.shape
     ch = TOPK_CHUNK
     nc = triton.cdiv(width, ch)
-    k_pad = triton.next_power_of_2(topk)
-    nck_pad = triton.next_power_of_2(nc * topk)
+    k_pad = next_pow2(topk)
+    nck_pad = next_pow2(nc * topk)
     if topk >= ch or nck_pad > SELECT_MAX_ROW:
         topk_rows(logits, torch.zeros_like(ke), ke, t0=0, lo=0, topk=topk, out_idx=out_idx,
                   out_val=out_val)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...utils.sizes import next_pow2
 from .reps import check_reps_hold_queries
 from .select import SELECT_MAX_ROW, _select_block_row, select_warps
 from .topk import _outside_like, _relu, persistent_programs
@@ -103,11 +104,11 @@ def _launch(q, pooled, weights, ks, ke, pooled_scale, scores, ids, *, block_size
     check_reps_hold_queries(pooled, q)
     T, H, D = q.shape
     NB = pooled.shape[0]
-    n_pad = max(16, triton.next_power_of_2(max(row_blocks, 1)))
+    n_pad = max(16, next_pow2(max(row_blocks, 1)))
     _block_scores_kernel[(grid,)](
         q, pooled, pooled_scale if pooled_scale is not None else weights, weights, ks, ke,
         scores, scores.stride(0), ids, T, NB, H=H, D=D, B=block_size, BN=BLOCK_BN,
-        M=block_topk, M_PAD=triton.next_power_of_2(block_topk), N_PAD=n_pad,
+        M=block_topk, M_PAD=next_pow2(block_topk), N_PAD=n_pad,
         HAS_SCALE=pooled_scale is not None, SELECT=select, PREC=prec, STAGES=BLOCK_STAGES,
         num_warps=select_warps(n_pad) if select else 4)
 
@@ -142,7 +143,7 @@ def window_blocks(ks: torch.Tensor, ke: torch.Tensor, block_size: int) -> tuple[
 
 def check_window_blocks(max_blocks: int, block_size: int) -> None:
     """ValueError when a query's window spans more blocks than the register selection holds."""
-    if max(16, triton.next_power_of_2(max(max_blocks, 1))) > SELECT_MAX_ROW:
+    if max(16, next_pow2(max(max_blocks, 1))) > SELECT_MAX_ROW:
         raise ValueError(f"ks/ke: expected windows of at most {SELECT_MAX_ROW} blocks "
                          f"({SELECT_MAX_ROW * block_size} keys at block_size={block_size}) for "
                          f"the Triton block selection, got a window of {max_blocks} blocks")

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ...cache.layout import PAGE_SIZE
+from ...utils.sizes import next_pow2
 from ..dsa.decode_kernels import (NO_LIMIT, _page_scores, _pick, _request_len, _row_len,
                                   decode_layout, decode_operands, dsa_decode)
 from ..pdl import pdl_launch, pdl_supported, pdl_trigger, pdl_wait
@@ -291,12 +292,12 @@ def check_decode_params(block_size: int, block_topk: int, max_pages: int, *,
     """What the Triton HISA decode supports beyond the public contract. ``block_rows=False``
     for three levels, whose block stage scores only the kept super-blocks' candidates (their
     limits: ``decode_super.check_decode_super_params``)."""
-    nb_pad = triton.next_power_of_2(max(1, -(-max_pages * PAGE_SIZE // block_size)))
+    nb_pad = next_pow2(max(1, -(-max_pages * PAGE_SIZE // block_size)))
     if block_rows and nb_pad > SELECT_MAX_ROW:
         raise ValueError(f"block_table: at most {SELECT_MAX_ROW} blocks per request for the "
                          f"Triton block selection, got {max_pages} pages of block_size "
                          f"{block_size}")
-    if triton.next_power_of_2(block_topk * block_size) > SELECT_MAX_ROW:
+    if next_pow2(block_topk * block_size) > SELECT_MAX_ROW:
         raise ValueError(f"block_topk * block_size: expected at most {SELECT_MAX_ROW} "
                          f"candidates for the Triton token selection, got "
                          f"{block_topk * block_size}")
@@ -307,7 +308,7 @@ def _num_pages(pages_or_pooled, num_pages):
 
 
 def _nb_pad(max_pages: int, block_size: int) -> int:
-    return max(16, triton.next_power_of_2(-(-max_pages * PAGE_SIZE // block_size)))
+    return max(16, next_pow2(-(-max_pages * PAGE_SIZE // block_size)))
 
 
 def block_scores_paged(q, pooled_cache, weights, seq_lens, block_table, *, block_size,
@@ -351,7 +352,7 @@ def block_select(q, pooled_cache, weights, seq_lens, block_table, *, block_size,
         _block_select_kernel[(rows,)](
             scratch, seq_lens, ids, block_table.shape[1], hisa_min_keys, NEXT_N=next_n,
             B=block_size, SEQ_2D=seq_lens.dim() == 2, M=block_topk,
-            M_PAD=triton.next_power_of_2(block_topk), NB_PAD=nb_pad, PAGE=PAGE_SIZE,
+            M_PAD=next_pow2(block_topk), NB_PAD=nb_pad, PAGE=PAGE_SIZE,
             RADIX=SELECT_RADIX if radix is None else radix, PDL=pdl,
             num_warps=select_warps(nb_pad), **block_select_tiers(nb_pad, tiers),
             **pdl_launch(pdl))
@@ -385,7 +386,7 @@ def token_scores_paged(q, pages, weights, seq_lens, block_table, block_ids, *, b
             q, pages.view(torch.float8_e4m3fn), pages.view(torch.float32), weights, seq_lens,
             block_table, block_scores if fuse else cand, block_ids, cand, pages.shape[0],
             block_table.shape[1], block_table.stride(0), hisa_min_keys, NEXT_N=next_n, H=H, D=D,
-            B=block_size, SEQ_2D=seq_lens.dim() == 2, M=M, M_PAD=triton.next_power_of_2(M),
+            B=block_size, SEQ_2D=seq_lens.dim() == 2, M=M, M_PAD=next_pow2(M),
             NB_PAD=block_scores.shape[1] if fuse else 16, BPP=bpp, PAGE=PAGE_SIZE, PREC=prec,
             FUSE_SELECT=fuse, RADIX=SELECT_RADIX if radix is None else radix, PDL=pdl,
             num_warps=SCORE_WARPS, **pdl_launch(pdl))
@@ -467,10 +468,10 @@ def hisa_decode(q: torch.Tensor, pages: torch.Tensor, pooled_cache: torch.Tensor
         _token_select_kernel[(rows,)](
             cand, ids, seq_lens, idx, vals if vals is not None else cand, block_table.shape[1],
             thr, NEXT_N=next_n, SEQ_2D=seq_lens.dim() == 2, B=block_size, M=block_topk,
-            MB_PAD=triton.next_power_of_2(mb), K=topk, K_PAD=triton.next_power_of_2(topk),
+            MB_PAD=next_pow2(mb), K=topk, K_PAD=next_pow2(topk),
             PAGE=PAGE_SIZE, WRITE_VALS=vals is not None, RADIX=radix,
             BLOCK_SLOTS=SELECT_BLOCK_SLOTS if block_slots is None else block_slots, PDL=pdl,
-            num_warps=select_warps(triton.next_power_of_2(mb)), **pdl_launch(pdl))
+            num_warps=select_warps(next_pow2(mb)), **pdl_launch(pdl))
     return idx, vals
 
 

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ...cache.layout import PAGE_SIZE
+from ...utils.sizes import next_pow2
 from ..dsa.decode_kernels import _request_len, _row_len
 from ..pdl import pdl_launch, pdl_trigger, pdl_wait
 from . import decode_kernels
@@ -47,7 +48,7 @@ def check_decode_super_params(block_size: int, super_size: int, super_topk: int,
         raise ValueError(f"block_table: at most {SELECT_MAX_ROW} super-blocks per request for "
                          f"the Triton super-block selection, got {max_pages} pages at "
                          f"block_size {block_size}, super_size {super_size}")
-    if triton.next_power_of_2(super_size * super_topk) > SELECT_MAX_ROW:
+    if next_pow2(super_size * super_topk) > SELECT_MAX_ROW:
         raise ValueError(f"super_topk * super_size: expected at most {SELECT_MAX_ROW} candidate "
                          f"blocks for the Triton block selection, got {super_size * super_topk}")
 
@@ -122,7 +123,7 @@ def candidate_scores_paged(q, pooled_cache, weights, seq_lens, block_table, supe
     ``naive_candidate_block_scores`` on the request's rows."""
     batch, next_n, H, D = q.shape
     rows, ms = super_ids.shape
-    c_pad = max(16, triton.next_power_of_2(ms * super_size))
+    c_pad = max(16, next_pow2(ms * super_size))
     scratch = torch.empty(rows, c_pad, dtype=torch.float32, device=q.device)
     tile = min(BLOCK_TILE, c_pad)
     if rows:
@@ -162,6 +163,6 @@ def super_block_select(q, pooled_cache, super_cache, weights, seq_lens, block_ta
         _candidate_select_kernel[(rows,)](
             scratch, seq_lens, sids, ids, block_table.shape[1], hisa_min_keys, NEXT_N=next_n,
             SEQ_2D=seq_lens.dim() == 2, BS=super_size, MS=super_topk, C_PAD=c_pad,
-            M=block_topk, M_PAD=triton.next_power_of_2(block_topk), PAGE=PAGE_SIZE,
+            M=block_topk, M_PAD=next_pow2(block_topk), PAGE=PAGE_SIZE,
             RADIX=radix, PDL=pdl, num_warps=select_warps(c_pad), **pdl_launch(pdl))
     return ids

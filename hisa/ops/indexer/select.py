@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...utils.sizes import next_pow2
 from .topk import (_force_key, _masked_key, _maxnreg, _radix_threshold, _select_mask_count,
                    _select_row)
 
@@ -161,7 +162,7 @@ def select_blocks(block_scores: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
     """Top-m eligible blocks of each row of fp32 [T, NB] scores: int32 [T, m], ascending, -1
     padded (twin: ``naive_select_blocks``)."""
     T, NB = block_scores.shape
-    n_pad = max(16, triton.next_power_of_2(max(NB, 1)))
+    n_pad = max(16, next_pow2(max(NB, 1)))
     if n_pad > SELECT_MAX_ROW:
         raise ValueError(f"block_scores: expected at most {SELECT_MAX_ROW} blocks per row for "
                          f"the register selection, got {NB}")
@@ -169,7 +170,7 @@ def select_blocks(block_scores: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor
     if T:
         _select_blocks_kernel[(T,)](block_scores, block_scores.stride(0), ks, ke, ids, T,
                                     B=block_size, M=block_topk,
-                                    M_PAD=triton.next_power_of_2(block_topk), N_PAD=n_pad,
+                                    M_PAD=next_pow2(block_topk), N_PAD=n_pad,
                                     num_warps=select_warps(n_pad))
     return ids
 
@@ -193,7 +194,7 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
     T, MB = token_scores.shape
     M = block_ids.shape[1]
     assert MB == M * block_size
-    mb_pad = triton.next_power_of_2(MB)
+    mb_pad = next_pow2(MB)
     if mb_pad > SELECT_MAX_ROW:
         raise ValueError(f"block_topk * block_size: expected at most {SELECT_MAX_ROW} "
                          f"candidates per query for the Triton selection, got {MB}")
@@ -206,7 +207,7 @@ def select_tokens(token_scores: torch.Tensor, block_ids: torch.Tensor, ks: torch
         _select_tokens_kernel[(T,)](token_scores, block_ids, ks, idx,
                                     vals if vals is not None else token_scores,
                                     B=block_size, M=M, MB_PAD=mb_pad, K=topk,
-                                    K_PAD=triton.next_power_of_2(topk),
+                                    K_PAD=next_pow2(topk),
                                     WRITE_VALS=vals is not None,
                                     RADIX=SELECT_TOKENS_RADIX if radix is None else radix,
                                     BLOCK_SLOTS=(SELECT_TOKENS_BLOCK_SLOTS if block_slots is None

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ...cache.append import _clamp_e4m3, _nan_amax
 from ...utils.quant import AMAX_FLOOR, FP8_MAX
+from ...utils.sizes import next_pow2
 from ...utils.validate import FP8_DTYPE
 from .block_scores import BLOCK_BN, _pooled_row_scores, block_select, window_blocks
 from .reps import check_reps_hold_queries
@@ -80,12 +81,12 @@ def check_super_kernel_params(ks: torch.Tensor, ke: torch.Tensor, *, block_size:
 
 def candidate_row_fits(super_size: int, super_topk: int) -> bool:
     """Whether the kept super-blocks' candidate blocks fit one register selection row."""
-    return triton.next_power_of_2(super_size * super_topk) <= SELECT_MAX_ROW
+    return next_pow2(super_size * super_topk) <= SELECT_MAX_ROW
 
 
 def super_row_fits(max_supers: int) -> bool:
     """Whether a window's super-blocks fit one register selection row."""
-    return max(16, triton.next_power_of_2(max(max_supers, 1))) <= SELECT_MAX_ROW
+    return max(16, next_pow2(max(max_supers, 1))) <= SELECT_MAX_ROW
 
 
 @triton.jit
@@ -149,7 +150,7 @@ def pool_supers(pooled: torch.Tensor, pooled_scale: torch.Tensor | None, num_key
             pooled, pooled_scale if pooled_scale is not None else sup, sup,
             sscale if quant else sup, nb, num_keys, first_super, B=block_size, BS=super_size,
             D=D,
-            CHUNK=min(POOL_SUPER_CHUNK, triton.next_power_of_2(super_size)),
+            CHUNK=min(POOL_SUPER_CHUNK, next_pow2(super_size)),
             HAS_SCALE=pooled_scale is not None, QUANT=quant, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
             num_warps=4)
     return sup, sscale
@@ -227,12 +228,12 @@ def _launch(q, pooled, weights, ks, ke, super_ids, pooled_scale, scores, ids, *,
     check_reps_hold_queries(pooled, q)
     T, H, D = q.shape
     ms = super_ids.shape[1]
-    c_pad = max(16, triton.next_power_of_2(ms * super_size))
+    c_pad = max(16, next_pow2(ms * super_size))
     _candidate_blocks_kernel[(grid,)](
         q, pooled, pooled_scale if pooled_scale is not None else weights, weights, ks, ke,
         super_ids, scores, scores.stride(0), ids, T, H=H, D=D, B=block_size, BS=super_size,
         MS=ms, C_PAD=c_pad, BN=BLOCK_BN, M=block_topk,
-        M_PAD=triton.next_power_of_2(block_topk), HAS_SCALE=pooled_scale is not None,
+        M_PAD=next_pow2(block_topk), HAS_SCALE=pooled_scale is not None,
         SELECT=select, PREC=prec, STAGES=CANDIDATE_STAGES,
         num_warps=select_warps(c_pad) if select else 4)
 

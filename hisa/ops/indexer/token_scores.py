@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...utils.sizes import next_pow2
 from ..dsa.naive import OUTSIDE_BITS
 from . import select as select_mod
 from .select import SELECT_MAX_ROW, _select_token_row
@@ -103,10 +104,10 @@ def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val,
     _token_scores_kernel[(grid,)](
         q, k, k_scale if k_scale is not None else weights, weights, ks, ke, block_ids, scores,
         out_idx, out_val if out_val is not None else scores, T, k.shape[0], H=H, D=D, B=block_size, M=M,
-        MB_PAD=triton.next_power_of_2(M * block_size), K=topk,
-        K_PAD=triton.next_power_of_2(topk), HAS_SCALE=k_scale is not None, SELECT=select,
+        MB_PAD=next_pow2(M * block_size), K=topk,
+        K_PAD=next_pow2(topk), HAS_SCALE=k_scale is not None, SELECT=select,
         WRITE_VALS=out_val is not None and select, PREC=prec, STAGES=TOKEN_STAGES,
-        M_PAD=triton.next_power_of_2(M), LIVE_TRIP=TOKEN_TRIP == "live",
+        M_PAD=next_pow2(M), LIVE_TRIP=TOKEN_TRIP == "live",
         RADIX=select_mod.SELECT_TOKENS_RADIX, num_warps=num_warps)
 
 
@@ -142,7 +143,7 @@ def token_select(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: to
     padded; fp32 [T, topk] scores or None)."""
     T = q.shape[0]
     M = block_ids.shape[1]
-    if triton.next_power_of_2(M * block_size) > SELECT_MAX_ROW:
+    if next_pow2(M * block_size) > SELECT_MAX_ROW:
         raise ValueError(f"block_topk * block_size: expected at most {SELECT_MAX_ROW} candidates "
                          f"per query for the Triton token stage, got {M * block_size}")
     idx = out if out is not None else torch.empty(T, topk, dtype=torch.int32, device=q.device)

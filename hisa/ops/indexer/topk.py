@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...utils.sizes import next_pow2
 from ..dsa.naive import FORCED_RANK, OUTSIDE_BITS
 
 #: Keys of the threshold bin kept in registers by :func:`topk_rows` (else the slow fallback).
@@ -663,7 +664,7 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, *, t0: int, l
         _topk_rows_fast_kernel[(grid,)](
             x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
             scratch[0].view(torch.uint32), scratch[1], left[0], left[1],
-            K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_FAST_CHUNK,
+            K=topk, K_PAD=next_pow2(topk), CHUNK=TOPK_FAST_CHUNK,
             CAP=min(TOPK_FAST_CAP, TOPK_SCRATCH), SCR=TOPK_SCRATCH,
             NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=out_val is not None,
             PREFETCH=TOPK_FAST_PREFETCH, num_warps=TOPK_FAST_WARPS,
@@ -682,7 +683,7 @@ def general_topk_launch(x, ks, ke, *, t0, lo, topk, out_idx, vals, write_vals, s
     _topk_rows_kernel[(grid,)](
         x, W, ks, ke, t0, lo, R, out_idx, vals, out_idx.stride(0),
         scratch[0].view(torch.uint32), scratch[1], rows, n_left,
-        K=topk, K_PAD=triton.next_power_of_2(topk), CHUNK=TOPK_CHUNK, HBITS=TOPK_HIST_BITS,
+        K=topk, K_PAD=next_pow2(topk), CHUNK=TOPK_CHUNK, HBITS=TOPK_HIST_BITS,
         CAP=TOPK_SCRATCH, NS=min(TOPK_SAMPLE, TOPK_SCRATCH), WRITE_VALS=write_vals,
         LISTED=left is not None, num_warps=num_warps)
 

@@ -9,8 +9,11 @@ comes on top). A 1,024-query chunk's kernels take 0.29-0.37 ms on an H200 (selec
 
 Prints the launches of one call and the median host time of planned (``plan=``) and unplanned
 calls; --profile adds the top functions of the planned call by own time (cProfile).
-Session 18, 2-core CPU: triton.next_power_of_2 -> hisa.utils.sizes.next_pow2 took the planned
-128K chunk call from 0.27-0.39 to 0.22-0.35 ms (three interleaved runs, CI running beside).
+Session 18, 2-core CPU, three interleaved rounds of 400 calls against the tree before
+triton.next_power_of_2 -> hisa.utils.sizes.next_pow2 (`bash benchmarks/make_ab_base.sh
+613ec2a^`, then `PYTHONPATH=ab_base` against `PYTHONPATH=.`): the smallest per-round minimum
+of the planned 128K chunk call 0.264 -> 0.217 ms, unplanned 0.412 -> 0.376; the medians move
+1.5x between rounds of the same tree (benchmarks/results/round3/host_cost_cpu_613ec2a.txt).
 """
 import argparse
 import cProfile
@@ -54,15 +57,17 @@ def main():
             fn()
     launches.clear()
     calls["planned"]()
-    print(f"{args.context} keys, {args.queries} queries: launches {launches}")
+    print(f"hisa from {os.path.dirname(hisa.__file__)}; {args.context} keys, {args.queries} "
+          f"queries: launches {launches}")
     for name, fn in calls.items():
         ts = []
         for _ in range(args.runs):
             t = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t)
+        # The minimum too: a shared CPU's noise only adds, and moves the median by 2x.
         print(f"{name}: host {statistics.median(ts) * 1e3:.3f} ms a call (median of "
-              f"{args.runs}, kernels left out)")
+              f"{args.runs}; min {min(ts) * 1e3:.3f}; kernels left out)")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

@@ -79,18 +79,25 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
 
 
-def clustered_candidates(K):
-    """radix 1 against 0 on the token stage's own candidate scores (16K clustered prefill)."""
+def run_stages(inp, K, B=128, M=64):
+    """The pipeline's stages on ``inp``, all run once: (stages, state, copies of the token
+    stage's candidate scores and block ids, taken before the select runs)."""
     from hisa.ops.indexer.pipeline import hisa_prefill_stages
-    from hisa.testing.inputs import make_indexer_inputs
-    inp = make_indexer_inputs([16384], device="cuda", seed=1, clustered=True)
-    state = None
-    for name, fn in hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K,
-                                        block_size=128, block_topk=64):
+    stages = hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
+                                 block_topk=M)
+    for name, fn in stages:
         state = fn()
         if name == "token_scores":
-            break
-    sc, ids, ks = state["scores"], state["ids"], inp.ks
+            sc, ids = state["scores"].clone(), state["ids"].clone()
+    return stages, state, sc, ids
+
+
+def clustered_candidates(K):
+    """radix 1 against 0 on the token stage's own candidate scores (16K clustered prefill)."""
+    from hisa.testing.inputs import make_indexer_inputs
+    inp = make_indexer_inputs([16384], device="cuda", seed=1, clustered=True)
+    _, _, sc, ids = run_stages(inp, K)
+    ks = inp.ks
     ref, _ = select_tokens(sc, ids, ks, block_size=128, topk=K, radix=1)
     for r in (1, 0):
         out, _ = select_tokens(sc, ids, ks, block_size=128, topk=K, radix=r)
@@ -103,18 +110,11 @@ def clustered_candidates(K):
 def chunk_candidates(K, B=128, M=64, queries=1024):
     """The seventh probe: select_tokens settings, the stages and the call, on chunks."""
     import hisa
-    from hisa.ops.indexer.pipeline import hisa_prefill_stages
     from hisa.testing.inputs import make_indexer_inputs
     for ctx in (16384, 65536, 131072):
         inp = make_indexer_inputs([ctx], query_lens=[queries], device="cuda", clustered=True,
                                   seed=ctx)
-        stages = hisa_prefill_stages(*inp.args(), k_scale=inp.k_scale, topk=K, block_size=B,
-                                     block_topk=M)
-        state = None
-        for name, fn in stages:
-            state = fn()
-            if name == "token_scores":
-                sc, ids = state["scores"].clone(), state["ids"].clone()
+        stages, state, sc, ids = run_stages(inp, K, B, M)
         ks = inp.ks
         finite = torch.isfinite(sc).sum(1).float()
         print(f"chunk {ctx}: {queries} queries, finite candidates a row mean {finite.mean():.0f}"

@@ -131,7 +131,12 @@ def _peak_mib(fn) -> float | None:
     return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
 
 
-def _planned_times(inp, variants: dict, outs: dict, runs: int) -> dict:
+def _super_params(variant: dict) -> dict:
+    """A variant's super-block parameters ({} at two levels)."""
+    return {k: variant[k] for k in ("super_size", "super_topk") if k in variant}
+
+
+def _planned_times(inp, variants: dict, plans: dict, outs: dict, runs: int) -> dict:
     """Each HISA variant's call given its :func:`plan_windows` plan, read once outside the
     timing, as an engine reads it once for all layers of a step: no host read in the call,
     so a chunk's GPU is not left idle behind its launches (a 1,024-query chunk's kernels take
@@ -139,15 +144,12 @@ def _planned_times(inp, variants: dict, outs: dict, runs: int) -> dict:
     unplanned call's, bit for bit, before it is timed."""
     times = {}
     for name, vkw in variants.items():
-        sup = {k: vkw[k] for k in ("super_size", "super_topk") if k in vkw}
-        plan = plan_windows(inp.ks, inp.ke, inp.k.shape[0], topk=vkw["topk"],
-                            block_size=vkw["block_size"], block_topk=vkw["block_topk"], **sup)
         got = torch.full_like(outs[name], -7)
-        hisa.hisa_index(*inp.args(), out=got, plan=plan, **vkw)
+        hisa.hisa_index(*inp.args(), out=got, plan=plans[name], **vkw)
         if not torch.equal(got, outs[name]):
             raise RuntimeError(f"{name}: the planned call selected other indices than the "
                                f"unplanned one; no timing")
-        times[name] = time_op(lambda plan=plan, got=got, vkw=vkw: hisa.hisa_index(
+        times[name] = time_op(lambda plan=plans[name], got=got, vkw=vkw: hisa.hisa_index(
             *inp.args(), out=got, plan=plan, **vkw), runs=runs)
     return times
 
@@ -182,7 +184,12 @@ def bench_prefill_point(context: int, *, queries: int | None, env: dict, topk: i
                                    label=f"{name} at {context} keys, {T} queries")
                for name, vkw in variants.items()}
     times = {name: time_op(fn, runs=timing_runs) for name, fn in ops.items()}
-    planned = _planned_times(inp, variants, outs, timing_runs) if mode == "prefill_chunk" else {}
+    # One plan per variant: the route its rows report and, for chunks, the planned call.
+    plans = {name: plan_windows(inp.ks, inp.ke, inp.k.shape[0], topk=topk, block_size=block_size,
+                                block_topk=block_topk, **_super_params(vkw))
+             for name, vkw in variants.items()}
+    planned = (_planned_times(inp, variants, plans, outs, timing_runs)
+               if mode == "prefill_chunk" else {})
     f_flat = flat_prefill_flops(inp.ks, inp.ke, heads, head_dim)
     common = dict(mode=mode, context=context, queries=T, batch=1, next_n=None, topk=topk,
                   heads=heads, head_dim=head_dim, dtype="float8_e4m3fn")
@@ -191,8 +198,7 @@ def bench_prefill_point(context: int, *, queries: int | None, env: dict, topk: i
                      p80_ms=t_flat.p80_ms, tflops=f_flat / t_flat.median_ms / 1e9,
                      peak_mib=peak["flat"], **common)]
     for name, vkw in variants.items():
-        sup = dict(super_size=vkw["super_size"], super_topk=vkw["super_topk"]) \
-            if "super_size" in vkw else {}
+        sup = _super_params(vkw)
         stage_ms = {}
         if stages:
             from ..ops.indexer.pipeline import hisa_prefill_stages
@@ -209,9 +215,7 @@ def bench_prefill_point(context: int, *, queries: int | None, env: dict, topk: i
                          **sup)
         gate, exact = quality[name]
         # What the public op ran: in the exact regime (no query prunes) it routes to flat.
-        extra["route"] = "flat" if plan_windows(
-            inp.ks, inp.ke, inp.k.shape[0], topk=topk, block_size=block_size,
-            block_topk=block_topk, **sup).nothing_pruned else "hisa"
+        extra["route"] = "flat" if plans[name].nothing_pruned else "hisa"
         if name in planned:
             extra["planned_ms"] = planned[name].median_ms
         rows.append(make_row(env, op=name.split()[0], ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,

@@ -517,23 +517,27 @@ def test_rescore_margin_is_validated():
         hisa_index_triton(*inp.args(), rescore_margin=2, reps_dtype=torch.float8_e4m3fn, **kw)
 
 
-class _RadixSpy:
-    """Stands in for a jitted kernel and records the RADIX each launch is given."""
+class _ConstexprSpy:
+    """Stands in for a jitted kernel and records the value of one constexpr at each launch."""
 
-    def __init__(self, kernel):
-        self.kernel, self.seen = kernel, []
+    def __init__(self, kernel, name):
+        self.kernel, self.name, self.seen = kernel, name, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.seen.append(kwargs["RADIX"])
+            self.seen.append(kwargs[self.name])
             return self.kernel[grid](*args, **kwargs)
         return launch
 
 
-def test_the_threshold_search_switch_reaches_both_token_selects_and_changes_nothing(monkeypatch):
-    # SELECT_TOKENS_RADIX (0, the interpolation search, by default; 1 the bit search) reaches
-    # the unfused select of the end-to-end call and the fused token stage, and flipping it
-    # changes no offset or score.
+@pytest.mark.parametrize("switch,constexpr", [("SELECT_TOKENS_RADIX", "RADIX"),
+                                              ("SELECT_TOKENS_BLOCK_SLOTS", "BLOCK_SLOTS")])
+def test_each_token_select_switch_reaches_both_token_selects_and_changes_nothing(
+        monkeypatch, switch, constexpr):
+    # SELECT_TOKENS_RADIX (0, the interpolation search, by default; 1 the bit search) and
+    # SELECT_TOKENS_BLOCK_SLOTS (the store's slots per block or one scan over the row) reach
+    # the unfused select of the end-to-end call and the fused token stage, and flipping
+    # either changes no offset or score.
     from hisa.ops.indexer import select as select_mod
     from hisa.ops.indexer import token_scores as token_mod
     inp = _inputs([100, 0, 9, 12, 70], torch.float8_e4m3fn, seed=13)
@@ -544,10 +548,10 @@ def test_the_threshold_search_switch_reaches_both_token_selects_and_changes_noth
                        pooled_scale=pscale, prec=prec)
     fused_kw = dict(block_size=B, topk=K, k_scale=inp.k_scale, prec=prec, need_scores=True)
     fused_want = token_select(q, k, inp.weights, inp.ks, inp.ke, ids, **fused_kw)
-    other = 1 - select_mod.SELECT_TOKENS_RADIX
-    monkeypatch.setattr(select_mod, "SELECT_TOKENS_RADIX", other)
-    unfused = _RadixSpy(select_mod._select_tokens_kernel)
-    fused = _RadixSpy(token_mod._token_scores_kernel)
+    other = type(getattr(select_mod, switch))(1 - getattr(select_mod, switch))
+    monkeypatch.setattr(select_mod, switch, other)
+    unfused = _ConstexprSpy(select_mod._select_tokens_kernel, constexpr)
+    fused = _ConstexprSpy(token_mod._token_scores_kernel, constexpr)
     monkeypatch.setattr(select_mod, "_select_tokens_kernel", unfused)
     monkeypatch.setattr(token_mod, "_token_scores_kernel", fused)
     got = hisa_index_triton(*inp.args(), **kw)

@@ -65,11 +65,12 @@ FUSE_BLOCK_SELECT = False
 SELECT_RADIX = 0
 #: The token select's slots per block (``select._store_candidates``) rather than one scan
 #: over the row. Off: alone the per-block kernel is faster (H200, CUDA graphs, 8 warps:
-#: 11.4 / 11.4 / 13.8 against 12.1 / 11.9 / 14.2 us at 128K x 1 / 8 / 32), but its 64 KB of
+#: 11.1 / 11.2 / 13.5 against 11.8 / 11.7 / 14.1 us at 128K x 1 / 8 / 32), but its 64 KB of
 #: shared memory a program keeps it from being scheduled beside the token scores under PDL:
-#: whole steps, same run, slots on / off: 128K x 1 22.1 / 22.6, x 8 30.6 / 24.5, x 32 39.2 /
-#: 38.9 us, 8K x 8 23.6 / 21.5 us; with PDL off the slots win (x 8 25.5 against 26.8), so the
-#: loss is the overlap (``benchmarks/decode_notes.md``, session 17).
+#: whole steps, same run, slots on / off: 128K x 1 22.0 / 22.7, x 8 30.4 / 24.5, x 32 39.1 /
+#: 38.9 us, 8K x 8 25.5 / 21.2 (benchmarks/results/round3/kernel_ab_h200_f2c3b12.txt,
+#: decode_probe.py --variants and --select). Session 17 (rows lost) also ran the slots with
+#: PDL off, where they won at x 8 (25.5 against 26.8 us): the loss is the overlap.
 SELECT_BLOCK_SLOTS = False
 #: Warps of the score kernels.
 SCORE_WARPS = 4

@@ -144,11 +144,14 @@ SELECT_TOKENS_RADIX = 0
 #: 3.38 ms uncapped, 2.98 at 168, 2.98 at 128; radix 1 4.07 / 3.38 / 3.27. 168 for the
 #: smaller spill at the same time.
 SELECT_TOKENS_MAXNREG = 168
-#: Slots per block in the prefill token select's store (``_store_candidates``): static SASS
-#: 7,456 -> 5,984 instructions at 168 registers, and with the mask's count (v13) 4.30 -> 3.38
-#: ms uncapped, 4.15 -> 2.98 at the cap (H200, same run against 64652cc). The prefill
-#: selects run without PDL, so the 64 KB of shared memory that costs the decode its overlap
-#: (``decode_kernels.SELECT_BLOCK_SLOTS``) costs them nothing measured.
+#: Slots per block in the prefill token selects' store (``_store_candidates``), unfused and
+#: fused: static SASS 7,456 -> 5,984 instructions at 168 registers. Timed only together with
+#: the mask's count (v13): 4.15 -> 2.98 ms at the cap, 4.31 -> 3.38 uncapped (H200, 65,536
+#: rows, same run against 64652cc, benchmarks/results/round3/kernel_ab_h200_f2c3b12.txt);
+#: alone only on 1,024-query chunks, where it is within the runs' spread (0.057-0.082 ms on,
+#: 0.072-0.074 off; round3/chunk_select_h200_*.txt). The prefill selects run without PDL, so
+#: the overlap its 64 KB of shared memory costs the decode
+#: (``decode_kernels.SELECT_BLOCK_SLOTS``) is not at stake here.
 SELECT_TOKENS_BLOCK_SLOTS = True
 
 

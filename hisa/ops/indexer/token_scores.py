@@ -49,7 +49,7 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
                          HAS_SCALE: tl.constexpr, SELECT: tl.constexpr,
                          WRITE_VALS: tl.constexpr, PREC: tl.constexpr,
                          STAGES: tl.constexpr, M_PAD: tl.constexpr, LIVE_TRIP: tl.constexpr,
-                         RADIX: tl.constexpr):
+                         RADIX: tl.constexpr, BLOCK_SLOTS: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     d = tl.arange(0, D)
@@ -94,7 +94,7 @@ def _token_scores_kernel(q_ptr, k_ptr, k_scale_ptr, w_ptr, ks_ptr, ke_ptr, ids_p
             tl.debug_barrier()
             _select_token_row(row, ids_ptr + t64 * M, s0, out_idx_ptr + t64 * K,
                               out_val_ptr + t64 * K, B, M * B, MB_PAD, K, K_PAD, WRITE_VALS,
-                              RADIX, True, True)
+                              RADIX, True, BLOCK_SLOTS)
 
 
 def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val, *, block_size,
@@ -108,7 +108,8 @@ def _launch(q, k, weights, ks, ke, block_ids, k_scale, scores, out_idx, out_val,
         K_PAD=next_pow2(topk), HAS_SCALE=k_scale is not None, SELECT=select,
         WRITE_VALS=out_val is not None and select, PREC=prec, STAGES=TOKEN_STAGES,
         M_PAD=next_pow2(M), LIVE_TRIP=TOKEN_TRIP == "live",
-        RADIX=select_mod.SELECT_TOKENS_RADIX, num_warps=num_warps)
+        RADIX=select_mod.SELECT_TOKENS_RADIX,
+        BLOCK_SLOTS=select_mod.SELECT_TOKENS_BLOCK_SLOTS, num_warps=num_warps)
 
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torch.Tensor,
